@@ -1,0 +1,52 @@
+"""Send a round's messages and collect replies, with short polling and a deadline.
+
+Flower's ``Grid.send_and_receive`` sleeps 3 s between pulls; a round here
+pulls every ``poll_interval`` seconds instead. Every message pushed and every
+reply pulled is counted in the byte ledger, including messages to nodes that
+never answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+from flwr.app import Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedlayer.traffic import ByteLedger
+
+
+def exchange(
+    grid: Grid,
+    messages: Iterable[Message],
+    *,
+    ledger: ByteLedger,
+    server_round: int,
+    timeout: float,
+    poll_interval: float,
+) -> list[Message]:
+    """Push ``messages``, then pull replies until all arrived or ``timeout`` passed."""
+    messages = list(messages)
+    if not messages:
+        return []
+    message_ids = [mid for mid in grid.push_messages(messages) if mid]
+    for message in messages:  # measured after push: ids are part of what travels
+        ledger.record_down(server_round, message)
+    pending = set(message_ids)
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            pending.discard(reply.metadata.reply_to_message_id)
+            ledger.record_up(server_round, reply)
+            replies.append(reply)
+        if pending:
+            time.sleep(poll_interval)
+    if pending:
+        log(WARNING, "round %d: %d of %d nodes did not reply within %.0f s", server_round, len(pending), len(message_ids), timeout)
+    else:
+        log(INFO, "round %d: %d replies", server_round, len(replies))
+    return replies

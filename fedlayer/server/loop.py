@@ -1,0 +1,153 @@
+"""The server's round loop: train, aggregate, evaluate, account, record."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MessageType
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from omegaconf import DictConfig
+
+from fedlayer.layers import to_arrayrecord
+from fedlayer.server.evaluation import CentralEvaluator
+from fedlayer.server.exchange import exchange
+from fedlayer.server.plots import plot_run
+from fedlayer.server.rundir import RunDirectory
+from fedlayer.strategies import LayerwiseStrategy, build_strategy
+from fedlayer.traffic import ByteLedger
+from fedlayer.traffic.size import object_tree_bytes
+from fedlayer.workload import initial_state, load_workload
+
+
+class FederatedRun:
+    """One federated run of a configured strategy over a Flower grid."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        workload = load_workload(cfg, int(cfg.federation.num_clients))
+        self.strategy: LayerwiseStrategy = build_strategy(cfg, initial_state(cfg, workload.pool))
+        self.ledger = ByteLedger(
+            self.strategy.layers, object_tree_bytes(to_arrayrecord(self.strategy.global_state))
+        )
+        self.evaluator = CentralEvaluator(cfg, workload.central_test)
+        self.rundir = RunDirectory.create(cfg)
+        self.last_accuracy: float | None = None
+
+    def run(self, grid: Grid) -> dict[str, Any]:
+        """Run all rounds; returns the summary (also written to summary.json)."""
+        rounds = int(self.cfg.federation.rounds)
+        log(INFO, "fedlayer: %s on %s, %d rounds; run directory %s", self.cfg.strategy.name, self.cfg.dataset.name, rounds, self.rundir.path)
+        self.strategy.summary()
+        started = time.time()
+        for server_round in range(1, rounds + 1):
+            record = self.run_round(grid, server_round, last=server_round == rounds)
+            self.rundir.append_metrics(record)
+            log(INFO, "%s", progress_line(record, rounds, self.ledger.totals()))
+        summary = self.summary(time.time() - started)
+        self.rundir.write_summary(summary)
+        plot_run(self.rundir.read_metrics(), self.rundir.path / "accuracy.png", f"{self.cfg.strategy.name} on {self.cfg.dataset.name}")
+        log(INFO, "fedlayer: finished; summary in %s", self.rundir.path / "summary.json")
+        return summary
+
+    def _exchange(self, grid: Grid, messages: Any, server_round: int) -> list[Any]:
+        federation = self.cfg.federation
+        return exchange(
+            grid,
+            messages,
+            ledger=self.ledger,
+            server_round=server_round,
+            timeout=float(federation.round_timeout),
+            poll_interval=float(federation.poll_interval),
+        )
+
+    def run_round(self, grid: Grid, server_round: int, last: bool) -> dict[str, Any]:
+        """One round; returns its metrics line."""
+        started = time.time()
+        config = ConfigRecord()
+        train_messages = self.strategy.configure_train(server_round, ArrayRecord(), config, grid)
+        replies = self._exchange(grid, train_messages, server_round)
+        rejected_before = len(self.strategy.rejections)
+        record: dict[str, Any] = {"round": server_round, "replies": len(replies)}
+        if len(replies) >= int(self.cfg.federation.min_replies):
+            _, train_metrics = self.strategy.aggregate_train(server_round, replies)
+            record["train"] = dict(train_metrics.items()) if train_metrics else None
+        else:
+            log(INFO, "round %d: %d replies < min_replies; model unchanged", server_round, len(replies))
+            record["train"] = None
+        record["rejected"] = len(self.strategy.rejections) - rejected_before
+        evaluate_messages = self.strategy.configure_evaluate(server_round, ArrayRecord(), config, grid)
+        if evaluate_messages:
+            federated = self.strategy.aggregate_evaluate(server_round, self._exchange(grid, evaluate_messages, server_round))
+            record["federated_evaluation"] = dict(federated.items()) if federated else None
+        if last or server_round % int(self.cfg.evaluation.every) == 0:
+            central = self.evaluator(self.strategy.global_state)
+            self.last_accuracy = central["accuracy"]
+            record.update(accuracy=central["accuracy"], loss=central["loss"])
+        traffic = self.ledger.rounds.get(server_round)
+        if traffic is not None:
+            record.update(
+                bytes_up=traffic.bytes_up,
+                bytes_down=traffic.bytes_down,
+                fedavg_bytes_up=traffic.fedavg_bytes_up,
+                fedavg_bytes_down=traffic.fedavg_bytes_down,
+                layer_bytes_up=dict(traffic.layer_bytes_up),
+                layer_bytes_down=dict(traffic.layer_bytes_down),
+            )
+        else:
+            record.update(bytes_up=0, bytes_down=0, fedavg_bytes_up=0, fedavg_bytes_down=0)
+        record["strategy"] = self.strategy.round_record(server_round)
+        record["seconds"] = time.time() - started
+        return record
+
+    def summary(self, wall_seconds: float) -> dict[str, Any]:
+        """The run's headline numbers."""
+        cfg = self.cfg
+        totals = self.ledger.totals()
+        fedavg_total = totals["fedavg_bytes_up"] + totals["fedavg_bytes_down"]
+        total = totals["bytes_up"] + totals["bytes_down"]
+        partition = cfg.dataset.partition
+        return {
+            "strategy": cfg.strategy.name,
+            "dataset": cfg.dataset.name,
+            "model": cfg.model.name,
+            "partition": partition_label(partition),
+            "num_clients": int(cfg.federation.num_clients),
+            "rounds": int(cfg.federation.rounds),
+            "seed": int(cfg.seed),
+            "final_accuracy": self.last_accuracy,
+            **totals,
+            "bytes_total": total,
+            "fedavg_bytes_total": fedavg_total,
+            "traffic_ratio_vs_fedavg": total / fedavg_total if fedavg_total else None,
+            "uplink_ratio_vs_fedavg": totals["bytes_up"] / totals["fedavg_bytes_up"] if totals["fedavg_bytes_up"] else None,
+            "rejected_replies": len(self.strategy.rejections),
+            "wall_seconds": wall_seconds,
+            "run_dir": str(self.rundir.path),
+            "strategy_params": {k: v for k, v in cfg.strategy.items() if k != "name"},
+        }
+
+
+def partition_label(partition: DictConfig) -> str:
+    """A short label such as ``iid``, ``dirichlet(0.1)`` or ``pathological(2)``."""
+    if partition.scheme == "dirichlet":
+        return f"dirichlet({partition.alpha})"
+    if partition.scheme == "pathological":
+        return f"pathological({partition.classes_per_client})"
+    return str(partition.scheme)
+
+
+def progress_line(record: dict[str, Any], rounds: int, totals: dict[str, int]) -> str:
+    """One line of progress for the log."""
+    acc = record.get("accuracy")
+    acc_text = f"acc {acc:.4f}" if acc is not None else "acc -"
+    fedavg = totals["fedavg_bytes_up"] + totals["fedavg_bytes_down"]
+    share = (totals["bytes_up"] + totals["bytes_down"]) / fedavg if fedavg else 0.0
+    return (
+        f"[round {record['round']}/{rounds}] {acc_text} | up {record['bytes_up'] / 1e6:.2f} MB"
+        f" down {record['bytes_down'] / 1e6:.2f} MB | cumulative {share:.1%} of FedAvg"
+        f" | {record['replies']} replies, {record['rejected']} rejected | {record['seconds']:.1f} s"
+    )

@@ -1,0 +1,70 @@
+"""The run directory: metrics.jsonl, summary.json, config and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temp file, fsync and rename (never half a file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(_jsonable(data), fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def default_run_name(cfg: DictConfig) -> str:
+    """``<UTC time>-<strategy>-<dataset>``: unique and readable."""
+    return f"{datetime.now(UTC):%Y%m%d-%H%M%S-%f}-{cfg.strategy.name}-{cfg.dataset.name}"
+
+
+class RunDirectory:
+    """One run's outputs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = path / "metrics.jsonl"
+
+    @classmethod
+    def create(cls, cfg: DictConfig) -> RunDirectory:
+        """A fresh directory under ``cfg.output_dir`` named by ``cfg.run_name``."""
+        run = cls(Path(cfg.output_dir).resolve() / (cfg.run_name or default_run_name(cfg)))
+        (run.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        return run
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """Add one round's line to ``metrics.jsonl``."""
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_jsonable(record)) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """All rounds written so far."""
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        """Write ``summary.json``."""
+        path = self.path / "summary.json"
+        write_json_atomic(path, summary)
+        return path

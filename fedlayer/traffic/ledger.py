@@ -1,0 +1,130 @@
+"""The byte ledger: what each round cost, by direction and by layer, next to FedAvg.
+
+For every message the server pushes and every reply it pulls, the ledger keeps
+the measured serialised size. Next to it, it keeps what FedAvg would have sent
+for the same participation: the same message with its payload records replaced
+by the full model. The ratio of the two is the saving fedlayer reports.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flwr.app import Message
+
+from fedlayer.layers import ModelLayers
+from fedlayer.traffic.size import PAYLOAD_RECORDS, array_bytes_by_key, message_bytes, payload_bytes
+
+
+@dataclass
+class RoundTraffic:
+    """Traffic of one round (train and evaluate messages together)."""
+
+    round: int
+    bytes_down: int = 0
+    bytes_up: int = 0
+    fedavg_bytes_down: int = 0
+    fedavg_bytes_up: int = 0
+    messages_down: int = 0
+    messages_up: int = 0
+    layer_bytes_down: dict[str, int] = field(default_factory=dict)
+    layer_bytes_up: dict[str, int] = field(default_factory=dict)
+    client_reported_down: int = 0
+    client_reported_up: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def _add(into: dict[str, int], counts: dict[str, int]) -> None:
+    for key, value in counts.items():
+        into[key] = into.get(key, 0) + value
+
+
+class ByteLedger:
+    """Per-round byte accounting, measured from the serialised messages.
+
+    Parameters
+    ----------
+    layers : ModelLayers
+        The model's layers, to attribute array bytes to layers.
+    full_model_bytes : int
+        Serialised size of an ArrayRecord holding the whole model: what FedAvg
+        ships as payload in each direction for each participating client.
+    """
+
+    def __init__(self, layers: ModelLayers, full_model_bytes: int) -> None:
+        self.layers = layers
+        self.full_model_bytes = full_model_bytes
+        self.rounds: dict[int, RoundTraffic] = {}
+
+    def _round(self, server_round: int) -> RoundTraffic:
+        if server_round not in self.rounds:
+            self.rounds[server_round] = RoundTraffic(round=server_round)
+        return self.rounds[server_round]
+
+    def _layer_bytes(self, message: Message) -> dict[str, int]:
+        per_layer: dict[str, int] = defaultdict(int)
+        if message.has_error():
+            return per_layer
+        for name in PAYLOAD_RECORDS:
+            if name in message.content:
+                for key, size in array_bytes_by_key(message.content[name]).items():
+                    layer = self.layers.layer_of(key) if key in self.layers.keys_set else "?"
+                    per_layer[layer] += size
+        return per_layer
+
+    def _fedavg_equivalent(self, message: Message, total: int) -> int:
+        return total - payload_bytes(message) + self.full_model_bytes
+
+    def record_down(self, server_round: int, message: Message, *, full_model: bool = True) -> int:
+        """Count a message pushed to a node; returns its size.
+
+        ``full_model=False`` marks messages FedAvg would also send without a
+        model (none today; evaluation messages carry the model in both).
+        """
+        size = message_bytes(message)
+        traffic = self._round(server_round)
+        traffic.bytes_down += size
+        traffic.messages_down += 1
+        traffic.fedavg_bytes_down += self._fedavg_equivalent(message, size) if full_model else size
+        _add(traffic.layer_bytes_down, self._layer_bytes(message))
+        return size
+
+    def record_up(self, server_round: int, reply: Message, *, full_model: bool = True) -> int:
+        """Count a reply pulled from a node; returns its size."""
+        size = message_bytes(reply)
+        traffic = self._round(server_round)
+        traffic.bytes_up += size
+        traffic.messages_up += 1
+        traffic.fedavg_bytes_up += self._fedavg_equivalent(reply, size) if full_model else size
+        _add(traffic.layer_bytes_up, self._layer_bytes(reply))
+        if not reply.has_error():
+            metrics = reply.content.metric_records.get("traffic")
+            if metrics is not None:
+                traffic.client_reported_down += int(metrics.get("bytes-received", 0))
+                traffic.client_reported_up += int(metrics.get("bytes-sent", 0))
+        return size
+
+    def totals(self) -> dict[str, int]:
+        """Cumulative totals over all rounds."""
+        keys = (
+            "bytes_down",
+            "bytes_up",
+            "fedavg_bytes_down",
+            "fedavg_bytes_up",
+            "client_reported_down",
+            "client_reported_up",
+        )
+        return {k: sum(getattr(t, k) for t in self.rounds.values()) for k in keys}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Serialisable ledger state (for checkpoints)."""
+        return {str(r): t.as_dict() for r, t in self.rounds.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from ``state_dict`` output."""
+        self.rounds = {int(key): RoundTraffic(**value) for key, value in state.items()}

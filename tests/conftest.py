@@ -1,0 +1,56 @@
+"""Shared test helpers: real Flower messages built outside a running app."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedlayer.layers import State, to_arrayrecord
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _task_identity() -> None:
+    """Messages need a run/task identity; the engine sets it, tests set a fake one."""
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 0
+    TaskIdentity.task_id = 1
+
+
+def make_reply(
+    node_id: int,
+    state: State | None,
+    num_examples: int = 10,
+    metrics: dict[str, float] | None = None,
+    payload: dict | None = None,
+) -> Message:
+    """A reply from ``node_id`` to a train message, as the server would pull it."""
+    sent = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node_id, message_type=MessageType.TRAIN)
+    content = RecordDict({"metrics": MetricRecord({"num-examples": num_examples, **(metrics or {})})})
+    if state is not None:
+        content["arrays"] = to_arrayrecord(state)
+    if payload is not None:
+        content["payload"] = ConfigRecord(payload)
+    return Message(content, reply_to=sent)
+
+
+def small_state(seed: int = 0) -> State:
+    """A small model state with a conv, a BatchNorm (with int counter) and a linear layer."""
+    rng = np.random.default_rng(seed)
+    return {
+        "blocks.0.conv.weight": rng.standard_normal((4, 1, 3, 3)).astype(np.float32),
+        "blocks.0.conv.bias": rng.standard_normal(4).astype(np.float32),
+        "blocks.0.bn.weight": rng.standard_normal(4).astype(np.float32),
+        "blocks.0.bn.bias": rng.standard_normal(4).astype(np.float32),
+        "blocks.0.bn.running_mean": rng.standard_normal(4).astype(np.float32),
+        "blocks.0.bn.running_var": rng.random(4).astype(np.float32),
+        "blocks.0.bn.num_batches_tracked": np.array(seed, dtype=np.int64),
+        "head.fc.weight": rng.standard_normal((3, 16)).astype(np.float32),
+        "head.fc.bias": rng.standard_normal(3).astype(np.float32),
+    }

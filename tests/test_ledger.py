@@ -1,0 +1,58 @@
+"""The byte ledger measures serialised messages and the FedAvg equivalent."""
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from fedlayer.layers import ModelLayers, select, to_arrayrecord
+from fedlayer.traffic import ByteLedger, message_bytes
+from fedlayer.traffic.size import object_tree_bytes
+from tests.conftest import make_reply, small_state
+
+
+def _ledger():
+    state = small_state()
+    layers = ModelLayers.from_state(state)
+    return ByteLedger(layers, object_tree_bytes(to_arrayrecord(state))), layers, state
+
+
+def _down(state):
+    return Message(RecordDict({"arrays": to_arrayrecord(state), "config": ConfigRecord({"server-round": 1})}), dst_node_id=5, message_type=MessageType.TRAIN)
+
+
+def test_full_model_messages_equal_their_fedavg_equivalent():
+    ledger, _, state = _ledger()
+    down = _down(state)
+    size = ledger.record_down(1, down)
+    assert size == message_bytes(down) > ledger.full_model_bytes
+    up = make_reply(5, state)
+    ledger.record_up(1, up)
+    traffic = ledger.rounds[1]
+    assert traffic.bytes_down == traffic.fedavg_bytes_down == size
+    assert traffic.bytes_up == traffic.fedavg_bytes_up == message_bytes(up)
+
+
+def test_partial_messages_cost_less_and_are_attributed_to_layers():
+    ledger, layers, state = _ledger()
+    ledger.record_down(1, _down(select(state, layers, ["head.fc"])))
+    ledger.record_up(1, make_reply(5, select(state, layers, ["head.fc"])))
+    ledger.record_up(2, make_reply(6, None))
+    traffic = ledger.rounds[1]
+    assert traffic.bytes_down < traffic.fedavg_bytes_down
+    assert set(traffic.layer_bytes_down) == {"head.fc"} == set(traffic.layer_bytes_up)
+    assert traffic.layer_bytes_up["head.fc"] > 3 * 17 * 4  # at least the raw floats
+    totals = ledger.totals()
+    assert totals["bytes_up"] == traffic.bytes_up + ledger.rounds[2].bytes_up
+    assert totals["fedavg_bytes_up"] - totals["bytes_up"] > 0
+
+
+def test_client_reported_sizes_and_checkpoint_round_trip():
+    ledger, layers, state = _ledger()
+    reply = make_reply(5, state)
+    from flwr.app import MetricRecord
+
+    reply.content["traffic"] = MetricRecord({"bytes-received": 1234, "bytes-sent": 999})
+    ledger.record_up(3, reply)
+    assert ledger.totals()["client_reported_down"] == 1234
+    restored, _, _ = _ledger()
+    restored.load_state_dict(ledger.state_dict())
+    assert restored.totals() == ledger.totals()
+    assert restored.rounds[3].layer_bytes_up == ledger.rounds[3].layer_bytes_up
