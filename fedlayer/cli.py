@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ def simulate(overrides: Sequence[str]) -> dict[str, Any]:
         overrides = [*overrides, f"run_name={default_run_name(cfg)}"]
         cfg = compose_config(overrides)
     summary_path = Path(cfg.output_dir).resolve() / cfg.run_name / "summary.json"
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(

@@ -1,0 +1,1 @@
+"""fedlayer benchmarks (not tests): communication, accuracy, memory, throughput."""

@@ -1,0 +1,103 @@
+"""Run strategies side by side on the same data, partition and seed.
+
+    python -m benchmarks.harness benchmarks/suites/fedavg_mnist.yaml --out bench-out/fedavg
+
+A suite file names common Hydra overrides, a grid of settings (every
+combination is one *setting*) and the *variants* (strategies with their
+parameters) run in each setting. Every run is a separate ``fedlayer-sim``
+process, so runs cannot leak state into each other. Output in ``--out``:
+``results.json`` (the runs' summaries), ``results.md`` (a table with each
+variant's traffic as a share of FedAvg's in the same setting) and
+``accuracy_vs_bytes.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.report import plot_accuracy_vs_bytes, write_markdown
+
+
+def load_suite(path: Path) -> dict[str, Any]:
+    """Read and check a suite file."""
+    suite = yaml.safe_load(path.read_text())
+    for key in ("variants",):
+        if key not in suite:
+            raise ValueError(f"{path}: suite needs '{key}'")
+    suite.setdefault("common", [])
+    suite.setdefault("grid", {})
+    return suite
+
+
+def settings(grid: dict[str, list[Any]]) -> list[list[str]]:
+    """Every combination of the grid as a list of overrides."""
+    keys = list(grid)
+    return [[f"{k}={v}" for k, v in zip(keys, values)] for values in itertools.product(*(grid[k] for k in keys))] or [[]]
+
+
+def run_one(overrides: list[str], log_path: Path) -> dict[str, Any] | None:
+    """One simulation in its own process; returns its summary (None on failure)."""
+    command = [sys.executable, "-m", "fedlayer.cli", *overrides]
+    with open(log_path, "w") as log:
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        print(f"  FAILED (exit {done.returncode}); log: {log_path}", flush=True)
+        return None
+    summary_path = next(
+        (line.split("run directory ", 1)[1].strip() for line in log_path.read_text().splitlines() if "fedlayer: run directory " in line),
+        None,
+    )
+    return json.loads((Path(summary_path) / "summary.json").read_text()) if summary_path else None
+
+
+def run_suite(suite: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    """Run every variant in every setting; write results as they come."""
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    jobs = [(s, name, v) for s in settings(suite["grid"]) for name, v in suite["variants"].items()]
+    started = time.time()
+    for index, (setting, name, variant) in enumerate(jobs, 1):
+        overrides = [*suite["common"], *setting, *variant, f"output_dir={out / 'runs'}"]
+        label = " ".join(setting) or "default"
+        print(f"[{index}/{len(jobs)}] {name} | {label} | {time.time() - started:.0f} s elapsed", flush=True)
+        summary = run_one(overrides, out / f"run-{index:03d}.log")
+        if summary is None:
+            continue
+        summary.update(variant=name, setting=label)
+        results.append(summary)
+        print(
+            f"  accuracy {summary['final_accuracy']:.4f}, traffic {summary['traffic_ratio_vs_fedavg']:.1%} of FedAvg-equivalent, "
+            f"{summary['wall_seconds']:.0f} s",
+            flush=True,
+        )
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results, out / "results.md", suite.get("title", "fedlayer benchmark"))
+    plot_accuracy_vs_bytes(results, out / "accuracy_vs_bytes.png")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", type=Path, help="suite YAML file (see benchmarks/suites)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default bench-out/<suite name>)")
+    parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run, e.g. federation.rounds=3")
+    args = parser.parse_args(argv)
+    suite = load_suite(args.suite)
+    suite["common"] = [*suite["common"], *args.set]
+    out = args.out or Path("bench-out") / args.suite.stem
+    run_suite(suite, out)
+    print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'accuracy_vs_bytes.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""ResNet-20 for CIFAR-sized inputs (He et al. 2016, section 4.2)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedlayer.models.base import Block, LayeredModel
+
+_STAGE_CHANNELS = (16, 32, 64)
+_BLOCKS_PER_STAGE = 3
+
+
+class Stem(Block):
+    """conv3x3(16) + BN + ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
+class BasicBlock(Block):
+    """Two conv3x3+BN with a residual connection.
+
+    Where the shape changes (stride 2 or new channel count) the shortcut is a
+    1x1 conv + BN projection; otherwise it is the identity and the block is
+    identity-compatible, i.e. depth dropout may skip it.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(
+            in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False
+        )
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.is_identity_compatible = stride == 1 and in_channels == out_channels
+        self.shortcut = (
+            nn.Identity()
+            if self.is_identity_compatible
+            else nn.Sequential(
+                OrderedDict(
+                    conv=nn.Conv2d(
+                        in_channels, out_channels, kernel_size=1, stride=stride, bias=False
+                    ),
+                    bn=nn.BatchNorm2d(out_channels),
+                )
+            )
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean over spatial positions, accepting (N, C, H, W) or its flattening (N, C*H*W).
+
+    The head receives the flattened last-block output (the LayeredModel
+    convention); flattening is channel-major, so viewing it as (N, C, H*W)
+    recovers the per-channel spatial values without knowing H and W.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], self.channels, -1).mean(dim=2)
+
+
+class ResNet20(LayeredModel):
+    """ResNet-20: stem, then 9 BasicBlocks as separate blocks (10 in all); head = avg pool + FC.
+
+    Global average pooling makes any input size work (28x28 and 32x32 in practice).
+    """
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__(input_shape, num_classes)
+        blocks: list[Block] = [Stem(self.input_shape[0], _STAGE_CHANNELS[0])]
+        in_channels = _STAGE_CHANNELS[0]
+        for stage, out_channels in enumerate(_STAGE_CHANNELS):
+            for index in range(_BLOCKS_PER_STAGE):
+                stride = 2 if stage > 0 and index == 0 else 1
+                blocks.append(BasicBlock(in_channels, out_channels, stride))
+                in_channels = out_channels
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Sequential(
+            OrderedDict(
+                pool=GlobalAvgPool(in_channels),
+                fc=nn.Linear(in_channels, num_classes),
+            )
+        )
