@@ -54,6 +54,7 @@ def standard_train(runtime: ClientRuntime, content: RecordDict, context: Context
     metrics.update(
         {
             "num-examples": float(len(runtime.train_data)),
+            "partition-id": float(runtime.partition_id),
             "local-test-accuracy": local["accuracy"],
             "local-test-loss": local["loss"],
             "local-test-examples": local["num-examples"],

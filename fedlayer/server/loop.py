@@ -36,6 +36,7 @@ class FederatedRun:
         self.evaluator = CentralEvaluator(cfg, workload.central_test)
         self.rundir = RunDirectory.create(cfg)
         self.last_accuracy: float | None = None
+        self.last_local_accuracy: float | None = None
 
     def run(self, grid: Grid) -> dict[str, Any]:
         """Run all rounds; returns the summary (also written to summary.json)."""
@@ -49,7 +50,9 @@ class FederatedRun:
             log(INFO, "%s", progress_line(record, rounds, self.ledger.totals()))
         summary = self.summary(time.time() - started)
         self.rundir.write_summary(summary)
-        plot_run(self.rundir.read_metrics(), self.rundir.path / "accuracy.png", f"{self.cfg.strategy.name} on {self.cfg.dataset.name}")
+        records = self.rundir.read_metrics()
+        plot_run(records, self.rundir.path / "accuracy.png", f"{self.cfg.strategy.name} on {self.cfg.dataset.name}")
+        self.strategy.write_artifacts(self.rundir.path, records)
         log(INFO, "fedlayer: finished; summary in %s", self.rundir.path / "summary.json")
         return summary
 
@@ -75,6 +78,8 @@ class FederatedRun:
         if len(replies) >= int(self.cfg.federation.min_replies):
             _, train_metrics = self.strategy.aggregate_train(server_round, replies)
             record["train"] = dict(train_metrics.items()) if train_metrics else None
+            if train_metrics and "local-test-accuracy" in train_metrics:
+                self.last_local_accuracy = float(train_metrics["local-test-accuracy"])
         else:
             log(INFO, "round %d: %d replies < min_replies; model unchanged", server_round, len(replies))
             record["train"] = None
@@ -84,9 +89,10 @@ class FederatedRun:
             federated = self.strategy.aggregate_evaluate(server_round, self._exchange(grid, evaluate_messages, server_round))
             record["federated_evaluation"] = dict(federated.items()) if federated else None
         if last or server_round % int(self.cfg.evaluation.every) == 0:
-            central = self.evaluator(self.strategy.global_state)
+            central = self.strategy.evaluate_central(self.evaluator)
             self.last_accuracy = central["accuracy"]
             record.update(accuracy=central["accuracy"], loss=central["loss"])
+            record["central"] = central
         traffic = self.ledger.rounds.get(server_round)
         if traffic is not None:
             record.update(
@@ -119,6 +125,7 @@ class FederatedRun:
             "rounds": int(cfg.federation.rounds),
             "seed": int(cfg.seed),
             "final_accuracy": self.last_accuracy,
+            "final_local_test_accuracy": self.last_local_accuracy,
             **totals,
             "bytes_total": total,
             "fedavg_bytes_total": fedavg_total,

@@ -18,7 +18,8 @@ logged with its node id and reason, counted, and never touches the model.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -185,6 +186,18 @@ class LayerwiseStrategy(Strategy):
         """Extra per-round numbers for ``metrics.jsonl``."""
         return {}
 
+    def evaluate_central(self, evaluate: Callable[[State], dict[str, float]]) -> dict[str, float]:
+        """Central test metrics; ``accuracy`` and ``loss`` are the headline ones.
+
+        ``evaluate`` scores a full state of the configured model. Methods whose
+        result is not one global model (per-depth models, staged training)
+        override this and may add more keys.
+        """
+        return evaluate(self.global_state)
+
+    def write_artifacts(self, run_dir: Path, records: list[dict[str, Any]]) -> None:
+        """Method-specific plots/files written at the end of a run (none here)."""
+
     def state_dict(self) -> dict[str, Any]:
         """Method state to checkpoint (beyond the global model)."""
         return {"rng": self.rng.bit_generator.state}
@@ -303,7 +316,7 @@ class LayerwiseStrategy(Strategy):
 def weighted_mean(metrics: list[dict[str, float]]) -> dict[str, float]:
     """Mean of each metric weighted by ``num-examples`` (which is summed)."""
     total = sum(m.get("num-examples", 1.0) for m in metrics)
-    keys = sorted({k for m in metrics for k in m} - {"num-examples"})
+    keys = sorted({k for m in metrics for k in m} - {"num-examples", "partition-id"})
     out = {
         key: sum(m[key] * m.get("num-examples", 1.0) for m in metrics if key in m)
         / max(sum(m.get("num-examples", 1.0) for m in metrics if key in m), 1e-12)

@@ -1,0 +1,1 @@
+"""Generated protobuf code, laid out by proto package (fedlayer.compressed.v1)."""
