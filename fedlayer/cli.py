@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fedlayer.config import compose_config
+from fedlayer.config import ConfigError, compose_config, config_to_overrides, resolve_resume
 from fedlayer.server.rundir import default_run_name
 
 
@@ -32,10 +33,10 @@ def simulate(overrides: Sequence[str]) -> dict[str, Any]:
     from fedlayer.client.app import make_client_app
     from fedlayer.server.app import make_server_app
 
-    cfg = compose_config(overrides)  # fail fast, before starting the engine
+    cfg = resolve_resume(compose_config(overrides))  # fail fast, before starting the engine
     if cfg.run_name is None:
-        overrides = [*overrides, f"run_name={default_run_name(cfg)}"]
-        cfg = compose_config(overrides)
+        cfg.run_name = default_run_name(cfg)
+    overrides = config_to_overrides(cfg)  # server and clients compose exactly this config
     summary_path = Path(cfg.output_dir).resolve() / cfg.run_name / "summary.json"
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     with warnings.catch_warnings():
@@ -63,7 +64,11 @@ def simulate(overrides: Sequence[str]) -> dict[str, Any]:
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
-    simulate(HydraConfig.get().overrides.task)
+    try:
+        simulate(HydraConfig.get().overrides.task)
+    except ConfigError as err:
+        print(f"fedlayer-sim: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:

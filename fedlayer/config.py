@@ -106,6 +106,7 @@ _RULES: list[Rule] = [
     ("train.batch_size", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
     ("train.local_epochs", lambda v: isinstance(v, (int, float)) and v > 0, "must be > 0"),
     ("train.local_steps", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0"),
+    ("checkpoint_keep", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
     ("evaluation.every", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
     ("evaluation.max_examples", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0"),
     ("dataset.partition.scheme", lambda v: v in ("iid", "dirichlet", "pathological"), "must be iid, dirichlet or pathological"),
@@ -135,6 +136,49 @@ def validate_config(cfg: DictConfig) -> None:
     from fedlayer.strategies import validate_strategy_config
 
     validate_strategy_config(cfg)
+
+
+def resolve_resume(cfg: DictConfig) -> DictConfig:
+    """For ``resume=<run dir>``: that run's saved config, pointing at its directory.
+
+    Only ``federation.rounds`` is taken from the new command line (to extend a run).
+    """
+    if not cfg.resume:
+        return cfg
+    run_dir = Path(str(cfg.resume)).resolve()
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        raise ConfigError("resume", f"{run_dir} is not a fedlayer run directory (no config.yaml)")
+    saved = OmegaConf.load(saved_path)
+    assert isinstance(saved, DictConfig)
+    saved.resume = str(run_dir)
+    saved.output_dir = str(run_dir.parent)
+    saved.run_name = run_dir.name
+    saved.federation.rounds = max(int(cfg.federation.rounds), int(saved.federation.rounds))
+    validate_config(saved)
+    return saved
+
+
+def config_to_overrides(cfg: DictConfig) -> list[str]:
+    """Overrides that compose exactly ``cfg`` again (group choices, then every leaf).
+
+    Used to hand a resolved config (for example a resumed run's saved one) to
+    apps that compose their own. Group options are named by their ``name`` field.
+    """
+    overrides = [f"{group}={cfg[group].name}" for group in GROUPS if "name" in cfg[group]]
+
+    def leaves(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, DictConfig):
+                leaves(value, path + ".")
+            elif OmegaConf.is_list(value):
+                overrides.append(f"{path}=[{','.join(_format_value(v) for v in value)}]")
+            else:
+                overrides.append(f"{path}={'null' if value is None else _format_value(value)}")
+
+    leaves(cfg, "")
+    return overrides
 
 
 def to_flat_dict(cfg: DictConfig) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlayer.config import compose_config, run_config_to_overrides
+from fedlayer.config import compose_config, resolve_resume, run_config_to_overrides
 from fedlayer.server.loop import FederatedRun
 
 
@@ -18,7 +18,7 @@ def make_server_app(overrides: Sequence[str] | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         chosen = overrides if overrides is not None else run_config_to_overrides(context.run_config)
-        FederatedRun(compose_config(chosen)).run(grid)
+        FederatedRun(resolve_resume(compose_config(chosen))).run(grid)
 
     return app
 

@@ -49,7 +49,8 @@ class RunDirectory:
     def create(cls, cfg: DictConfig) -> RunDirectory:
         """A fresh directory under ``cfg.output_dir`` named by ``cfg.run_name``."""
         run = cls(Path(cfg.output_dir).resolve() / (cfg.run_name or default_run_name(cfg)))
-        (run.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if not cfg.resume:
+            (run.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         return run
 
     def append_metrics(self, record: dict[str, Any]) -> None:
@@ -62,6 +63,13 @@ class RunDirectory:
         if not self.metrics_path.exists():
             return []
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop lines of rounds after ``last_round`` (work lost in a crash)."""
+        kept = [r for r in self.read_metrics() if r["round"] <= last_round]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.metrics_path)
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         """Write ``summary.json``."""

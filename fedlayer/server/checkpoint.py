@@ -1,0 +1,156 @@
+"""Atomic, checksummed checkpoints of everything a run needs to resume.
+
+A checkpoint is one file per completed round, ``checkpoints/round-NNNNNN.ckpt``:
+a NumPy ``.npz`` archive (arrays stored natively, no pickle) holding the
+global model, every numpy array found in the strategy state, and a JSON
+document with the rest (strategy state with array references, ledger, round).
+The file ends with a SHA-256 digest of everything before it, so a truncated
+or corrupted file is detected on load and the previous checkpoint is used.
+Writes go to a temp file that is fsynced and renamed: a crash leaves either
+the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+from logging import WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.common.logger import log
+
+from fedlayer.layers import State
+
+MAGIC = b"FLCKPT1\n"
+_DIGEST = hashlib.sha256().digest_size
+_NAME = re.compile(r"round-(\d{6})\.ckpt$")
+_ARRAY_REF = "__ndarray__"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be trusted."""
+
+
+@dataclass
+class Checkpoint:
+    """What a completed round leaves behind."""
+
+    round: int
+    global_state: State
+    strategy_state: dict[str, Any]
+    ledger_state: dict[str, Any]
+    extra: dict[str, Any]
+
+
+def _split_arrays(value: Any, arrays: dict[str, np.ndarray], prefix: str) -> Any:
+    """Replace numpy arrays in a nested structure by references."""
+    if isinstance(value, np.ndarray):
+        key = f"s/{prefix}"
+        arrays[key] = value
+        return {_ARRAY_REF: key}
+    if isinstance(value, dict):
+        return {str(k): _split_arrays(v, arrays, f"{prefix}/{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_split_arrays(v, arrays, f"{prefix}/{i}") for i, v in enumerate(value)]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _join_arrays(value: Any, arrays: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_ARRAY_REF}:
+            return arrays[value[_ARRAY_REF]]
+        return {k: _join_arrays(v, arrays) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join_arrays(v, arrays) for v in value]
+    return value
+
+
+def encode_checkpoint(checkpoint: Checkpoint) -> bytes:
+    """Serialise a checkpoint (with its trailing digest)."""
+    arrays: dict[str, np.ndarray] = {f"g/{k}": v for k, v in checkpoint.global_state.items()}
+    meta = {
+        "round": checkpoint.round,
+        "global_keys": list(checkpoint.global_state),
+        "strategy": _split_arrays(checkpoint.strategy_state, arrays, "strategy"),
+        "ledger": checkpoint.ledger_state,
+        "extra": _split_arrays(checkpoint.extra, arrays, "extra"),
+    }
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    body = MAGIC + buffer.getvalue()
+    return body + hashlib.sha256(body).digest()
+
+
+def decode_checkpoint(data: bytes) -> Checkpoint:
+    """Parse and verify a checkpoint; raise ``CheckpointError`` if it is damaged."""
+    if len(data) < len(MAGIC) + _DIGEST or not data.startswith(MAGIC):
+        raise CheckpointError("not a fedlayer checkpoint (bad header or truncated)")
+    body, digest = data[:-_DIGEST], data[-_DIGEST:]
+    if hashlib.sha256(body).digest() != digest:
+        raise CheckpointError("checksum mismatch (corrupt or partial file)")
+    with np.load(io.BytesIO(body[len(MAGIC) :]), allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    meta = json.loads(arrays.pop("__meta__").tobytes())
+    return Checkpoint(
+        round=int(meta["round"]),
+        global_state={k: arrays[f"g/{k}"] for k in meta["global_keys"]},
+        strategy_state=_join_arrays(meta["strategy"], arrays),
+        ledger_state=meta["ledger"],
+        extra=_join_arrays(meta["extra"], arrays),
+    )
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes through temp file + fsync + rename (+ directory fsync)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class CheckpointStore:
+    """The checkpoints of one run directory; keeps the newest ``keep`` files."""
+
+    def __init__(self, run_dir: Path, keep: int = 2) -> None:
+        self.directory = run_dir / "checkpoints"
+        self.keep = keep
+
+    def save(self, checkpoint: Checkpoint) -> Path:
+        """Write the checkpoint of a completed round, then prune old ones."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"round-{checkpoint.round:06d}.ckpt"
+        write_atomic(path, encode_checkpoint(checkpoint))
+        for old in self.paths()[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def paths(self) -> list[Path]:
+        """Checkpoint files, oldest first."""
+        if not self.directory.exists():
+            return []
+        return sorted(p for p in self.directory.iterdir() if _NAME.search(p.name))
+
+    def latest(self) -> Checkpoint | None:
+        """The newest checkpoint that verifies; damaged ones are skipped with a warning."""
+        for path in reversed(self.paths()):
+            try:
+                return decode_checkpoint(path.read_bytes())
+            except (CheckpointError, ValueError, OSError, KeyError) as err:
+                log(WARNING, "checkpoint %s is unusable (%s); trying the previous one", path, err)
+        return None
