@@ -6,12 +6,15 @@ significant bit first, and stream bit ``k`` is bit ``k % 8`` of byte ``k // 8``
 packed length is exactly ``ceil(count * bits / 8)``; unused high bits of the last
 byte are zero.
 
-Implementation: every group of 8 codes is one little-endian uint64 word with one
-code per byte.  Three shift/mask steps squeeze the byte lanes to ``bits``-wide
-lanes (8 -> 16-bit pairs -> 32-bit quads -> 64-bit octets), after which the low
-``bits`` bytes of each word are exactly the packed stream for those 8 codes.
-That is 12 vectorised uint64 passes instead of the 8x-inflated bit matrix that
-``np.unpackbits``/``np.packbits`` would need.
+Implementation: the codes, one per byte, are viewed as little-endian uint64
+words.  Each merge step halves the number of lanes: the high half of every
+lane slides down to sit right above the low half (8-bit lanes -> 16 -> 32 ->
+64).  Merging stops as soon as a lane's payload is a whole number of bytes
+(b=4: one step; b=2, 6: two; b=1, 3, 5, 7: three); those low bytes of every
+lane, in order, are the packed stream.  That is at most 12 vectorised uint64
+passes plus one byte gather, instead of the 8x-inflated bit matrix that
+``np.unpackbits``/``np.packbits`` would need for b > 1.  b = 1 is exactly
+``np.packbits`` (a dedicated kernel, ~10x faster still) and b = 8 a plain copy.
 """
 
 from __future__ import annotations
@@ -20,12 +23,19 @@ import numpy as np
 
 _WORD = np.dtype("<u8")
 
-# (lane width in bits, mask of the low half of every lane) for the three steps.
-_STEPS = (
-    (16, np.uint64(0x00FF00FF00FF00FF)),
-    (32, np.uint64(0x0000FFFF0000FFFF)),
-    (64, np.uint64(0x00000000FFFFFFFF)),
-)
+
+def _merge_steps(bits: int) -> int:
+    """Number of merge steps until a lane holds a whole number of bytes."""
+    steps = 1
+    while (bits << steps) % 8:
+        steps += 1
+    return steps
+
+
+def _lane_low_bits(lane: int, width: int) -> np.uint64:
+    """Mask with the low ``width`` bits set in every ``lane``-bit lane of a uint64."""
+    one_lane = (1 << width) - 1
+    return np.uint64(sum(one_lane << offset for offset in range(0, 64, lane)))
 
 
 def packed_nbytes(count: int, bits: int) -> int:
@@ -53,22 +63,28 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
         raise ValueError(f"codes exceed {bits} bits (max {int(codes.max())})")
     if bits == 8:
         return codes.tobytes()
+    if bits == 1:
+        return np.packbits(codes.reshape(-1), bitorder="little").tobytes()
 
-    groups = -(-count // 8)
-    buf = np.zeros(groups * 8, dtype=np.uint8)
+    steps = _merge_steps(bits)
+    lane_bytes = 1 << steps  # 8-bit lanes after `steps` merges
+    payload = bits * lane_bytes // 8  # packed bytes at the bottom of each lane
+    buf = np.zeros(-(-count // 8) * 8, dtype=np.uint8)
     buf[:count] = codes.reshape(-1)
     words = buf.view(_WORD)
     high = np.empty_like(words)
-    for step, (lane, low_mask) in enumerate(_STEPS):
-        # The low half of each lane holds (1 << step) codes = bits << step bits;
-        # slide the high half down so it sits right above them.
+    for step in range(steps):
+        lane = 16 << step
+        low_mask = _lane_low_bits(lane, lane // 2)
+        # The low half-lane holds bits << step payload bits; slide the high
+        # half-lane down to sit right above them.
         shift = np.uint64(lane // 2 - (bits << step))
         np.bitwise_and(words, ~low_mask, out=high)
         np.bitwise_and(words, low_mask, out=words)
         np.right_shift(high, shift, out=high)
         np.bitwise_or(words, high, out=words)
-    packed = words.view(np.uint8).reshape(groups, 8)[:, :bits]
-    stream = np.ascontiguousarray(packed).reshape(-1)
+    lanes = words.view(np.uint8).reshape(-1, lane_bytes)[:, :payload]
+    stream = np.ascontiguousarray(lanes).reshape(-1)
     return stream[: packed_nbytes(count, bits)].tobytes()
 
 
@@ -81,37 +97,38 @@ def unpack_codes(data: bytes, bits: int, count: int) -> np.ndarray:
     expected = packed_nbytes(count, bits)
     if len(data) != expected:
         raise ValueError(
-            f"packed data is {len(data)} bytes, expected {expected} for {count} codes of {bits} bits"
+            f"packed data is {len(data)} bytes, expected {expected} "
+            f"for {count} codes of {bits} bits"
         )
     raw = np.frombuffer(data, dtype=np.uint8)
     if bits == 8:
         return raw.copy()
+    if bits == 1:
+        return np.unpackbits(raw, count=count, bitorder="little")
     if count == 0:
         return np.zeros(0, dtype=np.uint8)
 
-    groups = -(-count // 8)
-    stream = np.zeros(groups * bits, dtype=np.uint8)
-    stream[:expected] = raw
-    buf = np.zeros((groups, 8), dtype=np.uint8)
-    buf[:, :bits] = stream.reshape(groups, bits)
-    words = buf.view(_WORD).reshape(-1)
+    steps = _merge_steps(bits)
+    lane_bytes = 1 << steps
+    payload = bits * lane_bytes // 8
+    buf = np.zeros(-(-count // 8) * 8, dtype=np.uint8)
+    lanes = buf.reshape(-1, lane_bytes)
+    full, tail = divmod(expected, payload)
+    lanes[:full, :payload] = raw[: full * payload].reshape(full, payload)
+    if tail:
+        lanes[full, :tail] = raw[full * payload :]
+    words = buf.view(_WORD)
     high = np.empty_like(words)
-    for step in (2, 1, 0):
-        lane, _ = _STEPS[step]
-        width = bits << step  # bits held by each half-lane after this step is undone
+    for step in reversed(range(steps)):
+        lane = 16 << step
+        width = bits << step  # payload bits of each half-lane once this merge is undone
         field_mask = _lane_low_bits(lane, width)
         np.right_shift(words, np.uint64(width), out=high)
         np.bitwise_and(high, field_mask, out=high)
         np.bitwise_and(words, field_mask, out=words)
         np.left_shift(high, np.uint64(lane // 2), out=high)
         np.bitwise_or(words, high, out=words)
-    return words.view(np.uint8)[:count].copy()
-
-
-def _lane_low_bits(lane: int, width: int) -> np.uint64:
-    """Mask with the low ``width`` bits set in every ``lane``-bit lane of a uint64."""
-    one_lane = (1 << width) - 1
-    return np.uint64(sum(one_lane << offset for offset in range(0, 64, lane)))
+    return buf[:count]
 
 
 def check_bits(bits: int) -> None:

@@ -66,10 +66,17 @@ def _num_examples(metrics: dict[str, float], node_id: int) -> int:
 def _decode_arrays(record: ArrayRecord, node_id: int) -> State:
     state: State = {}
     for key in record.keys():
+        array = record[key]
         try:
-            state[key] = record[key].numpy()
+            value = array.numpy()
         except Exception as err:  # corrupt bytes raise many kinds of errors
             raise ReplyRejected(node_id, f"array {key!r} does not decode: {err}") from None
+        if tuple(array.shape) != value.shape or str(array.dtype) != str(value.dtype):
+            raise ReplyRejected(
+                node_id,
+                f"array {key!r} declares {array.dtype}{tuple(array.shape)} but holds {value.dtype}{value.shape}",
+            )
+        state[key] = value
     return state
 
 
