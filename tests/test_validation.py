@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
 
 from fedlayer.layers import ModelLayers, select
 from fedlayer.strategies.validation import ReplyRejected, validate_train_reply
@@ -60,8 +60,19 @@ def test_corrupt_array_bytes_are_rejected():
 
 
 def test_missing_metrics_and_client_errors_are_rejected():
-    sent = make_reply(4, None)
-    no_metrics = Message(RecordDict({"arrays": ArrayRecord()}), reply_to=Message(RecordDict(), dst_node_id=4, message_type="train"))
+    sent = Message(RecordDict(), dst_node_id=4, message_type="train")
+    no_metrics = Message(RecordDict({"arrays": ArrayRecord()}), reply_to=sent)
     with pytest.raises(ReplyRejected, match="MetricRecord"):
         validate_train_reply(no_metrics, LAYERS)
-    assert isinstance(sent.content["metrics"], MetricRecord)
+    failed = Message(Error(code=0, reason="out of memory"), reply_to=sent)
+    with pytest.raises(ReplyRejected, match="client error: out of memory"):
+        validate_train_reply(failed, LAYERS)
+
+
+def test_declared_shape_must_match_the_data():
+    reply = make_reply(3, select(small_state(1), LAYERS, ["head.fc"]))
+    bias = reply.content["arrays"]["head.fc.bias"]
+    lying = Array(dtype=bias.dtype, shape=(2**31,), stype=bias.stype, data=bias.data)
+    reply.content["arrays"] = ArrayRecord({"head.fc.weight": reply.content["arrays"]["head.fc.weight"], "head.fc.bias": lying})
+    with pytest.raises(ReplyRejected, match="declares"):
+        validate_train_reply(reply, LAYERS)
