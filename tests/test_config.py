@@ -1,0 +1,64 @@
+"""Configuration: one Hydra tree, run-config mapping, errors that name the field."""
+
+import pytest
+import torch
+
+from fedlayer.client.device import resolve_device
+from fedlayer.config import ConfigError, compose_config, config_to_overrides, resolve_resume, run_config_to_overrides
+
+
+def test_defaults_compose_and_groups_switch():
+    cfg = compose_config([])
+    assert (cfg.strategy.name, cfg.dataset.name, cfg.model.name) == ("fedavg", "mnist5k", "cnn")
+    cfg = compose_config(["dataset=animal10k", "model=resnet20", "dataset.partition.scheme=dirichlet"])
+    assert (cfg.dataset.name, cfg.model.name, cfg.dataset.partition.scheme) == ("animal10k", "resnet20", "dirichlet")
+
+
+def test_flower_run_config_maps_onto_overrides():
+    overrides = run_config_to_overrides(
+        {"strategy": "fedavg", "dataset": "animal10k", "model": "", "overrides": "federation.rounds=5 train.lr=0.1"}
+    )
+    assert overrides == ["strategy=fedavg", "dataset=animal10k", "federation.rounds=5", "train.lr=0.1"]
+    cfg = compose_config(overrides)
+    assert cfg.federation.rounds == 5 and cfg.train.lr == 0.1 and cfg.model.name == "cnn"
+
+
+def test_config_to_overrides_recomposes_the_same_config():
+    cfg = compose_config(["dataset=digits", "train.lr=0.2", "run_name=x y"])
+    assert compose_config(config_to_overrides(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("federation.rounds=0", "federation.rounds"),
+        ("train.lr=-1", "train.lr"),
+        ("train.optimizer=rmsprop", "train.optimizer"),
+        ("dataset.partition.scheme=shards", "dataset.partition.scheme"),
+        ("dataset.partition.alpha=0", "dataset.partition.alpha"),
+        ("federation.fraction_train=1.5", "federation.fraction_train"),
+        ("device=tpu", "device"),
+        ("strategy=nope", "strategy"),
+        ("dataset=nope", "dataset"),
+        ("federation.no_such_key=1", "federation.no_such_key"),
+    ],
+)
+def test_bad_values_fail_naming_the_field(override, field):
+    with pytest.raises(ConfigError) as info:
+        compose_config([override])
+    assert info.value.field == field
+    assert f"'{field}'" in str(info.value)
+
+
+def test_resume_needs_a_run_directory(tmp_path):
+    with pytest.raises(ConfigError, match="resume"):
+        resolve_resume(compose_config([f"resume={tmp_path}"]))
+
+
+def test_device_falls_back_to_cpu_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    assert resolve_device("cuda:1").type == "cpu"
+    assert "not available" in caplog.text
+    with pytest.raises(ValueError):
+        resolve_device("tpu")
