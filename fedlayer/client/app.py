@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlayer.client.methods import client_method
@@ -34,6 +34,16 @@ def make_client_app(overrides: Sequence[str] | None = None) -> ClientApp:
         runtime = ClientRuntime.from_context(context, overrides)
         handler = client_method(message.content, "evaluate")
         return Message(handler(runtime, message.content, context), reply_to=message)
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        """Say which client this node is: its ``partition-id`` from node config.
+
+        Personalised strategies (pFedLA) ask once per node, so each SuperNode
+        gets its own model across rounds; answering needs no data or model.
+        """
+        partition_id = int(context.node_config.get("partition-id", 0))
+        return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id})}), reply_to=message)
 
     return app
 

@@ -12,6 +12,9 @@ from collections.abc import Callable
 
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
+from fedlayer.client.fll import fll_evaluate, fll_train
+from fedlayer.client.fedlp import fedlp_train
+from fedlayer.client.laq import laq_train
 from fedlayer.client.runtime import ClientRuntime
 from fedlayer.client.state import load_local_model, save_local_model
 from fedlayer.client.training import evaluate, train_steps
@@ -73,6 +76,12 @@ def standard_evaluate(runtime: ClientRuntime, content: RecordDict, context: Cont
 #: method name -> (train handler, evaluate handler)
 CLIENT_METHODS: dict[str, tuple[ClientMethod, ClientMethod]] = {
     "fedavg": (standard_train, standard_evaluate),
+    "fedlp": (fedlp_train, standard_evaluate),
+    "fll": (fll_train, fll_evaluate),
+    "laq": (laq_train, standard_evaluate),
+    "local": (standard_train, standard_evaluate),
+    "pfedla": (standard_train, standard_evaluate),
+    "fedlama": (standard_train, standard_evaluate),
 }
 
 

@@ -33,8 +33,6 @@ def exchange(
     if not messages:
         return []
     message_ids = [mid for mid in grid.push_messages(messages) if mid]
-    for message in messages:  # measured after push: ids are part of what travels
-        ledger.record_down(server_round, message)
     pending = set(message_ids)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
@@ -45,6 +43,11 @@ def exchange(
             replies.append(reply)
         if pending:
             time.sleep(poll_interval)
+    # Measured after push (ids are part of what travels) and after the replies:
+    # measuring caches object ids in the messages' __dict__, which races with the
+    # simulation engine pickling the same objects in its worker threads.
+    for message in messages:
+        ledger.record_down(server_round, message)
     if pending:
         log(WARNING, "round %d: %d of %d nodes did not reply within %.0f s", server_round, len(pending), len(message_ids), timeout)
     else:

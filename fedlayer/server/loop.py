@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import time
-from logging import INFO
+from dataclasses import asdict
+from logging import INFO, WARNING
 
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedlayer.layers import to_arrayrecord
+from fedlayer.server.checkpoint import Checkpoint, CheckpointStore
 from fedlayer.server.evaluation import CentralEvaluator
 from fedlayer.server.exchange import exchange
 from fedlayer.server.plots import plot_run
 from fedlayer.server.rundir import RunDirectory
 from fedlayer.strategies import LayerwiseStrategy, build_strategy
+from fedlayer.strategies.base import Rejection
 from fedlayer.traffic import ByteLedger
 from fedlayer.traffic.size import object_tree_bytes
 from fedlayer.workload import initial_state, load_workload
@@ -35,18 +38,61 @@ class FederatedRun:
         )
         self.evaluator = CentralEvaluator(cfg, workload.central_test)
         self.rundir = RunDirectory.create(cfg)
+        self.strategy.attach_run_dir(self.rundir.path)
+        self.checkpoints = CheckpointStore(self.rundir.path, keep=int(cfg.checkpoint_keep))
         self.last_accuracy: float | None = None
         self.last_local_accuracy: float | None = None
+        self.elapsed_before = 0.0
+        self.first_round = 1
+        if cfg.resume:
+            self.restore()
+
+    def restore(self) -> None:
+        """Continue from the newest good checkpoint of this run directory."""
+        checkpoint = self.checkpoints.latest()
+        if checkpoint is None:
+            log(WARNING, "resume: no usable checkpoint in %s; starting from round 1", self.rundir.path)
+            self.rundir.truncate_metrics(0)
+            return
+        self.strategy.global_state = checkpoint.global_state
+        self.strategy.load_state_dict(checkpoint.strategy_state)
+        self.ledger.load_state_dict(checkpoint.ledger_state)
+        extra = checkpoint.extra
+        self.strategy.rejections = [Rejection(**r) for r in extra["rejections"]]
+        self.last_accuracy = extra["last_accuracy"]
+        self.last_local_accuracy = extra["last_local_accuracy"]
+        self.elapsed_before = float(extra["wall_seconds"])
+        self.first_round = checkpoint.round + 1
+        self.rundir.truncate_metrics(checkpoint.round)
+        log(INFO, "resume: continuing %s after round %d", self.rundir.path, checkpoint.round)
+
+    def save_checkpoint(self, server_round: int, elapsed: float) -> None:
+        """Checkpoint the completed round (model, strategy, ledger, bookkeeping)."""
+        self.checkpoints.save(
+            Checkpoint(
+                round=server_round,
+                global_state=self.strategy.global_state,
+                strategy_state=self.strategy.state_dict(),
+                ledger_state=self.ledger.state_dict(),
+                extra={
+                    "rejections": [asdict(r) for r in self.strategy.rejections],
+                    "last_accuracy": self.last_accuracy,
+                    "last_local_accuracy": self.last_local_accuracy,
+                    "wall_seconds": elapsed,
+                },
+            )
+        )
 
     def run(self, grid: Grid) -> dict[str, Any]:
         """Run all rounds; returns the summary (also written to summary.json)."""
         rounds = int(self.cfg.federation.rounds)
         log(INFO, "fedlayer: %s on %s, %d rounds; run directory %s", self.cfg.strategy.name, self.cfg.dataset.name, rounds, self.rundir.path)
         self.strategy.summary()
-        started = time.time()
-        for server_round in range(1, rounds + 1):
+        started = time.time() - self.elapsed_before
+        for server_round in range(self.first_round, rounds + 1):
             record = self.run_round(grid, server_round, last=server_round == rounds)
             self.rundir.append_metrics(record)
+            self.save_checkpoint(server_round, time.time() - started)
             log(INFO, "%s", progress_line(record, rounds, self.ledger.totals()))
         summary = self.summary(time.time() - started)
         self.rundir.write_summary(summary)
@@ -134,7 +180,7 @@ class FederatedRun:
             "rejected_replies": len(self.strategy.rejections),
             "wall_seconds": wall_seconds,
             "run_dir": str(self.rundir.path),
-            "strategy_params": {k: v for k, v in cfg.strategy.items() if k != "name"},
+            "strategy_params": {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"},
         }
 
 

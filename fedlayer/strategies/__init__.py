@@ -7,10 +7,22 @@ from omegaconf import DictConfig
 from fedlayer.layers import State
 from fedlayer.strategies.base import LayerwiseStrategy, NodePlan
 from fedlayer.strategies.fedavg import FedAvgStrategy
+from fedlayer.strategies.fedlp import FedLPStrategy
+from fedlayer.strategies.fll import FLLStrategy
+from fedlayer.strategies.laq import LAQStrategy
+from fedlayer.strategies.local_only import LocalOnlyStrategy
+from fedlayer.strategies.pfedla import PFedLAStrategy
+from fedlayer.strategies.fedlama import FedLAMAStrategy
 
 #: Strategy name (``strategy.name`` in the config) -> class.
 STRATEGIES: dict[str, type[LayerwiseStrategy]] = {
     "fedavg": FedAvgStrategy,
+    "fedlp": FedLPStrategy,
+    "fll": FLLStrategy,
+    "laq": LAQStrategy,
+    "local": LocalOnlyStrategy,
+    "pfedla": PFedLAStrategy,
+    "fedlama": FedLAMAStrategy,
 }
 
 

@@ -195,6 +195,10 @@ class LayerwiseStrategy(Strategy):
         """
         return evaluate(self.global_state)
 
+    def attach_run_dir(self, run_dir: Path) -> None:
+        """Called with the run directory before round 1; methods that keep
+        large state on disk (pFedLA's per-client models) put it there. No-op here."""
+
     def write_artifacts(self, run_dir: Path, records: list[dict[str, Any]]) -> None:
         """Method-specific plots/files written at the end of a run (none here)."""
 
@@ -258,7 +262,11 @@ class LayerwiseStrategy(Strategy):
         ]
 
     def accept_replies(self, server_round: int, replies: Iterable[Message]) -> list[TrainReply]:
-        """Validate replies; log and count each rejection."""
+        """Validate replies; log and count each rejection.
+
+        Valid replies come back sorted by the client's partition id (else node
+        id), so float sums do not depend on arrival order and runs repeat exactly.
+        """
         valid: list[TrainReply] = []
         for message in replies:
             try:
@@ -266,7 +274,7 @@ class LayerwiseStrategy(Strategy):
             except ReplyRejected as rejected:
                 log(WARNING, "round %d: %s", server_round, rejected)
                 self.rejections.append(Rejection(server_round, rejected.node_id, rejected.reason))
-        return valid
+        return sorted(valid, key=lambda r: (r.metrics.get("partition-id", float("inf")), r.node_id))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -1,0 +1,181 @@
+"""Peak training memory of layer-wise training (FLL) against end-to-end training.
+
+Two commands::
+
+    python -m benchmarks.fll_memory stages [--models resnet20 cnn] [--datasets mnist5k animal10k]
+    python -m benchmarks.fll_memory suite benchmarks/suites/fll.yaml --out bench-out/fll
+
+``stages`` measures one local training step of every stage directly, with the
+client's own code (``fedlayer.client.fll.train_stage`` on one batch of a
+client's data, measured by ``fedlayer.client.memory``), next to one
+end-to-end step of the same model, batch and objective (a single stage
+holding every block is end-to-end training). On CUDA the allocator's peak
+(``torch.cuda.max_memory_allocated``) is reported too.
+
+``suite`` runs a harness suite (FedAvg and FLL variants side by side, see
+``benchmarks/harness.py``) and writes ``memory.md``: each run's final
+accuracy (linear-probe accuracy for the contrastive objective), its peak
+training memory (the largest ``peak-train-memory-bytes`` any client reported
+in the run), the end-to-end peak of the same model/batch/objective measured
+as in ``stages`` (FedAvg's client does not measure itself), their ratio, and
+bytes against the FedAvg run of the same setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.harness import load_suite, run_suite
+from fedlayer.client.device import resolve_device
+from fedlayer.client.fll import StagedModel, StageSpec, train_stage
+from fedlayer.config import compose_config
+from fedlayer.workload import build_configured_model, load_workload
+
+MB = 1e6
+
+
+def step_peak(
+    model_name: str, dataset: str, blocks_per_stage: int, stage: int, *, objective: str = "supervised",
+    p_drop: float = 0.0, batch_size: int = 32, head_pool: int = 2, device: str = "cpu",
+) -> dict[str, float]:
+    """Peak memory of the first local step of ``stage`` (as a client measures it)."""
+    cfg = compose_config([f"model={model_name}", f"dataset={dataset}", f"train.batch_size={batch_size}", "train.local_steps=1"])
+    train_set = load_workload(cfg, 5).client_data(0)[0]
+    model = build_configured_model(cfg, train_set)
+    net = StagedModel(model, StageSpec(len(model.blocks), blocks_per_stage), head_pool, seed=0)
+    return train_stage(
+        net, stage, train_set, cfg.train, resolve_device(device), seed=0, p_drop=p_drop, objective=objective
+    )
+
+
+def end_to_end_peak(model_name: str, dataset: str, **kwargs: Any) -> dict[str, float]:
+    """One end-to-end step: a single stage with every block."""
+    return step_peak(model_name, dataset, 10**6, 0, **kwargs)
+
+
+def stages_table(models: list[str], datasets: list[str], objectives: list[str], batch_size: int, device: str) -> tuple[str, list[dict[str, Any]]]:
+    """Per-stage peaks against end-to-end, as Markdown and rows."""
+    rows: list[dict[str, Any]] = []
+    lines = [
+        f"# FLL peak training memory per stage (batch {batch_size}, device {device})",
+        "",
+        "| model | dataset | objective | stage (= block) | peak MB | end-to-end MB | reduction | CUDA peak MB | CUDA end-to-end MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model_name in models:
+        for dataset in datasets:
+            for objective in objectives:
+                e2e = end_to_end_peak(model_name, dataset, objective=objective, batch_size=batch_size, device=device)
+                cfg = compose_config([f"model={model_name}", f"dataset={dataset}"])
+                blocks = len(build_configured_model(cfg, load_workload(cfg, 5).client_data(0)[0]).blocks)
+                for stage in range(blocks):
+                    peak = step_peak(model_name, dataset, 1, stage, objective=objective, batch_size=batch_size, device=device)
+                    row = {
+                        "model": model_name, "dataset": dataset, "objective": objective, "stage": stage,
+                        "peak": peak["peak-train-memory-bytes"], "end_to_end": e2e["peak-train-memory-bytes"],
+                        "cuda_peak": peak.get("cuda-peak-memory-bytes"), "cuda_end_to_end": e2e.get("cuda-peak-memory-bytes"),
+                    }
+                    rows.append(row)
+                    cuda = (
+                        f"{row['cuda_peak'] / MB:.2f} | {row['cuda_end_to_end'] / MB:.2f}" if row["cuda_peak"] is not None else "- | -"
+                    )
+                    lines.append(
+                        f"| {model_name} | {dataset} | {objective} | {stage} | {row['peak'] / MB:.2f} | "
+                        f"{row['end_to_end'] / MB:.2f} | {row['end_to_end'] / row['peak']:.1f}x | {cuda} |"
+                    )
+                worst = max(r["peak"] for r in rows if r["model"] == model_name and r["dataset"] == dataset and r["objective"] == objective)
+                lines.append(
+                    f"| {model_name} | {dataset} | {objective} | **run peak (max over stages)** | {worst / MB:.2f} | "
+                    f"{e2e['peak-train-memory-bytes'] / MB:.2f} | **{e2e['peak-train-memory-bytes'] / worst:.1f}x** | | |"
+                )
+    return "\n".join(lines) + "\n", rows
+
+
+def run_peak(run_dir: str) -> float | None:
+    """The largest client peak training memory recorded in a run."""
+    peaks = [
+        json.loads(line).get("strategy", {}).get("peak-train-memory-bytes")
+        for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    ]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
+
+
+def memory_report(results: list[dict[str, Any]], batch_size: int, title: str) -> str:
+    """Markdown: accuracy, memory and bytes of each run against FedAvg / end-to-end."""
+    lines = [
+        f"# {title}",
+        "",
+        "Peak training memory: bytes of live tensors during a client's training step (parameters,"
+        " gradients, optimiser state, activations kept for backward, temporaries), measured on the CPU by"
+        " `fedlayer.client.memory`. 'end-to-end MB' is one end-to-end step of the same model, batch and"
+        " objective measured the same way. 'acc' is central test accuracy (supervised) or linear-probe"
+        " accuracy (contrastive); 'acc - base' compares with FedAvg (supervised) or with the one-stage,"
+        " end-to-end contrastive run `fll-ssl-e2e` of the same setting.",
+        "",
+        "| setting | variant | acc | acc - base | peak train MB | end-to-end MB | memory reduction | total MB | total vs FedAvg run | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    cache: dict[tuple[str, str, str], float] = {}
+    for r in results:
+        params = r.get("strategy_params", {})
+        objective = params.get("objective", "supervised")
+        key = (r["model"], r["dataset"], objective)
+        if key not in cache:
+            cache[key] = end_to_end_peak(r["model"], r["dataset"], objective=objective, batch_size=batch_size)["peak-train-memory-bytes"]
+        e2e = cache[key]
+        peak = run_peak(r["run_dir"]) if r["strategy"] == "fll" else None
+        if r["strategy"] == "fedavg":
+            peak = e2e
+        base_variant = "fedavg" if objective == "supervised" else "fll-ssl-e2e"
+        base = next((b for b in results if b["setting"] == r["setting"] and b["variant"] == base_variant), None)
+        fedavg = next((b for b in results if b["setting"] == r["setting"] and b["strategy"] == "fedavg"), None)
+        acc = r["final_accuracy"]
+        delta = f"{(acc - base['final_accuracy']) * 100:+.2f} pt" if base else "-"
+        ratio = f"{r['bytes_total'] / fedavg['bytes_total']:.1%}" if fedavg else "-"
+        lines.append(
+            f"| {r['setting']} | {r['variant']} | {acc:.4f} | {delta} | {peak / MB:.2f} | {e2e / MB:.2f} | "
+            f"{e2e / peak:.1f}x | {r['bytes_total'] / MB:.1f} | {ratio} | {r['wall_seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    stages = sub.add_parser("stages", help="per-stage peaks measured directly")
+    stages.add_argument("--models", nargs="*", default=["resnet20", "cnn"])
+    stages.add_argument("--datasets", nargs="*", default=["mnist5k", "animal10k"])
+    stages.add_argument("--objectives", nargs="*", default=["supervised", "contrastive"])
+    stages.add_argument("--batch-size", type=int, default=32)
+    stages.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    stages.add_argument("--out", type=Path, default=Path("bench-out/fll-memory"))
+    suite = sub.add_parser("suite", help="run a suite and add the memory columns")
+    suite.add_argument("suite", type=Path)
+    suite.add_argument("--out", type=Path, default=Path("bench-out/fll"))
+    suite.add_argument("--set", nargs="*", default=[], help="extra overrides for every run")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.command == "stages":
+        text, rows = stages_table(args.models, args.datasets, args.objectives, args.batch_size, args.device)
+        (args.out / "memory_stages.md").write_text(text)
+        (args.out / "memory_stages.json").write_text(json.dumps(rows, indent=2))
+        print(text)
+        return
+    spec = load_suite(args.suite)
+    spec["common"] = [*spec["common"], *args.set]
+    results = run_suite(spec, args.out)
+    batch = next((int(o.split("=")[1]) for o in spec["common"] if o.startswith("train.batch_size=")), 32)
+    text = memory_report(results, batch, spec.get("title", "FLL benchmark"))
+    (args.out / "memory.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,414 @@
+"""pFedLA (Ma et al., CVPR 2022): layer-wise personalised aggregation by hypernetworks.
+
+ALGORITHMS.md section 2. For each client ``i`` the server keeps its latest
+model ``theta_i`` and a hypernetwork ``HN_i`` with embedding ``v_i``. In a
+round, client ``i`` gets ``thetabar_i^l = sum_j w_ij^l theta_j^l`` with
+``w_i^l = alpha_i^l / sum_j alpha_ij^l`` (one-hot on ``i`` when all alpha are
+zero), trains it and returns the full trained model. The server then forms
+``Delta_i = theta_new - thetabar_i`` and steps ``(HN_i, v_i)`` along
+``autograd.grad(thetabar_i, params, grad_outputs=-Delta_i)`` (the direction
+that shrinks ``||thetabar_i - theta_new||``), and stores ``theta_i <- theta_new``.
+HeurpFedLA (``k > 0``): the ``k`` layers with the largest self-weight stay
+local and get no hypernetwork gradient.
+
+Memory: client models and hypernetworks live in files under the run directory
+(``ClientModelStore``, ``hn-NNNNN.npz``); a personalised layer is mixed one
+stored slice at a time, and the hypernetwork gradient needs only the scalars
+``D[l, j] = <theta_j^l, -Delta_i^l>``: since ``thetabar_i`` is linear in
+``w_i``, ``autograd.grad(thetabar_i, params, grad_outputs=-Delta_i)`` equals
+``autograd.grad(sum_lj w_ij^l D[l, j], params)``, computed here. So the
+server holds the models of the nodes in the current round, never all N.
+
+Identity: client ``i`` is the node's ``partition-id`` (node config). Before a
+node first trains, the server sends it a QUERY message; the ClientApp answers
+with its ``partition-id``. The node -> client map is part of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from omegaconf import DictConfig
+
+from fedlayer.layers import State, select
+from fedlayer.strategies.base import LayerwiseStrategy, NodePlan, Rejection
+from fedlayer.strategies.client_store import ClientModelStore
+from fedlayer.strategies.hypernetwork import ClientHypernetwork, aggregation_weights
+from fedlayer.strategies.validation import ReplyRejected, TrainReply
+
+#: Metric the ClientApp's query handler answers with.
+PARTITION_ID = "partition-id"
+
+
+class PFedLAStrategy(LayerwiseStrategy):
+    """Personalised layer-wise aggregation with one hypernetwork per client.
+
+    Parameters
+    ----------
+    initial_state : State
+        The initial model; every client's stored model until it trains.
+    num_clients : int
+        ``N``: clients are ``partition-id`` 0..N-1.
+    embedding_dim, hidden_dim : int
+        Size of ``v_i`` and of the hypernetwork's hidden layers (paper: 100, 100).
+    hn_lr : float
+        SGD step size of the hypernetwork and embedding update.
+    k : int
+        HeurpFedLA: layers kept local per client (0: plain pFedLA).
+    query_timeout : float
+        Seconds to wait for nodes to answer the identity query.
+    **base
+        ``LayerwiseStrategy`` arguments.
+    """
+
+    method = "pfedla"
+
+    def __init__(
+        self,
+        initial_state: State,
+        *,
+        num_clients: int,
+        embedding_dim: int = 100,
+        hidden_dim: int = 100,
+        hn_lr: float = 5e-3,
+        k: int = 0,
+        query_timeout: float = 60.0,
+        **base: Any,
+    ) -> None:
+        super().__init__(initial_state, **base)
+        from fedlayer.config import ConfigError
+
+        if not 0 <= k <= len(self.layers):
+            raise ConfigError("strategy.k", f"must be in [0, {len(self.layers)}] (the model's layers), got {k}")
+        self.num_clients = num_clients
+        self.embedding_dim = embedding_dim
+        self.hidden_dim = hidden_dim
+        self.hn_lr = hn_lr
+        self.k = k
+        self.query_timeout = query_timeout
+        self.client_of: dict[int, int] = {}
+        self.attach_run_dir(Path(tempfile.mkdtemp(prefix="fedlayer-pfedla-")))
+        self._reset_round()
+
+    # ---------------------------------------------------------- construction
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        from fedlayer.config import ConfigError
+
+        s = cfg.strategy
+        for name in ("embedding_dim", "hidden_dim"):
+            if not isinstance(s[name], int) or s[name] < 1:
+                raise ConfigError(f"strategy.{name}", f"must be a positive integer, got {s[name]!r}")
+        if not isinstance(s.hn_lr, (int, float)) or not math.isfinite(s.hn_lr) or s.hn_lr <= 0:
+            raise ConfigError("strategy.hn_lr", f"must be a positive number, got {s.hn_lr!r}")
+        if not isinstance(s.k, int) or s.k < 0:
+            raise ConfigError("strategy.k", f"must be a non-negative integer, got {s.k!r}")
+        if not isinstance(s.query_timeout, (int, float)) or s.query_timeout <= 0:
+            raise ConfigError("strategy.query_timeout", f"must be a positive number, got {s.query_timeout!r}")
+
+    @classmethod
+    def method_kwargs(cls, cfg: DictConfig) -> dict[str, Any]:
+        s = cfg.strategy
+        return {
+            "num_clients": int(cfg.federation.num_clients),
+            "embedding_dim": int(s.embedding_dim),
+            "hidden_dim": int(s.hidden_dim),
+            "hn_lr": float(s.hn_lr),
+            "k": int(s.k),
+            "query_timeout": float(s.query_timeout),
+        }
+
+    def attach_run_dir(self, run_dir: Path) -> None:
+        """Keep client models and hypernetworks under ``run_dir/pfedla``."""
+        self.workdir = Path(run_dir) / "pfedla"
+        self.store = ClientModelStore(self.workdir / "models", self.layers, self.global_state)
+        self.sent = ClientModelStore(self.workdir / "sent", self.layers, self.global_state)
+
+    def _reset_round(self) -> None:
+        self.round_weights: dict[int, np.ndarray] = {}
+        self.round_local: dict[int, list[str]] = {}
+        self.round_accuracy: dict[int, float] = {}
+        self.round_delta_norm: dict[int, float] = {}
+
+    # -------------------------------------------------------- hypernetworks
+    def _hn_path(self, client: int) -> Path:
+        return self.workdir / f"hn-{client:05d}.npz"
+
+    def hypernetwork(self, client: int) -> ClientHypernetwork:
+        """Client ``client``'s hypernetwork, from disk or freshly initialised."""
+        hn = ClientHypernetwork(
+            self.num_clients, len(self.layers), self.embedding_dim, self.hidden_dim, seed=self.seed * 1_000_003 + client
+        )
+        path = self._hn_path(client)
+        if path.exists():
+            with np.load(path) as saved:
+                hn.load_numpy({name: saved[name] for name in saved.files})
+        return hn
+
+    def save_hypernetwork(self, client: int, hn: ClientHypernetwork) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        tmp = self._hn_path(client).with_suffix(".tmp.npz")
+        np.savez(tmp, **hn.to_numpy())
+        tmp.replace(self._hn_path(client))
+
+    def weights(self, client: int, hn: ClientHypernetwork | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Client ``client``'s aggregation weights ``(L, N)`` (differentiable) and its local layers.
+
+        With ``k > 0`` the ``k`` layers with the largest self-weight become one-hot
+        on the client (kept local); their rows carry no gradient.
+        """
+        hn = hn if hn is not None else self.hypernetwork(client)
+        weights = aggregation_weights(hn(), client)
+        local: list[int] = []
+        if self.k:
+            self_weight = weights[:, client].detach().numpy()
+            local = sorted(np.argsort(-self_weight, kind="stable")[: self.k].tolist())
+            one_hot = torch.zeros(self.num_clients)
+            one_hot[client] = 1.0
+            rows = [one_hot if index in local else weights[index] for index in range(len(self.layers))]
+            weights = torch.stack(rows)
+        return weights, local
+
+    def personalised(self, client: int, weights: np.ndarray) -> State:
+        """``thetabar_client``, mixed layer by layer from the stored models."""
+        everyone = list(range(self.num_clients))
+        state: State = {}
+        for index, name in enumerate(self.layers.names):
+            state.update(self.store.unflatten_layer(name, self.store.mix_layer(everyone, weights[index], name)))
+        return state
+
+    # ------------------------------------------------------------- identity
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Learn unknown nodes' client ids, then plan the round as usual."""
+        self._reset_round()
+        self.register_nodes(server_round, grid, self._connected_nodes(grid, self.min_available_nodes))
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def register_nodes(self, server_round: int, grid: Grid, node_ids: list[int]) -> None:
+        """Ask nodes without a known client id for their ``partition-id``."""
+        unknown = [node for node in node_ids if node not in self.client_of]
+        if not unknown:
+            return
+        queries = [
+            Message(
+                RecordDict({"config": ConfigRecord({"method": self.method, "query": PARTITION_ID})}),
+                message_type=MessageType.QUERY,
+                dst_node_id=node,
+            )
+            for node in unknown
+        ]
+        pending = {mid for mid in grid.push_messages(queries) if mid}
+        deadline = time.monotonic() + self.query_timeout
+        while pending and time.monotonic() < deadline:
+            for reply in grid.pull_messages(list(pending)):
+                pending.discard(reply.metadata.reply_to_message_id)
+                try:
+                    node, client = self.parse_registration(reply)
+                except ReplyRejected as rejected:
+                    log(WARNING, "round %d: %s", server_round, rejected)
+                    self.rejections.append(Rejection(server_round, rejected.node_id, rejected.reason))
+                    continue
+                self.client_of[node] = client
+            if pending:
+                time.sleep(0.05)
+        log(INFO, "pfedla: %d nodes registered (%d unanswered)", len(self.client_of), len(pending))
+
+    def parse_registration(self, reply: Message) -> tuple[int, int]:
+        """``(node id, client id)`` from a query reply; ``ReplyRejected`` if unusable."""
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise ReplyRejected(node, f"identity query failed: {reply.error.reason}")
+        record = reply.content.metric_records.get("metrics")
+        value = record.get(PARTITION_ID) if isinstance(record, MetricRecord) else None
+        if not isinstance(value, (int, float)) or value != int(value) or not 0 <= value < self.num_clients:
+            raise ReplyRejected(node, f"{PARTITION_ID} must be an integer in [0, {self.num_clients}), got {value!r}")
+        client = int(value)
+        owner = next((n for n, c in self.client_of.items() if c == client), None)
+        if owner is not None and owner != node:
+            raise ReplyRejected(node, f"{PARTITION_ID} {client} already belongs to node {owner}")
+        return node, client
+
+    # ------------------------------------------------------------------ hooks
+    def sample_nodes(self, server_round: int, node_ids: list[int]) -> list[int]:
+        """A seeded sample among the nodes whose client id is known."""
+        return super().sample_nodes(server_round, [node for node in node_ids if node in self.client_of])
+
+    def node_state(self, node_id: int, names: list[str], message_type: str) -> State:
+        """The node's personalised model; a training node's copy is kept to form its Delta.
+
+        A node of unknown identity (only possible in federated evaluation) gets the global model.
+        """
+        if node_id not in self.client_of:
+            return super().node_state(node_id, names, message_type)
+        client = self.client_of[node_id]
+        with torch.no_grad():
+            weights, local = self.weights(client)
+        matrix = weights.numpy().astype(np.float64)
+        state = self.personalised(client, matrix)
+        if message_type == MessageType.TRAIN:
+            self.sent.write(client, self.sent.flatten(state))
+            self.round_weights[client] = matrix
+            self.round_local[client] = [self.layers.names[i] for i in local]
+        return select(state, self.layers, names)
+
+    def validate(self, server_round: int, message: Message) -> TrainReply:
+        """Base checks, plus: the reply's ``partition-id`` is the node's registered client."""
+        reply = super().validate(server_round, message)
+        claimed = reply.metrics.get(PARTITION_ID)
+        client = self.client_of[reply.node_id]
+        if claimed is not None and claimed != client:
+            raise ReplyRejected(reply.node_id, f"{PARTITION_ID} {claimed:g} != registered client {client}")
+        return reply
+
+    def aggregate(self, server_round: int, replies: list[TrainReply]) -> State:
+        """Step every replying client's hypernetwork, then store the trained models.
+
+        All steps use the models stored before this round (the ones the
+        personalised models were built from); the new models are written after.
+        The global model (used only for the central evaluation) is the
+        example-weighted mean of the trained models.
+        """
+        for reply in replies:
+            client = self.client_of[reply.node_id]
+            self.hypernetwork_step(client, self.store.flatten(reply.state))
+            if "local-test-accuracy" in reply.metrics:
+                self.round_accuracy[client] = reply.metrics["local-test-accuracy"]
+        for reply in replies:
+            self.store.write(self.client_of[reply.node_id], self.store.flatten(reply.state))
+        return super().aggregate(server_round, replies)
+
+    def hypernetwork_step(self, client: int, trained: np.ndarray) -> None:
+        """One SGD step of ``(HN_i, v_i)`` from ``Delta_i = trained - thetabar_i``; saved to disk."""
+        hn = self.hypernetwork(client)
+        grads = self.hypernetwork_gradients(client, hn, trained)
+        with torch.no_grad():
+            for param, grad in zip(hn.parameters(), grads):
+                if grad is not None:
+                    param -= self.hn_lr * grad
+        self.save_hypernetwork(client, hn)
+
+    def hypernetwork_gradients(
+        self, client: int, hn: ClientHypernetwork, trained: np.ndarray
+    ) -> list[torch.Tensor | None]:
+        """``autograd.grad(thetabar_i, hn.parameters(), grad_outputs=-Delta_i)``, streamed.
+
+        ``thetabar_i`` is the model sent this round (``self.sent``); float
+        entries only (integer counters are not learnt). ``None`` for a
+        parameter no gradient reaches (all-zero alpha, local layers).
+        """
+        weights, local = self.weights(client, hn)
+        dots = np.zeros((len(self.layers), self.num_clients))
+        delta_sq = 0.0
+        for index, name in enumerate(self.layers.names):
+            start, size = self.store.offsets[name]
+            mask = self.store.float_mask(name)
+            minus_delta = np.where(mask, self.sent.read_layer(client, name) - trained[start : start + size], 0.0)
+            delta_sq += float(minus_delta @ minus_delta)
+            if index in local:
+                continue
+            for j, theta in self.store.iter_layer(list(range(self.num_clients)), name):
+                dots[index, j] = float(theta.astype(np.float64) @ minus_delta)
+        self.round_delta_norm[client] = math.sqrt(delta_sq)
+        surrogate = (weights * torch.from_numpy(dots).to(weights.dtype)).sum()
+        params = list(hn.parameters())
+        if not surrogate.requires_grad:
+            return [None] * len(params)
+        return list(torch.autograd.grad(surrogate, params, allow_unused=True))
+
+    # ------------------------------------------------------------- records
+    def round_record(self, server_round: int) -> dict[str, Any]:
+        """Personalised accuracy over this round's clients, and the weights they got."""
+        record: dict[str, Any] = {"registered_clients": len(self.client_of)}
+        if self.round_accuracy:
+            values = np.array(list(self.round_accuracy.values()))
+            record["personal_accuracy"] = {
+                "mean": float(values.mean()),
+                "std": float(values.std()),
+                "min": float(values.min()),
+                "max": float(values.max()),
+                "clients": len(values),
+            }
+        if self.round_delta_norm:
+            record["delta_norm_mean"] = float(np.mean(list(self.round_delta_norm.values())))
+        if self.round_weights:
+            record["self_weight"] = {
+                name: float(np.mean([w[index, c] for c, w in self.round_weights.items()]))
+                for index, name in enumerate(self.layers.names)
+            }
+            record["alpha"] = {
+                name: {str(c): [round(float(x), 5) for x in w[index]] for c, w in sorted(self.round_weights.items())}
+                for index, name in enumerate(self.layers.names)
+            }
+        if self.k:
+            record["local_layers"] = {str(c): names for c, names in sorted(self.round_local.items())}
+        return record
+
+    def write_artifacts(self, run_dir: Path, records: list[dict[str, Any]]) -> None:
+        """``pfedla_alpha.npy`` (final weights, layer x client x client) and its heatmaps."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        with torch.no_grad():
+            final = np.stack([self.weights(c)[0].numpy() for c in range(self.num_clients)], axis=1)
+        np.save(run_dir / "pfedla_alpha.npy", final)
+        names = self.layers.names
+        fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.6 * (len(names) + 1), 3.4), squeeze=False)
+        for ax, name, matrix in zip(axes[0], names, final):
+            image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=max(float(matrix.max()), 1e-9))
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("client j (source)")
+            ax.set_ylabel("client i (receiver)")
+            fig.colorbar(image, ax=ax, fraction=0.046)
+        ax = axes[0][-1]
+        rounds = [r["round"] for r in records if r.get("strategy", {}).get("self_weight")]
+        for name in names:
+            ax.plot(rounds, [r["strategy"]["self_weight"][name] for r in records if r.get("strategy", {}).get("self_weight")], label=name)
+        ax.set_title("mean self-weight w_ii per round", fontsize=9)
+        ax.set_xlabel("round")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run_dir / "pfedla_alpha.png", dpi=90)
+        plt.close(fig)
+
+    # ---------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Node map and the store folder.
+
+        The client models and hypernetworks are not copied into the checkpoint
+        (that would hold all N in memory): they are the files in the run
+        directory, updated in place, so a resume continues from their latest
+        state, which may be ahead of the checkpoint if the server died mid-round.
+        """
+        return {
+            **super().state_dict(),
+            "client_of": {str(node): client for node, client in self.client_of.items()},
+            "workdir": str(self.workdir),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.client_of = {int(node): int(client) for node, client in state["client_of"].items()}
+        self.attach_run_dir(Path(state["workdir"]).parent)
+
+    def summary(self) -> None:
+        super().summary()
+        log(
+            INFO,
+            "\t└──> pFedLA: N=%d embedding=%d hidden=%d hn_lr=%g k=%d; store %s",
+            self.num_clients, self.embedding_dim, self.hidden_dim, self.hn_lr, self.k, self.workdir,
+        )

@@ -1,0 +1,176 @@
+"""The containers really run: build the image, bring up docker-compose.yml, finish a round.
+
+Runs only with FEDLAYER_CONTAINER_TESTS=1 (it builds images: minutes the
+first time, see docs/deployment.md). It uses podman and podman-compose, which
+run the same compose file as Docker without a daemon (see CONTAINERS.md in
+the team notes for the recipe):
+
+- every podman call gets ``CONTAINERS_CONF`` with the runc runtime and explicit
+  ulimits;
+- without a reachable image registry, ``python:3.11-slim`` is replaced by a
+  local stand-in built with debootstrap (only when it is missing);
+- FEDLAYER_CONTAINER_BUILD_ARGS adds environment-specific ``podman build``
+  options (mounts of a local wheel folder, pip config or CA bundle, a
+  TORCH_INDEX_URL build argument); nothing of that goes into the Dockerfile.
+
+The compose project runs as in docs/deployment.md: TLS and node
+authentication on, keys registered with ``scripts/generate_certs.sh -r``,
+``flwr run`` from the host against the published Control API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from .deployment import REPO_ROOT, LocalDeployment, TlsFiles, port_open
+from .test_grpc_deployment import fedavg_run_config
+
+pytestmark = pytest.mark.containers
+
+BASE_IMAGE = "localhost/python:3.11-slim"
+IMAGE = "localhost/fedlayer:e2e-test"
+CONTAINERS_CONF = """\
+[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
+[engine]
+runtime = "runc"
+"""
+
+
+def _missing_tools() -> list[str]:
+    tools = ["podman", "runc", "podman-compose", "openssl", "ssh-keygen"]
+    return [t for t in tools if shutil.which(t) is None]
+
+
+if os.environ.get("FEDLAYER_CONTAINER_TESTS") != "1":
+    pytest.skip("container test: set FEDLAYER_CONTAINER_TESTS=1 to build and run the images", allow_module_level=True)
+if missing := _missing_tools():
+    pytest.skip(f"container test needs {', '.join(missing)} (Debian: podman runc debootstrap; PyPI: podman-compose)", allow_module_level=True)
+
+
+def podman_env() -> dict[str, str]:
+    """Environment for podman / podman-compose calls: runc and explicit ulimits."""
+    conf = Path(tempfile.gettempdir()) / "fedlayer-containers.conf"
+    conf.write_text(CONTAINERS_CONF)
+    return {**os.environ, "CONTAINERS_CONF": str(conf)}
+
+
+def sh(args: list[str], env: dict[str, str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, check=False, **kwargs)
+    if done.returncode != 0:
+        raise AssertionError(f"$ {shlex.join(args)} -> {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return done
+
+
+def debian_mirror() -> str:
+    """The Debian mirror apt uses here (FEDLAYER_DEBIAN_MIRROR overrides)."""
+    if mirror := os.environ.get("FEDLAYER_DEBIAN_MIRROR"):
+        return mirror
+    for source in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        if match := re.search(r"^URIs:\s*(\S+)", source.read_text(), flags=re.M):
+            return match.group(1)
+    pytest.skip("no Debian mirror configured for apt here; set FEDLAYER_DEBIAN_MIRROR")
+
+
+def ensure_base_image(env: dict[str, str]) -> None:
+    """A stand-in for python:3.11-slim from Debian packages, unless one exists."""
+    if subprocess.run(["podman", "image", "exists", BASE_IMAGE], env=env, check=False).returncode == 0:
+        return
+    if shutil.which("debootstrap") is None or os.geteuid() != 0:
+        pytest.skip(f"{BASE_IMAGE} missing and cannot be built here (needs root and debootstrap)")
+    with tempfile.TemporaryDirectory() as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        sh(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,python3-pip,ca-certificates",
+            "bookworm", str(rootfs), debian_mirror()], env, timeout=900)
+        (rootfs / "usr/lib/python3.11/EXTERNALLY-MANAGED").unlink(missing_ok=True)
+        for link, target in (("usr/bin/python", "python3"), ("usr/bin/pip", "pip3")):
+            (rootfs / link).unlink(missing_ok=True)
+            (rootfs / link).symlink_to(target)
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE)
+        sh(["podman", "import", "--change", "ENV LANG=C.UTF-8",
+            "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "-", BASE_IMAGE], env, timeout=600, stdin=tar.stdout)
+        tar.wait()
+
+
+def build_image(env: dict[str, str]) -> None:
+    """``podman build`` of docker/Dockerfile (CPU flavour) with the environment's extra options."""
+    extra = shlex.split(os.environ.get("FEDLAYER_CONTAINER_BUILD_ARGS", ""))
+    sh(["podman", "build", "--pull=never", *extra, "-f", "docker/Dockerfile", "-t", IMAGE, "."],
+       env, timeout=1800, cwd=REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    env = podman_env()
+    started = time.monotonic()
+    ensure_base_image(env)
+    build_image(env)
+    print(f"images ready in {time.monotonic() - started:.0f} s")
+    return IMAGE
+
+
+def test_compose_superlink_and_two_supernodes_complete_a_round(image, tmp_path):
+    env = podman_env()
+    certs = tmp_path / "certs"
+    sh(["bash", str(REPO_ROOT / "scripts" / "generate_certs.sh"), "-o", str(certs), "-n", "2"], env, timeout=60)
+    if os.geteuid() == 0:  # the containers run as uid 1000 (docs: chown -R 1000:1000 certs)
+        for path in [certs, *certs.rglob("*")]:
+            os.chown(path, 1000, 1000)
+    deployment = LocalDeployment(
+        tmp_path / "flwr", tls=TlsFiles(certs / "ca.crt", certs / "server.pem", certs / "server.key"), node_auth=True
+    )
+    project = f"fedlayer-e2e-{uuid.uuid4().hex[:8]}"
+    compose_env = {
+        **env,
+        "FEDLAYER_IMAGE": image,
+        "FEDLAYER_CERTS_DIR": str(certs),
+        "FEDLAYER_FLEET_PORT": str(deployment.fleet_port),
+        "FEDLAYER_CONTROL_PORT": str(deployment.control_port),
+    }
+    compose = ["podman-compose", "-p", project, "-f", str(REPO_ROOT / "docker-compose.yml")]
+    timings: dict[str, float] = {}
+    mark = time.monotonic()
+    try:
+        sh([*compose, "up", "-d", "superlink"], compose_env, timeout=120, cwd=REPO_ROOT)
+        deadline = time.monotonic() + 60
+        while not (port_open(deployment.control_port) and deployment.flwr("ls", deployment.connection, "--format", "json").stdout.count('"success": true')):
+            assert time.monotonic() < deadline, "the SuperLink container did not come up"
+            time.sleep(1)
+        sh(["bash", str(REPO_ROOT / "scripts" / "generate_certs.sh"), "-o", str(certs), "-r", deployment.connection],
+           deployment.env, timeout=120)
+        sh([*compose, "up", "-d"], compose_env, timeout=120, cwd=REPO_ROOT)
+        timings["up"] = time.monotonic() - mark
+        mark = time.monotonic()
+        output_dir = "/var/lib/fedlayer/runs"  # on the SuperLink's state volume
+        run_id, done = deployment.run_app(fedavg_run_config(output_dir, rounds=1), timeout=300)
+        timings["round"] = time.monotonic() - mark
+        assert done.returncode == 0 and "fedlayer: finished" in done.stdout, done.stdout[-4000:] + done.stderr[-2000:]
+        assert deployment.run_info(run_id)["status"] == "finished:completed"
+        superlink = sh(["podman", "ps", "-a", "--filter", f"label=com.docker.compose.project={project}",
+                        "--filter", "label=com.docker.compose.service=superlink", "--format", "{{.Names}}"], env, timeout=30)
+        container = superlink.stdout.split()[0]
+        summary = json.loads(sh(["podman", "exec", container, "cat", f"{output_dir}/run/summary.json"], env, timeout=30).stdout)
+        assert summary["rounds"] == 1 and summary["num_clients"] == 2 and summary["final_accuracy"] is not None
+        nodes = json.loads(deployment.flwr("supernode", "list", deployment.connection, "--format", "json").stdout)["nodes"]
+        assert len(nodes) == 2 and {n["status"] for n in nodes} == {"online"}
+    except BaseException:
+        logs = subprocess.run([*compose, "logs"], env=compose_env, capture_output=True, text=True, timeout=60, check=False, cwd=REPO_ROOT)
+        print(logs.stdout[-8000:], logs.stderr[-2000:])
+        raise
+    finally:
+        mark = time.monotonic()
+        subprocess.run([*compose, "down", "-t", "2", "-v"], env=compose_env, capture_output=True, timeout=120, check=False, cwd=REPO_ROOT)
+        timings["down"] = time.monotonic() - mark
+        print("container test timings (s):", {k: round(v, 1) for k, v in timings.items()})

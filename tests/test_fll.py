@@ -1,0 +1,358 @@
+"""Federated layer-wise learning with depth dropout: stages, frozen blocks, traffic, memory."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from fedlayer.client.contrastive import augment_pair, nt_xent
+from fedlayer.client.fll import StagedModel, StageSpec, fll_train, stage_layer_names, train_stage
+from fedlayer.client.memory import LiveTensorMeter, measure_step, resident_tensors
+from fedlayer.client.runtime import ClientRuntime
+from fedlayer.client.state import load_local_model
+from fedlayer.config import ConfigError, compose_config
+from fedlayer.layers import ModelLayers, select, states_equal, to_arrayrecord, torch_state_to_numpy
+from fedlayer.models import build_model
+from fedlayer.strategies import validate_strategy_config
+from fedlayer.strategies.fll import FLLStrategy
+
+TRAIN = compose_config(["train.local_steps=2", "train.batch_size=16"]).train
+
+
+class StubGrid:
+    """The part of Flower's Grid that ``configure_train`` uses."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def _resnet(seed=0):
+    return build_model("resnet20", input_shape=(1, 28, 28), num_classes=10, seed=seed)
+
+
+def _strategy(model_name="cnn", **kwargs):
+    model = build_model(model_name, input_shape=(1, 28, 28), num_classes=10, seed=0)
+    state = torch_state_to_numpy(model.state_dict())
+    return FLLStrategy(state, model=model, min_train_nodes=1, **kwargs)
+
+
+def _runtime(*overrides):
+    cfg = compose_config(["dataset=mnist5k", "model=cnn", "strategy=fll", "train.local_steps=2", *overrides])
+    return ClientRuntime(cfg=cfg, partition_id=0, num_partitions=5, data_path=None, device=torch.device("cpu"))
+
+
+def _reply_to(sent: Message, content: RecordDict) -> Message:
+    """``content`` as the reply of the node ``sent`` went to."""
+    request = Message(sent.content, dst_node_id=sent.metadata.dst_node_id, message_type=MessageType.TRAIN)
+    return Message(content, reply_to=request)
+
+
+def test_stage_spec_groups_blocks_and_one_stage_is_end_to_end():
+    spec = StageSpec(10, 3)
+    assert spec.num_stages == 4
+    assert [list(spec.blocks(s)) for s in range(4)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    whole = StageSpec(10, 10)
+    assert whole.num_stages == 1 and list(whole.blocks(0)) == list(range(10)) and whole.is_last(0)
+    with pytest.raises(ValueError):
+        spec.blocks(4)
+
+
+def test_global_state_holds_stage_heads_as_layers():
+    strategy = _strategy("resnet20", blocks_per_stage=3)
+    names = strategy.layers.names
+    assert [n for n in names if n.startswith("stage_heads")] == ["stage_heads.0", "stage_heads.1", "stage_heads.2"]
+    # head_pool=2: a stage head sees C x 2 x 2 features of its stage's last block
+    assert strategy.global_state["stage_heads.0.weight"].shape == (10, 16 * 4)
+    assert strategy.global_state["stage_heads.2.weight"].shape == (10, 64 * 4)
+    assert stage_layer_names(strategy.spec, names, 3) == ["blocks.9.conv1", "blocks.9.bn1", "blocks.9.conv2", "blocks.9.bn2", "head.fc"]
+    # the same seed gives the clients the same stage heads as the server
+    client = StagedModel(_resnet(), StageSpec(10, 3), 2, seed=0)
+    assert states_equal(torch_state_to_numpy(client.state_dict()), strategy.global_state)
+
+
+def test_stages_advance_every_rounds_per_stage_and_frozen_blocks_are_sent_once():
+    strategy = _strategy("cnn", rounds_per_stage=2)
+    grid = StubGrid([11, 12])
+    stages, sends = [], []
+    for server_round in range(1, 6):
+        messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+        stages.append(strategy.stage)
+        sends.append({m.metadata.dst_node_id: sorted(m.content["arrays"].keys()) for m in messages})
+        assert all(int(m.content["config"]["fll-stage"]) == strategy.stage for m in messages)
+        # every node answers with its stage layers (values unchanged)
+        replies = [
+            _reply_to(m, RecordDict({
+                "arrays": to_arrayrecord(select(strategy.global_state, strategy.layers, strategy.plans[m.metadata.dst_node_id].request)),
+                "metrics": MetricRecord({"num-examples": 5, "peak-train-memory-bytes": 100.0 * server_round}),
+            }))
+            for m in messages
+        ]
+        strategy.aggregate_train(server_round, replies)
+        assert strategy.round_record(server_round)["peak-train-memory-bytes"] == 100.0 * server_round
+    assert stages == [0, 0, 1, 1, 1]  # the last stage (cnn has 2 blocks) lasts to the end
+    stage0 = ["blocks.0.conv.bias", "blocks.0.conv.weight", "stage_heads.0.bias", "stage_heads.0.weight"]
+    stage1 = ["blocks.1.conv.bias", "blocks.1.conv.weight", "head.fc1.bias", "head.fc1.weight", "head.fc2.bias", "head.fc2.weight"]
+    assert sends[0][11] == sends[1][11] == stage0
+    assert sends[2][11] == sorted(["blocks.0.conv.bias", "blocks.0.conv.weight", *stage1])  # frozen block once
+    assert sends[3][11] == sends[4][11] == stage1
+    # state needed to resume is JSON-serialisable and restores the schedule
+    saved = json.loads(json.dumps(strategy.state_dict()))
+    fresh = _strategy("cnn", rounds_per_stage=2)
+    fresh.load_state_dict(saved)
+    assert fresh.stage == 1 and fresh.delivered == strategy.delivered
+
+
+def test_frozen_block_is_resent_to_a_node_whose_reply_never_arrived():
+    strategy = _strategy("cnn", rounds_per_stage=1)
+    grid = StubGrid([11, 12])
+    strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
+    messages = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid))
+    ok = next(m for m in messages if m.metadata.dst_node_id == 11)
+    reply = _reply_to(ok, RecordDict({
+        "arrays": to_arrayrecord(select(strategy.global_state, strategy.layers, strategy.plans[11].request)),
+        "metrics": MetricRecord({"num-examples": 5}),
+    }))
+    strategy.aggregate_train(2, [reply])  # node 12 never answered
+    strategy.configure_train(3, ArrayRecord(), ConfigRecord(), grid)
+    assert "blocks.0.conv" not in strategy.plans[11].send
+    assert "blocks.0.conv" in strategy.plans[12].send
+
+
+def test_bad_replies_are_rejected_and_leave_the_model_alone():
+    strategy = _strategy("cnn", rounds_per_stage=1)
+    grid = StubGrid([11])
+    for server_round in (1, 2):
+        (message,) = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+    before = {k: v.copy() for k, v in strategy.global_state.items()}
+    # a frozen block was not requested: the whole reply is refused
+    sneaky = select(strategy.global_state, strategy.layers, ["blocks.0.conv", *strategy.plans[11].request])
+    sneaky = {k: v + 1 for k, v in sneaky.items()}
+    strategy.aggregate_train(2, [_reply_to(message, RecordDict({"arrays": to_arrayrecord(sneaky), "metrics": MetricRecord({"num-examples": 5})}))])
+    assert len(strategy.rejections) == 1 and "not requested" in strategy.rejections[0].reason
+    assert states_equal(strategy.global_state, before) and strategy.delivered == {}
+
+
+def test_client_changes_and_returns_only_the_stage_layers():
+    runtime = _runtime()
+    strategy = _strategy("cnn", rounds_per_stage=1)
+    node = 7
+    context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+    grid = StubGrid([node])
+    (first,) = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
+    strategy.aggregate_train(1, [_reply_to(first, fll_train(runtime, first.content, context))])
+    kept_after_stage0 = load_local_model(context)
+    (second,) = strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid)
+    assert strategy.stage == 1
+    global_before = {k: v.copy() for k, v in strategy.global_state.items()}
+    reply = fll_train(runtime, second.content, context)
+    stage1 = strategy.stage_layers(1)
+    assert sorted(reply["arrays"].keys()) == sorted(strategy.layers.keys_of(stage1))
+    kept = load_local_model(context)
+    changed = {strategy.layers.layer_of(k) for k in kept if not np.array_equal(kept[k], kept_after_stage0[k])}
+    # the frozen block 0 changed only by being replaced with the global one; nothing else moved
+    assert changed - set(stage1) <= {"blocks.0.conv"}
+    for key in strategy.layers.keys_of(["blocks.0.conv"]):
+        assert np.array_equal(kept[key], global_before[key])
+    assert all(not np.array_equal(kept[k], global_before[k]) for k in strategy.layers.keys_of(stage1) if k.endswith("weight"))
+    assert np.array_equal(kept["stage_heads.0.weight"], kept_after_stage0["stage_heads.0.weight"])
+    metrics = reply["metrics"]
+    assert metrics["fll-stage"] == 1 and metrics["peak-train-memory-bytes"] > 0
+    strategy.aggregate_train(2, [_reply_to(second, reply)])
+    moved = {strategy.layers.layer_of(k) for k in global_before if not np.array_equal(global_before[k], strategy.global_state[k])}
+    assert moved == set(stage1)
+
+
+def test_frozen_blocks_run_without_autograd_graph():
+    net = StagedModel(_resnet(), StageSpec(10, 1), 2, seed=0)
+    stage = 4
+    params = net.prepare(stage)
+    seen = {}
+    for index, block in enumerate(net.blocks):
+        block.register_forward_hook(lambda mod, inp, out, index=index: seen.__setitem__(index, out))
+    logits = net.forward_stage(torch.randn(8, 1, 28, 28), stage)
+    assert sorted(seen) == [0, 1, 2, 3, 4]  # later blocks do not run
+    for index in range(stage):
+        assert not seen[index].requires_grad and seen[index].grad_fn is None
+    assert seen[stage].grad_fn is not None
+    logits.sum().backward()
+    assert all(p.grad is None for b in range(stage) for p in net.blocks[b].parameters())
+    assert {id(p) for p in params} == {id(p) for m in net.active_modules(stage) for p in m.parameters()}
+    assert all(p.grad is not None for p in params)
+    # frozen BatchNorms use (and keep) their running statistics
+    assert not net.blocks[0].training and net.blocks[stage].training
+
+
+def test_p_drop_zero_forward_equals_plain_prefix_forward():
+    model = _resnet()
+    net = StagedModel(model, StageSpec(10, 2), 2, seed=0)
+    net.eval()
+    x = torch.randn(4, 1, 28, 28)
+    generator = torch.Generator().manual_seed(0)
+    for stage in range(net.spec.num_stages):
+        skip = net.sample_skips(stage, 0.0, generator)
+        assert skip == set()
+        expected = model.forward_features(x, net.spec.blocks(stage).stop)
+        assert torch.equal(net.features(x, stage, skip), expected)
+    assert torch.equal(net.forward_stage(x, net.spec.num_stages - 1), model(x))
+
+
+def test_depth_dropout_skips_only_frozen_shape_preserving_blocks():
+    net = StagedModel(_resnet(), StageSpec(10, 1), 2, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    stage = 9
+    identity = {b for b in range(stage) if net.blocks[b].is_identity_compatible}
+    assert identity == {1, 2, 3, 5, 6, 8}  # not the stem, not the downsampling blocks 4 and 7
+    draws = [net.sample_skips(stage, 0.5, generator) for _ in range(200)]
+    assert all(d <= identity for d in draws)
+    rate = np.mean([len(d) for d in draws]) / len(identity)
+    assert 0.4 < rate < 0.6
+    # a skipped block is replaced by identity
+    net.eval()
+    x = torch.randn(2, 1, 28, 28)
+    out = net.features(x, 3, skip={1, 2})
+    expected = net.blocks[3](net.blocks[0](x))
+    assert torch.equal(out, expected)
+
+
+def test_meter_counts_live_bytes_and_frees():
+    meter = LiveTensorMeter()
+    with meter:
+        a = torch.ones(1000)  # 4000 B
+        b = a * 2  # 8000 B live
+        del a  # 4000 B
+        c = torch.ones(250).view(5, 50)  # views share one storage: 5000 B
+    assert meter.peak == 8000 and meter.current == 5000
+    del b, c
+    assert meter.current == 0
+
+
+def test_layerwise_step_needs_much_less_memory_than_end_to_end():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    peaks = {}
+    for blocks_per_stage in (10, 1):
+        net = StagedModel(_resnet(), StageSpec(10, blocks_per_stage), 2, seed=0)
+        stage = 0 if blocks_per_stage == 10 else 1
+        optimizer = torch.optim.SGD(net.prepare(stage), lr=0.1)
+        running = [*net.blocks[: net.spec.blocks(stage).stop], net.stage_head(stage)]
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net.forward_stage(x, stage), y).backward()
+            optimizer.step()
+
+        _, memory = measure_step(step, resident_tensors(running, x, y), torch.device("cpu"))
+        peaks[blocks_per_stage] = memory["peak-train-memory-bytes"]
+    activation = 32 * 16 * 28 * 28 * 4  # one full-resolution feature map of the batch
+    assert peaks[1] > 2 * activation  # saved activations of block 1's two convs are counted
+    # ResNet-20 keeps 3 of its 10 blocks at full resolution, so one full-resolution
+    # block needs about a third of the end-to-end memory
+    assert peaks[10] > 3 * peaks[1]
+
+
+def test_train_stage_reports_memory_and_respects_frozen_blocks():
+    net = StagedModel(_resnet(), StageSpec(10, 1), 2, seed=0)
+    before = torch_state_to_numpy(net.state_dict())
+    runtime = _runtime()
+    metrics = train_stage(net, 5, runtime.train_data, TRAIN, torch.device("cpu"), seed=3, p_drop=0.5)
+    after = torch_state_to_numpy(net.state_dict())
+    layers = ModelLayers.from_state(after)
+    changed = {layers.layer_of(k) for k in after if not np.array_equal(after[k], before[k])}
+    assert changed == set(stage_layer_names(net.spec, layers.names, 5))
+    assert all(np.array_equal(after[k], before[k]) for k in after if k.startswith(("blocks.0.", "blocks.4.", "blocks.6.", "head.")))
+    assert metrics["peak-train-memory-bytes"] > 0 and metrics["local-steps"] == 2
+
+
+def test_contrastive_objective():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1, 28, 28)
+    first, second = augment_pair(x, generator)
+    assert first.shape == x.shape and not torch.equal(first, second)
+    z = torch.randn(8, 16)
+    aligned = nt_xent(torch.cat([z, z]), 0.5)
+    unrelated = nt_xent(torch.cat([z, torch.randn(8, 16)]), 0.5)
+    assert aligned < unrelated
+    runtime = _runtime("strategy.objective=contrastive")
+    net = StagedModel(runtime.new_model(), StageSpec(2, 1), 2, seed=0)
+    before = torch_state_to_numpy(net.state_dict())
+    metrics = train_stage(net, 0, runtime.train_data, TRAIN, torch.device("cpu"), seed=0, objective="contrastive")
+    after = torch_state_to_numpy(net.state_dict())
+    assert {k for k in after if not np.array_equal(after[k], before[k])} == {
+        "blocks.0.conv.weight", "blocks.0.conv.bias", "stage_heads.0.weight", "stage_heads.0.bias"
+    }
+    assert np.isfinite(metrics["train-loss"])
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("strategy.rounds_per_stage=0", "strategy.rounds_per_stage"),
+        ("strategy.blocks_per_stage=0", "strategy.blocks_per_stage"),
+        ("strategy.p_drop=1.0", "strategy.p_drop"),
+        ("strategy.objective=byol", "strategy.objective"),
+        ("strategy.stage_rule=never", "strategy.stage_rule"),
+        ("strategy.head_pool=-1", "strategy.head_pool"),
+    ],
+)
+def test_bad_config_names_the_field(override, field):
+    cfg = compose_config(["strategy=fll"])
+    cfg.strategy[override.split("=")[0].split(".")[1]] = override.split("=")[1]
+    with pytest.raises(ConfigError) as err:
+        validate_strategy_config(cfg)
+    assert err.value.field == field
+
+
+@pytest.mark.slow
+def test_fll_simulation_sends_frozen_blocks_once_and_records_memory(tmp_path):
+    from tests.test_simulation import run_sim
+
+    summary = run_sim(
+        tmp_path, "strategy=fll", "strategy.rounds_per_stage=1", "model=cnn", "dataset=mnist5k",
+        "federation.num_clients=3", "federation.rounds=3", "train.local_steps=3",
+    )
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["strategy"]["stage"] for r in records] == [0, 1, 1]
+    assert all(r["replies"] == 3 and r["rejected"] == 0 for r in records)
+    assert set(records[0]["layer_bytes_up"]) == {"blocks.0.conv", "stage_heads.0"}
+    assert set(records[1]["layer_bytes_up"]) == set(records[2]["layer_bytes_up"]) == {"blocks.1.conv", "head.fc1", "head.fc2"}
+    assert "blocks.0.conv" in records[1]["layer_bytes_down"] and "blocks.0.conv" not in records[2]["layer_bytes_down"]
+    assert [r["strategy"]["frozen-layers-sent"] for r in records] == [0, 3, 0]
+    assert all(r["strategy"]["peak-train-memory-bytes"] > 0 for r in records)
+    assert records[0]["strategy"]["peak-train-memory-bytes"] < records[1]["strategy"]["peak-train-memory-bytes"]
+    assert summary["bytes_total"] < summary["fedavg_bytes_total"]
+
+
+def test_plateau_rule_ends_a_stage_when_accuracy_stops_improving():
+    class Evaluator:
+        test_set = _runtime().test_data
+
+    grid = StubGrid([11])
+    stages = {}
+    for rule in ("fixed", "plateau"):
+        strategy = _strategy("cnn", rounds_per_stage=5, stage_rule=rule, plateau_patience=1)
+        seen = []
+        for server_round in range(1, 5):
+            strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+            seen.append(strategy.stage)
+            strategy.evaluate_central(Evaluator())  # no training: accuracy does not move
+        stages[rule] = seen
+    assert stages == {"fixed": [0, 0, 0, 0], "plateau": [0, 0, 1, 1]}
+
+
+def test_federated_evaluation_scores_the_current_stage():
+    from fedlayer.client.fll import evaluate_stage, fll_evaluate
+
+    runtime = _runtime()
+    strategy = _strategy("cnn", fraction_evaluate=1.0)
+    (message,) = strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), StubGrid([3]))
+    assert int(message.content["config"]["fll-stage"]) == 0
+    context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
+    result = fll_evaluate(runtime, message.content, context)["metrics"]
+    strategy.net.load_state_dict({k: torch.from_numpy(v) for k, v in strategy.global_state.items()})
+    expected = evaluate_stage(strategy.net, 0, runtime.test_data, torch.device("cpu"))
+    assert result["accuracy"] == pytest.approx(expected["accuracy"]) and result["num-examples"] == len(runtime.test_data)

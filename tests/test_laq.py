@@ -1,0 +1,344 @@
+"""LAQ: the lazy rule, the server's sums and step, hostile payloads, client/server agreement."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedlayer.client.laq import BASE_KEY, QHAT, UPDATE_KEY, lazy_decision, laq_train
+from fedlayer.client.methods import CLIENT_METHODS
+from fedlayer.client.runtime import ClientRuntime
+from fedlayer.client.training import train_steps
+from fedlayer.config import ConfigError, compose_config
+from fedlayer.layers import from_arrayrecord, states_equal, torch_state_to_numpy
+from fedlayer.proto.fedlayer.compressed.v1 import update_pb2
+from fedlayer.proto.wire import FORMAT_VERSION, encode_update
+from fedlayer.strategies.laq import LAQStrategy
+from fedlayer.traffic.size import message_bytes, payload_bytes
+from tests.conftest import make_reply, small_state
+
+NODES = (11, 22, 33)
+
+
+def _state(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "blocks.0.conv.weight": rng.standard_normal((4, 1, 3, 3)).astype(np.float32),
+        "blocks.0.conv.bias": rng.standard_normal(4).astype(np.float32),
+        "head.fc.weight": rng.standard_normal((3, 16)).astype(np.float32),
+        "head.fc.bias": rng.standard_normal(3).astype(np.float32),
+    }
+
+
+def _strategy(**kwargs) -> LAQStrategy:
+    strategy = LAQStrategy(_state(0), num_clients=3, **{"alpha": 0.1, "bits": 8, **kwargs})
+    strategy.plans = {node: strategy.plan(1, node) for node in NODES}
+    return strategy
+
+
+def _upload(g, qhat=None, bits=8, base=0):
+    """Encoded payload of an upload of ``g`` quantized around ``qhat`` (zeros by default)."""
+    qhat = qhat or {k: np.zeros_like(v) for k, v in g.items()}
+    decision = lazy_decision(g, qhat, bits=bits, ehat=0.0, clock=0, tbar=100, drift=0.0, drift_scale=1.0, force=True)
+    data = encode_update(decision.tensors, skip=False, clock=0, quantization_error=decision.error)
+    return {UPDATE_KEY: data, BASE_KEY: base}, decision.q
+
+
+def _reply(node, pid, payload, state=None):
+    return make_reply(node, state, metrics={"partition-id": pid}, payload=payload)
+
+
+def _snapshot(strategy):
+    return copy.deepcopy(strategy.global_state), copy.deepcopy(strategy.state_dict())
+
+
+def _same(a, b):
+    (state_a, dict_a), (state_b, dict_b) = a, b
+    assert states_equal(state_a, state_b)
+    assert dict_a.keys() == dict_b.keys()
+    assert dict_a["versions"] == dict_b["versions"] and dict_a["history"] == dict_b["history"]
+    assert dict_a["qhat"].keys() == dict_b["qhat"].keys()
+    for client in dict_a["qhat"]:
+        assert states_equal(dict_a["qhat"][client], dict_b["qhat"][client])
+
+
+# ------------------------------------------------------------------ lazy rule
+def test_skip_rule_on_a_constructed_case():
+    qhat = {"w": np.zeros(100, np.float32)}
+    rule = dict(bits=4, ehat=0.0, tbar=5, drift=1.0, drift_scale=1.0)
+    tiny = lazy_decision({"w": np.full(100, 1e-3, np.float32)}, qhat, clock=0, **rule)
+    assert not tiny.upload and tiny.innovation < tiny.threshold  # 1e-4 < 1
+    large = lazy_decision({"w": np.full(100, 1.0, np.float32)}, qhat, clock=0, **rule)
+    assert large.upload and large.innovation >= 1.0
+    forced = lazy_decision({"w": np.full(100, 1e-3, np.float32)}, qhat, clock=5, **rule)
+    assert forced.upload  # the clock reached tbar
+    # the 3(e + ehat) term: a large past quantization error holds back a medium innovation
+    medium = {"w": np.full(100, 0.2, np.float32)}
+    assert lazy_decision(medium, qhat, clock=0, **rule).upload
+    assert not lazy_decision(medium, qhat, clock=0, **{**rule, "ehat": 10.0}).upload
+    # drift scales the bound
+    assert not lazy_decision(medium, qhat, clock=0, **{**rule, "drift": 100.0}).upload
+
+
+def test_quantized_upload_is_within_delta_of_the_gradient():
+    rng = np.random.default_rng(3)
+    g = {"w": rng.standard_normal(257).astype(np.float32)}
+    qhat = {"w": rng.standard_normal(257).astype(np.float32)}
+    decision = lazy_decision(g, qhat, bits=3, ehat=0.0, clock=0, tbar=9, drift=0.0, drift_scale=1.0)
+    radius = float(np.max(np.abs(g["w"] - qhat["w"])))
+    assert np.max(np.abs(decision.q["w"] - g["w"])) <= radius / 7 * (1 + 1e-5)
+    assert decision.error == pytest.approx(float(np.sum((decision.q["w"].astype(np.float64) - g["w"]) ** 2)))
+
+
+# ------------------------------------------------------------------ server
+def test_uploads_and_skips_step_the_model_with_the_stale_sum():
+    strategy = _strategy()
+    theta0 = copy.deepcopy(strategy.global_state)
+    p1, q1 = _upload(_state(1))
+    p2, q2 = _upload(_state(2))
+    strategy.aggregate_train(1, [_reply(11, 0, p1), _reply(22, 1, p2)])
+    for key in theta0:
+        expected = theta0[key] - np.float32(0.1) * (q1[key] + q2[key])
+        assert np.allclose(strategy.global_state[key], expected, atol=1e-6)
+        assert np.array_equal(strategy.qhat[0][key], q1[key])  # server rebuilt exactly the client's Q
+    record = strategy.round_record(1)
+    assert (record["uploads"], record["skips"]) == (2, 0)
+    assert record["bits_sent"] == 2 * sum(v.size * 8 + 32 for v in theta0.values())
+    assert strategy.versions == {0: 1, 1: 1}
+    assert strategy.client_of_node == {11: 0, 22: 1}
+    # round 2: both skip; the server still steps with grad = Q1 + Q2
+    skip = {UPDATE_KEY: encode_update([], skip=True, clock=0, quantization_error=0.0), BASE_KEY: 1}
+    theta1 = copy.deepcopy(strategy.global_state)
+    strategy.aggregate_train(2, [_reply(11, 0, skip), _reply(22, 1, skip)])
+    assert strategy.round_record(2)["skips"] == 2 and strategy.round_record(2)["uploads"] == 0
+    for key in theta1:
+        assert np.allclose(strategy.global_state[key], theta1[key] - np.float32(0.1) * (q1[key] + q2[key]), atol=1e-6)
+    assert strategy.history[0] > 0 and len(strategy.history) == 2
+    # the plan tells known nodes the server's version and the drift
+    plan = strategy.plan(3, 11)
+    assert plan.request == [] and plan.send == strategy.layers.names
+    assert plan.config["laq-version"] == 1 and strategy.plan(3, 33).config["laq-version"] == -1
+    assert plan.config["laq-drift"] == pytest.approx(0.08 * sum(strategy.history))
+
+
+def test_innovation_is_decoded_against_the_last_upload():
+    strategy = _strategy(bits=4)
+    p1, q1 = _upload(_state(1), bits=4)
+    strategy.aggregate_train(1, [_reply(11, 0, p1)])
+    p2, q2 = _upload(_state(5), qhat=q1, bits=4, base=1)
+    strategy.aggregate_train(2, [_reply(11, 0, p2)])
+    assert states_equal(strategy.qhat[0], q2) and strategy.versions[0] == 2
+    # a stale base is refused; base 0 (a client that lost its Qhat) replaces Qhat
+    stale, _ = _upload(_state(6), qhat=q1, bits=4, base=1)
+    before = _snapshot(strategy)
+    strategy.aggregate_train(3, [_reply(11, 0, stale)])
+    _same(before, _snapshot(strategy))
+    assert "version 1" in strategy.rejections[-1].reason
+    fresh, q3 = _upload(_state(7), bits=4, base=0)
+    strategy.aggregate_train(4, [_reply(11, 0, fresh)])
+    assert states_equal(strategy.qhat[0], q3) and strategy.versions[0] == 1
+    assert strategy.round_record(4)["resyncs"] == 1
+    assert all(np.array_equal(strategy.gradient_sum()[k], q3[k]) for k in q3)
+
+
+def _raw_update(mutate):
+    """A serialised CompressedUpdate of a valid upload, changed by ``mutate`` (bypasses encode checks)."""
+    payload, _ = _upload(_state(1))
+    msg = update_pb2.CompressedUpdate.FromString(payload[UPDATE_KEY])
+    mutate(msg)
+    return msg.SerializeToString()
+
+
+def _set(field, value, index=0):
+    return lambda msg: setattr(msg.tensors[index], field, value)
+
+
+MALFORMED = {
+    "random-bytes": lambda good: b"\xff\x00garbage" * 7,
+    "truncated": lambda good: good[: len(good) // 2],
+    "corrupt": lambda good: good[:3] + bytes(b ^ 0xA5 for b in good[3:40]) + good[40:],
+    "bits-0": lambda good: _raw_update(_set("bits", 0)),
+    "bits-9": lambda good: _raw_update(_set("bits", 9)),
+    "packed-length": lambda good: _raw_update(_set("packed_codes", b"\x01\x02")),
+    "radius-nan": lambda good: _raw_update(_set("radius", float("nan"))),
+    "radius-inf": lambda good: _raw_update(_set("radius", float("inf"))),
+    "wrong-name": lambda good: _raw_update(_set("name", "head.fc.evil")),
+    "wrong-shape": lambda good: _raw_update(lambda m: (m.tensors[0].ClearField("shape"), m.tensors[0].shape.extend([36]))),
+    "missing-tensor": lambda good: _raw_update(lambda m: m.tensors.pop()),
+    "version-2": lambda good: _raw_update(lambda m: setattr(m, "format_version", FORMAT_VERSION + 1)),
+    "skip-with-tensors": lambda good: _raw_update(lambda m: setattr(m, "skip", True)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_malformed_payload_is_rejected_and_leaves_state_unchanged(kind):
+    strategy = _strategy()
+    good, _ = _upload(_state(1))
+    strategy.aggregate_train(1, [_reply(11, 0, good)])  # some state to protect
+    before = _snapshot(strategy)
+    bad = {UPDATE_KEY: MALFORMED[kind](good[UPDATE_KEY]), BASE_KEY: 0}
+    arrays, _ = strategy.aggregate_train(2, [_reply(22, 1, bad)])
+    assert arrays is None and len(strategy.rejections) == 1
+    assert strategy.rejections[0].node_id == 22 and "malformed LAQ update" in strategy.rejections[0].reason
+    _same(before, _snapshot(strategy))
+    # the run goes on: a good reply is still accepted
+    again, _ = _upload(_state(2))
+    strategy.aggregate_train(3, [_reply(22, 1, again)])
+    assert strategy.versions[1] == 1 and len(strategy.rejections) == 1
+
+
+@pytest.mark.parametrize(
+    "kind", ["no-payload", "not-bytes", "bad-base", "pid-range", "pid-nan", "pid-missing", "dense-arrays", "duplicate-pid"]
+)
+def test_bad_reply_envelope_is_rejected(kind):
+    strategy = _strategy()
+    good, _ = _upload(_state(1))
+    replies = {
+        "no-payload": make_reply(11, None, metrics={"partition-id": 0}),
+        "not-bytes": _reply(11, 0, {UPDATE_KEY: "text", BASE_KEY: 0}),
+        "bad-base": _reply(11, 0, {UPDATE_KEY: good[UPDATE_KEY], BASE_KEY: -1}),
+        "pid-range": _reply(11, 3, good),
+        "pid-nan": _reply(11, float("nan"), good),
+        "pid-missing": make_reply(11, None, payload=good),
+        "dense-arrays": _reply(11, 0, good, state=_state(1)),
+    }
+    before = _snapshot(strategy)
+    if kind == "duplicate-pid":
+        strategy.aggregate_train(1, [_reply(11, 0, good), _reply(22, 0, good)])
+        assert len(strategy.rejections) == 1 and strategy.rejections[0].node_id in NODES
+        assert strategy.round_record(1)["uploads"] == 1
+        return
+    arrays, _ = strategy.aggregate_train(1, [replies[kind]])
+    assert arrays is None and len(strategy.rejections) == 1
+    _same(before, _snapshot(strategy))
+
+
+def test_state_dict_round_trip_resumes_identically():
+    a = _strategy(bits=4)
+    p1, q1 = _upload(_state(1), bits=4)
+    a.aggregate_train(1, [_reply(11, 0, p1)])
+    p2, _ = _upload(_state(2), qhat=q1, bits=4, base=1)
+    a.aggregate_train(2, [_reply(11, 0, p2)])
+    b = _strategy(bits=4)
+    b.global_state = copy.deepcopy(a.global_state)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    skip = {UPDATE_KEY: encode_update([], skip=True, clock=1, quantization_error=0.0), BASE_KEY: 2}
+    for strategy in (a, b):
+        strategy.aggregate_train(3, [_reply(11, 0, skip)])
+    assert states_equal(a.global_state, b.global_state) and a.history == b.history
+    assert a.plan(4, 11).config["laq-drift"] == b.plan(4, 11).config["laq-drift"]
+
+
+def test_config_and_model_checks_name_the_field():
+    for override, field in (
+        ("strategy.bits=9", "strategy.bits"), ("strategy.bits=0", "strategy.bits"),
+        ("strategy.mode=sgd", "strategy.mode"), ("strategy.alpha=0", "strategy.alpha"),
+        ("strategy.D=0", "strategy.D"), ("strategy.tbar=0", "strategy.tbar"), ("strategy.xi=-1", "strategy.xi"),
+        ("model=cnn6", "model.name"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            compose_config(["strategy=laq", "model=linear", override])
+        assert err.value.field == field
+    with pytest.raises(ConfigError) as err:
+        LAQStrategy(small_state(0), num_clients=3)  # BatchNorm statistics are not gradients
+    assert err.value.field == "model.name"
+    compose_config(["strategy=laq", "model=cnn"])  # no buffers: accepted
+
+
+# ------------------------------------------------------------------ client + server in process
+def _clients(mode: str, *extra: str):
+    cfg = compose_config(["strategy=laq", "dataset=digits", "model=linear", "federation.num_clients=3",
+                          f"strategy.mode={mode}", *extra])
+    runtimes = [ClientRuntime(cfg=cfg, partition_id=i, num_partitions=3, data_path=None, device=torch.device("cpu"))
+                for i in range(3)]
+    contexts = [Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in NODES]
+    initial = torch_state_to_numpy(runtimes[0].new_model().state_dict())
+    strategy = LAQStrategy.from_config(cfg, initial)
+    return strategy, runtimes, contexts
+
+
+def _round(strategy, runtimes, contexts, server_round, drop=()):
+    strategy.plans = {node: strategy.plan(server_round, node) for node in NODES}
+    replies = []
+    for node, runtime, context in zip(NODES, runtimes, contexts):
+        sent = strategy.build_message(server_round, node, strategy.plans[node], ConfigRecord(), "train")
+        content = CLIENT_METHODS["laq"][0](runtime, sent.content, context)
+        if node not in drop:
+            replies.append(Message(content, reply_to=sent))
+    strategy.aggregate_train(server_round, replies)
+    return replies
+
+
+def test_client_and_server_keep_the_same_qhat_and_recover_from_a_lost_upload():
+    assert CLIENT_METHODS["laq"][0] is laq_train
+    strategy, runtimes, contexts = _clients("gradient", "strategy.bits=4", "strategy.alpha=0.05")
+    losses = []
+    for server_round in range(1, 7):
+        replies = _round(strategy, runtimes, contexts, server_round, drop=(22,) if server_round == 3 else ())
+        losses.append(np.mean([r.content["metrics"]["train-loss"] for r in replies]))
+        for pid, context in enumerate(contexts):
+            if pid == 1 and server_round == 3:
+                continue  # its upload was lost: client and server disagree until it resyncs
+            client_qhat = from_arrayrecord(context.state[QHAT])
+            assert states_equal(client_qhat, strategy.qhat[pid]), (server_round, pid)
+        for reply in replies:
+            assert "arrays" not in reply.content  # only the compressed payload goes up
+    assert losses[-1] < losses[0]
+    assert strategy.totals["uploads"] + strategy.totals["skips"] == 17
+    assert strategy.rejections == []  # the lost upload was repaired by a resync, not rejected
+
+
+def test_delta_mode_with_8_bits_matches_fedavg():
+    strategy, runtimes, contexts = _clients("delta", "strategy.bits=8", "strategy.alpha=0.3333333", "strategy.xi=0",
+                                            "train.local_steps=3")
+    theta = copy.deepcopy(strategy.global_state)
+    _round(strategy, runtimes, contexts, 1)
+    local = []
+    for runtime in runtimes:  # the same local training, done densely
+        model = runtime.model_with(theta)
+        train_steps(model, runtime.train_data, runtime.cfg.train, runtime.device, runtime.round_seed(1))
+        local.append(torch_state_to_numpy(model.state_dict()))
+    for key in theta:
+        mean = np.mean([s[key] for s in local], axis=0)
+        # each client's Q is within R/255 of its delta per coordinate (R its largest |delta|)
+        bound = max(np.abs(theta[key] - s[key]).max() for s in local) / 255 + 1e-6
+        assert np.abs(strategy.global_state[key] - mean).max() <= bound
+        assert not np.allclose(mean, theta[key])  # the models did move
+
+
+def test_skip_replies_are_tiny():
+    strategy, runtimes, contexts = _clients("gradient", "strategy.tbar=100", "strategy.xi=1e9")
+    first = _round(strategy, runtimes, contexts, 1)  # everyone uploads (no Qhat yet)
+    second = _round(strategy, runtimes, contexts, 2)  # a huge drift weight: everyone skips
+    assert strategy.round_record(2)["skips"] == 3
+    assert max(payload_bytes(m) for m in second) < min(payload_bytes(m) for m in first) / 3
+    assert max(message_bytes(m) for m in second) < min(message_bytes(m) for m in first)
+
+
+# ------------------------------------------------------------------ a real simulation
+def test_simulation_three_rounds_three_clients(tmp_path: Path):
+    """Run under the shared CPU lock: ``flock /tmp/fedlayer-cpu.lock pytest tests/test_laq.py``."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "fedlayer.cli", f"output_dir={tmp_path}", "run_name=run", "strategy=laq",
+         "model=linear", "dataset=mnist5k", "federation.num_clients=3", "federation.rounds=3"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["rejected_replies"] == 0 and summary["final_accuracy"] > 0.3
+    assert records[0]["strategy"]["uploads"] == 3  # nobody has a Qhat yet
+    assert all(r["strategy"]["uploads"] + r["strategy"]["skips"] == 3 for r in records)
+    # 4-bit codes: the uplink is a small fraction of FedAvg's dense float32 uplink
+    assert summary["bytes_up"] < 0.25 * summary["fedavg_bytes_up"]
+    assert summary["bytes_down"] <= 1.01 * summary["fedavg_bytes_down"]
