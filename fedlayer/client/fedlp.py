@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedlayer.client.runtime import ClientRuntime
 from fedlayer.client.state import load_local_model, save_local_model
-from fedlayer.client.training import evaluate, num_local_steps, train_steps
+from fedlayer.client.training import num_local_steps, train_steps
 from fedlayer.layers import (
     State,
     from_arrayrecord,
@@ -179,16 +179,7 @@ def fedlp_train(runtime: ClientRuntime, content: RecordDict, context: Context) -
     metrics.update(_flop_metrics(runtime, net, runtime.new_model().to(runtime.device), int(metrics["local-steps"])))
     state = torch_state_to_numpy(model.state_dict())
     save_local_model(context, state)
-    local_test = evaluate(net, runtime.test_data, runtime.device)
-    metrics.update(
-        {
-            "num-examples": float(len(runtime.train_data)),
-            "partition-id": float(runtime.partition_id),
-            "local-test-accuracy": local_test["accuracy"],
-            "local-test-loss": local_test["loss"],
-            "local-test-examples": local_test["num-examples"],
-        }
-    )
+    metrics.update(runtime.reply_metrics(net))
     reply = RecordDict({"metrics": MetricRecord(metrics)})
     arrays = select(state, runtime.layers, upload)
     if isinstance(net, DepthNet) and net.head is not model.head:

@@ -33,7 +33,7 @@ from torch import nn
 
 from fedlayer.client.runtime import ClientRuntime
 from fedlayer.client.state import load_memory, save_memory
-from fedlayer.client.training import evaluate, train_steps
+from fedlayer.client.training import train_steps
 from fedlayer.compression import EncodedTensor, LAQCodec, innovation_norm_sq
 from fedlayer.data import ArrayDataset
 from fedlayer.layers import State, from_arrayrecord, to_arrayrecord, torch_state_to_numpy
@@ -165,17 +165,12 @@ def laq_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> 
         clock += 1
     save_memory(context, MEMORY, ConfigRecord({"version": version, "ehat": ehat, "clock": clock}))
 
-    local_test = evaluate(model, runtime.test_data, runtime.device)  # gradient mode: still theta
     metrics = {
-        "num-examples": float(len(runtime.train_data)),
-        "partition-id": float(runtime.partition_id),
+        **runtime.reply_metrics(model),  # gradient mode: the model is still theta
         "train-loss": loss,
         "laq-upload": float(decision.upload),
         "laq-innovation": decision.innovation,
         "laq-threshold": decision.threshold,
-        "local-test-accuracy": local_test["accuracy"],
-        "local-test-loss": local_test["loss"],
-        "local-test-examples": local_test["num-examples"],
     }
     return RecordDict(
         {"metrics": MetricRecord(metrics), "payload": ConfigRecord({UPDATE_KEY: data, BASE_KEY: base})}

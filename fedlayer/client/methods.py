@@ -53,16 +53,7 @@ def standard_train(runtime: ClientRuntime, content: RecordDict, context: Context
     metrics = train_steps(model, runtime.train_data, runtime.cfg.train, runtime.device, runtime.round_seed(server_round))
     state = torch_state_to_numpy(model.state_dict())
     save_local_model(context, state)
-    local = evaluate(model, runtime.test_data, runtime.device)
-    metrics.update(
-        {
-            "num-examples": float(len(runtime.train_data)),
-            "partition-id": float(runtime.partition_id),
-            "local-test-accuracy": local["accuracy"],
-            "local-test-loss": local["loss"],
-            "local-test-examples": local["num-examples"],
-        }
-    )
+    metrics.update(runtime.reply_metrics(model))
     return reply_content(state, requested_layers(content), runtime, metrics)
 
 

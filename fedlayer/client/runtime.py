@@ -18,6 +18,7 @@ from flwr.app import Context
 from omegaconf import DictConfig
 
 from fedlayer.client.device import resolve_device
+from fedlayer.client.training import evaluate
 from fedlayer.config import compose_config, run_config_to_overrides
 from fedlayer.data import ArrayDataset
 from fedlayer.layers import ModelLayers, State, numpy_to_torch_state, torch_state_to_numpy
@@ -88,6 +89,17 @@ class ClientRuntime:
     @cached_property
     def layers(self) -> ModelLayers:
         return ModelLayers.from_state(torch_state_to_numpy(self.new_model().state_dict()))
+
+    def reply_metrics(self, model: torch.nn.Module) -> dict[str, float]:
+        """What every train reply reports: example count, identity, local-test scores."""
+        local = evaluate(model, self.test_data, self.device)
+        return {
+            "num-examples": float(len(self.train_data)),
+            "partition-id": float(self.partition_id),
+            "local-test-accuracy": local["accuracy"],
+            "local-test-loss": local["loss"],
+            "local-test-examples": local["num-examples"],
+        }
 
     def round_seed(self, server_round: int) -> int:
         """A seed unique to (run seed, round, partition): reproducible local randomness."""

@@ -42,7 +42,7 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fedlayer.layers import State, select
-from fedlayer.strategies.base import LayerwiseStrategy, NodePlan, Rejection
+from fedlayer.strategies.base import LayerwiseStrategy, Rejection
 from fedlayer.strategies.client_store import ClientModelStore
 from fedlayer.strategies.hypernetwork import ClientHypernetwork, aggregation_weights
 from fedlayer.strategies.validation import ReplyRejected, TrainReply
