@@ -21,10 +21,12 @@ from .deployment import ManagedProcess, _signal_tree, executable, process_tree
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def _run_config(run_dir: Path, rounds: int, num_clients: int, min_available: int = 1, extra: str = "") -> str:
+def _run_config(
+    run_dir: Path, rounds: int, num_clients: int, min_available: int = 1, extra: str = "", round_timeout: int = 60
+) -> str:
     overrides = (
         f"federation.num_clients={num_clients} federation.rounds={rounds} federation.min_train_nodes=1 "
-        f"federation.min_available_nodes={min_available} federation.round_timeout=60 train.local_steps=10 "
+        f"federation.min_available_nodes={min_available} federation.round_timeout={round_timeout} train.local_steps=10 "
         f"evaluation.max_examples=300 output_dir={run_dir.parent} run_name={run_dir.name} {extra}"
     )
     return f"strategy='fedavg' dataset='mnist5k' overrides='{overrides.strip()}'"
@@ -92,7 +94,10 @@ def test_superlink_restart_with_database_keeps_nodes_and_run_resumes(local_deplo
     _kill(superlink)
     runner.wait_exit(30)
     deployment.start_superlink()  # same ports, same database; the SuperNodes reconnect by themselves
-    resumed = _start_run(deployment, _run_config(run_dir, rounds=4, num_clients=2, min_available=2, extra=f"resume={run_dir}"))
+    # A SuperNode may first pull a message of the killed run from the database and spend up to a
+    # minute before Flower drops it as "not in RUNNING status"; the round timeout must cover that.
+    resumed_config = _run_config(run_dir, rounds=4, num_clients=2, min_available=2, extra=f"resume={run_dir}", round_timeout=180)
+    resumed = _start_run(deployment, resumed_config)
     assert resumed.wait_exit(300) == 0, deployment.logs_text()
 
     records = _rounds_done(run_dir)
