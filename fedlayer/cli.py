@@ -36,6 +36,8 @@ def simulate(overrides: Sequence[str]) -> dict[str, Any]:
     cfg = resolve_resume(compose_config(overrides))  # fail fast, before starting the engine
     if cfg.run_name is None:
         cfg.run_name = default_run_name(cfg)
+    if cfg.client_state_dir is None:  # simulated clients share this disk: keep their state with the run
+        cfg.client_state_dir = str(Path(cfg.output_dir).resolve() / cfg.run_name / "client-state")
     overrides = config_to_overrides(cfg)  # server and clients compose exactly this config
     summary_path = Path(cfg.output_dir).resolve() / cfg.run_name / "summary.json"
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

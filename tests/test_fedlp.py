@@ -14,7 +14,7 @@ from fedlayer.client.fedlp import fedlp_train, init_level_head, level_head_name
 from fedlayer.client.methods import standard_train
 from fedlayer.client.runtime import ClientRuntime
 from fedlayer.config import ConfigError, compose_config
-from fedlayer.layers import from_arrayrecord, select, states_equal, to_arrayrecord, torch_state_to_numpy
+from fedlayer.layers import from_arrayrecord, select, states_equal, torch_state_to_numpy
 from fedlayer.strategies.base import NodePlan
 from fedlayer.strategies.fedavg import FedAvgStrategy
 from fedlayer.strategies.fedlp import FedLPStrategy, pruning_units

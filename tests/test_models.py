@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from fedlayer.models import MODELS, LayeredModel, build_model
-from fedlayer.models.resnet import BasicBlock
 
 # A right-sized input for every model: (input_shape, num_classes).
 CASES: dict[str, tuple[tuple[int, int, int], int]] = {

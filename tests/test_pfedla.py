@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import Message, MessageType, MetricRecord, RecordDict
+from flwr.app import MessageType
 
 from fedlayer.config import ConfigError
 from fedlayer.layers import select, states_equal
@@ -39,14 +39,14 @@ def test_hypernetwork_step_moves_personalised_model_towards_trained_model(tmp_pa
     thetabar = _sent(strategy, 0)
     trained = small_state(10 + 2)  # client 0 "trained" towards client 2's model
     before = _distance(thetabar, trained)
-    strategy.hypernetwork_step(0, strategy.store.flatten(trained))
+    strategy.hypernetwork_step(0, strategy.store.flatten(trained), 1)
     after = _distance(_sent(strategy, 0), trained)
     assert after < before
     # and a step with the opposite sign would have moved it away: the test tells the signs apart
-    strategy._hn_path(0).unlink()  # back to the initial hypernetwork
+    strategy.hn_files.current.pop(0)  # back to the initial hypernetwork
     assert states_equal(_sent(strategy, 0), thetabar)
     strategy.hn_lr = -1e-3
-    strategy.hypernetwork_step(0, strategy.store.flatten(trained))
+    strategy.hypernetwork_step(0, strategy.store.flatten(trained), 1)
     assert _distance(_sent(strategy, 0), trained) > before
 
 
@@ -81,7 +81,7 @@ def test_all_zero_weights_fall_back_to_own_layer(tmp_path):
     with torch.no_grad():
         for head in hn.heads:
             head.bias.fill_(-1e6)  # every alpha_1j^l = ReLU(negative) = 0
-    strategy.save_hypernetwork(1, hn)
+    strategy.save_hypernetwork(1, hn, 1)
     assert states_equal(_sent(strategy, 1), small_state(11))
     # no gradient reaches a hypernetwork whose alpha are all zero: the step changes nothing
     grads = strategy.hypernetwork_gradients(1, hn, strategy.store.flatten(small_state(5)))
@@ -117,13 +117,13 @@ def test_personalised_models_follow_clients_with_similar_data(tmp_path):
     for c in range(N):
         strategy.store.write(c, strategy.store.flatten(small_state(0)))
     target = {0: optimum_a, 1: optimum_a, 2: optimum_b}
-    for _ in range(30):
+    for server_round in range(1, 31):
         sent = {c: _sent(strategy, c) for c in range(N)}
         trained = {c: {k: v + 0.5 * (target[c][k] - v) if v.dtype.kind == "f" else v for k, v in sent[c].items()} for c in range(N)}
         for c in range(N):
-            strategy.hypernetwork_step(c, strategy.store.flatten(trained[c]))
+            strategy.hypernetwork_step(c, strategy.store.flatten(trained[c]), server_round)
         for c in range(N):
-            strategy.store.write(c, strategy.store.flatten(trained[c]))
+            strategy.store.write(c, strategy.store.flatten(trained[c]), server_round)
     final = {c: _sent(strategy, c) for c in range(N)}
     assert _distance(final[0], final[2]) > 1.0
     assert _distance(final[0], optimum_a) < _distance(final[0], optimum_b)
@@ -168,39 +168,23 @@ def test_bad_replies_are_rejected_and_touch_nothing(tmp_path):
     # a good reply updates exactly its client's model and hypernetwork
     strategy.aggregate_train(2, [make_reply(102, small_state(6), metrics={"partition-id": 2, "local-test-accuracy": 0.5})])
     after = _files(strategy)
-    assert {name for name in after if after[name] != before.get(name)} == {"client-00002.f32", "hn-00002.npz"}
+    assert {name for name in after if after[name] != before.get(name)} == {"client-00002.v000002.f32", "hn-00002.v000002.npz"}
     assert strategy.round_record(2)["personal_accuracy"]["mean"] == 0.5
 
 
-def _query_reply(node, value):
-    query = Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": value})}), reply_to=query)
-
-
-def test_registration_checks_partition_ids(tmp_path):
-    from fedlayer.strategies.validation import ReplyRejected
-
-    strategy = _strategy(tmp_path)
-    strategy.client_of = {100: 0}
-    assert strategy.parse_registration(_query_reply(101, 1)) == (101, 1)
-    with pytest.raises(ReplyRejected, match="already belongs to node 100"):
-        strategy.parse_registration(_query_reply(101, 0))
-    with pytest.raises(ReplyRejected, match=r"integer in \[0, 3\)"):
-        strategy.parse_registration(_query_reply(101, 3))
-
-
-def test_state_dict_round_trip_keeps_node_map_and_store(tmp_path):
+def test_state_dict_round_trip_keeps_the_store(tmp_path):
     strategy = _strategy(tmp_path)
     restored = PFedLAStrategy(small_state(0), num_clients=N, embedding_dim=8, hidden_dim=16, seed=1)
     restored.load_state_dict(strategy.state_dict())
-    assert restored.client_of == strategy.client_of and restored.workdir == strategy.workdir
+    assert restored.workdir == strategy.workdir
+    restored.client_of = dict(strategy.client_of)  # node ids are relearned in every run
     assert states_equal(_sent(restored, 2), _sent(strategy, 2))
 
 
 def test_config_checks_name_the_field():
     from omegaconf import OmegaConf
 
-    base = {"name": "pfedla", "embedding_dim": 100, "hidden_dim": 100, "hn_lr": 0.005, "k": 0, "query_timeout": 60}
+    base = {"name": "pfedla", "embedding_dim": 100, "hidden_dim": 100, "hn_lr": 0.005, "k": 0}
     for field, bad in (("hn_lr", 0.0), ("k", -1), ("embedding_dim", 0)):
         cfg = OmegaConf.create({"strategy": {**base, field: bad}})
         with pytest.raises(ConfigError, match=f"strategy.{field}"):
@@ -230,3 +214,19 @@ def test_pfedla_in_flower_simulation(tmp_path):
     assert not np.array_equal(sent[0], sent[1]) and not np.array_equal(sent[1], sent[2])
     assert np.load(run / "pfedla_alpha.npy").shape == (4, 3, 3)
     assert (run / "pfedla_alpha.png").stat().st_size > 1000
+
+
+def test_resume_reads_the_checkpointed_round_and_discards_later_files(tmp_path):
+    strategy = _strategy(tmp_path)
+    strategy.plans = {100 + c: NodePlan(send=strategy.layers.names, request=strategy.layers.names) for c in range(N)}
+    strategy.aggregate_train(1, [make_reply(100, small_state(6), metrics={"partition-id": 0})])
+    checkpoint = strategy.state_dict()
+    expected = _sent(strategy, 0)
+    strategy.aggregate_train(2, [make_reply(100, small_state(7), metrics={"partition-id": 0})])  # then the server dies
+    assert not states_equal(_sent(strategy, 0), expected)
+
+    resumed = PFedLAStrategy(small_state(0), num_clients=N, embedding_dim=8, hidden_dim=16, seed=1)
+    resumed.load_state_dict(checkpoint)
+    resumed.client_of = dict(strategy.client_of)
+    assert states_equal(_sent(resumed, 0), expected)
+    assert not list(tmp_path.rglob("*.v000002.*"))  # round 2 never happened for the resumed run

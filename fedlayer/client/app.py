@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 
 from fedlayer.client.methods import client_method
 from fedlayer.client.runtime import ClientRuntime
+from fedlayer.strategies.identity import NO_PARTITION, PARTITION_ID
 from fedlayer.traffic.client_mod import traffic_mod
 
 
@@ -26,24 +27,34 @@ def make_client_app(overrides: Sequence[str] | None = None) -> ClientApp:
         """Decode, merge with kept state, train, reply with what was asked."""
         runtime = ClientRuntime.from_context(context, overrides)
         handler = client_method(message.content, "train")
-        return Message(handler(runtime, message.content, context), reply_to=message)
+        server_round = int(message.content["config"]["server-round"])
+        files = runtime.state_files
+        if files is not None:
+            files.restore(context, before=server_round)
+        reply = handler(runtime, message.content, context)
+        if files is not None:
+            files.save(context, server_round)
+        return Message(reply, reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         """Evaluate the received model on this client's test split."""
         runtime = ClientRuntime.from_context(context, overrides)
         handler = client_method(message.content, "evaluate")
+        files = runtime.state_files
+        if files is not None:  # evaluation follows training in the same round
+            files.restore(context, before=int(message.content["config"]["server-round"]) + 1)
         return Message(handler(runtime, message.content, context), reply_to=message)
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
-        """Say which client this node is: its ``partition-id`` from node config.
+        """Say which client this node is: its ``partition-id`` from node config (-1: none).
 
-        Personalised strategies (pFedLA) ask once per node, so each SuperNode
-        gets its own model across rounds; answering needs no data or model.
+        The server asks once per node, so per-client state and sampling follow
+        the client, not Flower's node id; answering needs no data or model.
         """
-        partition_id = int(context.node_config.get("partition-id", 0))
-        return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id})}), reply_to=message)
+        partition_id = int(context.node_config.get(PARTITION_ID, NO_PARTITION))
+        return Message(RecordDict({"metrics": MetricRecord({PARTITION_ID: partition_id})}), reply_to=message)
 
     return app
 

@@ -47,12 +47,13 @@ def reply_content(state: State, layers: list[str], runtime: ClientRuntime, metri
 
 
 def standard_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> RecordDict:
-    """Train the whole model locally, keep it, return the requested layers."""
+    """Train the whole model locally, keep it if the server says so, return the requested layers."""
     server_round = int(content["config"]["server-round"])
     model = runtime.model_with(current_state(runtime, content, context))
     metrics = train_steps(model, runtime.train_data, runtime.cfg.train, runtime.device, runtime.round_seed(server_round))
     state = torch_state_to_numpy(model.state_dict())
-    save_local_model(context, state)
+    if bool(content["config"].get("keep-model", True)):
+        save_local_model(context, state)
     metrics.update(runtime.reply_metrics(model))
     return reply_content(state, requested_layers(content), runtime, metrics)
 

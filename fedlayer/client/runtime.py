@@ -12,12 +12,14 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import torch
 from flwr.app import Context
 from omegaconf import DictConfig
 
 from fedlayer.client.device import resolve_device
+from fedlayer.client.state import NodeStateFiles
 from fedlayer.client.training import evaluate
 from fedlayer.config import compose_config, run_config_to_overrides
 from fedlayer.data import ArrayDataset
@@ -35,6 +37,7 @@ class ClientRuntime:
     num_partitions: int
     data_path: str | None
     device: torch.device
+    state_dir: str | None = None
 
     @classmethod
     def from_context(cls, context: Context, overrides: Sequence[str] | None = None) -> ClientRuntime:
@@ -58,7 +61,15 @@ class ClientRuntime:
             num_partitions=num_partitions,
             data_path=str(node["data-path"]) if "data-path" in node else None,
             device=device,
+            state_dir=str(node.get("state-dir", cfg.client_state_dir or "")) or None,
         )
+
+    @property
+    def state_files(self) -> NodeStateFiles | None:
+        """This node's saved per-round state, when a state folder is configured."""
+        if self.state_dir is None:
+            return None
+        return NodeStateFiles(Path(self.state_dir) / f"partition-{self.partition_id:05d}")
 
     @cached_property
     def data(self) -> tuple[ArrayDataset, ArrayDataset]:

@@ -27,8 +27,12 @@ def exchange(
     server_round: int,
     timeout: float,
     poll_interval: float,
+    control: bool = False,
 ) -> list[Message]:
-    """Push ``messages``, then pull replies until all arrived or ``timeout`` passed."""
+    """Push ``messages``, then pull replies until all arrived or ``timeout`` passed.
+
+    ``control``: the messages are identity queries (see ``ByteLedger.record_down``).
+    """
     messages = list(messages)
     if not messages:
         return []
@@ -39,7 +43,7 @@ def exchange(
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(list(pending)):
             pending.discard(reply.metadata.reply_to_message_id)
-            ledger.record_up(server_round, reply)
+            ledger.record_up(server_round, reply, control=control)
             replies.append(reply)
         if pending:
             time.sleep(poll_interval)
@@ -47,7 +51,7 @@ def exchange(
     # measuring caches object ids in the messages' __dict__, which races with the
     # simulation engine pickling the same objects in its worker threads.
     for message in messages:
-        ledger.record_down(server_round, message)
+        ledger.record_down(server_round, message, control=control)
     if pending:
         log(WARNING, "round %d: %d of %d nodes did not reply within %.0f s", server_round, len(pending), len(message_ids), timeout)
     else:

@@ -102,7 +102,7 @@ class FederatedRun:
         log(INFO, "fedlayer: finished; summary in %s", self.rundir.path / "summary.json")
         return summary
 
-    def _exchange(self, grid: Grid, messages: Any, server_round: int) -> list[Any]:
+    def _exchange(self, grid: Grid, messages: Any, server_round: int, control: bool = False) -> list[Any]:
         federation = self.cfg.federation
         return exchange(
             grid,
@@ -111,15 +111,25 @@ class FederatedRun:
             server_round=server_round,
             timeout=float(federation.round_timeout),
             poll_interval=float(federation.poll_interval),
+            control=control,
         )
+
+    def identify_nodes(self, grid: Grid, server_round: int) -> None:
+        """Ask nodes seen for the first time which client they are (see ``strategies.identity``)."""
+        connected = self.strategy.connected_nodes(grid)
+        queries = self.strategy.identity_queries(connected)
+        if queries:
+            replies = self._exchange(grid, queries, server_round, control=True)
+            self.strategy.register_identities(server_round, replies, connected)
 
     def run_round(self, grid: Grid, server_round: int, last: bool) -> dict[str, Any]:
         """One round; returns its metrics line."""
         started = time.time()
         config = ConfigRecord()
+        self.identify_nodes(grid, server_round)
+        rejected_before = len(self.strategy.rejections)
         train_messages = self.strategy.configure_train(server_round, ArrayRecord(), config, grid)
         replies = self._exchange(grid, train_messages, server_round)
-        rejected_before = len(self.strategy.rejections)
         record: dict[str, Any] = {"round": server_round, "replies": len(replies)}
         if len(replies) >= int(self.cfg.federation.min_replies):
             _, train_metrics = self.strategy.aggregate_train(server_round, replies)

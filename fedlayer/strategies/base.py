@@ -39,6 +39,7 @@ from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
 
 from fedlayer.layers import ModelLayers, State, copy_state, merge, select, to_arrayrecord
+from fedlayer.strategies.identity import client_order, identity_query, parse_identity
 from fedlayer.strategies.validation import ReplyRejected, TrainReply, validate_train_reply
 
 ConfigValue = int | float | str | bool | bytes | list[int] | list[float] | list[str] | list[bool]
@@ -120,6 +121,11 @@ class LayerwiseStrategy(Strategy):
     """
 
     method = "fedavg"
+    #: Whether clients of the standard method keep their model between rounds
+    #: (needed when some layers do not travel every round). Otherwise each
+    #: round's message carries the whole model and keeping it would only cost
+    #: every node a model of memory (and of disk with a client state folder).
+    client_keeps_model = False
 
     def __init__(
         self,
@@ -141,6 +147,10 @@ class LayerwiseStrategy(Strategy):
         self.rng = np.random.default_rng(seed)
         self.plans: dict[int, NodePlan] = {}
         self.rejections: list[Rejection] = []
+        #: node id -> client id (see ``fedlayer.strategies.identity``); relearned in every run
+        self.client_of: dict[int, int] = {}
+        #: client ids must be partition ids below this (methods with a slot per client)
+        self.client_limit: int | None = None
 
     # ---------------------------------------------------------- construction
     @classmethod
@@ -168,11 +178,20 @@ class LayerwiseStrategy(Strategy):
 
     # ------------------------------------------------------------------ hooks
     def sample_nodes(self, server_round: int, node_ids: list[int]) -> list[int]:
-        """Nodes that train this round: a seeded sample of ``fraction_train``."""
-        count = max(int(len(node_ids) * self.fraction_train), self.min_train_nodes)
-        count = min(count, len(node_ids))
-        chosen = self.rng.choice(len(node_ids), size=count, replace=False)
-        return sorted(node_ids[i] for i in chosen)
+        """Nodes that train this round: a seeded sample of ``fraction_train``.
+
+        Drawn over the nodes in client-id order, so the same seed picks the
+        same clients in every run, whatever node ids Flower assigned.
+        """
+        ordered = client_order(node_ids, self.client_of)
+        count = max(int(len(ordered) * self.fraction_train), self.min_train_nodes)
+        count = min(count, len(ordered))
+        chosen = self.rng.choice(len(ordered), size=count, replace=False)
+        return client_order((ordered[i] for i in chosen), self.client_of)
+
+    def client_id(self, node_id: int) -> int:
+        """The node's stable client id (its node id while it has not been identified)."""
+        return self.client_of.get(node_id, node_id)
 
     def plan(self, server_round: int, node_id: int) -> NodePlan:
         """What a node gets and returns; FedAvg: the whole model both ways."""
@@ -218,10 +237,29 @@ class LayerwiseStrategy(Strategy):
             raise ReplyRejected(node_id, "reply from a node that was not asked to train")
         return validate_train_reply(message, self.layers, allowed=plan.request, required=plan.request)
 
+    # ------------------------------------------------------------- identity
+    def identity_queries(self, node_ids: Iterable[int]) -> list[Message]:
+        """QUERY messages for the nodes whose client id is not known yet."""
+        return [identity_query(self.method, node) for node in node_ids if node not in self.client_of]
+
+    def register_identities(self, server_round: int, replies: Iterable[Message], connected: list[int]) -> None:
+        """Learn client ids from query replies; a bad answer is logged and counted."""
+        for reply in replies:
+            try:
+                node, client = parse_identity(reply, self.client_of, connected, self.client_limit)
+            except ReplyRejected as rejected:
+                log(WARNING, "round %d: %s", server_round, rejected)
+                self.rejections.append(Rejection(server_round, rejected.node_id, rejected.reason))
+                continue
+            for gone in [n for n, c in self.client_of.items() if c == client and n != node]:
+                del self.client_of[gone]
+            self.client_of[node] = client
+
     # ------------------------------------------------------- message plumbing
-    def _connected_nodes(self, grid: Grid, minimum: int) -> list[int]:
-        while len(node_ids := sorted(grid.get_node_ids())) < minimum:
-            log(INFO, "Waiting for nodes: %d connected, %d needed", len(node_ids), minimum)
+    def connected_nodes(self, grid: Grid) -> list[int]:
+        """The connected nodes, once at least ``min_available_nodes`` are."""
+        while len(node_ids := sorted(grid.get_node_ids())) < self.min_available_nodes:
+            log(INFO, "Waiting for nodes: %d connected, %d needed", len(node_ids), self.min_available_nodes)
             time.sleep(1.0)
         return node_ids
 
@@ -233,6 +271,7 @@ class LayerwiseStrategy(Strategy):
         merged["server-round"] = server_round
         merged["method"] = self.method
         merged["request"] = list(plan.request) or [""]
+        merged["keep-model"] = self.client_keeps_model
         for key, value in plan.config.items():
             merged[key] = value
         content = RecordDict({"config": merged})
@@ -252,7 +291,7 @@ class LayerwiseStrategy(Strategy):
     ) -> Iterable[Message]:
         """Per-node training messages. ``arrays`` is ignored: the strategy
         keeps the authoritative global model itself."""
-        node_ids = self._connected_nodes(grid, self.min_available_nodes)
+        node_ids = self.connected_nodes(grid)
         chosen = self.sample_nodes(server_round, node_ids)
         self.plans = {node: self.plan(server_round, node) for node in chosen}
         log(INFO, "configure_train: %d of %d nodes", len(chosen), len(node_ids))
@@ -294,9 +333,10 @@ class LayerwiseStrategy(Strategy):
         """Federated evaluation of the model each node would use (optional)."""
         if self.fraction_evaluate <= 0.0:
             return []
-        node_ids = self._connected_nodes(grid, self.min_available_nodes)
-        count = max(1, int(len(node_ids) * self.fraction_evaluate))
-        chosen = sorted(node_ids[i] for i in self.rng.choice(len(node_ids), count, replace=False))
+        node_ids = self.connected_nodes(grid)
+        ordered = client_order(node_ids, self.client_of)
+        count = max(1, int(len(ordered) * self.fraction_evaluate))
+        chosen = client_order((ordered[i] for i in self.rng.choice(len(ordered), count, replace=False)), self.client_of)
         plan = NodePlan(send=self.layers.names, request=[])
         return [
             self.build_message(server_round, node, plan, config, MessageType.EVALUATE)

@@ -9,6 +9,11 @@ that never trained has no file; it reads as the shared initial model.
 
 Integer tensors (BatchNorm's ``num_batches_tracked``) are stored as float32
 (exact below 2**24) and restored to their dtype on read.
+
+Files are versioned by the round that wrote them (``FileVersions``): the
+index of current versions is part of the server checkpoint, so a run resumed
+after a crash mid-round reads exactly the files of the checkpointed round and
+discards what the crashed round had already written.
 """
 
 from __future__ import annotations
@@ -22,6 +27,54 @@ import numpy as np
 from fedlayer.layers import ModelLayers, State
 
 STORE_DTYPE = np.dtype(np.float32)
+
+
+class FileVersions:
+    """One file per (client, version) under ``root``; an index says which version is current.
+
+    Writers get a path for a new version, write it (temp file + rename) and
+    ``commit`` it; readers ask for the current path. The ``keep`` newest
+    versions of a client stay on disk, so an older checkpoint (kept as a
+    fallback) still finds its files.
+    """
+
+    def __init__(self, root: Path, stem: str, suffix: str, keep: int = 3) -> None:
+        self.root = Path(root)
+        self.stem = stem
+        self.suffix = suffix
+        self.keep = keep
+        self.current: dict[int, int] = {}
+
+    def path(self, client: int, version: int) -> Path:
+        return self.root / f"{self.stem}-{client:05d}.v{version:06d}{self.suffix}"
+
+    def current_path(self, client: int) -> Path | None:
+        """The client's current file; None if it has none."""
+        version = self.current.get(client)
+        return None if version is None else self.path(client, version)
+
+    def on_disk(self, client: int) -> list[int]:
+        """Versions of the client's files on disk, oldest first."""
+        pattern = f"{self.stem}-{client:05d}.v*{self.suffix}"
+        return sorted(int(p.name[len(self.stem) + 8 : -len(self.suffix)]) for p in self.root.glob(pattern))
+
+    def commit(self, client: int, version: int) -> None:
+        """Make ``version`` current; drop versions beyond the ``keep`` newest."""
+        self.current[client] = version
+        for old in self.on_disk(client)[: -self.keep]:
+            self.path(client, old).unlink(missing_ok=True)
+
+    def state_dict(self) -> dict[str, int]:
+        return {str(client): version for client, version in self.current.items()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore the index; delete versions written after it (a crashed round's work)."""
+        self.current = {int(client): int(version) for client, version in state.items()}
+        for path in self.root.glob(f"{self.stem}-*.v*{self.suffix}") if self.root.exists() else []:
+            client = int(path.name[len(self.stem) + 1 : len(self.stem) + 6])
+            version = int(path.name[len(self.stem) + 8 : -len(self.suffix)])
+            if version > self.current.get(client, -1):
+                path.unlink(missing_ok=True)
 
 
 class ClientModelStore:
@@ -47,6 +100,7 @@ class ClientModelStore:
             start += layer.numel
         self.numel = start
         self.initial = self.flatten(initial)
+        self.versions = FileVersions(self.root, "client", ".f32")
 
     # ------------------------------------------------------------ layout
     def flatten(self, state: State, names: list[str] | None = None) -> np.ndarray:
@@ -79,31 +133,30 @@ class ClientModelStore:
         return out
 
     # -------------------------------------------------------------- files
-    def path(self, client: int) -> Path:
-        return self.root / f"client-{client:05d}.f32"
-
     def has(self, client: int) -> bool:
         """True once ``client`` has a stored model."""
-        return self.path(client).exists()
+        return client in self.versions.current
 
     def clients(self) -> list[int]:
         """Clients with a stored model."""
-        return sorted(int(p.stem.split("-")[1]) for p in self.root.glob("client-*.f32")) if self.root.exists() else []
+        return sorted(self.versions.current)
 
-    def write(self, client: int, flat: np.ndarray) -> None:
-        """Store a client's whole flat model (atomically: temp file + rename)."""
+    def write(self, client: int, flat: np.ndarray, version: int = 0) -> None:
+        """Store a client's whole flat model as ``version`` (atomically: temp file + rename)."""
         if flat.shape != (self.numel,):
             raise ValueError(f"flat model has shape {flat.shape}, expected ({self.numel},)")
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(client).with_suffix(".tmp")
+        target = self.versions.path(client, version)
+        tmp = target.with_suffix(".tmp")
         np.ascontiguousarray(flat, dtype=STORE_DTYPE).tofile(tmp)
-        os.replace(tmp, self.path(client))
+        os.replace(tmp, target)
+        self.versions.commit(client, version)
 
     def read_layer(self, client: int, name: str) -> np.ndarray:
         """One layer of a client's model as a flat float32 vector (a fresh copy)."""
         start, size = self.offsets[name]
-        path = self.path(client)
-        if not path.exists():
+        path = self.versions.current_path(client)
+        if path is None:
             return self.initial[start : start + size].copy()
         return np.fromfile(path, dtype=STORE_DTYPE, count=size, offset=start * STORE_DTYPE.itemsize)
 
@@ -125,5 +178,5 @@ class ClientModelStore:
         return acc.astype(STORE_DTYPE)
 
     def disk_bytes(self) -> int:
-        """Bytes the stored models take on disk."""
-        return len(self.clients()) * self.numel * STORE_DTYPE.itemsize
+        """Bytes the stored models take on disk (all kept versions)."""
+        return sum(path.stat().st_size for path in self.root.glob("client-*.f32")) if self.root.exists() else 0

@@ -118,6 +118,7 @@ class FedLAMAStrategy(LayerwiseStrategy):
     """
 
     method = "fedlama"
+    client_keeps_model = True  # layers not due keep evolving on the device
 
     def __init__(
         self,
@@ -191,12 +192,17 @@ class FedLAMAStrategy(LayerwiseStrategy):
         return [name for name in self.layers.names if server_round % self.intervals[name] == 0]
 
     def sample_nodes(self, server_round: int, node_ids: list[int]) -> list[int]:
-        """A fresh cohort at a block start; otherwise the block's cohort (still connected)."""
+        """A fresh cohort at a block start; otherwise the block's cohort (still connected).
+
+        The cohort is kept as client ids, so it survives nodes reconnecting
+        under new node ids and a resumed run.
+        """
         if self.block_start(server_round) or not self.cohort:
-            self.cohort = super().sample_nodes(server_round, node_ids)
-            return list(self.cohort)
-        connected = set(node_ids)
-        return [node for node in self.cohort if node in connected]
+            chosen = super().sample_nodes(server_round, node_ids)
+            self.cohort = [self.client_id(node) for node in chosen]
+            return chosen
+        members = set(self.cohort)
+        return [node for node in node_ids if self.client_id(node) in members]
 
     def plan(self, server_round: int, node_id: int) -> NodePlan:
         """Down: everything at a block start, else the layers averaged last round

@@ -6,21 +6,21 @@ each layer is averaged over the clients that kept it and stays as it was when
 nobody did. A BatchNorm layer is kept or dropped together with the layer it
 normalises (``pruning_units``): drawn apart, its running statistics were
 averaged over other clients than its conv and the global model's central
-accuracy swung wildly from round to round. The keep-mask is drawn here, on the server, per (round, node), and
+accuracy swung wildly from round to round. The keep-mask is drawn here, on the server, per (round, client), and
 sent as the node's ``request``, rather than drawn on the client:
 
 - the drop still happens before upload, so the uplink bytes are really saved;
 - validation stays exact (a reply must carry exactly the requested layers),
   so a client cannot pick which layers it shares;
 - the mask is reproducible from the run seed (stateless: seeded by
-  ``(seed, round, node)``), independent of node sampling, and visible in the
+  ``(seed, round, client id)``), independent of node sampling, and visible in the
   per-round record.
 
 Downloads stay full: every client needs the whole current model to train.
 
 Heterogeneous scheme: each node has a depth level c in 1..L (L = number of
-blocks), drawn once per node from ``level_preference`` (seeded by the node id,
-so stable across rounds) and capped by the node's own ``depth-level`` node
+blocks), drawn once per client from ``level_preference`` (seeded by the client id,
+so stable across rounds and runs) and capped by the node's own ``depth-level`` node
 config when it has one (the reply says which level was trained; the server
 uses it from then on). A level-c node downloads and uploads only blocks
 1..c and the level-c head. Each global layer is averaged over the nodes that
@@ -157,6 +157,7 @@ class FedLPStrategy(LayerwiseStrategy):
         if scheme == HETEROGENEOUS and len(self.head_layers) != self.depth - 1:
             raise ValueError(f"heterogeneous FedLP needs heads for levels 1..{self.depth - 1}")
         self.all_layers = ModelLayers([*self.layers, *self.head_layers])
+        #: client id -> depth level learned from its replies
         self.node_levels: dict[int, int] = {}
         self.round_info: dict[int, dict[str, Any]] = {}
 
@@ -197,34 +198,34 @@ class FedLPStrategy(LayerwiseStrategy):
         return kwargs
 
     # ------------------------------------------------------------------ levels
-    def level_of(self, node_id: int) -> int:
-        """The node's depth level: learned from its replies, else drawn once from the preference."""
-        if node_id in self.node_levels:
-            return self.node_levels[node_id]
-        rng = np.random.default_rng([self.seed, node_id])
+    def level_of(self, client: int) -> int:
+        """A client's depth level: learned from its replies, else drawn once from the preference."""
+        if client in self.node_levels:
+            return self.node_levels[client]
+        rng = np.random.default_rng([self.seed, client])
         return int(rng.choice(self.depth, p=self.level_preference)) + 1
 
     def level_layers(self, level: int) -> list[str]:
         """Layers a level-``level`` node holds: its blocks and its head."""
         return level_layers(self.layers.names, level, self.depth)
 
-    def keep_mask(self, server_round: int, node_id: int) -> list[str]:
-        """Homogeneous: the layers a node keeps this round (seeded per round and node).
+    def keep_mask(self, server_round: int, client: int) -> list[str]:
+        """Homogeneous: the layers a client keeps this round (seeded per round and client).
 
         One draw per pruning unit (see ``pruning_units``) with the rate of the
         unit's first layer.
         """
-        rng = np.random.default_rng([self.seed, server_round, node_id])
+        rng = np.random.default_rng([self.seed, server_round, client])
         draws = rng.random(len(self.units))
         return [n for unit, u in zip(self.units, draws) if u < self.keep_rate[unit[0]] for n in unit]
 
     # ------------------------------------------------------------------ hooks
     def plan(self, server_round: int, node_id: int) -> NodePlan:
         if self.scheme == HOMOGENEOUS:
-            keep = self.keep_mask(server_round, node_id)
+            keep = self.keep_mask(server_round, self.client_id(node_id))
             config = {"fedlp-scheme": HOMOGENEOUS, "freeze-dropped": self.freeze_dropped}
             return NodePlan(send=self.layers.names, request=keep, config=config)
-        level = self.level_of(node_id)
+        level = self.level_of(self.client_id(node_id))
         names = self.level_layers(level)
         config = {"fedlp-scheme": HETEROGENEOUS, "depth-level": level}
         return NodePlan(send=names, request=names, config=config)
@@ -267,7 +268,7 @@ class FedLPStrategy(LayerwiseStrategy):
             info["layers_kept_by_nobody"] = [n for n in self.layers.names if all(n not in r.layer_names for r in replies)]
         else:
             for reply in replies:
-                self.node_levels[reply.node_id] = int(reply.metrics["depth-level"])
+                self.node_levels[self.client_id(reply.node_id)] = int(reply.metrics["depth-level"])
             levels = [int(r.metrics["depth-level"]) for r in replies]
             info["level_counts"] = {str(c): levels.count(c) for c in range(1, self.depth + 1)}
             heads = {k: v for k, v in update.items() if k.startswith(LEVEL_HEAD_PREFIX)}

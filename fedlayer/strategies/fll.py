@@ -106,7 +106,7 @@ class FLLStrategy(LayerwiseStrategy):
         self.stage_start = 1
         self.best_accuracy = -1.0
         self.stale_evaluations = 0
-        #: node -> frozen layers it holds in their final (global) version
+        #: client id -> frozen layers it holds in their final (global) version
         self.delivered: dict[int, set[str]] = {}
         self.round_peak: dict[str, float] = {}
         self.run_peak = 0.0
@@ -195,7 +195,7 @@ class FLLStrategy(LayerwiseStrategy):
     def plan(self, server_round: int, node_id: int) -> NodePlan:
         """The stage's layers both ways, plus frozen blocks the node does not hold yet."""
         active = set(self.stage_layers(self.stage))
-        held = self.delivered.get(node_id, set())
+        held = self.delivered.get(self.client_id(node_id), set())
         missing = {name for name in self.frozen_layers(self.stage) if name not in held}
         send = [name for name in self.layers.names if name in active | missing]
         return NodePlan(send=send, request=self.stage_layers(self.stage), config=self.stage_config())
@@ -212,7 +212,7 @@ class FLLStrategy(LayerwiseStrategy):
         frozen = set(self.frozen_layers(self.stage))
         for reply in replies:
             sent = set(self.plans[reply.node_id].send) & frozen
-            self.delivered.setdefault(reply.node_id, set()).update(sent)
+            self.delivered.setdefault(self.client_id(reply.node_id), set()).update(sent)
         self.round_peak = {
             key: max(r.metrics[key] for r in replies if key in r.metrics)
             for key in ("peak-train-memory-bytes", "cuda-peak-memory-bytes")

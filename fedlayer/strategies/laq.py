@@ -20,7 +20,8 @@ with one full-batch local step and ``train.lr = alpha * M``).
 Protocol details beyond the paper:
 
 - Clients are identified by their ``partition-id`` (0..M-1); ``Qhat_m`` is
-  keyed by it, and node ids are mapped to it from accepted replies.
+  keyed by it, and node ids are mapped to it by the identity query
+  (``fedlayer.strategies.identity``) and from accepted replies.
 - Versions keep the two copies of ``Qhat_m`` equal. The server counts the
   uploads it accepted from each client and sends that count; an upload names
   the version it was quantized against (``laq-base``). A client whose count
@@ -205,7 +206,7 @@ class LAQStrategy(LayerwiseStrategy):
 
     def plan(self, server_round: int, node_id: int) -> NodePlan:
         """The full model down, nothing dense back; the rule's inputs in the config."""
-        client = self.client_of_node.get(node_id)
+        client = self.client_of_node.get(node_id, self.client_of.get(node_id))
         return NodePlan(
             send=self.layers.names,
             request=[],

@@ -18,6 +18,7 @@ class LocalOnlyStrategy(LayerwiseStrategy):
     """Clients train alone; nothing is aggregated."""
 
     method = "local"
+    client_keeps_model = True
 
     def plan(self, server_round: int, node_id: int) -> NodePlan:
         """No layers either way."""

@@ -19,36 +19,32 @@ stored slice at a time, and the hypernetwork gradient needs only the scalars
 ``autograd.grad(sum_lj w_ij^l D[l, j], params)``, computed here. So the
 server holds the models of the nodes in the current round, never all N.
 
-Identity: client ``i`` is the node's ``partition-id`` (node config). Before a
-node first trains, the server sends it a QUERY message; the ClientApp answers
-with its ``partition-id``. The node -> client map is part of the checkpoint.
+Identity: client ``i`` is the node's ``partition-id`` (node config), learned
+with the base strategy's identity query (``fedlayer.strategies.identity``);
+a node without a partition id in ``[0, N)`` is refused and never trains.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
-import time
-from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Message, MessageType
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fedlayer.layers import State, select
-from fedlayer.strategies.base import LayerwiseStrategy, Rejection
-from fedlayer.strategies.client_store import ClientModelStore
+from fedlayer.strategies.base import LayerwiseStrategy
+from fedlayer.strategies.client_store import ClientModelStore, FileVersions
 from fedlayer.strategies.hypernetwork import ClientHypernetwork, aggregation_weights
+from fedlayer.strategies.identity import PARTITION_ID
 from fedlayer.strategies.validation import ReplyRejected, TrainReply
 
-#: Metric the ClientApp's query handler answers with.
-PARTITION_ID = "partition-id"
 
 
 class PFedLAStrategy(LayerwiseStrategy):
@@ -66,8 +62,6 @@ class PFedLAStrategy(LayerwiseStrategy):
         SGD step size of the hypernetwork and embedding update.
     k : int
         HeurpFedLA: layers kept local per client (0: plain pFedLA).
-    query_timeout : float
-        Seconds to wait for nodes to answer the identity query.
     **base
         ``LayerwiseStrategy`` arguments.
     """
@@ -83,7 +77,6 @@ class PFedLAStrategy(LayerwiseStrategy):
         hidden_dim: int = 100,
         hn_lr: float = 5e-3,
         k: int = 0,
-        query_timeout: float = 60.0,
         **base: Any,
     ) -> None:
         super().__init__(initial_state, **base)
@@ -96,8 +89,7 @@ class PFedLAStrategy(LayerwiseStrategy):
         self.hidden_dim = hidden_dim
         self.hn_lr = hn_lr
         self.k = k
-        self.query_timeout = query_timeout
-        self.client_of: dict[int, int] = {}
+        self.client_limit = num_clients
         self.attach_run_dir(Path(tempfile.mkdtemp(prefix="fedlayer-pfedla-")))
         self._reset_round()
 
@@ -114,8 +106,6 @@ class PFedLAStrategy(LayerwiseStrategy):
             raise ConfigError("strategy.hn_lr", f"must be a positive number, got {s.hn_lr!r}")
         if not isinstance(s.k, int) or s.k < 0:
             raise ConfigError("strategy.k", f"must be a non-negative integer, got {s.k!r}")
-        if not isinstance(s.query_timeout, (int, float)) or s.query_timeout <= 0:
-            raise ConfigError("strategy.query_timeout", f"must be a positive number, got {s.query_timeout!r}")
 
     @classmethod
     def method_kwargs(cls, cfg: DictConfig) -> dict[str, Any]:
@@ -126,7 +116,6 @@ class PFedLAStrategy(LayerwiseStrategy):
             "hidden_dim": int(s.hidden_dim),
             "hn_lr": float(s.hn_lr),
             "k": int(s.k),
-            "query_timeout": float(s.query_timeout),
         }
 
     def attach_run_dir(self, run_dir: Path) -> None:
@@ -134,6 +123,7 @@ class PFedLAStrategy(LayerwiseStrategy):
         self.workdir = Path(run_dir) / "pfedla"
         self.store = ClientModelStore(self.workdir / "models", self.layers, self.global_state)
         self.sent = ClientModelStore(self.workdir / "sent", self.layers, self.global_state)
+        self.hn_files = FileVersions(self.workdir, "hn", ".npz")
 
     def _reset_round(self) -> None:
         self.round_weights: dict[int, np.ndarray] = {}
@@ -142,25 +132,25 @@ class PFedLAStrategy(LayerwiseStrategy):
         self.round_delta_norm: dict[int, float] = {}
 
     # -------------------------------------------------------- hypernetworks
-    def _hn_path(self, client: int) -> Path:
-        return self.workdir / f"hn-{client:05d}.npz"
-
     def hypernetwork(self, client: int) -> ClientHypernetwork:
         """Client ``client``'s hypernetwork, from disk or freshly initialised."""
         hn = ClientHypernetwork(
             self.num_clients, len(self.layers), self.embedding_dim, self.hidden_dim, seed=self.seed * 1_000_003 + client
         )
-        path = self._hn_path(client)
-        if path.exists():
+        path = self.hn_files.current_path(client)
+        if path is not None:
             with np.load(path) as saved:
                 hn.load_numpy({name: saved[name] for name in saved.files})
         return hn
 
-    def save_hypernetwork(self, client: int, hn: ClientHypernetwork) -> None:
+    def save_hypernetwork(self, client: int, hn: ClientHypernetwork, version: int) -> None:
+        """Write the client's hypernetwork as ``version`` (the round that updated it)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        tmp = self._hn_path(client).with_suffix(".tmp.npz")
+        target = self.hn_files.path(client, version)
+        tmp = target.with_suffix(".tmp.npz")
         np.savez(tmp, **hn.to_numpy())
-        tmp.replace(self._hn_path(client))
+        tmp.replace(target)
+        self.hn_files.commit(client, version)
 
     def weights(self, client: int, hn: ClientHypernetwork | None = None) -> tuple[torch.Tensor, list[int]]:
         """Client ``client``'s aggregation weights ``(L, N)`` (differentiable) and its local layers.
@@ -187,59 +177,6 @@ class PFedLAStrategy(LayerwiseStrategy):
         for index, name in enumerate(self.layers.names):
             state.update(self.store.unflatten_layer(name, self.store.mix_layer(everyone, weights[index], name)))
         return state
-
-    # ------------------------------------------------------------- identity
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Learn unknown nodes' client ids, then plan the round as usual."""
-        self._reset_round()
-        self.register_nodes(server_round, grid, self._connected_nodes(grid, self.min_available_nodes))
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def register_nodes(self, server_round: int, grid: Grid, node_ids: list[int]) -> None:
-        """Ask nodes without a known client id for their ``partition-id``."""
-        unknown = [node for node in node_ids if node not in self.client_of]
-        if not unknown:
-            return
-        queries = [
-            Message(
-                RecordDict({"config": ConfigRecord({"method": self.method, "query": PARTITION_ID})}),
-                message_type=MessageType.QUERY,
-                dst_node_id=node,
-            )
-            for node in unknown
-        ]
-        pending = {mid for mid in grid.push_messages(queries) if mid}
-        deadline = time.monotonic() + self.query_timeout
-        while pending and time.monotonic() < deadline:
-            for reply in grid.pull_messages(list(pending)):
-                pending.discard(reply.metadata.reply_to_message_id)
-                try:
-                    node, client = self.parse_registration(reply)
-                except ReplyRejected as rejected:
-                    log(WARNING, "round %d: %s", server_round, rejected)
-                    self.rejections.append(Rejection(server_round, rejected.node_id, rejected.reason))
-                    continue
-                self.client_of[node] = client
-            if pending:
-                time.sleep(0.05)
-        log(INFO, "pfedla: %d nodes registered (%d unanswered)", len(self.client_of), len(pending))
-
-    def parse_registration(self, reply: Message) -> tuple[int, int]:
-        """``(node id, client id)`` from a query reply; ``ReplyRejected`` if unusable."""
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            raise ReplyRejected(node, f"identity query failed: {reply.error.reason}")
-        record = reply.content.metric_records.get("metrics")
-        value = record.get(PARTITION_ID) if isinstance(record, MetricRecord) else None
-        if not isinstance(value, (int, float)) or value != int(value) or not 0 <= value < self.num_clients:
-            raise ReplyRejected(node, f"{PARTITION_ID} must be an integer in [0, {self.num_clients}), got {value!r}")
-        client = int(value)
-        owner = next((n for n, c in self.client_of.items() if c == client), None)
-        if owner is not None and owner != node:
-            raise ReplyRejected(node, f"{PARTITION_ID} {client} already belongs to node {owner}")
-        return node, client
 
     # ------------------------------------------------------------------ hooks
     def sample_nodes(self, server_round: int, node_ids: list[int]) -> list[int]:
@@ -283,22 +220,22 @@ class PFedLAStrategy(LayerwiseStrategy):
         """
         for reply in replies:
             client = self.client_of[reply.node_id]
-            self.hypernetwork_step(client, self.store.flatten(reply.state))
+            self.hypernetwork_step(client, self.store.flatten(reply.state), server_round)
             if "local-test-accuracy" in reply.metrics:
                 self.round_accuracy[client] = reply.metrics["local-test-accuracy"]
         for reply in replies:
-            self.store.write(self.client_of[reply.node_id], self.store.flatten(reply.state))
+            self.store.write(self.client_of[reply.node_id], self.store.flatten(reply.state), server_round)
         return super().aggregate(server_round, replies)
 
-    def hypernetwork_step(self, client: int, trained: np.ndarray) -> None:
-        """One SGD step of ``(HN_i, v_i)`` from ``Delta_i = trained - thetabar_i``; saved to disk."""
+    def hypernetwork_step(self, client: int, trained: np.ndarray, version: int) -> None:
+        """One SGD step of ``(HN_i, v_i)`` from ``Delta_i = trained - thetabar_i``; saved to disk as ``version``."""
         hn = self.hypernetwork(client)
         grads = self.hypernetwork_gradients(client, hn, trained)
         with torch.no_grad():
             for param, grad in zip(hn.parameters(), grads):
                 if grad is not None:
                     param -= self.hn_lr * grad
-        self.save_hypernetwork(client, hn)
+        self.save_hypernetwork(client, hn, version)
 
     def hypernetwork_gradients(
         self, client: int, hn: ClientHypernetwork, trained: np.ndarray
@@ -387,23 +324,25 @@ class PFedLAStrategy(LayerwiseStrategy):
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Node map and the store folder.
+        """The store folder and which version of each client's files is current.
 
         The client models and hypernetworks are not copied into the checkpoint
-        (that would hold all N in memory): they are the files in the run
-        directory, updated in place, so a resume continues from their latest
-        state, which may be ahead of the checkpoint if the server died mid-round.
+        (that would hold all N in memory): they stay in versioned files in the
+        run directory, and the checkpoint names the versions of its round.
         """
         return {
             **super().state_dict(),
-            "client_of": {str(node): client for node, client in self.client_of.items()},
             "workdir": str(self.workdir),
+            "model_versions": self.store.versions.state_dict(),
+            "hypernetwork_versions": self.hn_files.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore; files a crashed later round wrote are discarded."""
         super().load_state_dict(state)
-        self.client_of = {int(node): int(client) for node, client in state["client_of"].items()}
         self.attach_run_dir(Path(state["workdir"]).parent)
+        self.store.versions.load_state_dict(state["model_versions"])
+        self.hn_files.load_state_dict(state["hypernetwork_versions"])
 
     def summary(self) -> None:
         super().summary()

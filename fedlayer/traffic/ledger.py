@@ -33,6 +33,9 @@ class RoundTraffic:
     layer_bytes_up: dict[str, int] = field(default_factory=dict)
     client_reported_down: int = 0
     client_reported_up: int = 0
+    #: identity queries and their answers: included in bytes_*, not in messages_*
+    control_bytes_down: int = 0
+    control_bytes_up: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -80,27 +83,35 @@ class ByteLedger:
     def _fedavg_equivalent(self, message: Message, total: int) -> int:
         return total - payload_bytes(message) + self.full_model_bytes
 
-    def record_down(self, server_round: int, message: Message, *, full_model: bool = True) -> int:
+    def record_down(self, server_round: int, message: Message, *, control: bool = False) -> int:
         """Count a message pushed to a node; returns its size.
 
-        ``full_model=False`` marks messages FedAvg would also send without a
-        model (none today; evaluation messages carry the model in both).
+        ``control=True`` marks a message without a model that FedAvg would
+        send as it is (an identity query): counted in bytes, not as a round message.
         """
         size = message_bytes(message)
         traffic = self._round(server_round)
         traffic.bytes_down += size
+        if control:
+            traffic.control_bytes_down += size
+            traffic.fedavg_bytes_down += size
+            return size
         traffic.messages_down += 1
-        traffic.fedavg_bytes_down += self._fedavg_equivalent(message, size) if full_model else size
+        traffic.fedavg_bytes_down += self._fedavg_equivalent(message, size)
         _add(traffic.layer_bytes_down, self._layer_bytes(message))
         return size
 
-    def record_up(self, server_round: int, reply: Message, *, full_model: bool = True) -> int:
+    def record_up(self, server_round: int, reply: Message, *, control: bool = False) -> int:
         """Count a reply pulled from a node; returns its size."""
         size = message_bytes(reply)
         traffic = self._round(server_round)
         traffic.bytes_up += size
+        if control:
+            traffic.control_bytes_up += size
+            traffic.fedavg_bytes_up += size
+            return size
         traffic.messages_up += 1
-        traffic.fedavg_bytes_up += self._fedavg_equivalent(reply, size) if full_model else size
+        traffic.fedavg_bytes_up += self._fedavg_equivalent(reply, size)
         _add(traffic.layer_bytes_up, self._layer_bytes(reply))
         if not reply.has_error():
             metrics = reply.content.metric_records.get("traffic")
@@ -118,6 +129,8 @@ class ByteLedger:
             "fedavg_bytes_up",
             "client_reported_down",
             "client_reported_up",
+            "control_bytes_down",
+            "control_bytes_up",
         )
         return {k: sum(getattr(t, k) for t in self.rounds.values()) for k in keys}
 
