@@ -83,6 +83,7 @@ def client_parser() -> argparse.ArgumentParser:
     parser.add_argument("--partition-id", type=int, default=_env("PARTITION_ID"), help="use partition N of the configured dataset instead of --data [FEDLAYER_PARTITION_ID]")
     parser.add_argument("--num-partitions", type=int, default=_env("NUM_PARTITIONS"), help="number of partitions (with --partition-id) [FEDLAYER_NUM_PARTITIONS]")
     parser.add_argument("--device", default=_env("DEVICE", "auto"), help="auto (CUDA when present), cpu, cuda or cuda:N [FEDLAYER_DEVICE]")
+    parser.add_argument("--state-dir", default=_env("STATE_DIR"), help="folder where this node saves what it keeps between rounds, so a restart continues where it was [FEDLAYER_STATE_DIR]")
     parser.add_argument("--port", type=int, default=int(_env("CLIENTAPP_PORT", str(CLIENTAPP_PORT)) or CLIENTAPP_PORT), help=f"local port of the ClientApp runtime API (default {CLIENTAPP_PORT}; one per SuperNode on a host) [FEDLAYER_CLIENTAPP_PORT]")
     parser.add_argument("--insecure", action="store_true", default=_env("INSECURE") == "1", help="LOCAL TESTS ONLY: plain-text connection without node authentication [FEDLAYER_INSECURE=1]")
     parser.add_argument("--print-command", action="store_true", help="print the flower-supernode command and exit")
@@ -110,6 +111,8 @@ def client_command(args: argparse.Namespace) -> list[str]:
     else:
         raise DeployError("give --data PATH (this device's data) or --partition-id/--num-partitions")
     node["device"] = _check_device(args.device)
+    if args.state_dir is not None:
+        node["state-dir"] = str(Path(args.state_dir).expanduser().resolve())
 
     command = [
         _flower_command("flower-supernode"),

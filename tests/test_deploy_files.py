@@ -121,6 +121,9 @@ def test_client_command_with_own_data_and_env_defaults(tls_files, monkeypatch):
     monkeypatch.setenv("FEDLAYER_DATA", str(data))
     cmd = _client([])
     assert cmd[cmd.index("--node-config") + 1] == f'data-path="{data}" device="auto"'
+    monkeypatch.setenv("FEDLAYER_STATE_DIR", str(tls_files / "node-state"))
+    cmd = _client([])
+    assert cmd[cmd.index("--node-config") + 1] == f'data-path="{data}" device="auto" state-dir="{tls_files / "node-state"}"'
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 
 from fedlayer.client.contrastive import augment_pair, nt_xent
 from fedlayer.client.fll import StagedModel, StageSpec, fll_train, stage_layer_names, train_stage
@@ -135,6 +135,29 @@ def test_bad_replies_are_rejected_and_leave_the_model_alone():
     strategy.aggregate_train(2, [_reply_to(message, RecordDict({"arrays": to_arrayrecord(sneaky), "metrics": MetricRecord({"num-examples": 5})}))])
     assert len(strategy.rejections) == 1 and "not requested" in strategy.rejections[0].reason
     assert states_equal(strategy.global_state, before) and strategy.delivered == {}
+
+
+def test_a_node_that_lost_its_frozen_blocks_refuses_and_gets_them_again():
+    runtime = _runtime()
+    strategy = _strategy("cnn", rounds_per_stage=1)
+    grid = StubGrid([7])
+    (first,) = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    strategy.aggregate_train(1, [_reply_to(first, fll_train(runtime, first.content, context))])
+    (second,) = strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid)
+    strategy.aggregate_train(2, [_reply_to(second, fll_train(runtime, second.content, context))])
+    assert strategy.delivered == {7: {"blocks.0.conv"}}
+    (third,) = strategy.configure_train(3, ArrayRecord(), ConfigRecord(), grid)
+    assert "blocks.0.conv" not in strategy.plans[7].send
+    restarted = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})  # state lost
+    with pytest.raises(RuntimeError, match=r"no copy of the frozen layers \['blocks.0.conv'\]"):
+        fll_train(runtime, third.content, restarted)
+    error = Message(Error(code=0, reason="ClientApp raised: no copy of the frozen layers"), reply_to=third)
+    before = {k: v.copy() for k, v in strategy.global_state.items()}
+    strategy.aggregate_train(3, [error])
+    assert states_equal(strategy.global_state, before) and strategy.delivered == {}
+    strategy.configure_train(4, ArrayRecord(), ConfigRecord(), grid)
+    assert "blocks.0.conv" in strategy.plans[7].send  # sent again
 
 
 def test_client_changes_and_returns_only_the_stage_layers():

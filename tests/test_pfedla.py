@@ -210,7 +210,7 @@ def test_pfedla_in_flower_simulation(tmp_path):
     last = records[-1]["strategy"]
     assert last["registered_clients"] == 3 and last["personal_accuracy"]["clients"] == 3
     assert sorted(last["alpha"]["head.fc2"]) == ["0", "1", "2"]
-    sent = [np.fromfile(run / "pfedla" / "sent" / f"client-{c:05d}.f32", dtype=np.float32) for c in range(3)]
+    sent = [np.fromfile(run / "pfedla" / "sent" / f"client-{c:05d}.v000000.f32", dtype=np.float32) for c in range(3)]
     assert not np.array_equal(sent[0], sent[1]) and not np.array_equal(sent[1], sent[2])
     assert np.load(run / "pfedla_alpha.npy").shape == (4, 3, 3)
     assert (run / "pfedla_alpha.png").stat().st_size > 1000

@@ -38,8 +38,7 @@ CASES = {
     "fedavg": (["strategy=fedavg"], 2),
     # intervals are re-assigned at the end of round 2; round 4 needs the layers the clients kept in round 3
     "fedlama": (["strategy=fedlama", "strategy.phi=2", "strategy.min_round_to_adjust=0"], 3),
-    "fedlp-homogeneous": (["strategy=fedlp"], 2),
-    "fedlp-heterogeneous": (["strategy=fedlp", "strategy.scheme=heterogeneous"], 2),
+    "fedlp": (["strategy=fedlp", "strategy.scheme=heterogeneous"], 2),
     "laq": (["strategy=laq", "federation.fraction_train=1.0"], 2),
     "pfedla": (["strategy=pfedla"], 2),
     "fll": (["strategy=fll", "strategy.rounds_per_stage=1"], 2),

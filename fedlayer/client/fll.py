@@ -166,6 +166,12 @@ def stage_layer_names(spec: StageSpec, layer_names: list[str], stage: int) -> li
     return [name for name in layer_names if f"{name}.".startswith(prefixes)]
 
 
+def frozen_layer_names(spec: StageSpec, layer_names: list[str], stage: int) -> list[str]:
+    """The layers of the blocks frozen in ``stage`` (all blocks before it)."""
+    prefixes = tuple(f"blocks.{b}." for b in range(spec.blocks(stage).start))
+    return [name for name in layer_names if f"{name}.".startswith(prefixes)]
+
+
 def train_stage(
     net: StagedModel,
     stage: int,
@@ -295,14 +301,23 @@ def _stage_config(content: RecordDict) -> tuple[int, int, int, float, str, float
     )
 
 
-def _node_state(net: StagedModel, content: RecordDict, context: Context) -> State:
-    """What this node kept (frozen blocks received earlier), overwritten by what arrived."""
+def _node_state(net: StagedModel, content: RecordDict, context: Context, stage: int) -> State:
+    """What this node kept (frozen blocks received earlier), overwritten by what arrived.
+
+    A node that kept nothing (it restarted without a state folder) must not
+    train on freshly initialised frozen blocks: it refuses, the server sees the
+    error reply and sends it every frozen block the next time.
+    """
+    received = from_arrayrecord(content["arrays"]) if "arrays" in content else {}
     local = load_local_model(context)
     if local is None or local.keys() != net.state_dict().keys():
         local = torch_state_to_numpy(net.state_dict())
-    if "arrays" in content:
-        local = merge(local, from_arrayrecord(content["arrays"]))
-    return local
+        layers = ModelLayers.from_state(local)
+        frozen = frozen_layer_names(net.spec, layers.names, stage)
+        missing = [name for name in frozen if not set(layers[name].keys) <= received.keys()]
+        if missing:
+            raise RuntimeError(f"this node holds no copy of the frozen layers {missing} (restarted without a state folder?)")
+    return merge(local, received)
 
 
 def fll_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> RecordDict:
@@ -310,7 +325,7 @@ def fll_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> 
     server_round = int(content["config"]["server-round"])
     stage, blocks_per_stage, pool, p_drop, objective, temperature = _stage_config(content)
     net = staged_model(runtime, blocks_per_stage, pool)
-    net.load_state_dict(numpy_to_torch_state(_node_state(net, content, context)))
+    net.load_state_dict(numpy_to_torch_state(_node_state(net, content, context, stage)))
     metrics = train_stage(
         net, stage, runtime.train_data, runtime.cfg.train, runtime.device, runtime.round_seed(server_round),
         p_drop=p_drop, objective=objective, temperature=temperature,
@@ -338,5 +353,5 @@ def fll_evaluate(runtime: ClientRuntime, content: RecordDict, context: Context) 
     """Evaluate the received staged model at its stage on the local test split."""
     stage, blocks_per_stage, pool, *_ = _stage_config(content)
     net = staged_model(runtime, blocks_per_stage, pool)
-    net.load_state_dict(numpy_to_torch_state(_node_state(net, content, context)))
+    net.load_state_dict(numpy_to_torch_state(_node_state(net, content, context, stage)))
     return RecordDict({"metrics": MetricRecord(evaluate_stage(net, stage, runtime.test_data, runtime.device))})

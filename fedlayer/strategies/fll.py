@@ -33,11 +33,19 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
-from fedlayer.client.fll import OBJECTIVES, StagedModel, StageSpec, evaluate_stage, linear_probe, stage_layer_names
+from fedlayer.client.fll import (
+    OBJECTIVES,
+    StagedModel,
+    StageSpec,
+    evaluate_stage,
+    frozen_layer_names,
+    linear_probe,
+    stage_layer_names,
+)
 from fedlayer.layers import State, numpy_to_torch_state, torch_state_to_numpy
 from fedlayer.models import LayeredModel
 from fedlayer.strategies.base import ConfigValue, LayerwiseStrategy, NodePlan, weighted_layer_average
-from fedlayer.strategies.validation import TrainReply
+from fedlayer.strategies.validation import ReplyRejected, TrainReply
 
 STAGE_RULES = ("fixed", "plateau")
 
@@ -160,8 +168,7 @@ class FLLStrategy(LayerwiseStrategy):
 
     def frozen_layers(self, stage: int) -> list[str]:
         """Layers of the blocks frozen in ``stage``."""
-        prefixes = tuple(f"blocks.{b}." for b in range(self.spec.blocks(stage).start))
-        return [name for name in self.layers.names if f"{name}.".startswith(prefixes)]
+        return frozen_layer_names(self.spec, self.layers.names, stage)
 
     def _advance_stage(self, server_round: int) -> None:
         """Move to the next stage when the current one is done."""
@@ -206,6 +213,15 @@ class FLLStrategy(LayerwiseStrategy):
         """Every message (evaluation ones too) names the stage."""
         plan = NodePlan(plan.send, plan.request, {**self.stage_config(), **plan.config}, plan.payload)
         return super().build_message(server_round, node_id, plan, config, message_type)
+
+    def validate(self, server_round: int, message: Message) -> TrainReply:
+        """Base checks; a client whose reply is refused may have lost its frozen blocks,
+        so it is sent all of them the next time (it refuses to train without them)."""
+        try:
+            return super().validate(server_round, message)
+        except ReplyRejected:
+            self.delivered.pop(self.client_id(message.metadata.src_node_id), None)
+            raise
 
     def aggregate(self, server_round: int, replies: list[TrainReply]) -> State:
         """Average the stage's layers; note the frozen blocks each replying node now holds."""

@@ -109,10 +109,10 @@ class ByteLedger:
         if control:
             traffic.control_bytes_up += size
             traffic.fedavg_bytes_up += size
-            return size
-        traffic.messages_up += 1
-        traffic.fedavg_bytes_up += self._fedavg_equivalent(reply, size)
-        _add(traffic.layer_bytes_up, self._layer_bytes(reply))
+        else:
+            traffic.messages_up += 1
+            traffic.fedavg_bytes_up += self._fedavg_equivalent(reply, size)
+            _add(traffic.layer_bytes_up, self._layer_bytes(reply))
         if not reply.has_error():
             metrics = reply.content.metric_records.get("traffic")
             if metrics is not None:
