@@ -14,7 +14,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedlayer.client.laq import BASE_KEY, QHAT, UPDATE_KEY, lazy_decision, laq_train
+from fedlayer.client.laq import BASE_KEY, ERROR_WEIGHT, QHAT, UPDATE_KEY, lazy_decision, laq_train
 from fedlayer.client.methods import CLIENT_METHODS
 from fedlayer.client.runtime import ClientRuntime
 from fedlayer.client.training import train_steps
@@ -97,6 +97,26 @@ def test_quantized_upload_is_within_delta_of_the_gradient():
     radius = float(np.max(np.abs(g["w"] - qhat["w"])))
     assert np.max(np.abs(decision.q["w"] - g["w"])) <= radius / 7 * (1 + 1e-5)
     assert decision.error == pytest.approx(float(np.sum((decision.q["w"].astype(np.float64) - g["w"]) ** 2)))
+
+
+
+def test_quantization_allowance_is_blind_to_the_innovations_size():
+    """Issue #4: ``3 (e + ehat)`` scales with the innovation, so it skips a heavy-tailed one of any size.
+
+    One large coordinate and many small ones (a CNN delta's shape): every small
+    coordinate lands on a grid point ``R / 15`` away, so ``3e`` exceeds ``||Q - Qhat||^2``
+    however large ``R`` is. The paper's rule keeps it for gradient mode; delta
+    mode drops the allowance and bounds a skip by the drift alone.
+    """
+    qhat = {"w": np.zeros(1000, np.float32)}
+    rule = dict(bits=4, ehat=0.0, clock=0, tbar=100, drift=1e-6, drift_scale=1.0)
+    for size in (1e-2, 1.0, 1e2):
+        g = {"w": np.full(1000, 1e-4 * size, np.float32)}
+        g["w"][0] = size
+        paper = lazy_decision(g, qhat, error_weight=ERROR_WEIGHT["gradient"], **rule)
+        assert not paper.upload and paper.innovation > 5 * size**2  # skipped, however large
+        delta = lazy_decision(g, qhat, error_weight=ERROR_WEIGHT["delta"], **rule)
+        assert delta.upload and delta.threshold == pytest.approx(rule["drift"])
 
 
 # ------------------------------------------------------------------ server
@@ -313,6 +333,39 @@ def test_delta_mode_with_8_bits_matches_fedavg():
         bound = max(np.abs(theta[key] - s[key]).max() for s in local) / 255 + 1e-6
         assert np.abs(strategy.global_state[key] - mean).max() <= bound
         assert not np.allclose(mean, theta[key])  # the models did move
+
+
+
+def test_delta_mode_without_drift_allowance_steps_with_every_rounds_deltas():
+    """Issue #4: with ``xi = 0`` no stale delta may be re-applied; each step is this round's mean delta.
+
+    Before the fix the quantization allowance let all three clients skip from
+    round 2 on (at 3 bits, 10 local steps), and the server kept stepping with
+    their round-1 deltas. Each round is checked against dense local training
+    from the same model, so quantization errors do not accumulate in the check.
+    """
+    bits = 3
+    strategy, runtimes, contexts = _clients("delta", f"strategy.bits={bits}", "strategy.alpha=0.3333333",
+                                            "strategy.xi=0", "train.local_steps=10")
+    for server_round in (1, 2, 3):
+        theta = copy.deepcopy(strategy.global_state)
+        qhat = {pid: copy.deepcopy(strategy.qhat.get(pid)) for pid in range(3)}
+        _round(strategy, runtimes, contexts, server_round)
+        assert strategy.round_record(server_round)["uploads"] == 3, server_round
+        deltas = []
+        for pid, runtime in enumerate(runtimes):  # this round's local training, done densely
+            model = runtime.model_with(theta)
+            train_steps(model, runtime.train_data, runtime.cfg.train, runtime.device, runtime.round_seed(server_round))
+            local = torch_state_to_numpy(model.state_dict())
+            deltas.append({key: theta[key] - local[key] for key in theta})
+        alpha = np.float32(strategy.alpha)
+        for key in theta:
+            expected = theta[key] - alpha * sum(delta[key] for delta in deltas)
+            # each Q is within R / (2^b - 1) of its delta, R = ||delta - Qhat_before||_inf
+            radii = [np.abs(delta[key] - (0 if qhat[pid] is None else qhat[pid][key])).max()
+                     for pid, delta in enumerate(deltas)]
+            bound = alpha * sum(radii) / (2**bits - 1) + 1e-6
+            assert np.abs(strategy.global_state[key] - expected).max() <= bound, (server_round, key)
 
 
 def test_skip_replies_are_tiny():

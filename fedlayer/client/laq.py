@@ -1,5 +1,9 @@
 """LAQ's client half: compute the round's "gradient", test the lazy rule, upload codes.
 
+The skip bound is ``drift_scale * drift + ERROR_WEIGHT[mode] * (e + ehat)``:
+the paper's rule in ``gradient`` mode, the drift term alone in ``delta`` mode
+(why: ``fedlayer.strategies.laq``).
+
 Per node, ``context.state`` keeps (see ``fedlayer.strategies.laq`` for the protocol):
 
 - ``laq-qhat`` (ArrayRecord): ``Qhat``, the last quantized gradient uploaded,
@@ -43,6 +47,10 @@ QHAT = "laq-qhat"
 MEMORY = "laq"
 UPDATE_KEY = "laq-update"
 BASE_KEY = "laq-base"
+#: Weight of the quantization errors ``e + ehat`` in the skip bound, per mode:
+#: the paper's 3 for gradients; 0 for model deltas, whose quantization error
+#: does not vanish, so the allowance would let stale deltas be re-applied forever.
+ERROR_WEIGHT = {"gradient": 3.0, "delta": 0.0}
 
 
 @dataclass(frozen=True)
@@ -72,12 +80,14 @@ def lazy_decision(
     tbar: int,
     drift: float,
     drift_scale: float,
+    error_weight: float = ERROR_WEIGHT["gradient"],
     force: bool = False,
 ) -> LazyDecision:
     """Quantize ``g`` around ``qhat`` and apply LAQ's upload rule.
 
-    Upload iff ``||Q - Qhat||^2 >= drift_scale * drift + 3 (e + ehat)``, or the
-    clock reached ``tbar``, or ``force``. Keys are taken in ``g``'s order.
+    Upload iff ``||Q - Qhat||^2 >= drift_scale * drift + error_weight (e + ehat)``
+    (``error_weight`` 3 is the paper's rule), or the clock reached ``tbar``, or
+    ``force``. Keys are taken in ``g``'s order.
     """
     codec = LAQCodec()
     tensors: list[EncodedTensor] = []
@@ -90,7 +100,7 @@ def lazy_decision(
         q[key] = q_key
         error += enc.report.squared_error
         innovation += innovation_norm_sq(q_key, qhat[key])
-    threshold = drift_scale * drift + 3.0 * (error + ehat)
+    threshold = drift_scale * drift + error_weight * (error + ehat)
     upload = force or clock >= tbar or innovation >= threshold
     return LazyDecision(upload, q, tensors, error, innovation, threshold)
 
@@ -122,10 +132,11 @@ def laq_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> 
     """One LAQ round: gradient (or model delta) at the received model, lazy upload."""
     config = content["config"]
     server_round = int(config["server-round"])
+    mode = str(config["laq-mode"])
     theta = from_arrayrecord(content["arrays"])
     model = runtime.model_with(theta)
     seed = runtime.round_seed(server_round)
-    if config["laq-mode"] == "gradient":
+    if mode == "gradient":
         g, loss = full_gradient(
             model, runtime.train_data, float(config["laq-l2"]), int(config["laq-batch-size"]), seed, runtime.device
         )
@@ -153,7 +164,8 @@ def laq_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> 
 
     decision = lazy_decision(
         g, qhat, bits=int(config["laq-bits"]), ehat=ehat, clock=clock, tbar=int(config["laq-tbar"]),
-        drift=float(config["laq-drift"]), drift_scale=float(config["laq-drift-scale"]), force=resync,
+        drift=float(config["laq-drift"]), drift_scale=float(config["laq-drift-scale"]),
+        error_weight=ERROR_WEIGHT[mode], force=resync,
     )
     base = version
     if decision.upload:

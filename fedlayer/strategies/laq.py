@@ -7,15 +7,34 @@ or one minibatch, gradient of its local loss + ``l2/2 ||theta||^2``, the
 paper's setting; ``delta`` mode: ``theta - theta_local`` after the configured
 local SGD steps), quantizes the innovation ``g - Qhat_m`` with ``bits`` bits
 and uploads the bit-packed codes only if the innovation is large against the
-drift (or its clock reached ``tbar``); else it replies with a skip. The server
-keeps every client's ``Qhat_m`` and ``grad = sum_m Qhat_m`` and steps
-``theta <- theta - alpha * grad`` every round, uploads or not.
+bound below (or its clock reached ``tbar``); else it replies with a skip. The
+server keeps every client's ``Qhat_m`` and ``grad = sum_m Qhat_m`` and steps
+``theta <- theta - alpha * grad`` every round, uploads or not: a skipping
+client's last upload stands in for its current ``g``.
+
+The skip bound (client side, ``fedlayer.client.laq.ERROR_WEIGHT``):
+
+- ``gradient``: the paper's ``||Q - Qhat||^2 < drift / (alpha^2 M^2) + 3 (e + ehat)``.
+  The ``3 (e + ehat)`` allowance assumes the quantization errors shrink with
+  the innovations, as they do for deterministic gradients converging.
+- ``delta``: ``||Q - Qhat||^2 < drift / (alpha^2 M^2)``, no allowance. A model
+  delta after local minibatch SGD never converges: its innovation stays
+  noise-sized, and ``e`` (grid step ``R / (2^b - 1)``, ``R = ||g - Qhat||_inf``)
+  grows with it, so ``||Q - Qhat||^2 >= 3 (e + ehat)`` tests only how heavy
+  the innovation's tails are, not its size. At b = 4 the CNN's deltas failed
+  it at every size: clients skipped until ``tbar`` while the server re-applied
+  their stale deltas every round, an error in one fixed direction that adds
+  up linearly (fresh quantization errors are independent across rounds), and
+  the model drifted off (issue #4). Without it a stale delta is re-applied
+  only while it is within the model's recent change of the client's current
+  delta.
 
 FedAvg equivalence: in ``delta`` mode with ``alpha = 1/M``, equal client
-sizes, nothing skipped and near-lossless bits the step is the mean model
-delta, i.e. FedAvg; in ``gradient`` mode the step is ``alpha * sum_m g_m``,
-gradient descent with learning rate ``alpha * M`` on the mean loss (FedAvg
-with one full-batch local step and ``train.lr = alpha * M``).
+sizes, nothing skipped (``xi = 0`` makes the bound 0) and near-lossless bits,
+each round's step is that round's mean model delta, i.e. FedAvg; in
+``gradient`` mode the step is ``alpha * sum_m g_m``, gradient descent with
+learning rate ``alpha * M`` on the mean loss (FedAvg with one full-batch
+local step and ``train.lr = alpha * M``).
 
 Protocol details beyond the paper:
 
@@ -87,7 +106,7 @@ class LAQStrategy(LayerwiseStrategy):
     D : int
         Number of past model changes in the skip threshold.
     xi : float
-        Total drift weight ``sum_d xi_d``; each ``xi_d = xi / D``.
+        Total drift weight ``sum_d xi_d``; each ``xi_d = xi / D`` (0: no skips in ``delta`` mode).
     tbar : int
         A client uploads at the latest after ``tbar`` consecutive skips.
     alpha : float
