@@ -46,8 +46,7 @@ def _prepared(name: str, tmp_path):
     strategy = build_strategy(cfg, initial_state(cfg, workload.pool))
     if hasattr(strategy, "attach_run_dir"):
         strategy.attach_run_dir(tmp_path)
-    if hasattr(strategy, "client_of"):  # pFedLA learns node -> client ids by a query
-        strategy.client_of = {node: i for i, node in enumerate(NODES)}
+    strategy.client_of = {node: i for i, node in enumerate(NODES)}  # what the identity query would learn
     chosen = strategy.sample_nodes(1, NODES)
     strategy.plans = {node: strategy.plan(1, node) for node in chosen}
     return strategy

@@ -19,6 +19,7 @@ discards what the crashed round had already written.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +45,14 @@ class FileVersions:
         self.suffix = suffix
         self.keep = keep
         self.current: dict[int, int] = {}
+        self._name = re.compile(rf"{re.escape(stem)}-(\d+)\.v(\d+){re.escape(suffix)}")
+
+    def _files(self) -> list[tuple[int, int]]:
+        """``(client, version)`` of every file on disk."""
+        if not self.root.exists():
+            return []
+        matches = (self._name.fullmatch(path.name) for path in self.root.iterdir())
+        return [(int(m.group(1)), int(m.group(2))) for m in matches if m]
 
     def path(self, client: int, version: int) -> Path:
         return self.root / f"{self.stem}-{client:05d}.v{version:06d}{self.suffix}"
@@ -55,8 +64,7 @@ class FileVersions:
 
     def on_disk(self, client: int) -> list[int]:
         """Versions of the client's files on disk, oldest first."""
-        pattern = f"{self.stem}-{client:05d}.v*{self.suffix}"
-        return sorted(int(p.name[len(self.stem) + 8 : -len(self.suffix)]) for p in self.root.glob(pattern))
+        return sorted(version for owner, version in self._files() if owner == client)
 
     def commit(self, client: int, version: int) -> None:
         """Make ``version`` current; drop versions beyond the ``keep`` newest."""
@@ -70,11 +78,9 @@ class FileVersions:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Restore the index; delete versions written after it (a crashed round's work)."""
         self.current = {int(client): int(version) for client, version in state.items()}
-        for path in self.root.glob(f"{self.stem}-*.v*{self.suffix}") if self.root.exists() else []:
-            client = int(path.name[len(self.stem) + 1 : len(self.stem) + 6])
-            version = int(path.name[len(self.stem) + 8 : -len(self.suffix)])
+        for client, version in self._files():
             if version > self.current.get(client, -1):
-                path.unlink(missing_ok=True)
+                self.path(client, version).unlink(missing_ok=True)
 
 
 class ClientModelStore:
