@@ -1,6 +1,6 @@
 """The byte ledger measures serialised messages and the FedAvg equivalent."""
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedlayer.layers import ModelLayers, select, to_arrayrecord
 from fedlayer.traffic import ByteLedger, message_bytes
@@ -28,6 +28,19 @@ def test_full_model_messages_equal_their_fedavg_equivalent():
     traffic = ledger.rounds[1]
     assert traffic.bytes_down == traffic.fedavg_bytes_down == size
     assert traffic.bytes_up == traffic.fedavg_bytes_up == message_bytes(up)
+
+
+def test_evaluation_replies_carry_no_model_in_fedavg_either():
+    ledger, _, state = _ledger()
+    sent = Message(RecordDict({"arrays": to_arrayrecord(state)}), dst_node_id=5, message_type=MessageType.EVALUATE)
+    reply = Message(RecordDict({"metrics": MetricRecord({"accuracy": 0.5, "num-examples": 10})}), reply_to=sent)
+    ledger.record_down(1, sent)
+    ledger.record_up(1, reply)
+    traffic = ledger.rounds[1]
+    assert traffic.fedavg_bytes_up == traffic.bytes_up == message_bytes(reply) < ledger.full_model_bytes
+    assert traffic.fedavg_bytes_down == traffic.bytes_down
+    ledger.record_up(2, make_reply(6, None))  # a train reply without a model: FedAvg would have uploaded one
+    assert ledger.rounds[2].fedavg_bytes_up > ledger.full_model_bytes
 
 
 def test_partial_messages_cost_less_and_are_attributed_to_layers():

@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Message, MessageType
 
 from fedlayer.layers import ModelLayers
 from fedlayer.traffic.size import PAYLOAD_RECORDS, array_bytes_by_key, message_bytes, payload_bytes
@@ -111,7 +111,9 @@ class ByteLedger:
             traffic.fedavg_bytes_up += size
         else:
             traffic.messages_up += 1
-            traffic.fedavg_bytes_up += self._fedavg_equivalent(reply, size)
+            # An evaluation reply carries metrics only, in FedAvg as well.
+            evaluation = reply.metadata.message_type == MessageType.EVALUATE
+            traffic.fedavg_bytes_up += size if evaluation else self._fedavg_equivalent(reply, size)
             _add(traffic.layer_bytes_up, self._layer_bytes(reply))
         if not reply.has_error():
             metrics = reply.content.metric_records.get("traffic")
