@@ -230,3 +230,12 @@ def test_resume_reads_the_checkpointed_round_and_discards_later_files(tmp_path):
     resumed.client_of = dict(strategy.client_of)
     assert states_equal(_sent(resumed, 0), expected)
     assert not list(tmp_path.rglob("*.v000002.*"))  # round 2 never happened for the resumed run
+
+
+def test_store_keeps_only_the_newest_versions_of_a_client(tmp_path):
+    layers = PFedLAStrategy(small_state(0), num_clients=2).layers
+    store = ClientModelStore(tmp_path, layers, small_state(0))
+    for version in range(1, 6):
+        store.write(0, store.flatten(small_state(version)), version)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"client-00000.v{v:06d}.f32" for v in (3, 4, 5)]
+    assert states_equal(store.unflatten_layer("head.fc", store.read_layer(0, "head.fc")), select(small_state(5), layers, ["head.fc"]))

@@ -51,7 +51,7 @@ def parse_identity(
     record = reply.content.metric_records.get("metrics")
     value = record.get(PARTITION_ID) if isinstance(record, MetricRecord) else None
     if not isinstance(value, (int, float)) or value != int(value) or value < NO_PARTITION:
-        raise ReplyRejected(node, f"{PARTITION_ID} must be an integer >= 0, got {value!r}")
+        raise ReplyRejected(node, f"{PARTITION_ID} must be an integer >= 0 (or {NO_PARTITION}: none), got {value!r}")
     if limit is not None and not 0 <= value < limit:
         raise ReplyRejected(node, f"{PARTITION_ID} must be an integer in [0, {limit}), got {value!r}")
     if value == NO_PARTITION:
