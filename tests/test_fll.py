@@ -291,6 +291,22 @@ def test_train_stage_reports_memory_and_respects_frozen_blocks():
     assert metrics["peak-train-memory-bytes"] > 0 and metrics["local-steps"] == 2
 
 
+def test_depth_dropout_recalibrates_the_stage_batch_norm_on_full_depth_inputs():
+    """Trained with most frozen blocks skipped, the stage's BatchNorm ends with the
+    statistics of full-depth inputs (what evaluation runs), not of the shortened paths."""
+    runtime = _runtime()
+    data = runtime.train_data.subset(np.arange(32))  # two batches of 16: the running mean is the data mean
+    net = StagedModel(_resnet(), StageSpec(10, 1), 2, seed=0)
+    train_stage(net, 3, data, TRAIN, torch.device("cpu"), seed=3, p_drop=0.95)
+    block = net.blocks[3]
+    with torch.no_grad():
+        full = block.conv1(net.features(torch.from_numpy(data.x), 2))  # frozen blocks 0-2, no skip
+        shortened = block.conv1(net.blocks[0](torch.from_numpy(data.x)))  # blocks 1 and 2 skipped
+    expected = full.mean(dim=(0, 2, 3))
+    assert torch.allclose(block.bn1.running_mean, expected, atol=1e-5)
+    assert not torch.allclose(block.bn1.running_mean, shortened.mean(dim=(0, 2, 3)), atol=1e-3)
+
+
 def test_contrastive_objective():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(8, 1, 28, 28)

@@ -13,6 +13,7 @@ CASES: dict[str, tuple[tuple[int, int, int], int]] = {
     "cnn": ((1, 28, 28), 10),
     "cnn6": ((3, 32, 32), 10),
     "resnet20": ((3, 32, 32), 10),
+    "resnet56": ((1, 28, 28), 10),
     "linear": ((1, 8, 8), 10),
 }
 
@@ -109,6 +110,18 @@ def test_resnet20_blocks_and_identity_compatibility() -> None:
         if block.is_identity_compatible:
             features = model.forward_features(x, index)
             assert block(features).shape == features.shape
+
+
+def test_resnet56_has_nine_blocks_per_stage_and_depth_is_checked() -> None:
+    model = make("resnet56")
+    assert len(model.blocks) == 28  # stem + 3 x 9
+    assert 840_000 <= n_params(model) <= 870_000  # He et al.: 0.85M
+    compatible = [index for index, block in enumerate(model.blocks) if not block.is_identity_compatible]
+    assert compatible == [0, 10, 19]  # the stem and the two downsampling blocks
+    from fedlayer.models.resnet import CifarResNet
+
+    with pytest.raises(ValueError, match="6n"):
+        CifarResNet((1, 28, 28), 10, depth=21)
 
 
 @pytest.mark.parametrize("input_shape", [(1, 28, 28), (3, 28, 28), (1, 32, 32)])

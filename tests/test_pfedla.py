@@ -88,6 +88,26 @@ def test_all_zero_weights_fall_back_to_own_layer(tmp_path):
     assert all(g is None or not g.any() for g in grads)
 
 
+def test_clients_that_never_trained_get_no_weight(tmp_path):
+    """Untrained clients hold the initial model: it must not be mixed into anyone's model."""
+    strategy = PFedLAStrategy(small_state(0), num_clients=4, embedding_dim=8, hidden_dim=16, seed=1)
+    strategy.attach_run_dir(tmp_path)
+    strategy.client_of = {100 + c: c for c in range(4)}
+    assert states_equal(_sent(strategy, 0), small_state(0))  # nobody trained: the initial model
+    strategy.store.write(2, strategy.store.flatten(small_state(12)), 1)
+    # client 0 (untrained) gets client 2's model whole; so does client 2
+    for client in (0, 2):
+        assert states_equal(_sent(strategy, client), small_state(12)), client
+        assert set(np.flatnonzero(strategy.round_weights[client].sum(axis=0))) == {2}
+    strategy.store.write(3, strategy.store.flatten(small_state(13)), 1)
+    _sent(strategy, 0)
+    assert set(np.flatnonzero(strategy.round_weights[0].sum(axis=0))) == {2, 3}
+    # and the hypernetwork gradient is that of the masked weights (the untrained weigh 0)
+    hn = strategy.hypernetwork(0)
+    grads = strategy.hypernetwork_gradients(0, hn, strategy.store.flatten(small_state(5)))
+    assert any(g is not None and g.any() for g in grads)
+
+
 def test_k_layers_with_largest_self_weight_stay_local(tmp_path):
     strategy = _strategy(tmp_path, k=2)
     sent = _sent(strategy, 0)

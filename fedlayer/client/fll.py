@@ -7,7 +7,9 @@ mode under ``torch.no_grad()``, so no activation is kept for backward through
 them, and each identity-compatible one is skipped with probability
 ``p_drop`` (depth dropout). Blocks after the group do not run. In the last
 stage the group ends with the model's last block and the stage head is the
-model's own head.
+model's own head. After a round with depth dropout the stage's BatchNorm
+statistics are re-estimated on full-depth inputs (``recalibrate_batch_norm``),
+since evaluation and later stages always run every block.
 
 Stage heads are not part of the model, but they are trained and averaged like
 any layer, so the global state of an FLL run is the model's state plus
@@ -232,7 +234,43 @@ def train_stage(
             done += 1
             if done >= steps:
                 break
+    if p_drop > 0.0:
+        recalibrate_batch_norm(net, stage, dataset, int(train.batch_size), rng, device)
     return {**metrics, "train-loss": total_loss / steps, "local-steps": float(steps), "dropped-blocks": dropped / steps}
+
+
+#: Full-depth batches ``recalibrate_batch_norm`` estimates the statistics from.
+RECALIBRATION_BATCHES = 8
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(
+    net: StagedModel, stage: int, dataset: ArrayDataset, batch_size: int, rng: np.random.Generator, device: torch.device
+) -> None:
+    """Re-estimate the stage's BatchNorm running statistics on full-depth inputs.
+
+    With depth dropout the stage's blocks mostly see the outputs of shortened
+    frozen prefixes, so the running statistics they learn while training
+    describe those, while evaluation (and the next stage) always runs the full
+    prefix. The statistics are reset and re-averaged (cumulative mean, as in
+    stochastic-depth and supernet BN calibration) over up to
+    ``RECALIBRATION_BATCHES`` forward-only, full-depth batches.
+    """
+    norms = [
+        m for module in net.active_modules(stage) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    for count, (x, _) in enumerate(minibatches(dataset, batch_size, rng, device)):
+        if count >= RECALIBRATION_BATCHES:
+            break
+        net.features(x, stage)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
 
 
 @torch.no_grad()

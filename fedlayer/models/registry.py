@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
 from fedlayer.models.base import LayeredModel
 from fedlayer.models.cnn import CNN, CNN6
 from fedlayer.models.linear import LinearModel
-from fedlayer.models.resnet import ResNet20
+from fedlayer.models.resnet import CifarResNet
 
 _FACTORIES: dict[str, Callable[[tuple[int, int, int], int], LayeredModel]] = {
     "cnn": CNN,
     "cnn6": CNN6,
-    "resnet20": ResNet20,
+    "resnet20": partial(CifarResNet, depth=20),
+    "resnet56": partial(CifarResNet, depth=56),
     "linear": LinearModel,
 }
 MODELS: tuple[str, ...] = tuple(_FACTORIES)

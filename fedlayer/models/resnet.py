@@ -1,4 +1,4 @@
-"""ResNet-20 for CIFAR-sized inputs (He et al. 2016, section 4.2)."""
+"""ResNet-20 and ResNet-56 for CIFAR-sized inputs (He et al. 2016, section 4.2)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from torch import Tensor, nn
 from fedlayer.models.base import Block, LayeredModel
 
 _STAGE_CHANNELS = (16, 32, 64)
-_BLOCKS_PER_STAGE = 3
 
 
 class Stem(Block):
@@ -77,18 +76,21 @@ class GlobalAvgPool(nn.Module):
         return x.reshape(x.shape[0], self.channels, -1).mean(dim=2)
 
 
-class ResNet20(LayeredModel):
-    """ResNet-20: stem, then 9 BasicBlocks as separate blocks (10 in all); head = avg pool + FC.
+class CifarResNet(LayeredModel):
+    """CIFAR ResNet of depth ``6n + 2``: stem, then ``3n`` BasicBlocks as separate blocks;
+    head = avg pool + FC. ResNet-20 has n = 3 (10 blocks), ResNet-56 n = 9 (28 blocks).
 
     Global average pooling makes any input size work (28x28 and 32x32 in practice).
     """
 
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, depth: int = 20) -> None:
         super().__init__(input_shape, num_classes)
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"a CIFAR ResNet has depth 6n + 2 (20, 32, 44, 56, ...), got {depth}")
         blocks: list[Block] = [Stem(self.input_shape[0], _STAGE_CHANNELS[0])]
         in_channels = _STAGE_CHANNELS[0]
         for stage, out_channels in enumerate(_STAGE_CHANNELS):
-            for index in range(_BLOCKS_PER_STAGE):
+            for index in range((depth - 2) // 6):
                 stride = 2 if stage > 0 and index == 0 else 1
                 blocks.append(BasicBlock(in_channels, out_channels, stride))
                 in_channels = out_channels

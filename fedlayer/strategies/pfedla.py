@@ -3,8 +3,8 @@
 ALGORITHMS.md section 2. For each client ``i`` the server keeps its latest
 model ``theta_i`` and a hypernetwork ``HN_i`` with embedding ``v_i``. In a
 round, client ``i`` gets ``thetabar_i^l = sum_j w_ij^l theta_j^l`` with
-``w_i^l = alpha_i^l / sum_j alpha_ij^l`` (one-hot on ``i`` when all alpha are
-zero), trains it and returns the full trained model. The server then forms
+``w_i^l = alpha_i^l / sum_j alpha_ij^l`` over the clients that have trained at
+least once (one-hot on ``i`` when all those alpha are zero), trains it and returns the full trained model. The server then forms
 ``Delta_i = theta_new - thetabar_i`` and steps ``(HN_i, v_i)`` along
 ``autograd.grad(thetabar_i, params, grad_outputs=-Delta_i)`` (the direction
 that shrinks ``||thetabar_i - theta_new||``), and stores ``theta_i <- theta_new``.
@@ -159,7 +159,7 @@ class PFedLAStrategy(LayerwiseStrategy):
         on the client (kept local); their rows carry no gradient.
         """
         hn = hn if hn is not None else self.hypernetwork(client)
-        weights = aggregation_weights(hn(), client)
+        weights = aggregation_weights(hn() * self.trained_mask(), client)
         local: list[int] = []
         if self.k:
             self_weight = weights[:, client].detach().numpy()
@@ -169,6 +169,19 @@ class PFedLAStrategy(LayerwiseStrategy):
             rows = [one_hot if index in local else weights[index] for index in range(len(self.layers))]
             weights = torch.stack(rows)
         return weights, local
+
+    def trained_mask(self) -> torch.Tensor:
+        """1 for clients with a trained model stored, 0 for those still at the initial model.
+
+        With partial participation most clients have not trained in the first
+        rounds; mixing their (initial) models into every personalised model
+        drags all of them back towards the initialisation. So they get no
+        weight until they have trained once (if nobody has, the one-hot
+        fallback gives the client its own, initial, model).
+        """
+        mask = torch.zeros(self.num_clients)
+        mask[self.store.clients()] = 1.0
+        return mask
 
     def personalised(self, client: int, weights: np.ndarray) -> State:
         """``thetabar_client``, mixed layer by layer from the stored models."""
@@ -256,7 +269,7 @@ class PFedLAStrategy(LayerwiseStrategy):
             delta_sq += float(minus_delta @ minus_delta)
             if index in local:
                 continue
-            for j, theta in self.store.iter_layer(list(range(self.num_clients)), name):
+            for j, theta in self.store.iter_layer(self.store.clients(), name):  # the others weigh 0
                 dots[index, j] = float(theta.astype(np.float64) @ minus_delta)
         self.round_delta_norm[client] = math.sqrt(delta_sq)
         surrogate = (weights * torch.from_numpy(dots).to(weights.dtype)).sum()
