@@ -51,6 +51,22 @@ def test_compose_superlink_keeps_state_and_requires_tls_and_node_auth():
         assert "FEDLAYER_INSECURE" not in node["environment"]
 
 
+def test_compose_supernodes_keep_their_round_state_on_their_own_volume():
+    """A restarted SuperNode container must find what it kept (FLL's frozen blocks, ...)."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    nodes = {name: s for name, s in compose["services"].items() if name.startswith("supernode-")}
+    volumes = []
+    for node in nodes.values():
+        state_dir = node["environment"]["FEDLAYER_STATE_DIR"]
+        pairs = [re.sub(r":(ro|rw)$", "", v).rsplit(":", 1) for v in node["volumes"]]  # source may hold ":-"
+        mounts = {target: source for source, target in pairs}
+        volume = next(source for target, source in mounts.items() if state_dir.startswith(target + "/"))
+        assert volume in compose["volumes"]  # a named volume, not the container's own layer
+        assert "/certs" in mounts
+        volumes.append(volume)
+    assert len(set(volumes)) == len(volumes)  # one per node
+
+
 def test_dockerfile_runs_as_non_root_and_pins_dependencies():
     text = DOCKERFILE.read_text()
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
