@@ -1,10 +1,11 @@
 """The byte ledger measures serialised messages and the FedAvg equivalent."""
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedlayer.layers import ModelLayers, select, to_arrayrecord
 from fedlayer.traffic import ByteLedger, message_bytes
-from fedlayer.traffic.size import object_tree_bytes
+from fedlayer.traffic.size import object_tree_bytes, trained_model_bytes
 from tests.conftest import make_reply, small_state
 
 
@@ -28,6 +29,24 @@ def test_full_model_messages_equal_their_fedavg_equivalent():
     traffic = ledger.rounds[1]
     assert traffic.bytes_down == traffic.fedavg_bytes_down == size
     assert traffic.bytes_up == traffic.fedavg_bytes_up == message_bytes(up)
+
+
+def test_fedavg_equivalent_counts_arrays_that_are_equal_only_before_training():
+    """BatchNorm starts with equal arrays (zero means, unit variances) that Flower stores
+    once; trained, they differ. A FedAvg upload of the trained model is the unit."""
+    import torch
+
+    from fedlayer.layers import torch_state_to_numpy
+
+    initial = torch_state_to_numpy(torch.nn.Sequential(torch.nn.BatchNorm1d(50), torch.nn.BatchNorm1d(50)).state_dict())
+    rng = np.random.default_rng(3)
+    trained = {k: (v + rng.normal(size=v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in initial.items()}
+    assert object_tree_bytes(to_arrayrecord(initial)) < object_tree_bytes(to_arrayrecord(trained))
+    assert trained_model_bytes(initial) == object_tree_bytes(to_arrayrecord(trained))
+    ledger = ByteLedger(ModelLayers.from_state(initial), trained_model_bytes(initial))
+    reply = make_reply(5, trained)
+    ledger.record_up(1, reply)
+    assert ledger.rounds[1].fedavg_bytes_up == ledger.rounds[1].bytes_up == message_bytes(reply)
 
 
 def test_evaluation_replies_carry_no_model_in_fedavg_either():

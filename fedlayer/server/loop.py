@@ -22,7 +22,7 @@ from fedlayer.server.rundir import RunDirectory
 from fedlayer.strategies import LayerwiseStrategy, build_strategy
 from fedlayer.strategies.base import Rejection
 from fedlayer.traffic import ByteLedger
-from fedlayer.traffic.size import object_tree_bytes
+from fedlayer.traffic.size import trained_model_bytes
 from fedlayer.workload import initial_state, load_workload
 
 
@@ -33,9 +33,7 @@ class FederatedRun:
         self.cfg = cfg
         workload = load_workload(cfg, int(cfg.federation.num_clients))
         self.strategy: LayerwiseStrategy = build_strategy(cfg, initial_state(cfg, workload.pool))
-        self.ledger = ByteLedger(
-            self.strategy.layers, object_tree_bytes(to_arrayrecord(self.strategy.global_state))
-        )
+        self.ledger = ByteLedger(self.strategy.layers, trained_model_bytes(self.strategy.global_state))
         self.evaluator = CentralEvaluator(cfg, workload.central_test)
         self.rundir = RunDirectory.create(cfg)
         self.strategy.attach_run_dir(self.rundir.path)
