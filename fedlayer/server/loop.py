@@ -13,7 +13,6 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
-from fedlayer.layers import to_arrayrecord
 from fedlayer.server.checkpoint import Checkpoint, CheckpointStore
 from fedlayer.server.evaluation import CentralEvaluator
 from fedlayer.server.exchange import exchange

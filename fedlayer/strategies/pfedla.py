@@ -4,7 +4,8 @@ ALGORITHMS.md section 2. For each client ``i`` the server keeps its latest
 model ``theta_i`` and a hypernetwork ``HN_i`` with embedding ``v_i``. In a
 round, client ``i`` gets ``thetabar_i^l = sum_j w_ij^l theta_j^l`` with
 ``w_i^l = alpha_i^l / sum_j alpha_ij^l`` over the clients that have trained at
-least once (one-hot on ``i`` when all those alpha are zero), trains it and returns the full trained model. The server then forms
+least once (one-hot on ``i`` when all those alpha are zero), trains it and
+returns the full trained model. The server then forms
 ``Delta_i = theta_new - thetabar_i`` and steps ``(HN_i, v_i)`` along
 ``autograd.grad(thetabar_i, params, grad_outputs=-Delta_i)`` (the direction
 that shrinks ``||thetabar_i - theta_new||``), and stores ``theta_i <- theta_new``.

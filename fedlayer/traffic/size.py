@@ -60,7 +60,7 @@ def trained_model_bytes(state: dict[str, np.ndarray]) -> int:
     """
     rng = np.random.default_rng(0)
     trained = {
-        key: rng.standard_normal(np.shape(value)).astype(value.dtype) if np.asarray(value).dtype.kind == "f" else value
+        key: rng.standard_normal(value.shape).astype(value.dtype) if value.dtype.kind == "f" else value
         for key, value in state.items()
     }
     return object_tree_bytes(to_arrayrecord(trained))
