@@ -22,8 +22,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fedlayer.config import ConfigError, compose_config, config_to_overrides, resolve_resume
+from fedlayer.config import compose_config, resolve_resume
+from fedlayer.errors import ConfigError
+from fedlayer.server.builder import build_strategy
 from fedlayer.server.rundir import default_run_name
+from fedlayer.workload import load_workload
 
 
 def simulate(overrides: Sequence[str]) -> dict[str, Any]:
@@ -33,19 +36,19 @@ def simulate(overrides: Sequence[str]) -> dict[str, Any]:
     from fedlayer.client.app import make_client_app
     from fedlayer.server.app import make_server_app
 
-    cfg = resolve_resume(compose_config(overrides))  # fail fast, before starting the engine
+    cfg = resolve_resume(compose_config(overrides))
+    build_strategy(cfg, load_workload(cfg, int(cfg.federation.num_clients)))  # fail fast, before starting the engine
     if cfg.run_name is None:
         cfg.run_name = default_run_name(cfg)
     if cfg.client_state_dir is None:  # simulated clients share this disk: keep their state with the run
         cfg.client_state_dir = str(Path(cfg.output_dir).resolve() / cfg.run_name / "client-state")
-    overrides = config_to_overrides(cfg)  # server and clients compose exactly this config
     summary_path = Path(cfg.output_dir).resolve() / cfg.run_name / "summary.json"
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
-            server_app=make_server_app(overrides),
-            client_app=make_client_app(overrides),
+            server_app=make_server_app(cfg),  # server and clients share this resolved config
+            client_app=make_client_app(cfg),
             num_supernodes=int(cfg.federation.num_clients),
             backend_config={
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -1,9 +1,14 @@
 """One configuration tree for every way of running fedlayer.
 
-The Hydra tree in ``fedlayer/conf`` is composed the same way by the Hydra CLI
-(``fedlayer-sim``), by the ServerApp and ClientApp under ``flwr run`` (whose
-run-config keys become Hydra overrides), by tests and by benchmarks. A bad
+The Hydra tree in ``fedlayer/conf`` is composed and validated once per run:
+by the Hydra CLI (``fedlayer-sim``), by the ServerApp under ``flwr run``
+(whose run-config keys become Hydra overrides), by tests and benchmarks. A bad
 value fails at start with a ``ConfigError`` that names the field.
+
+Clients never run Hydra: in simulation they receive the server's resolved
+config; a deployed ClientApp (a fresh process per message) reads the same
+YAML files and run-config overrides with plain OmegaConf (``load_config``),
+which gives the same tree without Hydra's import and defaults machinery.
 """
 
 from __future__ import annotations
@@ -13,11 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from fedlayer.errors import ConfigError
 
 CONFIG_MODULE = "fedlayer.conf"
 CONF_DIR = Path(__file__).parent / "conf"
@@ -25,14 +29,6 @@ CONF_DIR = Path(__file__).parent / "conf"
 GROUPS = ("strategy", "dataset", "model", "federation")
 #: Run-config key holding free-form Hydra overrides, space separated.
 OVERRIDES_KEY = "overrides"
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the field."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"config field '{field}': {problem}")
-        self.field = field
 
 
 def group_options(group: str) -> list[str]:
@@ -70,11 +66,12 @@ def run_config_to_overrides(run_config: Mapping[str, Any]) -> list[str]:
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose and validate the config tree with the given overrides."""
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if key in GROUPS and value not in group_options(key):
-            raise ConfigError(key, f"unknown option {value!r}; choose from {group_options(key)}")
+    """Compose (with Hydra) and validate the config tree with the given overrides."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    _check_group_choices(overrides)
     try:
         if GlobalHydra.instance().is_initialized():
             cfg = compose(config_name="config", overrides=list(overrides))
@@ -85,6 +82,52 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError(_field_in(str(err)), str(err).splitlines()[0]) from None
     validate_config(cfg)
     return cfg
+
+
+def _check_group_choices(overrides: Sequence[str]) -> None:
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key in GROUPS and value not in group_options(key):
+            raise ConfigError(key, f"unknown option {value!r}; choose from {group_options(key)}")
+
+
+def load_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The tree ``compose_config`` gives, built with plain OmegaConf (no Hydra, no validation).
+
+    For clients: the server has validated the same overrides. Handles what
+    fedlayer's tree uses: one option per group, a group file's own
+    ``defaults`` (``_common``, ``_self_``), and ``key=value`` overrides.
+    """
+    _check_group_choices(overrides)
+    root = OmegaConf.load(CONF_DIR / "config.yaml")
+    choices = {group: option for entry in root.pop("defaults") if isinstance(entry, DictConfig)
+               for group, option in entry.items() if group in GROUPS}
+    values: list[str] = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key in GROUPS:
+            choices[key] = value
+        else:
+            values.append(override)
+    root.pop("hydra")
+    cfg = OmegaConf.create({group: _load_option(group, option) for group, option in choices.items()})
+    cfg = OmegaConf.merge(cfg, root, OmegaConf.from_dotlist(values))
+    assert isinstance(cfg, DictConfig)
+    return cfg
+
+
+def _load_option(group: str, option: str) -> DictConfig:
+    """A group option's YAML with its own ``defaults`` list applied (``_self_`` last by default)."""
+    node = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+    parts: list[Any] = []
+    defaults = node.pop("defaults", None) or ["_self_"]
+    if "_self_" not in defaults:
+        defaults = [*defaults, "_self_"]
+    for entry in defaults:
+        parts.append(node if entry == "_self_" else OmegaConf.load(CONF_DIR / group / f"{entry}.yaml"))
+    merged = OmegaConf.merge(*parts)
+    assert isinstance(merged, DictConfig)
+    return merged
 
 
 def _field_in(message: str) -> str:
@@ -128,14 +171,21 @@ _RULES: list[Rule] = [
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Check every field with a known rule; raise ``ConfigError`` naming it."""
+    """Check every field with a known rule; raise ``ConfigError`` naming it.
+
+    Strategy fields are checked by the strategy's constructor, when the
+    server builds it (``fedlayer.server.builder``).
+    """
     for field, check, problem in _RULES:
         value = OmegaConf.select(cfg, field, throw_on_missing=False)
         if not check(value):
             raise ConfigError(field, f"{problem}, got {value!r}")
-    from fedlayer.strategies import validate_strategy_config
-
-    validate_strategy_config(cfg)
+    if cfg.strategy.name == "fedlama" and cfg.strategy.tau_prime != cfg.train.local_steps:
+        raise ConfigError(
+            "strategy.tau_prime",
+            f"one FedLAMA round is train.local_steps local steps; tau_prime ({cfg.strategy.tau_prime!r}) "
+            f"must equal train.local_steps ({cfg.train.local_steps}): set train.local_steps instead",
+        )
 
 
 def resolve_resume(cfg: DictConfig) -> DictConfig:
@@ -157,30 +207,3 @@ def resolve_resume(cfg: DictConfig) -> DictConfig:
     saved.federation.rounds = max(int(cfg.federation.rounds), int(saved.federation.rounds))
     validate_config(saved)
     return saved
-
-
-def config_to_overrides(cfg: DictConfig) -> list[str]:
-    """Overrides that compose exactly ``cfg`` again (group choices, then every leaf).
-
-    Used to hand a resolved config (for example a resumed run's saved one) to
-    apps that compose their own. Group options are named by their ``name`` field.
-    """
-    overrides = [f"{group}={cfg[group].name}" for group in GROUPS if "name" in cfg[group]]
-
-    def leaves(node: Any, prefix: str) -> None:
-        for key, value in node.items():
-            path = f"{prefix}{key}"
-            if isinstance(value, DictConfig):
-                leaves(value, path + ".")
-            elif OmegaConf.is_list(value):
-                overrides.append(f"{path}=[{','.join(_format_value(v) for v in value)}]")
-            else:
-                overrides.append(f"{path}={'null' if value is None else _format_value(value)}")
-
-    leaves(cfg, "")
-    return overrides
-
-
-def to_flat_dict(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as a plain nested dict (for summaries)."""
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -6,6 +6,7 @@ split and the same initial model, without exchanging anything.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from omegaconf import DictConfig
@@ -40,25 +41,54 @@ class Workload:
 
 
 def load_workload(cfg: DictConfig, num_partitions: int, path: str | None = None) -> Workload:
-    """Load ``cfg.dataset`` and split it among ``num_partitions`` clients."""
+    """Load ``cfg.dataset`` and split it among ``num_partitions`` clients.
+
+    Cached per process: a simulation actor serves many clients and rounds,
+    and splitting imports flwr-datasets and computes partitions.
+    """
     data = cfg.dataset
-    pool, official_test = load_dataset(
+    return _workload(
         data.name,
-        root=data.root,
-        download=bool(data.download),
-        path=path or data.path,
-        image_size=data.image_size,
+        None if data.root is None else str(data.root),
+        bool(data.download),
+        path or (None if data.path is None else str(data.path)),
+        data.image_size,
+        num_partitions,
+        str(data.partition.scheme),
+        int(cfg.seed),
+        float(data.partition.alpha),
+        int(data.partition.classes_per_client),
+        float(data.client_test_fraction),
+        float(data.central_test_fraction),
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _workload(
+    name: str,
+    root: str | None,
+    download: bool,
+    path: str | None,
+    image_size: int | None,
+    num_partitions: int,
+    scheme: str,
+    seed: int,
+    alpha: float,
+    classes_per_partition: int,
+    client_test_fraction: float,
+    central_test_fraction: float,
+) -> Workload:
+    pool, official_test = load_dataset(name, root=root, download=download, path=path, image_size=image_size)
     pool_used, split = make_federated_split(
         pool,
         official_test,
         num_partitions=num_partitions,
-        scheme=data.partition.scheme,
-        seed=int(cfg.seed),
-        alpha=float(data.partition.alpha),
-        classes_per_partition=int(data.partition.classes_per_client),
-        client_test_fraction=float(data.client_test_fraction),
-        central_test_fraction=float(data.central_test_fraction),
+        scheme=scheme,
+        seed=seed,
+        alpha=alpha,
+        classes_per_partition=classes_per_partition,
+        client_test_fraction=client_test_fraction,
+        central_test_fraction=central_test_fraction,
     )
     return Workload(pool=pool_used, split=split)
 

@@ -60,9 +60,10 @@ def state_digest(state: dict[str, np.ndarray]) -> str:
 def run_case(case: str, output_dir: Path) -> dict[str, Any]:
     """Run one case in process; return its fingerprint."""
     overrides = [*COMMON, *CASES[case], f"output_dir={output_dir}", f"run_name={case}"]
-    run = FederatedRun(compose_config(overrides))
+    cfg = compose_config(overrides)
+    run = FederatedRun(cfg)
     grid = InProcessGrid(
-        make_client_app(overrides),
+        make_client_app(cfg),
         NUM_CLIENTS,
         node_config=lambda p: {"partition-id": p, "num-partitions": NUM_CLIENTS},
     )

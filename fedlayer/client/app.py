@@ -2,36 +2,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from omegaconf import DictConfig
 
-from fedlayer.client.methods import client_method
-from fedlayer.client.runtime import ClientRuntime
-from fedlayer.strategies.identity import NO_PARTITION, PARTITION_ID
+from fedlayer.client.runtime import client_config, client_runtime, state_files
+from fedlayer.methods import METHODS, Method
+from fedlayer.methods.client import server_round_of
+from fedlayer.protocol import CONFIG, METHOD, METRICS, NO_PARTITION, PARTITION_ID
 from fedlayer.traffic.client_mod import traffic_mod
 
 
-def make_client_app(overrides: Sequence[str] | None = None) -> ClientApp:
-    """A ClientApp; ``overrides`` fixes the config (else Flower's run config is used).
+def method_of(content: RecordDict) -> Method:
+    """Both halves of the method the message names."""
+    config = content.config_records.get(CONFIG)
+    if not isinstance(config, ConfigRecord) or METHOD not in config:
+        raise ValueError(f"message has no {CONFIG!r} record naming a {METHOD}")
+    name = str(config[METHOD])
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; this client knows {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
+    """A ClientApp; ``cfg`` fixes the resolved config (else it is read from Flower's run config).
 
     ``flwr run`` passes settings through the run config; the in-process
     simulation API (``run_simulation``) has no run config, so ``fedlayer-sim``
-    bakes its Hydra overrides into the app instead.
+    hands the server's resolved config to the app instead.
     """
     app = ClientApp(mods=[traffic_mod])
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
         """Decode, merge with kept state, train, reply with what was asked."""
-        runtime = ClientRuntime.from_context(context, overrides)
-        handler = client_method(message.content, "train")
-        server_round = int(message.content["config"]["server-round"])
-        files = runtime.state_files
+        run_cfg = client_config(context, cfg)
+        handler = method_of(message.content).train
+        server_round = server_round_of(message.content)
+        files = state_files(context, run_cfg)
         if files is not None:
             files.restore(context, before=server_round)
-        reply = handler(runtime, message.content, context)
+        reply = handler(client_runtime(context, run_cfg), message.content, context)
         if files is not None:
             files.save(context, server_round)
         return Message(reply, reply_to=message)
@@ -39,12 +50,12 @@ def make_client_app(overrides: Sequence[str] | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         """Evaluate the received model on this client's test split."""
-        runtime = ClientRuntime.from_context(context, overrides)
-        handler = client_method(message.content, "evaluate")
-        files = runtime.state_files
+        run_cfg = client_config(context, cfg)
+        handler = method_of(message.content).evaluate
+        files = state_files(context, run_cfg)
         if files is not None:  # evaluation follows training in the same round
-            files.restore(context, before=int(message.content["config"]["server-round"]) + 1)
-        return Message(handler(runtime, message.content, context), reply_to=message)
+            files.restore(context, before=server_round_of(message.content) + 1)
+        return Message(handler(client_runtime(context, run_cfg), message.content, context), reply_to=message)
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
@@ -54,7 +65,7 @@ def make_client_app(overrides: Sequence[str] | None = None) -> ClientApp:
         the client, not Flower's node id; answering needs no data or model.
         """
         partition_id = int(context.node_config.get(PARTITION_ID, NO_PARTITION))
-        return Message(RecordDict({"metrics": MetricRecord({PARTITION_ID: partition_id})}), reply_to=message)
+        return Message(RecordDict({METRICS: MetricRecord({PARTITION_ID: partition_id})}), reply_to=message)
 
     return app
 

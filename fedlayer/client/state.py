@@ -1,44 +1,13 @@
-"""Per-node state that survives between rounds, kept in ``context.state``.
-
-Flower keeps ``context.state`` (a RecordDict) for each node across rounds, in
-simulation and in deployment. fedlayer stores the client's full local model
-there, so layers a strategy did not synchronise keep evolving on the device,
-plus any method memory (LAQ's last upload, FLL's frozen blocks...).
-"""
+"""Per-node state saved to disk after every round, so a restarted node continues exactly."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Context
 from flwr.common.serde import ProtoRecordDict, recorddict_from_proto, recorddict_to_proto
 
-from fedlayer.layers import State, from_arrayrecord, to_arrayrecord
-
-LOCAL_MODEL = "local-model"
-
-
-def load_local_model(context: Context) -> State | None:
-    """The model this node kept from its last round, if any."""
-    record = context.state.array_records.get(LOCAL_MODEL)
-    return from_arrayrecord(record) if isinstance(record, ArrayRecord) else None
-
-
-def save_local_model(context: Context, state: State) -> None:
-    """Keep the node's model for its next round."""
-    context.state[LOCAL_MODEL] = to_arrayrecord(state)
-
-
-def load_memory(context: Context, name: str) -> ConfigRecord | None:
-    """A method's small memory (scalars, bytes) kept under ``name``."""
-    record = context.state.config_records.get(name)
-    return record if isinstance(record, ConfigRecord) else None
-
-
-def save_memory(context: Context, name: str, record: ConfigRecord) -> None:
-    """Keep a method's small memory for the next round."""
-    context.state[name] = record
+from fedlayer.files import atomic_write, keep_newest
 
 
 class NodeStateFiles:
@@ -55,7 +24,7 @@ class NodeStateFiles:
     gets exactly the state of the uninterrupted run.
 
     Files are ``round-NNNNNN.pb`` (Flower's own RecordDict protobuf), written
-    through a temp file and renamed; the ``keep`` newest are kept.
+    crash-safely; the ``keep`` newest are kept.
     """
 
     def __init__(self, root: Path, keep: int = 2) -> None:
@@ -95,12 +64,5 @@ class NodeStateFiles:
         if len(context.state) == 0:
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        target = self.path(server_round)
-        tmp = target.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(recorddict_to_proto(context.state).SerializeToString())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-        for old in self.rounds()[: -self.keep]:
-            self.path(old).unlink(missing_ok=True)
+        atomic_write(self.path(server_round), recorddict_to_proto(context.state).SerializeToString())
+        keep_newest([self.path(r) for r in self.rounds()], self.keep)

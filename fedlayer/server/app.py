@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig
 
 from fedlayer.config import compose_config, resolve_resume, run_config_to_overrides
 from fedlayer.server.loop import FederatedRun
 
 
-def make_server_app(overrides: Sequence[str] | None = None) -> ServerApp:
-    """A ServerApp; ``overrides`` fixes the config (else Flower's run config is used)."""
+def make_server_app(cfg: DictConfig | None = None) -> ServerApp:
+    """A ServerApp; ``cfg`` fixes the resolved config (else Flower's run config is composed)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        chosen = overrides if overrides is not None else run_config_to_overrides(context.run_config)
-        FederatedRun(resolve_resume(compose_config(chosen))).run(grid)
+        run_cfg = cfg if cfg is not None else resolve_resume(compose_config(run_config_to_overrides(context.run_config)))
+        FederatedRun(run_cfg).run(grid)
 
     return app
 

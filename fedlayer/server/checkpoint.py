@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 from dataclasses import dataclass
 from logging import WARNING
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 from flwr.common.logger import log
 
+from fedlayer.files import atomic_write, keep_newest
 from fedlayer.layers import State
 
 MAGIC = b"FLCKPT1\n"
@@ -109,21 +109,6 @@ def decode_checkpoint(data: bytes) -> Checkpoint:
     )
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes through temp file + fsync + rename (+ directory fsync)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 class CheckpointStore:
     """The checkpoints of one run directory; keeps the newest ``keep`` files."""
 
@@ -135,9 +120,8 @@ class CheckpointStore:
         """Write the checkpoint of a completed round, then prune old ones."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"round-{checkpoint.round:06d}.ckpt"
-        write_atomic(path, encode_checkpoint(checkpoint))
-        for old in self.paths()[: -self.keep]:
-            old.unlink(missing_ok=True)
+        atomic_write(path, encode_checkpoint(checkpoint))
+        keep_newest(self.paths(), self.keep)
         return path
 
     def paths(self) -> list[Path]:

@@ -8,21 +8,23 @@ from logging import INFO, WARNING
 
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord
+import numpy as np
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
+from fedlayer.data import ArrayDataset
+from fedlayer.methods import LayerwiseStrategy
+from fedlayer.methods.base import Rejection
+from fedlayer.server.builder import build_strategy
 from fedlayer.server.checkpoint import Checkpoint, CheckpointStore
-from fedlayer.server.evaluation import CentralEvaluator
 from fedlayer.server.exchange import exchange
 from fedlayer.server.plots import plot_run
 from fedlayer.server.rundir import RunDirectory
-from fedlayer.strategies import LayerwiseStrategy, build_strategy
-from fedlayer.strategies.base import Rejection
 from fedlayer.traffic import ByteLedger
 from fedlayer.traffic.size import trained_model_bytes
-from fedlayer.workload import initial_state, load_workload
+from fedlayer.training import Evaluator
+from fedlayer.workload import build_configured_model, load_workload
 
 
 class FederatedRun:
@@ -31,9 +33,9 @@ class FederatedRun:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         workload = load_workload(cfg, int(cfg.federation.num_clients))
-        self.strategy: LayerwiseStrategy = build_strategy(cfg, initial_state(cfg, workload.pool))
+        self.strategy: LayerwiseStrategy = build_strategy(cfg, workload)
         self.ledger = ByteLedger(self.strategy.layers, trained_model_bytes(self.strategy.global_state))
-        self.evaluator = CentralEvaluator(cfg, workload.central_test)
+        self.evaluator = central_evaluator(cfg, workload.central_test)
         self.rundir = RunDirectory.create(cfg)
         self.strategy.attach_run_dir(self.rundir.path)
         self.checkpoints = CheckpointStore(self.rundir.path, keep=int(cfg.checkpoint_keep))
@@ -111,9 +113,18 @@ class FederatedRun:
             control=control,
         )
 
+    def connected_nodes(self, grid: Grid) -> list[int]:
+        """The connected nodes, once at least ``federation.min_available_nodes`` are."""
+        federation = self.cfg.federation
+        needed = int(federation.min_available_nodes or federation.num_clients)
+        while len(node_ids := sorted(grid.get_node_ids())) < needed:
+            log(INFO, "Waiting for nodes: %d connected, %d needed", len(node_ids), needed)
+            time.sleep(1.0)
+        return node_ids
+
     def identify_nodes(self, grid: Grid, server_round: int) -> None:
-        """Ask nodes seen for the first time which client they are (see ``strategies.identity``)."""
-        connected = self.strategy.connected_nodes(grid)
+        """Ask nodes seen for the first time which client they are (see ``methods.replies``)."""
+        connected = self.connected_nodes(grid)
         queries = self.strategy.identity_queries(connected)
         if queries:
             replies = self._exchange(grid, queries, server_round, control=True)
@@ -122,25 +133,24 @@ class FederatedRun:
     def run_round(self, grid: Grid, server_round: int, last: bool) -> dict[str, Any]:
         """One round; returns its metrics line."""
         started = time.time()
-        config = ConfigRecord()
         self.identify_nodes(grid, server_round)
         rejected_before = len(self.strategy.rejections)
-        train_messages = self.strategy.configure_train(server_round, ArrayRecord(), config, grid)
+        train_messages = self.strategy.configure_train(server_round, self.connected_nodes(grid))
         replies = self._exchange(grid, train_messages, server_round)
         record: dict[str, Any] = {"round": server_round, "replies": len(replies)}
         if len(replies) >= int(self.cfg.federation.min_replies):
-            _, train_metrics = self.strategy.aggregate_train(server_round, replies)
-            record["train"] = dict(train_metrics.items()) if train_metrics else None
+            train_metrics = self.strategy.aggregate_train(server_round, replies)
+            record["train"] = train_metrics
             if train_metrics and "local-test-accuracy" in train_metrics:
                 self.last_local_accuracy = float(train_metrics["local-test-accuracy"])
         else:
             log(INFO, "round %d: %d replies < min_replies; model unchanged", server_round, len(replies))
             record["train"] = None
         record["rejected"] = len(self.strategy.rejections) - rejected_before
-        evaluate_messages = self.strategy.configure_evaluate(server_round, ArrayRecord(), config, grid)
+        evaluate_messages = self.strategy.configure_evaluate(server_round, self.connected_nodes(grid))
         if evaluate_messages:
-            federated = self.strategy.aggregate_evaluate(server_round, self._exchange(grid, evaluate_messages, server_round))
-            record["federated_evaluation"] = dict(federated.items()) if federated else None
+            replies = self._exchange(grid, evaluate_messages, server_round)
+            record["federated_evaluation"] = self.strategy.aggregate_evaluate(server_round, replies)
         if last or server_round % int(self.cfg.evaluation.every) == 0:
             central = self.strategy.evaluate_central(self.evaluator)
             self.last_accuracy = central["accuracy"]
@@ -189,6 +199,15 @@ class FederatedRun:
             "run_dir": str(self.rundir.path),
             "strategy_params": {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"},
         }
+
+
+def central_evaluator(cfg: DictConfig, test_set: ArrayDataset) -> Evaluator:
+    """The configured model on (a fixed, seeded sample of at most ``evaluation.max_examples`` of) the test set."""
+    limit = int(cfg.evaluation.max_examples)
+    if limit and len(test_set) > limit:
+        rng = np.random.default_rng(int(cfg.seed))
+        test_set = test_set.subset(np.sort(rng.choice(len(test_set), limit, replace=False)))
+    return Evaluator(build_configured_model(cfg, test_set), test_set)
 
 
 def partition_label(partition: DictConfig) -> str:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from fedlayer.files import atomic_write
 
 
 def _jsonable(value: Any) -> Any:
@@ -23,13 +24,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temp file, fsync and rename (never half a file)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(_jsonable(data), fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write JSON crash-safely (never half a file)."""
+    atomic_write(path, json.dumps(_jsonable(data), indent=2).encode())
 
 
 def default_run_name(cfg: DictConfig) -> str:
@@ -67,9 +63,7 @@ class RunDirectory:
     def truncate_metrics(self, last_round: int) -> None:
         """Drop lines of rounds after ``last_round`` (work lost in a crash)."""
         kept = [r for r in self.read_metrics() if r["round"] <= last_round]
-        tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.metrics_path)
+        atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         """Write ``summary.json``."""

@@ -1,57 +1,48 @@
-"""Federated layer-wise learning (FLL) with depth dropout (ALGORITHMS.md section 5).
-
-Guo et al., "Towards Federated Learning Under Resource Constraints via
-Layer-wise Training and Depth Dropout" (arXiv 2309.05213); no public code,
-the schedule below is our design.
-
-Training runs in stages of ``blocks_per_stage`` consecutive blocks. In stage
-``s`` each client trains the stage's blocks plus a small linear stage head
-on their (pooled) output; earlier blocks are frozen and run forward-only, later
-ones do not run (see ``fedlayer.client.fll``). Only the stage's blocks and
-head travel, both ways; a frozen block is sent to a node once, the first round
-that node trains after the block was frozen, and the node keeps it in its
-``context.state``. A stage lasts ``rounds_per_stage`` rounds, or with
-``stage_rule: plateau`` ends earlier when central accuracy stops improving.
-The last stage trains the last blocks with the model's own head and lasts
-until the run ends.
-
-The global state is the model's plus the stage heads
-(``stage_heads.<s>.weight`` / ``.bias``), so stage heads are validated,
-averaged and counted in bytes like any layer.
-"""
+"""FLL: federated layer-wise learning with depth dropout (see docs/algorithms.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from logging import INFO
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.common.logger import log
-from flwr.serverapp import Grid
-from omegaconf import DictConfig
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from torch import Tensor, nn
 
-from fedlayer.client.fll import (
-    OBJECTIVES,
-    StagedModel,
-    StageSpec,
-    evaluate_stage,
-    frozen_layer_names,
-    linear_probe,
-    stage_layer_names,
-)
-from fedlayer.layers import State, numpy_to_torch_state, torch_state_to_numpy
+from fedlayer.contrastive import augment_pair, nt_xent
+from fedlayer.errors import require
+from fedlayer.layers import ModelLayers, State, from_arrayrecord, merge, numpy_to_torch_state, torch_state_to_numpy
+from fedlayer.memory import measure_step, resident_tensors
+from fedlayer.methods.base import ConfigValue, LayerwiseStrategy, NodePlan, weighted_layer_average
+from fedlayer.methods.client import ClientRuntime, load_local_model, reply_content, requested_layers, save_local_model, server_round_of
+from fedlayer.methods.replies import ReplyRejected, TrainReply
 from fedlayer.models import LayeredModel
-from fedlayer.strategies.base import ConfigValue, LayerwiseStrategy, NodePlan, weighted_layer_average
-from fedlayer.strategies.validation import ReplyRejected, TrainReply
+from fedlayer.models.staged import StagedModel, StageSpec, frozen_layer_names, stage_layer_names
+from fedlayer.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
+from fedlayer.training import Evaluator, evaluate, linear_probe, recalibrate_batch_norm, train_steps
 
+from flwr.common.logger import log
+
+#: Objectives: cross-entropy on labels, or SimCLR's NT-Xent on two views.
+OBJECTIVES = ("supervised", "contrastive")
 STAGE_RULES = ("fixed", "plateau")
 
 
 class FLLStrategy(LayerwiseStrategy):
-    """Stage-by-stage training of a model's blocks with frozen, droppable prefixes.
+    """FLL with depth dropout (Guo et al., https://arxiv.org/abs/2309.05213).
+
+    The model's blocks are trained in stages of ``blocks_per_stage``; stage ``s``:
+
+    1. Clients get the stage's blocks and head, plus frozen blocks they do not hold yet.
+    2. Each client trains the stage's blocks and head on the output of the frozen
+       prefix, run forward-only, skipping each frozen residual block with
+       probability ``p_drop`` (depth dropout); then it re-estimates the stage's
+       BatchNorm statistics on full-depth inputs.
+    3. The server averages the stage's layers (weighted by examples).
+    4. After ``rounds_per_stage`` rounds (or a validation plateau) the stage's
+       blocks freeze and the next stage starts; the last stage uses the model's
+       own head and runs until the end.
 
     Parameters
     ----------
@@ -76,6 +67,14 @@ class FLLStrategy(LayerwiseStrategy):
     stage_rule : str
         ``fixed`` or ``plateau`` (end a stage after ``plateau_patience``
         evaluated rounds without a gain of ``plateau_min_delta`` in accuracy).
+    plateau_patience : int
+        Evaluations without a gain that end a stage (plateau rule).
+    plateau_min_delta : float
+        The smallest accuracy gain that counts (plateau rule).
+    probe_epochs : int
+        Full-batch epochs of the central linear probe (contrastive).
+    **base
+        ``LayerwiseStrategy`` arguments.
     """
 
     method = "fll"
@@ -97,6 +96,15 @@ class FLLStrategy(LayerwiseStrategy):
         probe_epochs: int = 100,
         **base: Any,
     ) -> None:
+        for name, value in (("rounds_per_stage", rounds_per_stage), ("blocks_per_stage", blocks_per_stage),
+                            ("plateau_patience", plateau_patience), ("probe_epochs", probe_epochs)):
+            require(isinstance(value, int) and value >= 1, name, "must be an integer >= 1", value)
+        require(isinstance(head_pool, int) and head_pool >= 0, "head_pool", "must be an integer >= 0 (0: no pooling)", head_pool)
+        require(isinstance(p_drop, (int, float)) and 0.0 <= p_drop < 1.0, "p_drop", "must be in [0, 1)", p_drop)
+        require(objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}", objective)
+        require(isinstance(temperature, (int, float)) and temperature > 0.0, "temperature", "must be > 0", temperature)
+        require(stage_rule in STAGE_RULES, "stage_rule", f"must be one of {STAGE_RULES}", stage_rule)
+        require(isinstance(plateau_min_delta, (int, float)) and plateau_min_delta >= 0.0, "plateau_min_delta", "must be >= 0", plateau_min_delta)
         model.load_state_dict(numpy_to_torch_state(initial_state))
         self.spec = StageSpec(len(model.blocks), blocks_per_stage)
         self.net = StagedModel(model, self.spec, head_pool, int(base.get("seed", 0)))
@@ -118,48 +126,6 @@ class FLLStrategy(LayerwiseStrategy):
         self.delivered: dict[int, set[str]] = {}
         self.round_peak: dict[str, float] = {}
         self.run_peak = 0.0
-
-    # ---------------------------------------------------------- construction
-    @classmethod
-    def check_config(cls, cfg: DictConfig) -> None:
-        from fedlayer.config import ConfigError
-
-        s = cfg.strategy
-        for name in ("rounds_per_stage", "blocks_per_stage", "plateau_patience", "probe_epochs"):
-            if int(s[name]) < 1:
-                raise ConfigError(f"strategy.{name}", f"must be >= 1, got {s[name]}")
-        if int(s.head_pool) < 0:
-            raise ConfigError("strategy.head_pool", f"must be >= 0 (0: no pooling), got {s.head_pool}")
-        if not 0.0 <= float(s.p_drop) < 1.0:
-            raise ConfigError("strategy.p_drop", f"must be in [0, 1), got {s.p_drop}")
-        if s.objective not in OBJECTIVES:
-            raise ConfigError("strategy.objective", f"must be one of {OBJECTIVES}, got {s.objective!r}")
-        if float(s.temperature) <= 0.0:
-            raise ConfigError("strategy.temperature", f"must be > 0, got {s.temperature}")
-        if s.stage_rule not in STAGE_RULES:
-            raise ConfigError("strategy.stage_rule", f"must be one of {STAGE_RULES}, got {s.stage_rule!r}")
-        if float(s.plateau_min_delta) < 0.0:
-            raise ConfigError("strategy.plateau_min_delta", f"must be >= 0, got {s.plateau_min_delta}")
-
-    @classmethod
-    def method_kwargs(cls, cfg: DictConfig) -> dict[str, Any]:
-        from fedlayer.workload import build_configured_model, load_workload
-
-        s = cfg.strategy
-        pool = load_workload(cfg, int(cfg.federation.num_clients)).pool
-        return {
-            "model": build_configured_model(cfg, pool),
-            "rounds_per_stage": int(s.rounds_per_stage),
-            "blocks_per_stage": int(s.blocks_per_stage),
-            "head_pool": int(s.head_pool),
-            "p_drop": float(s.p_drop),
-            "objective": str(s.objective),
-            "temperature": float(s.temperature),
-            "stage_rule": str(s.stage_rule),
-            "plateau_patience": int(s.plateau_patience),
-            "plateau_min_delta": float(s.plateau_min_delta),
-            "probe_epochs": int(s.probe_epochs),
-        }
 
     # ---------------------------------------------------------------- stages
     def stage_layers(self, stage: int) -> list[str]:
@@ -193,11 +159,8 @@ class FLLStrategy(LayerwiseStrategy):
         }
 
     # ------------------------------------------------------------------ hooks
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    def start_round(self, server_round: int) -> None:
         self._advance_stage(server_round)
-        return super().configure_train(server_round, arrays, config, grid)
 
     def plan(self, server_round: int, node_id: int) -> NodePlan:
         """The stage's layers both ways, plus frozen blocks the node does not hold yet."""
@@ -207,12 +170,9 @@ class FLLStrategy(LayerwiseStrategy):
         send = [name for name in self.layers.names if name in active | missing]
         return NodePlan(send=send, request=self.stage_layers(self.stage), config=self.stage_config())
 
-    def build_message(
-        self, server_round: int, node_id: int, plan: NodePlan, config: ConfigRecord, message_type: str
-    ) -> Message:
+    def message_config(self) -> dict[str, ConfigValue]:
         """Every message (evaluation ones too) names the stage."""
-        plan = NodePlan(plan.send, plan.request, {**self.stage_config(), **plan.config}, plan.payload)
-        return super().build_message(server_round, node_id, plan, config, message_type)
+        return self.stage_config()
 
     def validate(self, server_round: int, message: Message) -> TrainReply:
         """Base checks; a client whose reply is refused may have lost its frozen blocks,
@@ -237,16 +197,15 @@ class FLLStrategy(LayerwiseStrategy):
         self.run_peak = max(self.run_peak, self.round_peak.get("peak-train-memory-bytes", 0.0))
         return weighted_layer_average(replies, self.layers, self.stage_layers(self.stage))
 
-    def evaluate_central(self, evaluate: Callable[[State], dict[str, float]]) -> dict[str, float]:
+    def evaluate_central(self, evaluator: Evaluator) -> dict[str, float]:
         """The prefix up to the current stage with its head (supervised), or a
         linear probe on its features (contrastive: fitted on one half of the
         central test set, scored on the other)."""
-        test_set = getattr(evaluate, "test_set", None)
-        if test_set is None:
-            raise TypeError("FLL's central evaluation needs the evaluator's test_set (a CentralEvaluator)")
+        test_set = evaluator.test_set
         self.net.load_state_dict(numpy_to_torch_state(self.global_state))
         if self.objective == "supervised":
-            result = evaluate_stage(self.net, self.stage, test_set, torch.device("cpu"))
+            stage = self.stage
+            result = evaluator.evaluate_module(self.net, forward=lambda x: self.net.forward_stage(x, stage))
         else:
             order = np.random.default_rng(self.seed).permutation(len(test_set))
             half = len(order) // 2
@@ -299,3 +258,103 @@ class FLLStrategy(LayerwiseStrategy):
             self.spec.num_stages, self.spec.blocks_per_stage, self.rounds_per_stage, self.stage_rule,
             self.p_drop, self.objective,
         )
+
+
+# --- client half ----------------------------------------------------------------
+def _stage_config(content: RecordDict) -> tuple[int, int, int, float, str, float]:
+    config = content[CONFIG]
+    return (
+        int(config["fll-stage"]),
+        int(config["fll-blocks-per-stage"]),
+        int(config["fll-head-pool"]),
+        float(config["fll-p-drop"]),
+        str(config["fll-objective"]),
+        float(config["fll-temperature"]),
+    )
+
+
+def staged_model(runtime: ClientRuntime, blocks_per_stage: int, pool: int) -> StagedModel:
+    """A fresh staged model for this run (same initial values as the server's)."""
+    model = runtime.new_model()
+    return StagedModel(model, StageSpec(len(model.blocks), blocks_per_stage), pool, int(runtime.cfg.seed))
+
+
+def _node_state(net: StagedModel, content: RecordDict, context: Context, stage: int) -> State:
+    """What this node kept (frozen blocks received earlier), overwritten by what arrived.
+
+    A node that kept nothing (it restarted without a state folder) must not
+    train on freshly initialised frozen blocks: it refuses, the server sees the
+    error reply and sends it every frozen block the next time.
+    """
+    received = from_arrayrecord(content[ARRAYS]) if ARRAYS in content else {}
+    local = load_local_model(context)
+    if local is None or local.keys() != net.state_dict().keys():
+        local = torch_state_to_numpy(net.state_dict())
+        layers = ModelLayers.from_state(local)
+        frozen = frozen_layer_names(net.spec, layers.names, stage)
+        missing = [name for name in frozen if not set(layers[name].keys) <= received.keys()]
+        if missing:
+            raise RuntimeError(f"this node holds no copy of the frozen layers {missing} (restarted without a state folder?)")
+    return merge(local, received)
+
+
+def train_stage(
+    net: StagedModel, stage: int, runtime: ClientRuntime, seed: int, p_drop: float, objective: str, temperature: float
+) -> dict[str, float]:
+    """One round of local training of ``stage``; the first step's memory is measured.
+
+    Returns ``train-loss``, ``local-steps``, ``dropped-blocks`` (mean skipped
+    frozen blocks per step) and ``peak-train-memory-bytes`` (see ``memory``):
+    the peak over the first step, which also allocates the optimiser state.
+    """
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    device = runtime.device
+    net.to(device)
+    params = net.prepare(stage)
+    loss_fn = nn.CrossEntropyLoss()
+    running = [*(net.blocks[b] for b in range(net.spec.blocks(stage).stop)), net.stage_head(stage)]
+    dropped = 0
+
+    def batch_loss(x: Tensor, y: Tensor) -> Tensor:
+        nonlocal dropped
+        skip = net.sample_skips(stage, p_drop, generator)
+        dropped += len(skip)
+        if objective == "supervised":
+            return loss_fn(net.forward_stage(x, stage, skip), y)
+        first, second = augment_pair(x, generator)
+        # The stage's head serves as SimCLR's projection head.
+        return nt_xent(net.forward_stage(torch.cat([first, second]), stage, skip), temperature)
+
+    metrics = train_steps(
+        net, runtime.train_data, runtime.cfg.train, device, seed, params=params, batch_loss=batch_loss, rng=rng,
+        measure=lambda step, x, y: measure_step(step, resident_tensors(running, x, y), device),
+    )
+    if p_drop > 0.0:
+        recalibrate_batch_norm(net, stage, runtime.train_data, int(runtime.cfg.train.batch_size), rng, device)
+    return {**metrics, "dropped-blocks": dropped / metrics["local-steps"]}
+
+
+def fll_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> RecordDict:
+    """Train the stage named by the server; keep the model; return the stage's layers."""
+    stage, blocks_per_stage, pool, p_drop, objective, temperature = _stage_config(content)
+    net = staged_model(runtime, blocks_per_stage, pool)
+    net.load_state_dict(numpy_to_torch_state(_node_state(net, content, context, stage)))
+    seed = runtime.round_seed(server_round_of(content))
+    metrics = train_stage(net, stage, runtime, seed, p_drop, objective, temperature)
+    state = torch_state_to_numpy(net.state_dict())
+    save_local_model(context, state)
+    if objective == "supervised":
+        local = evaluate(net, runtime.test_data, runtime.device, forward=lambda x: net.forward_stage(x, stage))
+        metrics.update({"local-test-accuracy": local["accuracy"], "local-test-loss": local["loss"]})
+    metrics.update({NUM_EXAMPLES: float(len(runtime.train_data)), PARTITION_ID: float(runtime.partition_id), "fll-stage": float(stage)})
+    return reply_content(state, ModelLayers.from_state(state), requested_layers(content), metrics)
+
+
+def fll_evaluate(runtime: ClientRuntime, content: RecordDict, context: Context) -> RecordDict:
+    """Evaluate the received staged model at its stage on the local test split."""
+    stage, blocks_per_stage, pool, *_ = _stage_config(content)
+    net = staged_model(runtime, blocks_per_stage, pool)
+    net.load_state_dict(numpy_to_torch_state(_node_state(net, content, context, stage)))
+    forward = lambda x: net.forward_stage(x, stage)  # noqa: E731
+    return RecordDict({METRICS: MetricRecord(evaluate(net, runtime.test_data, runtime.device, forward=forward))})

@@ -1,57 +1,23 @@
-"""FedLP (Zhu et al., ICC 2023): layer-wise pruning, homogeneous and heterogeneous.
-
-Homogeneous scheme: each sampled client keeps each layer with probability
-``p`` (per-layer overrides in ``layer_p``) and uploads only the kept layers;
-each layer is averaged over the clients that kept it and stays as it was when
-nobody did. A BatchNorm layer is kept or dropped together with the layer it
-normalises (``pruning_units``): drawn apart, its running statistics were
-averaged over other clients than its conv and the global model's central
-accuracy swung wildly from round to round. The keep-mask is drawn here, on the server, per (round, client), and
-sent as the node's ``request``, rather than drawn on the client:
-
-- the drop still happens before upload, so the uplink bytes are really saved;
-- validation stays exact (a reply must carry exactly the requested layers),
-  so a client cannot pick which layers it shares;
-- the mask is reproducible from the run seed (stateless: seeded by
-  ``(seed, round, client id)``), independent of node sampling, and visible in the
-  per-round record.
-
-Downloads stay full: every client needs the whole current model to train.
-
-Heterogeneous scheme: each node has a depth level c in 1..L (L = number of
-blocks), drawn once per client from ``level_preference`` (seeded by the client id,
-so stable across rounds and runs) and capped by the node's own ``depth-level`` node
-config when it has one (the reply says which level was trained; the server
-uses it from then on). A level-c node downloads and uploads only blocks
-1..c and the level-c head. Each global layer is averaged over the nodes that
-have it; the model's own ``head`` comes from full-depth nodes only.
-Heads below full depth are *per-level heads shared by all nodes of that
-level* (linear on the flattened block output), aggregated like any layer,
-rather than the paper's private heads: with shared heads the global model can
-be evaluated centrally at every depth (``accuracy-depth-<c>``), which private
-heads would not allow. Level heads are kept apart from the global model
-(``level_heads``), so FedAvg-equivalent bytes and checkpoints of the model are
-unaffected; their bytes are real traffic and counted in the ledger's totals.
-
-Both schemes record per round the clients' training FLOPs (``train_flops``)
-next to what full-model training would have cost (``fedavg_train_flops``).
-"""
+"""FedLP: layer-wise pruning, homogeneous and heterogeneous (see docs/algorithms.md)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Message
-from omegaconf import DictConfig
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from torch import nn
 
-from fedlayer.client.fedlp import (
-    HETEROGENEOUS,
-    HOMOGENEOUS,
+from fedlayer.errors import ParameterError, require
+from fedlayer.layers import ModelLayers, State, copy_state, from_arrayrecord, merge, select, to_arrayrecord, torch_state_to_numpy
+from fedlayer.methods.base import LayerwiseStrategy, NodePlan, weighted_layer_average
+from fedlayer.methods.client import ClientRuntime, load_local_model, requested_layers, save_local_model, server_round_of
+from fedlayer.methods.replies import ReplyRejected, TrainReply, validate_train_reply
+from fedlayer.models import LayeredModel
+from fedlayer.models.depth import (
     LEVEL_HEAD_PREFIX,
     DepthNet,
     block_index,
@@ -60,10 +26,11 @@ from fedlayer.client.fedlp import (
     level_head_name,
     level_layers,
 )
-from fedlayer.client.training import evaluate as evaluate_module
-from fedlayer.layers import ModelLayers, State, copy_state, select
-from fedlayer.strategies.base import LayerwiseStrategy, NodePlan, weighted_layer_average
-from fedlayer.strategies.validation import ReplyRejected, TrainReply, validate_train_reply
+from fedlayer.protocol import ARRAYS, CONFIG
+from fedlayer.training import Evaluator, num_local_steps, step_flops, train_steps
+
+HOMOGENEOUS = "homogeneous"
+HETEROGENEOUS = "heterogeneous"
 
 
 def parse_layer_rates(entries: Any) -> dict[str, float]:
@@ -72,8 +39,6 @@ def parse_layer_rates(entries: Any) -> dict[str, float]:
     A list of strings rather than a mapping, because layer names contain dots
     that Hydra overrides would read as nesting.
     """
-    from fedlayer.config import ConfigError
-
     rates: dict[str, float] = {}
     for entry in entries or []:
         name, sep, rate = str(entry).partition("=")
@@ -82,7 +47,7 @@ def parse_layer_rates(entries: Any) -> dict[str, float]:
         except ValueError:
             value = float("nan")
         if not sep or not name or not 0.0 <= value <= 1.0:
-            raise ConfigError("strategy.layer_p", f"entries are '<layer>=<rate in [0, 1]>', got {entry!r}")
+            raise ParameterError("layer_p", f"entries are '<layer>=<rate in [0, 1]>', got {entry!r}")
         rates[name] = value
     return rates
 
@@ -104,23 +69,39 @@ def pruning_units(layers: ModelLayers) -> list[list[str]]:
 
 
 class FedLPStrategy(LayerwiseStrategy):
-    """FedLP over the layer-wise base.
+    """FedLP (Zhu et al., ICC 2023, https://arxiv.org/abs/2303.06360).
+
+    Homogeneous scheme, each round:
+
+    1. Every sampled client ``k`` gets the global model and keeps each pruning
+       unit (a layer, with its BatchNorm) with probability ``p_l``: mask ``m_k``.
+    2. The client trains and uploads the kept layers only.
+    3. ``W_l <- sum_{k: m_kl = 1} n_k W_l^k / sum_{k: m_kl = 1} n_k``; a layer
+       nobody kept stays as it was.
+
+    Heterogeneous scheme: client ``k`` has a depth level ``c_k`` in ``1..L``
+    (drawn once from ``level_preference``, capped by the node); it trains and
+    exchanges blocks ``1..c_k`` and the level-``c_k`` head; each layer is
+    averaged over the clients that hold it.
 
     Parameters
     ----------
+    initial_state : State
+        The initial global model.
+    model : LayeredModel
+        The configured model (its blocks define depth levels and level heads).
     scheme : str
         ``homogeneous`` or ``heterogeneous``.
     p : float
-        Layer-preserving rate of the homogeneous scheme.
-    layer_p : dict[str, float]
-        Per-layer rates overriding ``p``.
+        Layer-preserving rate of the homogeneous scheme, in [0, 1].
+    layer_p : list[str]
+        Per-unit rates overriding ``p``, as ``"<layer>=<rate>"`` (the unit's first layer).
     freeze_dropped : bool
-        Homogeneous: clients skip gradients of the layers they do not upload
-        (saves backward FLOPs, costs accuracy; see the config file).
+        Homogeneous: clients skip gradients of the layers they do not upload.
     level_preference : list[float] | None
         Heterogeneous: probability of each level 1..L (None: uniform).
-    level_heads : State | None
-        Heterogeneous: initial heads of levels 1..L-1 (``level-heads.<c>.*``).
+    **base
+        ``LayerwiseStrategy`` arguments.
     """
 
     method = "fedlp"
@@ -129,73 +110,38 @@ class FedLPStrategy(LayerwiseStrategy):
         self,
         initial_state: State,
         *,
+        model: LayeredModel,
         scheme: str = HOMOGENEOUS,
         p: float = 0.5,
-        layer_p: dict[str, float] | None = None,
+        layer_p: list[str] | None = None,
         freeze_dropped: bool = False,
         level_preference: list[float] | None = None,
-        level_heads: State | None = None,
-        **kwargs: Any,
+        **base: Any,
     ) -> None:
-        from fedlayer.config import ConfigError
-
-        super().__init__(initial_state, **kwargs)
+        require(scheme in (HOMOGENEOUS, HETEROGENEOUS), "scheme", f"must be {HOMOGENEOUS} or {HETEROGENEOUS}", scheme)
+        require(isinstance(p, (int, float)) and 0.0 <= p <= 1.0, "p", "must lie in [0, 1]", p)
+        super().__init__(initial_state, **base)
         self.scheme = scheme
         self.freeze_dropped = freeze_dropped
-        unknown = sorted(set(layer_p or {}) - set(self.layers.names))
-        if unknown:
-            raise ConfigError("strategy.layer_p", f"unknown layers {unknown}; layers are {self.layers.names}")
-        self.keep_rate = {name: float((layer_p or {}).get(name, p)) for name in self.layers.names}
+        rates = parse_layer_rates(layer_p)
+        unknown = sorted(set(rates) - set(self.layers.names))
+        require(not unknown, "layer_p", f"unknown layers {unknown}; layers are {self.layers.names}", layer_p)
+        self.keep_rate = {name: float(rates.get(name, p)) for name in self.layers.names}
         self.units = pruning_units(self.layers)
-        self.depth = 1 + max(i for i in map(block_index, self.layers.names) if i is not None)
-        preference = level_preference or [1.0 / self.depth] * self.depth
-        if len(preference) != self.depth:
-            raise ConfigError("strategy.level_preference", f"needs {self.depth} probabilities (levels 1..{self.depth}), got {len(preference)}")
+        self.depth = len(model.blocks)
+        preference = [float(v) for v in level_preference] if level_preference is not None else [1.0 / self.depth] * self.depth
+        require(bool(preference) and min(preference) >= 0 and sum(preference) > 0, "level_preference", "must be non-negative with a positive sum", preference)
+        require(len(preference) == self.depth, "level_preference", f"needs {self.depth} probabilities (levels 1..{self.depth})", preference)
         self.level_preference = np.asarray(preference, dtype=np.float64) / float(sum(preference))
-        self.level_heads: State = copy_state(level_heads or {})
+        self.level_heads: State = {}
+        if scheme == HETEROGENEOUS:
+            for level in range(1, self.depth):
+                self.level_heads.update(init_level_head(model, level, self.seed))
         self.head_layers = ModelLayers.from_state(self.level_heads)
-        if scheme == HETEROGENEOUS and len(self.head_layers) != self.depth - 1:
-            raise ValueError(f"heterogeneous FedLP needs heads for levels 1..{self.depth - 1}")
         self.all_layers = ModelLayers([*self.layers, *self.head_layers])
         #: client id -> depth level learned from its replies
         self.node_levels: dict[int, int] = {}
         self.round_info: dict[int, dict[str, Any]] = {}
-
-    # ---------------------------------------------------------- construction
-    @classmethod
-    def check_config(cls, cfg: DictConfig) -> None:
-        from fedlayer.config import ConfigError
-
-        s = cfg.strategy
-        if s.scheme not in (HOMOGENEOUS, HETEROGENEOUS):
-            raise ConfigError("strategy.scheme", f"must be {HOMOGENEOUS} or {HETEROGENEOUS}, got {s.scheme!r}")
-        if not 0.0 <= float(s.p) <= 1.0:
-            raise ConfigError("strategy.p", f"must lie in [0, 1], got {s.p}")
-        parse_layer_rates(s.layer_p)
-        if s.level_preference is not None:
-            probs = [float(v) for v in s.level_preference]
-            if not probs or min(probs) < 0 or sum(probs) <= 0:
-                raise ConfigError("strategy.level_preference", f"must be non-negative with a positive sum, got {probs}")
-
-    @classmethod
-    def method_kwargs(cls, cfg: DictConfig) -> dict[str, Any]:
-        s = cfg.strategy
-        kwargs: dict[str, Any] = {
-            "scheme": str(s.scheme),
-            "p": float(s.p),
-            "layer_p": parse_layer_rates(s.layer_p),
-            "freeze_dropped": bool(s.freeze_dropped),
-            "level_preference": None if s.level_preference is None else [float(v) for v in s.level_preference],
-        }
-        if s.scheme == HETEROGENEOUS:
-            from fedlayer.workload import build_configured_model, load_workload
-
-            model = build_configured_model(cfg, load_workload(cfg, int(cfg.federation.num_clients)).pool)
-            heads: State = {}
-            for level in range(1, len(model.blocks)):
-                heads.update(init_level_head(model, level, int(cfg.seed)))
-            kwargs["level_heads"] = heads
-        return kwargs
 
     # ------------------------------------------------------------------ levels
     def level_of(self, client: int) -> int:
@@ -283,21 +229,14 @@ class FedLPStrategy(LayerwiseStrategy):
         info["total_fedavg_train_flops"] = sum(r["fedavg_train_flops"] for r in self.round_info.values())
         return info
 
-    def evaluate_central(self, evaluate: Callable[[State], dict[str, float]]) -> dict[str, float]:
-        """Full-depth accuracy; heterogeneous adds ``accuracy-depth-<c>`` for every level.
-
-        Shallower depths need the evaluator's model and test set (the
-        ``CentralEvaluator`` exposes them); ``evaluate`` has just loaded the
-        global state into that model.
-        """
-        result = dict(evaluate(self.global_state))
+    def evaluate_central(self, evaluator: Evaluator) -> dict[str, float]:
+        """Full-depth accuracy; heterogeneous adds ``accuracy-depth-<c>`` for every level."""
+        result = dict(evaluator(self.global_state))  # also loads the global state into evaluator.model
         if self.scheme != HETEROGENEOUS:
             return result
-        model, test_set = getattr(evaluate, "model", None), getattr(evaluate, "test_set", None)
-        if model is not None and test_set is not None:
-            for level in range(1, self.depth):
-                net = DepthNet(model, level, level_head_module(self.level_heads, level))
-                result[f"accuracy-depth-{level}"] = evaluate_module(net, test_set, torch.device("cpu"))["accuracy"]
+        for level in range(1, self.depth):
+            net = DepthNet(evaluator.model, level, level_head_module(self.level_heads, level))
+            result[f"accuracy-depth-{level}"] = evaluator.evaluate_module(net)["accuracy"]
         result[f"accuracy-depth-{self.depth}"] = result["accuracy"]
         return result
 
@@ -330,3 +269,72 @@ class FedLPStrategy(LayerwiseStrategy):
         self.node_levels = {int(k): int(v) for k, v in state["node_levels"].items()}
         self.level_heads = copy_state(state["level_heads"])
         self.round_info = {int(k): v for k, v in state["round_info"].items()}
+
+
+# --- client half ----------------------------------------------------------------
+def _flop_metrics(runtime: ClientRuntime, net: nn.Module, full: nn.Module, steps: int) -> dict[str, float]:
+    batch = min(len(runtime.train_data), int(runtime.cfg.train.batch_size))
+    x = torch.from_numpy(runtime.train_data.x[:batch]).to(runtime.device)
+    y = torch.from_numpy(runtime.train_data.y[:batch]).to(runtime.device)
+    full_steps = num_local_steps(runtime.cfg.train, len(runtime.train_data))
+    return {
+        "train-flops": float(step_flops(net, x, y) * steps),
+        "train-flops-full": float(step_flops(full, x, y) * full_steps),
+    }
+
+
+def _train(runtime: ClientRuntime, net: nn.Module, server_round: int) -> dict[str, float]:
+    params = [p for p in net.parameters() if p.requires_grad]
+    if not params:  # every layer dropped and frozen: nothing to compute
+        return {"local-steps": 0.0}
+    seed = runtime.round_seed(server_round)
+    return train_steps(net, runtime.train_data, runtime.cfg.train, runtime.device, seed, params=params)
+
+
+def fedlp_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> RecordDict:
+    """Train the kept layers (homogeneous) or the depth sub-model (heterogeneous)."""
+    config = content[CONFIG]
+    server_round = server_round_of(content)
+    received = from_arrayrecord(content[ARRAYS]) if ARRAYS in content else {}
+    heads = {k: v for k, v in received.items() if k.startswith(LEVEL_HEAD_PREFIX)}
+    local = load_local_model(context)
+    if local is None:
+        local = torch_state_to_numpy(runtime.new_model().state_dict())
+    model = runtime.model_with(merge(local, {k: v for k, v in received.items() if k not in heads}))
+    request = requested_layers(content)
+    metrics: dict[str, float] = {}
+
+    if str(config["fedlp-scheme"]) == HOMOGENEOUS:
+        net: nn.Module = model
+        if bool(config["freeze-dropped"]):
+            for key, param in model.named_parameters():
+                param.requires_grad_(runtime.layers.layer_of(key) in request)
+        upload = request
+    else:
+        depth = len(model.blocks)
+        level = int(config["depth-level"])
+        if "depth-level" in context.node_config:
+            level = max(1, min(level, int(context.node_config["depth-level"])))
+        head = None
+        if level < depth:
+            name = level_head_name(level)
+            if f"{name}.weight" not in heads:  # capped below the planned level
+                heads = init_level_head(model, level, int(runtime.cfg.seed))
+            head = level_head_module(heads, level).to(runtime.device)
+        net = DepthNet(model, level, head)
+        upload = [n for n in level_layers(runtime.layers.names, level, depth) if n in runtime.layers]
+        metrics["depth-level"] = float(level)
+
+    metrics.update(_train(runtime, net, server_round))
+    metrics.update(_flop_metrics(runtime, net, runtime.new_model().to(runtime.device), int(metrics["local-steps"])))
+    state = torch_state_to_numpy(model.state_dict())
+    save_local_model(context, state)
+    metrics.update(runtime.reply_metrics(net))
+    reply = RecordDict({"metrics": MetricRecord(metrics)})
+    arrays = select(state, runtime.layers, upload)
+    if isinstance(net, DepthNet) and net.head is not model.head:
+        name = level_head_name(int(metrics["depth-level"]))
+        arrays.update({f"{name}.{k}": v for k, v in torch_state_to_numpy(net.head.state_dict()).items()})
+    if arrays:
+        reply[ARRAYS] = to_arrayrecord(arrays)
+    return reply

@@ -1,46 +1,21 @@
-"""FedLAMA (Lee et al., AAAI 2023): layer-wise adaptive aggregation intervals.
-
-Each layer ``l`` is synchronised every ``tau_l`` local steps, ``tau_l`` in
-``{tau', phi * tau'}``; one fedlayer round is ``tau'`` local steps, so a layer
-is due in round ``r`` iff ``r % interval_l == 0`` with ``interval_l`` in
-``{1, phi}`` rounds. Only due layers travel, in both directions; the others
-stay on the device and keep training there (the standard client keeps its full
-model in ``context.state``).
-
-Rounds come in *phi-blocks* (rounds ``k*phi+1 .. (k+1)*phi``): the cohort is
-sampled at a block's first round and kept for the whole block, the first round
-of a block sends every layer (a new member may hold stale layers from an
-earlier block, or none), and its last round synchronises every layer. At the
-end of a block (after round ``min_round_to_adjust + 1``) intervals are
-re-assigned from the layers' discrepancies: small-discrepancy, large layers
-get ``phi``. ``phi = 1`` is FedAvg exactly.
-
-Differences from the reference code (swblaster/FedLAMA, ``solvers/fedlama.py``):
-the unit of an interval is a whole layer (module), as in the paper; the
-reference lets only ``kernel`` tensors take the long interval while biases and
-BatchNorm tensors sync every round, which fedlayer's whole-layer transfer does
-not express (``long_interval_tensors: weights_only`` is refused). ``d_l`` is
-the ``p_i``-weighted mean of ALGORITHMS.md (the reference averages unweighted).
-"""
+"""FedLAMA: layer-wise adaptive aggregation intervals (see docs/algorithms.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
-from flwr.serverapp import Grid
-from omegaconf import DictConfig
 
+from fedlayer.errors import require
 from fedlayer.layers import ModelLayers, State
-from fedlayer.strategies.base import LayerwiseStrategy, NodePlan, weighted_layer_average
-from fedlayer.strategies.validation import TrainReply
+from fedlayer.methods.base import LayerwiseStrategy, NodePlan, weighted_layer_average
+from fedlayer.methods.replies import TrainReply
 
-#: Values of ``strategy.long_interval_tensors`` and whether fedlayer implements them.
+#: Values of ``long_interval_tensors`` and whether fedlayer implements them.
 LONG_INTERVAL_TENSORS = {"whole_layer": True, "weights_only": False}
 
 
@@ -97,7 +72,17 @@ def long_interval_layers(discrepancy: dict[str, float], sizes: dict[str, int]) -
 
 
 class FedLAMAStrategy(LayerwiseStrategy):
-    """Layer-wise adaptive model aggregation (FedLAMA).
+    """FedLAMA (Lee et al., AAAI 2023, https://arxiv.org/abs/2110.10302).
+
+    Rounds are grouped into phi-blocks; one round is ``tau'`` local steps.
+
+    1. At a block start, sample the block's cohort and send it every layer.
+    2. In round ``r`` layer ``l`` is due iff ``r % tau_l == 0``, ``tau_l`` in ``{1, phi}``;
+       only due layers come back, and only short-interval layers go down.
+    3. ``u_l = sum_i p_i x_l^i`` over the replies; ``d_l = sum_i p_i ||u_l - x_l^i||^2 / (tau_l dim_l)``.
+    4. At a block end after ``min_round_to_adjust``: sort layers by ``d_l``; the
+       prefix up to the first ``k`` with ``delta_k >= 1 - lambda_k`` gets ``tau_l = phi``,
+       the rest 1 (``delta``: share of ``sum d_l dim_l``, ``lambda``: share of parameters).
 
     Parameters
     ----------
@@ -111,9 +96,11 @@ class FedLAMAStrategy(LayerwiseStrategy):
         cohort and intervals change every ``phi`` rounds. 1 is FedAvg.
     min_round_to_adjust : int
         Intervals are first re-assigned at a block end ``r`` with
-        ``r - 1 > min_round_to_adjust`` (the reference's ``epoch_id > 5``,
-        counted from 0); until then every layer syncs every round.
-    **kwargs
+        ``r - 1 > min_round_to_adjust``; until then every layer syncs every round.
+    long_interval_tensors : str
+        ``whole_layer`` (the paper: a layer's tensors share one interval);
+        ``weights_only`` (the reference code's kernels-only intervals) is refused.
+    **base
         ``LayerwiseStrategy`` arguments (sampling, seed).
     """
 
@@ -127,9 +114,19 @@ class FedLAMAStrategy(LayerwiseStrategy):
         tau_prime: int = 0,
         phi: int = 2,
         min_round_to_adjust: int = 5,
-        **kwargs: Any,
+        long_interval_tensors: str = "whole_layer",
+        **base: Any,
     ) -> None:
-        super().__init__(initial_state, **kwargs)
+        require(isinstance(phi, int) and phi >= 1, "phi", "must be an integer >= 1", phi)
+        require(isinstance(min_round_to_adjust, int) and min_round_to_adjust >= 0, "min_round_to_adjust", "must be an integer >= 0", min_round_to_adjust)
+        require(isinstance(tau_prime, int) and tau_prime >= 0, "tau_prime", "must be an integer >= 0", tau_prime)
+        require(long_interval_tensors in LONG_INTERVAL_TENSORS, "long_interval_tensors", f"must be one of {sorted(LONG_INTERVAL_TENSORS)}", long_interval_tensors)
+        require(
+            LONG_INTERVAL_TENSORS[long_interval_tensors], "long_interval_tensors",
+            "weights_only (the reference code's per-tensor intervals) is not implemented: fedlayer moves "
+            "whole layers (modules); use whole_layer (the paper's rule)", long_interval_tensors,
+        )
+        super().__init__(initial_state, **base)
         self.tau_prime = tau_prime
         self.phi = phi
         self.min_round_to_adjust = min_round_to_adjust
@@ -143,44 +140,6 @@ class FedLAMAStrategy(LayerwiseStrategy):
             for layer in self.layers
         }
         self._record: dict[str, Any] = {}
-
-    # ---------------------------------------------------------- construction
-    @classmethod
-    def check_config(cls, cfg: DictConfig) -> None:
-        from fedlayer.config import ConfigError
-
-        strategy = cfg.strategy
-        if not isinstance(strategy.phi, int) or strategy.phi < 1:
-            raise ConfigError("strategy.phi", f"must be an integer >= 1, got {strategy.phi!r}")
-        if not isinstance(strategy.min_round_to_adjust, int) or strategy.min_round_to_adjust < 0:
-            raise ConfigError(
-                "strategy.min_round_to_adjust", f"must be an integer >= 0, got {strategy.min_round_to_adjust!r}"
-            )
-        if strategy.tau_prime != cfg.train.local_steps:
-            raise ConfigError(
-                "strategy.tau_prime",
-                f"one FedLAMA round is train.local_steps local steps; tau_prime ({strategy.tau_prime!r}) "
-                f"must equal train.local_steps ({cfg.train.local_steps}): set train.local_steps instead",
-            )
-        mode = strategy.long_interval_tensors
-        if mode not in LONG_INTERVAL_TENSORS:
-            raise ConfigError(
-                "strategy.long_interval_tensors", f"must be one of {sorted(LONG_INTERVAL_TENSORS)}, got {mode!r}"
-            )
-        if not LONG_INTERVAL_TENSORS[mode]:
-            raise ConfigError(
-                "strategy.long_interval_tensors",
-                "weights_only (the reference code's per-tensor intervals) is not implemented: fedlayer moves "
-                "whole layers (modules); use whole_layer (the paper's rule)",
-            )
-
-    @classmethod
-    def method_kwargs(cls, cfg: DictConfig) -> dict[str, Any]:
-        return {
-            "tau_prime": int(cfg.strategy.tau_prime),
-            "phi": int(cfg.strategy.phi),
-            "min_round_to_adjust": int(cfg.strategy.min_round_to_adjust),
-        }
 
     # ------------------------------------------------------------ schedule
     def block_start(self, server_round: int) -> bool:
@@ -213,12 +172,9 @@ class FedLAMAStrategy(LayerwiseStrategy):
             send = [name for name in self.layers.names if self.intervals[name] == 1]
         return NodePlan(send=send, request=self.due(server_round))
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Start this round's record with the intervals in force, then plan as usual."""
+    def start_round(self, server_round: int) -> None:
+        """Start this round's record with the intervals in force."""
         self._record = {"intervals": dict(self.intervals), "synced": [], "reassigned": False}
-        return super().configure_train(server_round, arrays, config, grid)
 
     # ---------------------------------------------------------- aggregation
     def aggregate(self, server_round: int, replies: list[TrainReply]) -> State:

@@ -1,22 +1,30 @@
-"""Reply validation: nothing reaches the global model before it passes here.
+"""Replies: who a node is, and whether what it sent may touch the model.
 
-A reply is checked for errors, a usable example count, names that are whole
-known layers the server asked for, exact shapes and dtypes, and finite values.
-Any failure raises ``ReplyRejected`` with the node id and the reason; callers
-log it, count it, and leave every piece of server state untouched.
+Validation: a reply is checked for errors, a usable example count, names that
+are whole known layers the server asked for, exact shapes and dtypes, and
+finite values. Any failure raises ``ReplyRejected`` with the node id and the
+reason; callers log it, count it, and leave every piece of server state untouched.
+
+Identity: Flower node ids are addresses, not identities (every simulation
+draws new ones; a SuperNode that registers again may get a new one). What the
+server keeps per client, and the seeded choice of who trains, are keyed by a
+*client id*: the node's ``partition-id`` from its node config, learned once
+per node with a QUERY message that the ClientApp answers without touching
+data or model. A node without one is keyed by its node id.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedlayer.layers import ModelLayers, State
+from fedlayer.protocol import ARRAYS, CONFIG, METHOD, METRICS, NO_PARTITION, NUM_EXAMPLES, PARTITION_ID, PAYLOAD, QUERY
 
 #: Largest example count a reply may claim (guards the weighted average).
 MAX_EXAMPLES = 10**9
@@ -44,9 +52,9 @@ class TrainReply:
 
 
 def _metrics(message: Message, node_id: int) -> dict[str, float]:
-    record = message.content.metric_records.get("metrics")
+    record = message.content.metric_records.get(METRICS)
     if not isinstance(record, MetricRecord):
-        raise ReplyRejected(node_id, "missing MetricRecord 'metrics'")
+        raise ReplyRejected(node_id, f"missing MetricRecord {METRICS!r}")
     values: dict[str, float] = {}
     for key, value in record.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -55,7 +63,7 @@ def _metrics(message: Message, node_id: int) -> dict[str, float]:
 
 
 def _num_examples(metrics: dict[str, float], node_id: int) -> int:
-    value = metrics.get("num-examples")
+    value = metrics.get(NUM_EXAMPLES)
     if value is None:
         raise ReplyRejected(node_id, "metric 'num-examples' missing")
     if not math.isfinite(value) or value <= 0 or value > MAX_EXAMPLES or value != int(value):
@@ -130,10 +138,10 @@ def validate_train_reply(
         raise ReplyRejected(node_id, f"client error: {message.error.reason}")
     metrics = _metrics(message, node_id)
     num_examples = _num_examples(metrics, node_id)
-    arrays = message.content.array_records.get("arrays")
+    arrays = message.content.array_records.get(ARRAYS)
     state = _decode_arrays(arrays, node_id) if isinstance(arrays, ArrayRecord) else {}
     names = check_state(state, layers, node_id, allowed, required)
-    payload_record = message.content.config_records.get("payload")
+    payload_record = message.content.config_records.get(PAYLOAD)
     payload = dict(payload_record.items()) if isinstance(payload_record, ConfigRecord) else {}
     return TrainReply(
         node_id=node_id,
@@ -143,3 +151,45 @@ def validate_train_reply(
         metrics=metrics,
         payload=payload,
     )
+
+
+# --- identity -------------------------------------------------------------------
+def identity_query(method: str, node_id: int) -> Message:
+    """The QUERY message asking ``node_id`` for its ``partition-id``."""
+    content = RecordDict({CONFIG: ConfigRecord({METHOD: method, QUERY: PARTITION_ID})})
+    return Message(content, message_type=MessageType.QUERY, dst_node_id=node_id)
+
+
+def parse_identity(
+    reply: Message, client_of: dict[int, int], connected: Iterable[int], limit: int | None = None
+) -> tuple[int, int]:
+    """``(node id, client id)`` from a query reply; ``ReplyRejected`` if unusable.
+
+    ``limit``: client ids must be partition ids in ``[0, limit)`` (methods
+    with one slot per client); otherwise a node without one is keyed by its
+    node id. A partition id held by another *connected* node is refused; one
+    held by a node that is gone moves to the new node (a SuperNode that came
+    back under a new node id).
+    """
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        raise ReplyRejected(node, f"identity query failed: {reply.error.reason}")
+    record = reply.content.metric_records.get(METRICS)
+    value = record.get(PARTITION_ID) if isinstance(record, MetricRecord) else None
+    if not isinstance(value, (int, float)) or value != int(value) or value < NO_PARTITION:
+        raise ReplyRejected(node, f"{PARTITION_ID} must be an integer >= 0 (or {NO_PARTITION}: none), got {value!r}")
+    if limit is not None and not 0 <= value < limit:
+        raise ReplyRejected(node, f"{PARTITION_ID} must be an integer in [0, {limit}), got {value!r}")
+    if value == NO_PARTITION:
+        return node, node
+    client = int(value)
+    live = set(connected)
+    owner = next((n for n, c in client_of.items() if c == client and n != node and n in live), None)
+    if owner is not None:
+        raise ReplyRejected(node, f"{PARTITION_ID} {client} already belongs to node {owner}")
+    return node, client
+
+
+def client_order(node_ids: Iterable[int], client_of: dict[int, int]) -> list[int]:
+    """Nodes ordered by client id (unknown nodes last, by node id): the same order in every run."""
+    return sorted(node_ids, key=lambda node: (node not in client_of, client_of.get(node, node), node))

@@ -1,34 +1,9 @@
-"""pFedLA (Ma et al., CVPR 2022): layer-wise personalised aggregation by hypernetworks.
-
-ALGORITHMS.md section 2. For each client ``i`` the server keeps its latest
-model ``theta_i`` and a hypernetwork ``HN_i`` with embedding ``v_i``. In a
-round, client ``i`` gets ``thetabar_i^l = sum_j w_ij^l theta_j^l`` with
-``w_i^l = alpha_i^l / sum_j alpha_ij^l`` over the clients that have trained at
-least once (one-hot on ``i`` when all those alpha are zero), trains it and
-returns the full trained model. The server then forms
-``Delta_i = theta_new - thetabar_i`` and steps ``(HN_i, v_i)`` along
-``autograd.grad(thetabar_i, params, grad_outputs=-Delta_i)`` (the direction
-that shrinks ``||thetabar_i - theta_new||``), and stores ``theta_i <- theta_new``.
-HeurpFedLA (``k > 0``): the ``k`` layers with the largest self-weight stay
-local and get no hypernetwork gradient.
-
-Memory: client models and hypernetworks live in files under the run directory
-(``ClientModelStore``, ``hn-NNNNN.npz``); a personalised layer is mixed one
-stored slice at a time, and the hypernetwork gradient needs only the scalars
-``D[l, j] = <theta_j^l, -Delta_i^l>``: since ``thetabar_i`` is linear in
-``w_i``, ``autograd.grad(thetabar_i, params, grad_outputs=-Delta_i)`` equals
-``autograd.grad(sum_lj w_ij^l D[l, j], params)``, computed here. So the
-server holds the models of the nodes in the current round, never all N.
-
-Identity: client ``i`` is the node's ``partition-id`` (node config), learned
-with the base strategy's identity query (``fedlayer.strategies.identity``);
-a node without a partition id in ``[0, N)`` is refused and never trains.
-"""
+"""pFedLA: layer-wise personalised aggregation by per-client hypernetworks (see docs/algorithms.md)."""
 
 from __future__ import annotations
 
+import io
 import math
-import tempfile
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -37,19 +12,34 @@ import numpy as np
 import torch
 from flwr.app import Message, MessageType
 from flwr.common.logger import log
-from omegaconf import DictConfig
 
+from fedlayer.errors import require
+from fedlayer.files import atomic_write
 from fedlayer.layers import State, select
-from fedlayer.strategies.base import LayerwiseStrategy
-from fedlayer.strategies.client_store import ClientModelStore, FileVersions
-from fedlayer.strategies.hypernetwork import ClientHypernetwork, aggregation_weights
-from fedlayer.strategies.identity import PARTITION_ID
-from fedlayer.strategies.validation import ReplyRejected, TrainReply
-
+from fedlayer.methods.base import LayerwiseStrategy
+from fedlayer.methods.pfedla.hypernetwork import ClientHypernetwork, aggregation_weights
+from fedlayer.methods.pfedla.store import ClientModelStore, FileVersions
+from fedlayer.methods.replies import ReplyRejected, TrainReply
+from fedlayer.protocol import PARTITION_ID
 
 
 class PFedLAStrategy(LayerwiseStrategy):
-    """Personalised layer-wise aggregation with one hypernetwork per client.
+    """pFedLA (Ma et al., CVPR 2022, https://arxiv.org/abs/2203.11516).
+
+    The server keeps every client's latest model ``theta_j`` and, per client
+    ``i``, a hypernetwork ``HN_i`` with embedding ``v_i``. Each round, for every
+    sampled client ``i``:
+
+    1. ``alpha_i = HN_i(v_i)`` (one row of N weights per layer ``l``);
+       ``w_ij^l = alpha_ij^l / sum_j alpha_ij^l`` over clients that have trained.
+    2. Send ``thetabar_i^l = sum_j w_ij^l theta_j^l``; the client trains it and
+       returns ``theta_new``.
+    3. ``Delta_i = theta_new - thetabar_i``; step ``(HN_i, v_i)`` by SGD along
+       ``autograd.grad(thetabar_i, params, grad_outputs=-Delta_i)``.
+    4. Store ``theta_i <- theta_new``.
+
+    HeurpFedLA (``k > 0``): the ``k`` layers with the largest self-weight
+    ``w_ii^l`` stay local (one-hot) and get no hypernetwork gradient.
 
     Parameters
     ----------
@@ -68,6 +58,7 @@ class PFedLAStrategy(LayerwiseStrategy):
     """
 
     method = "pfedla"
+    personalised = True
 
     def __init__(
         self,
@@ -80,44 +71,18 @@ class PFedLAStrategy(LayerwiseStrategy):
         k: int = 0,
         **base: Any,
     ) -> None:
+        for name, value in (("num_clients", num_clients), ("embedding_dim", embedding_dim), ("hidden_dim", hidden_dim)):
+            require(isinstance(value, int) and value >= 1, name, "must be a positive integer", value)
+        require(isinstance(hn_lr, (int, float)) and math.isfinite(hn_lr) and hn_lr > 0, "hn_lr", "must be a positive number", hn_lr)
         super().__init__(initial_state, **base)
-        from fedlayer.config import ConfigError
-
-        if not 0 <= k <= len(self.layers):
-            raise ConfigError("strategy.k", f"must be in [0, {len(self.layers)}] (the model's layers), got {k}")
+        require(isinstance(k, int) and 0 <= k <= len(self.layers), "k", f"must be in [0, {len(self.layers)}] (the model's layers)", k)
         self.num_clients = num_clients
         self.embedding_dim = embedding_dim
         self.hidden_dim = hidden_dim
         self.hn_lr = hn_lr
         self.k = k
         self.client_limit = num_clients
-        self.attach_run_dir(Path(tempfile.mkdtemp(prefix="fedlayer-pfedla-")))
         self._reset_round()
-
-    # ---------------------------------------------------------- construction
-    @classmethod
-    def check_config(cls, cfg: DictConfig) -> None:
-        from fedlayer.config import ConfigError
-
-        s = cfg.strategy
-        for name in ("embedding_dim", "hidden_dim"):
-            if not isinstance(s[name], int) or s[name] < 1:
-                raise ConfigError(f"strategy.{name}", f"must be a positive integer, got {s[name]!r}")
-        if not isinstance(s.hn_lr, (int, float)) or not math.isfinite(s.hn_lr) or s.hn_lr <= 0:
-            raise ConfigError("strategy.hn_lr", f"must be a positive number, got {s.hn_lr!r}")
-        if not isinstance(s.k, int) or s.k < 0:
-            raise ConfigError("strategy.k", f"must be a non-negative integer, got {s.k!r}")
-
-    @classmethod
-    def method_kwargs(cls, cfg: DictConfig) -> dict[str, Any]:
-        s = cfg.strategy
-        return {
-            "num_clients": int(cfg.federation.num_clients),
-            "embedding_dim": int(s.embedding_dim),
-            "hidden_dim": int(s.hidden_dim),
-            "hn_lr": float(s.hn_lr),
-            "k": int(s.k),
-        }
 
     def attach_run_dir(self, run_dir: Path) -> None:
         """Keep client models and hypernetworks under ``run_dir/pfedla``."""
@@ -147,10 +112,9 @@ class PFedLAStrategy(LayerwiseStrategy):
     def save_hypernetwork(self, client: int, hn: ClientHypernetwork, version: int) -> None:
         """Write the client's hypernetwork as ``version`` (the round that updated it)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        target = self.hn_files.path(client, version)
-        tmp = target.with_suffix(".tmp.npz")
-        np.savez(tmp, **hn.to_numpy())
-        tmp.replace(target)
+        buffer = io.BytesIO()
+        np.savez(buffer, **hn.to_numpy())
+        atomic_write(self.hn_files.path(client, version), buffer.getvalue())
         self.hn_files.commit(client, version)
 
     def weights(self, client: int, hn: ClientHypernetwork | None = None) -> tuple[torch.Tensor, list[int]]:

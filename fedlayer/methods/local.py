@@ -10,8 +10,8 @@ model never changes, so the central accuracy stays that of the initial model.
 from __future__ import annotations
 
 from fedlayer.layers import State
-from fedlayer.strategies.base import LayerwiseStrategy, NodePlan
-from fedlayer.strategies.validation import TrainReply
+from fedlayer.methods.base import LayerwiseStrategy, NodePlan
+from fedlayer.methods.replies import TrainReply
 
 
 class LocalOnlyStrategy(LayerwiseStrategy):

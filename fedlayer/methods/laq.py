@@ -1,87 +1,38 @@
-"""LAQ (Sun et al., NeurIPS 2019; ALGORITHMS.md section 4): lazily aggregated quantized gradients.
-
-Every round the server sends the model ``theta`` and the drift scalar
-``sum_{d=1..D} xi_d ||theta^{k+1-d} - theta^{k-d}||^2`` (``xi_d = xi / D``).
-Client ``m`` computes its gradient ``g`` (``gradient`` mode: the full-batch,
-or one minibatch, gradient of its local loss + ``l2/2 ||theta||^2``, the
-paper's setting; ``delta`` mode: ``theta - theta_local`` after the configured
-local SGD steps), quantizes the innovation ``g - Qhat_m`` with ``bits`` bits
-and uploads the bit-packed codes only if the innovation is large against the
-bound below (or its clock reached ``tbar``); else it replies with a skip. The
-server keeps every client's ``Qhat_m`` and ``grad = sum_m Qhat_m`` and steps
-``theta <- theta - alpha * grad`` every round, uploads or not: a skipping
-client's last upload stands in for its current ``g``.
-
-The skip bound (client side, ``fedlayer.client.laq.ERROR_WEIGHT``):
-
-- ``gradient``: the paper's ``||Q - Qhat||^2 < drift / (alpha^2 M^2) + 3 (e + ehat)``.
-  The ``3 (e + ehat)`` allowance assumes the quantization errors shrink with
-  the innovations, as they do for deterministic gradients converging.
-- ``delta``: ``||Q - Qhat||^2 < drift / (alpha^2 M^2)``, no allowance. A model
-  delta after local minibatch SGD never converges: its innovation stays
-  noise-sized, and ``e`` (grid step ``R / (2^b - 1)``, ``R = ||g - Qhat||_inf``)
-  grows with it, so ``||Q - Qhat||^2 >= 3 (e + ehat)`` tests only how heavy
-  the innovation's tails are, not its size. At b = 4 the CNN's deltas failed
-  it at every size: clients skipped until ``tbar`` while the server re-applied
-  their stale deltas every round, an error in one fixed direction that adds
-  up linearly (fresh quantization errors are independent across rounds), and
-  the model drifted off (issue #4). Without it a stale delta is re-applied
-  only while it is within the model's recent change of the client's current
-  delta.
-
-FedAvg equivalence: in ``delta`` mode with ``alpha = 1/M``, equal client
-sizes, nothing skipped (``xi = 0`` makes the bound 0) and near-lossless bits,
-each round's step is that round's mean model delta, i.e. FedAvg; in
-``gradient`` mode the step is ``alpha * sum_m g_m``, gradient descent with
-learning rate ``alpha * M`` on the mean loss (FedAvg with one full-batch
-local step and ``train.lr = alpha * M``).
-
-Protocol details beyond the paper:
-
-- Clients are identified by their ``partition-id`` (0..M-1); ``Qhat_m`` is
-  keyed by it, and node ids are mapped to it by the identity query
-  (``fedlayer.strategies.identity``) and from accepted replies.
-- Versions keep the two copies of ``Qhat_m`` equal. The server counts the
-  uploads it accepted from each client and sends that count; an upload names
-  the version it was quantized against (``laq-base``). A client whose count
-  differs (an upload that was lost or rejected, a restarted client, a resumed
-  run) restarts from ``Qhat = 0`` with base 0 and uploads; the server accepts
-  base 0 (decoded against zeros, replacing its ``Qhat_m``) or its own count,
-  and rejects anything else, so a stale base never corrupts the sum.
-- Replies carry no dense arrays: the ``CompressedUpdate`` bytes travel in the
-  ``payload`` record and are decoded with the model's float tensor names and
-  shapes; malformed bytes, bit widths, packed lengths, radii, names or shapes
-  (``WireFormatError``), a non-finite decode, an unknown or duplicate
-  partition id or a stale base are rejected before any state changes.
-- ``grad`` is re-summed from the ``Qhat_m`` in partition order each round
-  (exact and order-independent; a running float32 sum would drift).
-- A round in which every reply was rejected takes no step.
-- Every state tensor must be a trainable float parameter: models with
-  BatchNorm statistics or integer counters (cnn6, resnet20) are refused.
-"""
+"""LAQ: lazily aggregated, bit-quantized gradient innovations (see docs/algorithms.md)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
 from flwr.common.logger import log
-from flwr.serverapp import Grid
-from omegaconf import DictConfig
 
-from fedlayer.client.laq import BASE_KEY, UPDATE_KEY
-from fedlayer.compression import LAQCodec
+from fedlayer.compression import EncodedTensor, LAQCodec, innovation_norm_sq
 from fedlayer.compression.quantize import squared_distance
-from fedlayer.layers import State
-from fedlayer.models import build_model
-from fedlayer.proto.wire import WireFormatError, decode_update
-from fedlayer.strategies.base import LayerwiseStrategy, NodePlan
-from fedlayer.strategies.validation import ReplyRejected, TrainReply
+from fedlayer.errors import ParameterError, require
+from fedlayer.layers import State, from_arrayrecord, to_arrayrecord, torch_state_to_numpy
+from fedlayer.methods.base import LayerwiseStrategy, NodePlan
+from fedlayer.methods.client import ClientRuntime, load_memory, server_round_of
+from fedlayer.methods.replies import ReplyRejected, TrainReply
+from fedlayer.protocol import ARRAYS, CONFIG, METRICS, PARTITION_ID, PAYLOAD
+from fedlayer.proto.wire import WireFormatError, decode_update, encode_update
+from fedlayer.training import loss_gradient, train_steps
 
+#: ``context.state`` records of a LAQ node: its last upload ``Qhat`` and its memory.
+QHAT = "laq-qhat"
+MEMORY = "laq"
+#: Payload keys of a reply: the encoded ``CompressedUpdate`` and the version it is relative to.
+UPDATE_KEY = "laq-update"
+BASE_KEY = "laq-base"
+#: Weight of the quantization errors ``e + ehat`` in the skip bound, per mode:
+#: the paper's 3 for gradients; 0 for model deltas, whose quantization error
+#: does not vanish, so the allowance would let stale deltas be re-applied forever.
+ERROR_WEIGHT = {"gradient": 3.0, "delta": 0.0}
 MODES = ("gradient", "delta")
 #: State-dict suffixes of buffers: statistics, not gradients (refused).
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -90,12 +41,24 @@ RADIUS_BITS = 32
 
 
 class LAQStrategy(LayerwiseStrategy):
-    """Lazily aggregated quantized gradients.
+    """LAQ (Sun et al., NeurIPS 2019, https://arxiv.org/abs/1909.07588).
+
+    Round ``k``, server model ``theta^k``, clients ``m = 1..M``:
+
+    1. Send ``theta^k`` and ``drift = sum_{d=1..D} xi_d ||theta^{k+1-d} - theta^{k-d}||^2``.
+    2. Client ``m`` computes ``g_m`` (``gradient`` mode: the gradient of its loss
+       + ``l2/2 ||theta||^2``; ``delta`` mode: ``theta - theta_local`` after local SGD)
+       and ``Q_m``, ``g_m - Qhat_m`` quantized with ``b`` bits around ``Qhat_m``.
+    3. It uploads ``Q_m`` iff ``||Q_m - Qhat_m||^2 >= drift / (alpha^2 M^2) + w (e_m + ehat_m)``
+       (``w`` = 3 in gradient mode, 0 in delta mode) or its clock reached ``tbar``;
+       else it skips.
+    4. The server sets ``Qhat_m <- Q_m`` for uploaders and steps
+       ``theta^{k+1} = theta^k - alpha sum_m Qhat_m``.
 
     Parameters
     ----------
     initial_state : State
-        The initial global model; every tensor must be a float parameter.
+        The initial global model; every tensor must be a float parameter (no BatchNorm buffers).
     num_clients : int
         M, the number of clients (partition ids 0..M-1).
     mode : str
@@ -115,7 +78,7 @@ class LAQStrategy(LayerwiseStrategy):
         L2 weight of the local loss in ``gradient`` mode.
     batch_size : int
         ``gradient`` mode: 0 for the full local split, else one minibatch of this size.
-    **kwargs
+    **base
         ``LayerwiseStrategy`` arguments (sampling, seed).
     """
 
@@ -134,21 +97,26 @@ class LAQStrategy(LayerwiseStrategy):
         alpha: float = 0.02,
         l2: float = 0.01,
         batch_size: int = 0,
-        **kwargs: Any,
+        **base: Any,
     ) -> None:
-        from fedlayer.config import ConfigError
-
-        super().__init__(initial_state, **kwargs)
+        require(mode in MODES, "mode", f"must be one of {list(MODES)}", mode)
+        for name, value, low in (("bits", bits, 1), ("D", D, 1), ("tbar", tbar, 1), ("batch_size", batch_size, 0)):
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= low, name, f"must be an integer >= {low}", value)
+        require(bits <= 8, "bits", "must be in 1..8", bits)
+        for name, value, positive in (("alpha", alpha, True), ("xi", xi, False), ("l2", l2, False)):
+            ok = isinstance(value, (int, float)) and math.isfinite(value) and value >= 0 and not (positive and value == 0)
+            require(ok, name, f"must be a finite number {'> 0' if positive else '>= 0'}", value)
         not_gradients = [
-            key for key, value in self.global_state.items()
+            key for key, value in initial_state.items()
             if not np.issubdtype(value.dtype, np.floating) or key.endswith(BUFFER_SUFFIXES)
         ]
         if not_gradients:
-            raise ConfigError(
-                "model.name",
+            raise ParameterError(
+                "initial_state",
                 f"LAQ quantizes gradients of parameters; this model has buffers {not_gradients[:4]} "
                 "(BatchNorm): use a model without them (linear, cnn)",
             )
+        super().__init__(initial_state, **base)
         self.num_clients = num_clients
         self.mode = mode
         self.bits = bits
@@ -168,60 +136,13 @@ class LAQStrategy(LayerwiseStrategy):
         self._claimed: tuple[int, set[int]] = (0, set())
         self._record: dict[str, Any] = {}
 
-    # ---------------------------------------------------------- construction
-    @classmethod
-    def check_config(cls, cfg: DictConfig) -> None:
-        """Ranges of ``strategy.*``; a model with buffers (BatchNorm) is refused as ``model.name``."""
-        from fedlayer.config import ConfigError
-
-        s = cfg.strategy
-        if s.mode not in MODES:
-            raise ConfigError("strategy.mode", f"must be one of {list(MODES)}, got {s.mode!r}")
-        for field, low in (("bits", 1), ("D", 1), ("tbar", 1), ("batch_size", 0)):
-            value = s[field]
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"strategy.{field}", f"must be an integer >= {low}, got {value!r}")
-        if s.bits > 8:
-            raise ConfigError("strategy.bits", f"must be in 1..8, got {s.bits}")
-        for field, positive in (("alpha", True), ("xi", False), ("l2", False)):
-            value = s[field]
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (positive and value == 0):
-                raise ConfigError(f"strategy.{field}", f"must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
-        # A throwaway instance: which buffers a model has does not depend on the input shape.
-        probe = build_model(cfg.model.name, input_shape=(3, 32, 32), num_classes=10)
-        buffers = [name for name, _ in probe.named_buffers()]
-        if buffers:
-            raise ConfigError(
-                "model.name",
-                f"LAQ quantizes gradients of parameters; {cfg.model.name} has buffers {buffers[:4]} (BatchNorm): "
-                "use a model without them (linear, cnn)",
-            )
-
-    @classmethod
-    def method_kwargs(cls, cfg: DictConfig) -> dict[str, Any]:
-        s = cfg.strategy
-        return {
-            "num_clients": int(cfg.federation.num_clients),
-            "mode": str(s.mode),
-            "bits": int(s.bits),
-            "D": int(s.D),
-            "xi": float(s.xi),
-            "tbar": int(s.tbar),
-            "alpha": float(s.alpha),
-            "l2": float(s.l2),
-            "batch_size": int(s.batch_size),
-        }
-
     # ------------------------------------------------------------------ hooks
     def drift(self) -> float:
         """``sum_{d=1..D} xi_d ||theta^{k+1-d} - theta^{k-d}||^2`` over the steps taken so far."""
         return self.xi / self.D * float(sum(self.history[: self.D]))
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    def start_round(self, server_round: int) -> None:
         self._record = self._empty_record()
-        return super().configure_train(server_round, arrays, config, grid)
 
     def plan(self, server_round: int, node_id: int) -> NodePlan:
         """The full model down, nothing dense back; the rule's inputs in the config."""
@@ -249,7 +170,7 @@ class LAQStrategy(LayerwiseStrategy):
         """
         reply = super().validate(server_round, message)
         node = reply.node_id
-        client = reply.metrics.get("partition-id")
+        client = reply.metrics.get(PARTITION_ID)
         if client is None or not math.isfinite(client) or client != int(client) or not 0 <= client < self.num_clients:
             raise ReplyRejected(node, f"partition-id must be an integer in 0..{self.num_clients - 1}, got {client}")
         client = int(client)
@@ -359,3 +280,117 @@ class LAQStrategy(LayerwiseStrategy):
         super().summary()
         log(INFO, "\t└──> LAQ %s mode: bits=%d D=%d xi=%g tbar=%d alpha=%g M=%d",
             self.mode, self.bits, self.D, self.xi, self.tbar, self.alpha, self.num_clients)
+
+
+# --- client half ----------------------------------------------------------------
+@dataclass(frozen=True)
+class LazyDecision:
+    """Outcome of the lazy rule for one round's gradient ``g``.
+
+    ``q`` is the new quantized gradient ``Q`` (what the server rebuilds), ``error``
+    ``e = ||Q - g||^2``, ``innovation`` ``||Q - Qhat||^2`` and ``threshold`` its
+    bound; ``tensors`` are the encoded tensors (sent only when ``upload``).
+    """
+
+    upload: bool
+    q: State
+    tensors: list[EncodedTensor]
+    error: float
+    innovation: float
+    threshold: float
+
+
+def lazy_decision(
+    g: State,
+    qhat: State,
+    *,
+    bits: int,
+    ehat: float,
+    clock: int,
+    tbar: int,
+    drift: float,
+    drift_scale: float,
+    error_weight: float = ERROR_WEIGHT["gradient"],
+    force: bool = False,
+) -> LazyDecision:
+    """Quantize ``g`` around ``qhat`` and apply LAQ's upload rule.
+
+    Upload iff ``||Q - Qhat||^2 >= drift_scale * drift + error_weight (e + ehat)``
+    (``error_weight`` 3 is the paper's rule), or the clock reached ``tbar``, or
+    ``force``. Keys are taken in ``g``'s order.
+    """
+    codec = LAQCodec()
+    tensors: list[EncodedTensor] = []
+    q: State = {}
+    error = innovation = 0.0
+    for key, value in g.items():
+        enc, q_key = codec.encode(key, value, qhat[key], bits)
+        assert enc.report is not None
+        tensors.append(enc)
+        q[key] = q_key
+        error += enc.report.squared_error
+        innovation += innovation_norm_sq(q_key, qhat[key])
+    threshold = drift_scale * drift + error_weight * (error + ehat)
+    upload = force or clock >= tbar or innovation >= threshold
+    return LazyDecision(upload, q, tensors, error, innovation, threshold)
+
+
+def laq_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> RecordDict:
+    """One LAQ round: gradient (or model delta) at the received model, lazy upload."""
+    config = content[CONFIG]
+    server_round = server_round_of(content)
+    mode = str(config["laq-mode"])
+    theta = from_arrayrecord(content[ARRAYS])
+    model = runtime.model_with(theta)
+    seed = runtime.round_seed(server_round)
+    if mode == "gradient":
+        g, loss = loss_gradient(
+            model, runtime.train_data, float(config["laq-l2"]), int(config["laq-batch-size"]), seed, runtime.device
+        )
+        missing = set(theta) - set(g)
+        if missing:  # buffers (BatchNorm statistics) are not gradients; the server refuses such models
+            raise ValueError(f"LAQ gradient mode needs every state tensor to be a parameter; buffers {sorted(missing)}")
+        g = {key: g[key] for key in theta}
+    else:
+        loss = train_steps(model, runtime.train_data, runtime.cfg.train, runtime.device, seed)["train-loss"]
+        local = torch_state_to_numpy(model.state_dict())
+        # The descent direction: with alpha = 1/M the server step is the mean model delta.
+        g = {key: np.subtract(theta[key], local[key], dtype=np.float32) for key in theta}
+
+    memory = load_memory(context, MEMORY)
+    version = int(memory["version"]) if memory is not None else 0
+    ehat = float(memory["ehat"]) if memory is not None else 0.0
+    clock = int(memory["clock"]) if memory is not None else 0
+    stored = context.state.array_records.get(QHAT)
+    qhat = from_arrayrecord(stored) if isinstance(stored, ArrayRecord) and version > 0 else None
+    server_version = int(config["laq-version"])
+    resync = qhat is None or (server_version >= 0 and server_version != version)
+    if resync:
+        qhat = {key: np.zeros_like(value) for key, value in g.items()}
+        version, ehat = 0, 0.0
+
+    decision = lazy_decision(
+        g, qhat, bits=int(config["laq-bits"]), ehat=ehat, clock=clock, tbar=int(config["laq-tbar"]),
+        drift=float(config["laq-drift"]), drift_scale=float(config["laq-drift-scale"]),
+        error_weight=ERROR_WEIGHT[mode], force=resync,
+    )
+    base = version
+    if decision.upload:
+        data = encode_update(decision.tensors, skip=False, clock=clock, quantization_error=decision.error)
+        context.state[QHAT] = to_arrayrecord(decision.q)
+        ehat, clock, version = decision.error, 0, version + 1
+    else:
+        data = encode_update([], skip=True, clock=clock, quantization_error=0.0)
+        clock += 1
+    context.state[MEMORY] = ConfigRecord({"version": version, "ehat": ehat, "clock": clock})
+
+    metrics = {
+        **runtime.reply_metrics(model),  # gradient mode: the model is still theta
+        "train-loss": loss,
+        "laq-upload": float(decision.upload),
+        "laq-innovation": decision.innovation,
+        "laq-threshold": decision.threshold,
+    }
+    return RecordDict(
+        {METRICS: MetricRecord(metrics), PAYLOAD: ConfigRecord({UPDATE_KEY: data, BASE_KEY: base})}
+    )

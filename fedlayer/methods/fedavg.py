@@ -6,7 +6,7 @@ and each layer is the example-weighted mean of the replies.
 
 from __future__ import annotations
 
-from fedlayer.strategies.base import LayerwiseStrategy
+from fedlayer.methods.base import LayerwiseStrategy
 
 
 class FedAvgStrategy(LayerwiseStrategy):

@@ -18,13 +18,13 @@ discards what the crashed round had already written.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from fedlayer.files import atomic_write, keep_newest
 from fedlayer.layers import ModelLayers, State
 
 STORE_DTYPE = np.dtype(np.float32)
@@ -68,8 +68,7 @@ class FileVersions:
         """Make ``version`` current; drop versions beyond the ``keep`` newest."""
         self.current[client] = version
         kept = sorted({*self._on_disk.get(client, []), version})
-        for old in kept[: -self.keep]:
-            self.path(client, old).unlink(missing_ok=True)
+        keep_newest([self.path(client, v) for v in kept], self.keep)
         self._on_disk[client] = kept[-self.keep :]
 
     def state_dict(self) -> dict[str, int]:
@@ -142,10 +141,6 @@ class ClientModelStore:
         return out
 
     # -------------------------------------------------------------- files
-    def has(self, client: int) -> bool:
-        """True once ``client`` has a stored model."""
-        return client in self.versions.current
-
     def clients(self) -> list[int]:
         """Clients with a stored model."""
         return sorted(self.versions.current)
@@ -155,10 +150,7 @@ class ClientModelStore:
         if flat.shape != (self.numel,):
             raise ValueError(f"flat model has shape {flat.shape}, expected ({self.numel},)")
         self.root.mkdir(parents=True, exist_ok=True)
-        target = self.versions.path(client, version)
-        tmp = target.with_suffix(".tmp")
-        np.ascontiguousarray(flat, dtype=STORE_DTYPE).tofile(tmp)
-        os.replace(tmp, target)
+        atomic_write(self.versions.path(client, version), np.ascontiguousarray(flat, dtype=STORE_DTYPE).tobytes())
         self.versions.commit(client, version)
 
     def read_layer(self, client: int, name: str) -> np.ndarray:
@@ -185,7 +177,3 @@ class ClientModelStore:
             if weight != 0.0:
                 acc += float(weight) * self.read_layer(client, name)
         return acc.astype(STORE_DTYPE)
-
-    def disk_bytes(self) -> int:
-        """Bytes the stored models take on disk (all kept versions)."""
-        return sum(path.stat().st_size for path in self.root.glob("client-*.f32")) if self.root.exists() else 0

@@ -1,6 +1,6 @@
 """pFedLA's per-client hypernetwork: embedding -> MLP -> one weight vector per layer.
 
-ALGORITHMS.md section 2: ``v_i -> (Linear + ReLU) x 3, hidden H -> for each
+The architecture of the paper: ``v_i -> (Linear + ReLU) x 3, hidden H -> for each
 layer l a head FC_l -> alpha_i^l = ReLU(FC_l(h)) in R^N``, heads initialised
 U(0, 1) with zero bias. Each client owns one; the parameters travel to and
 from disk as numpy arrays (see ``ClientHypernetwork.to_numpy``).

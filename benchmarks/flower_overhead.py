@@ -1,0 +1,422 @@
+"""fedlayer's per-round overhead over Flower's own FedAvg, on identical settings.
+
+    python -m benchmarks.flower_overhead --rounds 10 --out bench-out/overhead [--deployment]
+
+Runs, one after the other, a minimal Flower app with Flower's built-in FedAvg
+(``benchmarks/flower_baseline_app.py``) and ``fedlayer-sim strategy=fedavg``:
+mnist5k, the CNN, 20 clients, 10 per round, one local epoch of SGD (lr 0.05,
+batch 32), central evaluation every round, same IID split, same initial
+weights, Flower's simulation engine with 2 Ray actors (``num_cpus=1`` each).
+``--deployment`` runs both again over loopback gRPC: one ``flower-superlink``
+and two ``flower-supernode`` processes (so 2 clients, both trained every round).
+
+A round's time is the wall time between the ends of two consecutive rounds,
+measured on the server side, so it covers everything a round costs:
+training, aggregation, central evaluation and the framework's bookkeeping.
+
+- Flower: ``evaluate_fn`` stamps the clock after each central evaluation.
+- fedlayer in simulation: this process stamps each ``[round k/N]`` progress
+  line as it arrives from ``fedlayer-sim`` (logged after the round's metrics
+  line and checkpoint are written). Round 1 has no earlier line, so it is not
+  measured this way; rounds 2..N are what counts. ``metrics.jsonl``'s
+  ``seconds`` (the round alone, without writing the metrics line and
+  checkpoint) is kept alongside as a cross-check.
+- fedlayer in deployment: ``metrics.jsonl``'s ``seconds``, because ``flwr run
+  --stream`` delivers log lines in batches; the checkpoint it leaves out costs
+  tens of milliseconds against rounds of many seconds.
+
+The summary statistic is the median over rounds 2..N (round 1 includes engine
+start and, in fedlayer, the nodes' identity queries); the ratio is fedlayer's
+median divided by Flower's (goal: <= 1.10). Means are reported too. Output in
+``--out``: ``results.json``, one log per run, fedlayer's run directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from benchmarks.flower_baseline_app import BaselineConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GOAL = 1.10
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+ROUND_LINE = re.compile(r"\[round (\d+)/\d+\]")
+
+
+@dataclass
+class SideResult:
+    """One run's per-round seconds (round number -> seconds) and how they were measured."""
+
+    name: str
+    seconds: dict[int, float]
+    timing: str
+    final_accuracy: float
+    log: str
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def stats(self) -> dict[str, Any]:
+        """Median and mean over rounds 2..N."""
+        counted = [s for r, s in sorted(self.seconds.items()) if r >= 2]
+        if not counted:
+            raise ValueError(f"{self.name}: no rounds after the first; run at least 2 rounds")
+        return {"rounds": len(counted), "median": statistics.median(counted), "mean": statistics.fmean(counted)}
+
+
+# ------------------------------------------------------------------ running commands
+def run_logged(command: Sequence[str], log_path: Path, env: dict[str, str] | None = None, timeout: float | None = None) -> list[tuple[float, str]]:
+    """Run ``command``; write its output, time-stamped, to ``log_path``; return (arrival time, line) pairs."""
+    lines: list[tuple[float, str]] = []
+    with open(log_path, "w", encoding="utf-8") as log, subprocess.Popen(
+        list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env={**os.environ, **FLOWER_ENV, **(env or {})}, text=True, errors="replace",
+    ) as process:
+        watchdog = threading.Timer(timeout, process.kill) if timeout else None
+        if watchdog:
+            watchdog.start()
+        assert process.stdout is not None
+        for line in process.stdout:
+            now = time.time()
+            lines.append((now, line))
+            log.write(f"{now:.3f} {line}")
+        returncode = process.wait()
+        if watchdog:
+            watchdog.cancel()
+    if returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:3])} ... failed (exit {returncode}); log: {log_path}")
+    return lines
+
+
+def periods(end_times: dict[int, float]) -> dict[int, float]:
+    """Round k's seconds = end of round k - end of round k-1 (for every k with both)."""
+    return {k: t - end_times[k - 1] for k, t in sorted(end_times.items()) if k - 1 in end_times}
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """A fedlayer run directory's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def flower_result(name: str, times_path: Path, log: Path) -> SideResult:
+    """The baseline app's per-round seconds from the evaluate_fn stamps it wrote."""
+    data = json.loads(times_path.read_text())
+    stamps = dict(enumerate(data["round_end_times"]))  # 0: the initial model's evaluation
+    return SideResult(name, periods(stamps), "between ends of consecutive evaluate_fn calls (ServerApp clock)", data["accuracy"][-1], str(log))
+
+
+# ------------------------------------------------------------------ the two sides
+def fedlayer_overrides(cfg: BaselineConfig, output_dir: Path, run_name: str) -> list[str]:
+    """Hydra overrides that give fedlayer the baseline's settings (pinned, not left to defaults)."""
+    return [
+        "strategy=fedavg", f"dataset={cfg.dataset}", f"model={cfg.model}", f"seed={cfg.seed}",
+        f"federation.num_clients={cfg.num_clients}", f"federation.rounds={cfg.rounds}",
+        f"federation.fraction_train={cfg.fraction_train}", "federation.fraction_evaluate=0.0",
+        "dataset.partition.scheme=iid", "dataset.client_test_fraction=0",
+        f"dataset.central_test_fraction={cfg.central_test_fraction}",
+        "train.optimizer=sgd", f"train.lr={cfg.lr}", "train.momentum=0.0", "train.weight_decay=0.0",
+        f"train.batch_size={cfg.batch_size}", f"train.local_epochs={cfg.local_epochs}", "train.local_steps=0",
+        "evaluation.every=1", "evaluation.max_examples=0",  # 0: the whole central test set, as the baseline
+        "device=cpu", f"output_dir={output_dir}", f"run_name={run_name}",
+    ]
+
+
+def flower_simulation(cfg: BaselineConfig, out: Path) -> SideResult:
+    """Flower's FedAvg app in the simulation engine, in its own process."""
+    times, log = out / "flower-sim-times.json", out / "flower-sim.log"
+    flags = [f"--{k}={v}" for k, v in dataclasses.replace(cfg, times_path=str(times)).run_config().items()]
+    run_logged([sys.executable, "-m", "benchmarks.flower_baseline_app", *flags], log)
+    return flower_result("flower-sim", times, log)
+
+
+def fedlayer_simulation(cfg: BaselineConfig, out: Path) -> SideResult:
+    """``fedlayer-sim strategy=fedavg`` in its own process, timed by its progress lines."""
+    log, run_dir = out / "fedlayer-sim.log", out / "runs" / "fedlayer-sim"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    lines = run_logged([sys.executable, "-m", "fedlayer.cli", *fedlayer_overrides(cfg, out / "runs", run_dir.name)], log)
+    ends = {int(m.group(1)): t for t, line in lines if (m := ROUND_LINE.search(line))}
+    if sorted(ends) != list(range(1, cfg.rounds + 1)):
+        raise RuntimeError(f"expected fedlayer progress lines '[round k/{cfg.rounds}]' for every round, found {sorted(ends)}; log: {log}")
+    records = read_metrics(run_dir)
+    return SideResult(
+        "fedlayer-sim", periods(ends), "between arrivals of consecutive '[round k/N]' progress lines (benchmark clock)",
+        records[-1]["accuracy"], str(log),
+        extra={"metrics_jsonl_seconds": {r["round"]: r["seconds"] for r in records}, "run_dir": str(run_dir)},
+    )
+
+
+# ------------------------------------------------------------------ deployment over loopback
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports free on 127.0.0.1 now."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def flower_command(name: str) -> str:
+    """A Flower command next to this Python (its venv), else from PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name) or name
+
+
+def _proc_stat(pid: int) -> tuple[int, int, int] | None:
+    """(parent pid, session id, start time) of a live process, from /proc."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return None if fields[0] == "Z" else (int(fields[1]), int(fields[3]), int(fields[19]))
+
+
+def process_tree(roots: set[int]) -> dict[int, int]:
+    """``{pid: start time}`` of ``roots`` and every live descendant.
+
+    Descendant = child of a member, or in the session of a root: the SuperLink
+    and SuperNodes start their ``flower-superexec`` in a session of its own,
+    but we start them as session leaders, so following parents finds it.
+    """
+    table = {int(e): s for e in os.listdir("/proc") if e.isdigit() and (s := _proc_stat(int(e))) is not None}
+    found = {pid for pid in roots if pid in table}
+    grown = True
+    while grown:
+        new = {pid for pid, (ppid, sid, _) in table.items() if pid not in found and (ppid in found or sid in roots)}
+        found |= new
+        grown = bool(new)
+    return {pid: table[pid][2] for pid in found}
+
+
+def signal_tree(tree: dict[int, int], sig: int) -> None:
+    """Send ``sig`` to the processes of ``tree`` still running (same start time: no reused pids)."""
+    for pid, started in tree.items():
+        stat = _proc_stat(pid)
+        if stat is not None and stat[2] == started:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+class LoopbackDeployment:
+    """A SuperLink and two SuperNodes on 127.0.0.1 (plain text), FLWR_HOME in a temp folder."""
+
+    connection = "bench"
+
+    def __init__(self, logs: Path, num_nodes: int = 2) -> None:
+        self.logs = logs
+        self.home = Path(tempfile.mkdtemp(prefix="flower-overhead-"))
+        self.fleet_port, self.control_port = free_ports(2)
+        self.env = {"FLWR_HOME": str(self.home / "flwr-home")}
+        self.num_nodes = num_nodes
+        self.processes: list[subprocess.Popen] = []
+        self.log_files: list[IO[str]] = []
+        (self.home / "flwr-home").mkdir()
+        (self.home / "flwr-home" / "config.toml").write_text(
+            f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\n'
+            f'address = "127.0.0.1:{self.control_port}"\ninsecure = true\n'
+        )
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w", encoding="utf-8")  # noqa: SIM115 (closed in __exit__)
+        self.log_files.append(log)
+        process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.home,
+            env={**os.environ, **FLOWER_ENV, **self.env}, start_new_session=True,
+        )
+        self.processes.append(process)
+        return process
+
+    def __enter__(self) -> LoopbackDeployment:
+        superlink = self._start("superlink", [
+            flower_command("flower-superlink"), "--insecure", "--fleet-api-address", f"127.0.0.1:{self.fleet_port}",
+            "--host", "127.0.0.1", "--port", str(self.control_port), "--disable-runtime-dependency-installation",
+        ])
+        deadline = time.monotonic() + 60
+        while not (port_open(self.fleet_port) and port_open(self.control_port)):
+            if superlink.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"the SuperLink did not come up; log: {self.logs / 'superlink.log'}")
+            time.sleep(0.2)
+        for node, port in enumerate(free_ports(self.num_nodes)):
+            self._start(f"supernode-{node}", [
+                flower_command("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.fleet_port}",
+                "--port", str(port), "--node-config", f"partition-id={node} num-partitions={self.num_nodes}",
+            ])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop every process started here and everything they started; remove FLWR_HOME."""
+        tree = process_tree({p.pid for p in self.processes})
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        signal_tree(tree, signal.SIGTERM)
+        time.sleep(1)
+        signal_tree(tree, signal.SIGKILL)
+        for process in self.processes:
+            process.wait()
+        for log in self.log_files:
+            log.close()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def run_app(self, app: Path, log: Path, run_config: str = "", timeout: float = 1800) -> None:
+        """``flwr run <app> --stream`` until the run ends; raise unless it completed."""
+        command = [flower_command("flwr"), "run", str(app), self.connection, "--stream"]
+        lines = run_logged(command + (["--run-config", run_config] if run_config else []), log, self.env, timeout)
+        match = re.search(r"Successfully started run (\d+)", "".join(line for _, line in lines))
+        if match is None:
+            raise RuntimeError(f"flwr run did not start a run; log: {log}")
+        # `flwr run` exits 0 even when the ServerApp failed: ask the SuperLink.
+        done = subprocess.run(
+            [flower_command("flwr"), "ls", "--run-id", match.group(1), self.connection, "--format", "json"],
+            capture_output=True, text=True, env={**os.environ, **FLOWER_ENV, **self.env}, check=False,
+        )
+        status = json.loads(done.stdout)["runs"][0]["status"] if done.returncode == 0 else done.stderr
+        if status != "finished:completed":
+            raise RuntimeError(f"run {match.group(1)} ended {status!r}; log: {log} and {self.logs}/super*.log")
+
+
+def write_baseline_project(folder: Path, cfg: BaselineConfig) -> None:
+    """A Flower app project around a copy of flower_baseline_app.py, settings in its run config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(__file__).with_name("flower_baseline_app.py"), folder / "flower_baseline_app.py")
+    config = "\n".join(f"{k} = {json.dumps(v)}" for k, v in cfg.run_config().items())
+    (folder / "pyproject.toml").write_text(
+        '[project]\nname = "flower-baseline"\nversion = "1.0.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "fedlayer-benchmarks"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "flower_baseline_app:server_app"\n'
+        'clientapp = "flower_baseline_app:client_app"\n\n'
+        f"[tool.flwr.app.config]\n{config}\n"
+    )
+
+
+def flower_deployment(deployment: LoopbackDeployment, cfg: BaselineConfig, out: Path) -> SideResult:
+    """Flower's FedAvg app submitted with ``flwr run`` to the loopback deployment."""
+    times, log = out / "flower-deploy-times.json", out / "flower-deploy.log"
+    write_baseline_project(deployment.home / "flower-app", dataclasses.replace(cfg, times_path=str(times.resolve())))
+    deployment.run_app(deployment.home / "flower-app", log)
+    return flower_result("flower-deploy", times, log)
+
+
+def fedlayer_deployment(deployment: LoopbackDeployment, cfg: BaselineConfig, out: Path) -> SideResult:
+    """fedlayer's app (this repository) submitted with ``flwr run``, timed by metrics.jsonl."""
+    log, run_dir = out / "fedlayer-deploy.log", (out / "runs" / "fedlayer-deploy").resolve()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = [o for o in fedlayer_overrides(cfg, run_dir.parent, run_dir.name) if not o.startswith(("strategy=", "dataset=", "model="))]
+    run_config = f"strategy='fedavg' dataset='{cfg.dataset}' model='{cfg.model}' overrides='{' '.join(overrides)}'"
+    deployment.run_app(REPO_ROOT, log, run_config)
+    records = read_metrics(run_dir)
+    return SideResult(
+        "fedlayer-deploy", {r["round"]: r["seconds"] for r in records}, "metrics.jsonl 'seconds' (ServerApp clock)",
+        records[-1]["accuracy"], str(log), extra={"run_dir": str(run_dir)},
+    )
+
+
+# ------------------------------------------------------------------ comparison
+def compare(flower: SideResult, fedlayer: SideResult) -> dict[str, Any]:
+    """Both sides' per-round seconds and statistics, and fedlayer / Flower."""
+    flower_stats, fedlayer_stats = flower.stats(), fedlayer.stats()
+    ratio = fedlayer_stats["median"] / flower_stats["median"]
+    return {
+        "flower": {**dataclasses.asdict(flower), "stats": flower_stats},
+        "fedlayer": {**dataclasses.asdict(fedlayer), "stats": fedlayer_stats},
+        "ratio_median": ratio,
+        "ratio_mean": fedlayer_stats["mean"] / flower_stats["mean"],
+        "meets_goal": ratio <= GOAL,
+    }
+
+
+def report(mode: str, comparison: dict[str, Any]) -> str:
+    """One line: the ratio and both medians."""
+    flower, fedlayer = comparison["flower"]["stats"], comparison["fedlayer"]["stats"]
+    return (
+        f"{mode}: fedlayer/Flower = {comparison['ratio_median']:.2f} (median s/round, rounds 2..{flower['rounds'] + 1}; "
+        f"mean ratio {comparison['ratio_mean']:.2f}) | Flower {flower['median']:.2f} s, fedlayer {fedlayer['median']:.2f} s | "
+        f"goal <= {GOAL:.2f}: {'met' if comparison['meets_goal'] else 'NOT met'}"
+    )
+
+
+def timed(label: str, run: Callable[..., SideResult], *args: Any) -> SideResult:
+    """Run one side, printing a line when it starts and when it ends."""
+    print(f"{label} ...", flush=True)
+    started = time.time()
+    result = run(*args)
+    stats = result.stats()
+    print(f"{label}: {stats['median']:.2f} s/round (median of rounds 2..{stats['rounds'] + 1}), final accuracy {result.final_accuracy:.3f}, "
+          f"{time.time() - started:.0f} s in all; log {result.log}", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10, help="rounds per run (>= 2; round 1 is not counted)")
+    parser.add_argument("--clients", type=int, default=20, help="clients in simulation (deployment: 2 SuperNodes)")
+    parser.add_argument("--fraction", type=float, default=0.5, help="fraction of clients trained per round in simulation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench-out/overhead"))
+    parser.add_argument("--deployment", action="store_true", help="also run both over loopback gRPC (2 SuperNodes)")
+    args = parser.parse_args(argv)
+    if args.rounds < 2:
+        parser.error("--rounds must be >= 2: round 1 is not counted")
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    sim = BaselineConfig(rounds=args.rounds, num_clients=args.clients, fraction_train=args.fraction, seed=args.seed)
+    results: dict[str, Any] = {"goal_ratio": GOAL, "statistic": "median over rounds 2..N", "simulation": {"settings": dataclasses.asdict(sim)}}
+    results["simulation"].update(compare(
+        timed("[1/2] Flower FedAvg, simulation", flower_simulation, sim, out),
+        timed("[2/2] fedlayer FedAvg, simulation", fedlayer_simulation, sim, out),
+    ))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    lines = [report("simulation", results["simulation"])]
+    if args.deployment:
+        deploy = dataclasses.replace(sim, num_clients=2, fraction_train=1.0)
+        with LoopbackDeployment(out) as deployment:
+            results["deployment"] = {"settings": dataclasses.asdict(deploy), **compare(
+                timed("[1/2] Flower FedAvg, deployment", flower_deployment, deployment, deploy, out),
+                timed("[2/2] fedlayer FedAvg, deployment", fedlayer_deployment, deployment, deploy, out),
+            )}
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        lines.append(report("deployment", results["deployment"]))
+    print("\n".join(lines))
+    print(f"results: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

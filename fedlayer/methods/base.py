@@ -1,0 +1,344 @@
+"""The layer-wise strategy every fedlayer method extends; on its own it is FedAvg.
+
+The round loop (``fedlayer.server.loop.FederatedRun``) drives a strategy
+through four calls per round: ``configure_train`` -> replies ->
+``aggregate_train``, optionally ``configure_evaluate`` -> replies ->
+``aggregate_evaluate``, then ``evaluate_central``. Methods override small
+hooks, never those calls:
+
+- ``start_round``   per-round bookkeeping before nodes are sampled;
+- ``sample_nodes``  which nodes train this round (seeded, by client id);
+- ``plan``          what one node gets and must return (a ``NodePlan``);
+- ``node_state``    the tensors a node receives (personalised methods);
+- ``validate``      method checks on top of the reply validation;
+- ``aggregate``     new values for some layers, from validated replies;
+- ``round_record``, ``write_artifacts``, ``state_dict``/``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+
+from fedlayer.errors import require
+from fedlayer.layers import ModelLayers, State, copy_state, merge, select, to_arrayrecord
+from fedlayer.methods.replies import (
+    ReplyRejected,
+    TrainReply,
+    client_order,
+    identity_query,
+    parse_identity,
+    validate_train_reply,
+)
+from fedlayer.protocol import ARRAYS, CONFIG, KEEP_MODEL, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, PAYLOAD, REQUEST, SERVER_ROUND
+from fedlayer.training import Evaluator
+
+ConfigValue = int | float | str | bool | bytes | list[int] | list[float] | list[str] | list[bool]
+
+
+@dataclass
+class NodePlan:
+    """What one node receives this round and what it must send back.
+
+    ``send`` and ``request`` are layer names (model order is restored on use);
+    ``config`` holds method parameters for the client; ``payload`` optional
+    extra items (bytes, scalars) that travel in a ``payload`` ConfigRecord.
+    """
+
+    send: list[str]
+    request: list[str]
+    config: dict[str, ConfigValue] = field(default_factory=dict)
+    payload: dict[str, ConfigValue] = field(default_factory=dict)
+
+
+@dataclass
+class Rejection:
+    """A reply that was refused, for the metrics and the log."""
+
+    round: int
+    node_id: int
+    reason: str
+
+
+def weighted_layer_average(
+    replies: Sequence[TrainReply], layers: ModelLayers, names: Iterable[str]
+) -> State:
+    """Average each named layer over the replies that carry it.
+
+    Weights are ``num_examples`` normalised over the replies holding the layer.
+    The arithmetic (``sum_i value_i * (w_i / sum w)`` accumulated in reply
+    order, in the tensor's dtype) matches Flower's ``aggregate_arrayrecords``,
+    so FedAvg here gives the same model as Flower's FedAvg. Integer tensors
+    (BatchNorm's ``num_batches_tracked``) are averaged and rounded back.
+    A layer no reply carries is absent from the result (the caller keeps the old one).
+    """
+    out: State = {}
+    for name in names:
+        holders = [r for r in replies if name in r.layer_names]
+        if not holders:
+            continue
+        total = float(sum(r.num_examples for r in holders))
+        for key in layers[name].keys:
+            dtype = holders[0].state[key].dtype
+            floating = np.issubdtype(dtype, np.floating)
+            acc: np.ndarray | None = None
+            for reply in holders:
+                value = reply.state[key] if floating else reply.state[key].astype(np.float64)
+                term = value * (reply.num_examples / total)
+                acc = term if acc is None else acc + term
+            assert acc is not None
+            out[key] = acc if floating else np.rint(acc).astype(dtype)
+    return out
+
+
+class LayerwiseStrategy:
+    """Federated averaging, layer by layer (McMahan et al. 2017, https://arxiv.org/abs/1602.05629).
+
+    1. Sample a fraction of the connected clients (seeded, by client id).
+    2. Send each the layers its plan names (FedAvg: all) and the method config.
+    3. Validate every reply; average each returned layer weighted by examples.
+
+    Parameters
+    ----------
+    initial_state : State
+        The initial global model (numpy state dict, model order).
+    fraction_train : float
+        Fraction of connected nodes sampled for training each round, in (0, 1].
+    min_train_nodes : int
+        At least this many nodes train each round.
+    fraction_evaluate : float
+        Fraction of nodes sent the model for federated evaluation (0: none;
+        the server evaluates centrally).
+    seed : int
+        Seeds node sampling and any randomness of the method.
+    """
+
+    method = "fedavg"
+    #: Whether clients of the standard handler keep their model between rounds
+    #: (needed when some layers do not travel every round).
+    client_keeps_model = False
+    #: Whether ``node_state`` differs between nodes (else nodes with the same
+    #: plan share one ArrayRecord).
+    personalised = False
+
+    def __init__(
+        self,
+        initial_state: State,
+        *,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 1,
+        fraction_evaluate: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        require(isinstance(fraction_train, (int, float)) and 0 < fraction_train <= 1, "fraction_train", "must be in (0, 1]", fraction_train)
+        require(isinstance(min_train_nodes, int) and min_train_nodes >= 1, "min_train_nodes", "must be an integer >= 1", min_train_nodes)
+        require(isinstance(fraction_evaluate, (int, float)) and 0 <= fraction_evaluate <= 1, "fraction_evaluate", "must be in [0, 1]", fraction_evaluate)
+        self.global_state: State = copy_state(initial_state)
+        self.layers = ModelLayers.from_state(self.global_state)
+        self.fraction_train = fraction_train
+        self.min_train_nodes = min_train_nodes
+        self.fraction_evaluate = fraction_evaluate
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.plans: dict[int, NodePlan] = {}
+        self.rejections: list[Rejection] = []
+        #: node id -> client id (see ``replies``); relearned in every run
+        self.client_of: dict[int, int] = {}
+        #: client ids must be partition ids below this (methods with a slot per client)
+        self.client_limit: int | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def start_round(self, server_round: int) -> None:
+        """Per-round bookkeeping before nodes are sampled (none here)."""
+
+    def sample_nodes(self, server_round: int, node_ids: list[int]) -> list[int]:
+        """Nodes that train this round: a seeded sample of ``fraction_train``.
+
+        Drawn over the nodes in client-id order, so the same seed picks the
+        same clients in every run, whatever node ids Flower assigned.
+        """
+        ordered = client_order(node_ids, self.client_of)
+        count = max(int(len(ordered) * self.fraction_train), self.min_train_nodes)
+        count = min(count, len(ordered))
+        chosen = self.rng.choice(len(ordered), size=count, replace=False)
+        return client_order((ordered[i] for i in chosen), self.client_of)
+
+    def client_id(self, node_id: int) -> int:
+        """The node's stable client id (its node id while it has not been identified)."""
+        return self.client_of.get(node_id, node_id)
+
+    def plan(self, server_round: int, node_id: int) -> NodePlan:
+        """What a node gets and returns; FedAvg: the whole model both ways."""
+        return NodePlan(send=self.layers.names, request=self.layers.names)
+
+    def node_state(self, node_id: int, names: list[str], message_type: str) -> State:
+        """The tensors a node receives; personalised strategies override."""
+        return select(self.global_state, self.layers, names)
+
+    def message_config(self) -> dict[str, ConfigValue]:
+        """Method config every message carries, train and evaluate alike (none here)."""
+        return {}
+
+    def validate(self, server_round: int, message: Message) -> TrainReply:
+        """Check a reply against what its node was asked for."""
+        node_id = message.metadata.src_node_id
+        plan = self.plans.get(node_id)
+        if plan is None:
+            raise ReplyRejected(node_id, "reply from a node that was not asked to train")
+        return validate_train_reply(message, self.layers, allowed=plan.request, required=plan.request)
+
+    def aggregate(self, server_round: int, replies: list[TrainReply]) -> State:
+        """New values for the layers the replies carry (weighted average)."""
+        return weighted_layer_average(replies, self.layers, self.layers.names)
+
+    def evaluate_central(self, evaluator: Evaluator) -> dict[str, float]:
+        """Central test metrics; ``accuracy`` and ``loss`` are the headline ones.
+
+        Methods whose result is not one global model (per-depth models, staged
+        training) override this and may add more keys.
+        """
+        return evaluator(self.global_state)
+
+    def round_record(self, server_round: int) -> dict[str, Any]:
+        """Extra per-round numbers for ``metrics.jsonl``."""
+        return {}
+
+    def attach_run_dir(self, run_dir: Path) -> None:
+        """Called with the run directory before round 1; methods that keep
+        large state on disk (pFedLA's per-client models) put it there."""
+
+    def write_artifacts(self, run_dir: Path, records: list[dict[str, Any]]) -> None:
+        """Method-specific plots/files written at the end of a run (none here)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state to checkpoint (beyond the global model)."""
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict`` output."""
+        self.rng.bit_generator.state = state["rng"]
+
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        log(INFO, "\t├──> %s over %d layers, %d parameters", type(self).__name__, len(self.layers), self.layers.numel())
+        log(INFO, "\t└──> fraction_train=%.2f min_train_nodes=%d seed=%d", self.fraction_train, self.min_train_nodes, self.seed)
+
+    # ------------------------------------------------------------- identity
+    def identity_queries(self, node_ids: Iterable[int]) -> list[Message]:
+        """QUERY messages for the nodes whose client id is not known yet."""
+        return [identity_query(self.method, node) for node in node_ids if node not in self.client_of]
+
+    def register_identities(self, server_round: int, replies: Iterable[Message], connected: list[int]) -> None:
+        """Learn client ids from query replies; a bad answer is logged and counted."""
+        for reply in replies:
+            try:
+                node, client = parse_identity(reply, self.client_of, connected, self.client_limit)
+            except ReplyRejected as rejected:
+                self.reject(server_round, rejected)
+                continue
+            for gone in [n for n, c in self.client_of.items() if c == client and n != node]:
+                del self.client_of[gone]
+            self.client_of[node] = client
+
+    def reject(self, server_round: int, rejected: ReplyRejected) -> None:
+        """Log and count a refused reply."""
+        log(WARNING, "round %d: %s", server_round, rejected)
+        self.rejections.append(Rejection(server_round, rejected.node_id, rejected.reason))
+
+    # ------------------------------------------------------------ the round
+    def configure_train(self, server_round: int, node_ids: list[int]) -> list[Message]:
+        """Per-node training messages for this round's sample of ``node_ids``."""
+        self.start_round(server_round)
+        chosen = self.sample_nodes(server_round, node_ids)
+        self.plans = {node: self.plan(server_round, node) for node in chosen}
+        log(INFO, "configure_train: %d of %d nodes", len(chosen), len(node_ids))
+        return self.build_messages(server_round, self.plans, MessageType.TRAIN)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> dict[str, float] | None:
+        """Validate, aggregate layer by layer, merge into the global model; the replies' mean metrics."""
+        valid = self.accept_replies(server_round, replies)
+        if not valid:
+            log(WARNING, "round %d: no valid replies; global model unchanged", server_round)
+            return None
+        self.global_state = merge(self.global_state, self.aggregate(server_round, valid))
+        return weighted_mean([{**r.metrics, NUM_EXAMPLES: float(r.num_examples)} for r in valid])
+
+    def configure_evaluate(self, server_round: int, node_ids: list[int]) -> list[Message]:
+        """Federated evaluation of the model each node would use (optional)."""
+        if self.fraction_evaluate <= 0.0:
+            return []
+        ordered = client_order(node_ids, self.client_of)
+        count = max(1, int(len(ordered) * self.fraction_evaluate))
+        chosen = client_order((ordered[i] for i in self.rng.choice(len(ordered), count, replace=False)), self.client_of)
+        plans = {node: NodePlan(send=self.layers.names, request=[]) for node in chosen}
+        return self.build_messages(server_round, plans, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> dict[str, float] | None:
+        """Example-weighted mean of the clients' evaluation metrics."""
+        metrics = []
+        for message in replies:
+            if message.has_error() or METRICS not in message.content.metric_records:
+                continue
+            record = message.content.metric_records[METRICS]
+            metrics.append({k: float(v) for k, v in record.items() if isinstance(v, (int, float))})
+        return weighted_mean(metrics) if metrics else None
+
+    # ------------------------------------------------------- message plumbing
+    def build_messages(self, server_round: int, plans: dict[int, NodePlan], message_type: str) -> list[Message]:
+        """One message per planned node; nodes sent the same layers share one ArrayRecord
+        unless the strategy is personalised."""
+        shared: dict[tuple[str, ...], Any] = {}
+        messages = []
+        for node, plan in plans.items():
+            config = {
+                SERVER_ROUND: server_round,
+                METHOD: self.method,
+                REQUEST: list(plan.request) or [""],
+                KEEP_MODEL: self.client_keeps_model,
+                **self.message_config(),
+                **plan.config,
+            }
+            content = RecordDict({CONFIG: ConfigRecord(config)})
+            if plan.send:
+                key = tuple(plan.send)
+                if self.personalised or key not in shared:
+                    shared[key] = to_arrayrecord(self.node_state(node, plan.send, message_type))
+                content[ARRAYS] = shared[key]
+            if plan.payload:
+                content[PAYLOAD] = ConfigRecord(dict(plan.payload))
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
+        return messages
+
+    def accept_replies(self, server_round: int, replies: Iterable[Message]) -> list[TrainReply]:
+        """Validate replies; log and count each rejection.
+
+        Valid replies come back sorted by the client's partition id (else node
+        id), so float sums do not depend on arrival order and runs repeat exactly.
+        """
+        valid: list[TrainReply] = []
+        for message in replies:
+            try:
+                valid.append(self.validate(server_round, message))
+            except ReplyRejected as rejected:
+                self.reject(server_round, rejected)
+        return sorted(valid, key=lambda r: (r.metrics.get(PARTITION_ID, float("inf")), r.node_id))
+
+
+def weighted_mean(metrics: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric weighted by ``num-examples`` (which is summed)."""
+    total = sum(m.get(NUM_EXAMPLES, 1.0) for m in metrics)
+    keys = sorted({k for m in metrics for k in m} - {NUM_EXAMPLES, PARTITION_ID})
+    out = {
+        key: sum(m[key] * m.get(NUM_EXAMPLES, 1.0) for m in metrics if key in m)
+        / max(sum(m.get(NUM_EXAMPLES, 1.0) for m in metrics if key in m), 1e-12)
+        for key in keys
+    }
+    out[NUM_EXAMPLES] = total
+    return out

@@ -1,0 +1,153 @@
+"""The client half every method starts from: the runtime, the kept model, the standard handlers.
+
+A client handler turns a received message's content into a reply. The
+standard one serves every method whose client trains the model it has and
+returns the layers asked for (FedAvg, FedLAMA, pFedLA, local-only); methods
+with client logic of their own (FedLP, LAQ, FLL) define theirs next to their
+strategy.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from omegaconf import DictConfig
+
+from fedlayer.data import ArrayDataset
+from fedlayer.layers import ModelLayers, State, from_arrayrecord, merge, numpy_to_torch_state, select, to_arrayrecord, torch_state_to_numpy
+from fedlayer.models import LayeredModel
+from fedlayer.protocol import ARRAYS, CONFIG, KEEP_MODEL, METRICS, NUM_EXAMPLES, PARTITION_ID, REQUEST, SERVER_ROUND
+from fedlayer.training import evaluate, train_steps
+from fedlayer.workload import build_configured_model, load_workload
+
+#: Record of ``context.state`` holding the node's model between rounds.
+LOCAL_MODEL = "local-model"
+
+
+@dataclass
+class ClientRuntime:
+    """The client's view of the run: the resolved config, its data, its device."""
+
+    cfg: DictConfig
+    partition_id: int
+    num_partitions: int
+    data_path: str | None
+    device: torch.device
+
+    @cached_property
+    def data(self) -> tuple[ArrayDataset, ArrayDataset]:
+        """(train, test) data of this client."""
+        if self.data_path is not None:
+            return load_workload(self.cfg, 1, path=self.data_path).client_data(0)
+        return load_workload(self.cfg, self.num_partitions).client_data(self.partition_id)
+
+    @property
+    def train_data(self) -> ArrayDataset:
+        return self.data[0]
+
+    @property
+    def test_data(self) -> ArrayDataset:
+        return self.data[1]
+
+    def new_model(self) -> LayeredModel:
+        """A freshly initialised model (identical to the server's initial one)."""
+        return build_configured_model(self.cfg, self.train_data)
+
+    def model_with(self, state: State) -> LayeredModel:
+        """A model loaded with a full numpy state."""
+        model = self.new_model()
+        model.load_state_dict(numpy_to_torch_state(state))
+        return model.to(self.device)
+
+    @cached_property
+    def layers(self) -> ModelLayers:
+        return ModelLayers.from_state(torch_state_to_numpy(self.new_model().state_dict()))
+
+    def reply_metrics(self, model: torch.nn.Module) -> dict[str, float]:
+        """What every train reply reports: example count, identity, local-test scores."""
+        local = evaluate(model, self.test_data, self.device)
+        return {
+            NUM_EXAMPLES: float(len(self.train_data)),
+            PARTITION_ID: float(self.partition_id),
+            "local-test-accuracy": local["accuracy"],
+            "local-test-loss": local["loss"],
+            "local-test-examples": local["num-examples"],
+        }
+
+    def round_seed(self, server_round: int) -> int:
+        """A seed unique to (run seed, round, partition): reproducible local randomness."""
+        return zlib.crc32(f"{self.cfg.seed}:{server_round}:{self.partition_id}".encode())
+
+
+ClientHandler = Callable[[ClientRuntime, RecordDict, Context], RecordDict]
+
+
+# --- what a node keeps between rounds (``context.state``) ----------------------
+def load_local_model(context: Context) -> State | None:
+    """The model this node kept from its last round, if any."""
+    record = context.state.array_records.get(LOCAL_MODEL)
+    return from_arrayrecord(record) if isinstance(record, ArrayRecord) else None
+
+
+def save_local_model(context: Context, state: State) -> None:
+    """Keep the node's model for its next round."""
+    context.state[LOCAL_MODEL] = to_arrayrecord(state)
+
+
+def load_memory(context: Context, name: str) -> ConfigRecord | None:
+    """A method's small memory (scalars, bytes) kept under ``name``."""
+    record = context.state.config_records.get(name)
+    return record if isinstance(record, ConfigRecord) else None
+
+
+# --- messages ------------------------------------------------------------------
+def server_round_of(content: RecordDict) -> int:
+    """The round a message belongs to."""
+    return int(content[CONFIG][SERVER_ROUND])
+
+
+def requested_layers(content: RecordDict) -> list[str]:
+    """Layer names the server asked to get back."""
+    return [name for name in content[CONFIG].get(REQUEST, []) if name]
+
+
+def current_state(runtime: ClientRuntime, content: RecordDict, context: Context) -> State:
+    """The node's model for this round: what it kept, overwritten by what arrived."""
+    local = load_local_model(context)
+    if local is None:
+        local = torch_state_to_numpy(runtime.new_model().state_dict())
+    if ARRAYS in content:
+        local = merge(local, from_arrayrecord(content[ARRAYS]))
+    return local
+
+
+def reply_content(state: State, layers: ModelLayers, names: list[str], metrics: dict[str, float]) -> RecordDict:
+    """A reply with the named layers of ``state`` and the metrics."""
+    content = RecordDict({METRICS: MetricRecord(metrics)})
+    if names:
+        content[ARRAYS] = to_arrayrecord(select(state, layers, names))
+    return content
+
+
+# --- the standard handlers -------------------------------------------------------
+def standard_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> RecordDict:
+    """Train the whole model locally, keep it if the server says so, return the requested layers."""
+    model = runtime.model_with(current_state(runtime, content, context))
+    seed = runtime.round_seed(server_round_of(content))
+    metrics = train_steps(model, runtime.train_data, runtime.cfg.train, runtime.device, seed)
+    state = torch_state_to_numpy(model.state_dict())
+    if bool(content[CONFIG].get(KEEP_MODEL, True)):
+        save_local_model(context, state)
+    metrics.update(runtime.reply_metrics(model))
+    return reply_content(state, runtime.layers, requested_layers(content), metrics)
+
+
+def standard_evaluate(runtime: ClientRuntime, content: RecordDict, context: Context) -> RecordDict:
+    """Evaluate the received model on the client's test split."""
+    model = runtime.model_with(current_state(runtime, content, context))
+    return RecordDict({METRICS: MetricRecord(evaluate(model, runtime.test_data, runtime.device))})

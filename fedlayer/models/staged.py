@@ -1,0 +1,144 @@
+"""Staged models: a ``LayeredModel`` trained block group by block group.
+
+Stage ``s`` trains a group of consecutive blocks plus a small *stage head* on
+its output; the blocks before it are frozen and the ones after it do not run.
+``StagedModel`` holds the model's blocks, its head and the stage heads
+(``stage_heads.<s>.weight`` / ``.bias``), so its state dict is the model's
+state plus the stage heads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedlayer.models.base import LayeredModel
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """How blocks are grouped into stages."""
+
+    num_blocks: int
+    blocks_per_stage: int = 1
+
+    @property
+    def num_stages(self) -> int:
+        return math.ceil(self.num_blocks / self.blocks_per_stage)
+
+    def blocks(self, stage: int) -> range:
+        """Indices of the blocks trained in ``stage``."""
+        if not 0 <= stage < self.num_stages:
+            raise ValueError(f"stage must be in [0, {self.num_stages}), got {stage}")
+        start = stage * self.blocks_per_stage
+        return range(start, min(start + self.blocks_per_stage, self.num_blocks))
+
+    def is_last(self, stage: int) -> bool:
+        return stage == self.num_stages - 1
+
+
+def stage_features(x: Tensor, pool: int) -> Tensor:
+    """What a stage head sees: the block output average-pooled to ``pool`` x ``pool``
+    (0: not pooled), flattened."""
+    if pool > 0 and x.dim() == 4:
+        x = F.adaptive_avg_pool2d(x, pool)
+    return torch.flatten(x, 1)
+
+
+class StagedModel(nn.Module):
+    """A ``LayeredModel``'s blocks and head plus one linear head per non-final stage.
+
+    Parameters
+    ----------
+    model : LayeredModel
+        The configured model (its modules are shared, not copied).
+    spec : StageSpec
+        Block grouping.
+    pool : int
+        Spatial size stage heads pool block outputs to (0: flatten as is).
+    seed : int
+        Seeds the stage heads' initialisation (server and clients agree).
+    """
+
+    def __init__(self, model: LayeredModel, spec: StageSpec, pool: int, seed: int) -> None:
+        super().__init__()
+        if spec.num_blocks != len(model.blocks):
+            raise ValueError(f"spec has {spec.num_blocks} blocks, model {len(model.blocks)}")
+        self.blocks = model.blocks
+        self.head = model.head
+        self.spec = spec
+        self.pool = pool
+        heads = []
+        with torch.random.fork_rng(devices=[]):  # leave the caller's stream (and CUDA's) alone
+            torch.default_generator.manual_seed(seed)
+            for stage in range(spec.num_stages - 1):
+                shape = model.block_output_shape(spec.blocks(stage)[-1] + 1)
+                features = stage_features(torch.zeros(1, *shape), pool).shape[1]
+                heads.append(nn.Linear(features, model.num_classes))
+        self.stage_heads = nn.ModuleList(heads)
+
+    def stage_head(self, stage: int) -> nn.Module:
+        """The head trained (and evaluated) in ``stage``."""
+        return self.head if self.spec.is_last(stage) else self.stage_heads[stage]
+
+    def active_modules(self, stage: int) -> list[nn.Module]:
+        """The modules trained in ``stage``: its blocks and its head."""
+        return [*(self.blocks[b] for b in self.spec.blocks(stage)), self.stage_head(stage)]
+
+    def frozen_blocks(self, stage: int) -> range:
+        return range(self.spec.blocks(stage).start)
+
+    def prepare(self, stage: int) -> list[nn.Parameter]:
+        """Freeze all but the stage's modules; returns the parameters to train."""
+        self.eval()
+        self.requires_grad_(False)
+        params: list[nn.Parameter] = []
+        for module in self.active_modules(stage):
+            module.train()
+            module.requires_grad_(True)
+            params.extend(module.parameters())
+        return params
+
+    def sample_skips(self, stage: int, p_drop: float, generator: torch.Generator) -> set[int]:
+        """Frozen, identity-compatible blocks to skip in one forward pass."""
+        if p_drop <= 0.0:
+            return set()
+        candidates = [b for b in self.frozen_blocks(stage) if self.blocks[b].is_identity_compatible]
+        draws = torch.rand(len(candidates), generator=generator)
+        return {b for b, u in zip(candidates, draws.tolist()) if u < p_drop}
+
+    def features(self, x: Tensor, stage: int, skip: Collection[int] = ()) -> Tensor:
+        """Output of the stage's last block: frozen blocks forward-only, then the stage's blocks."""
+        with torch.no_grad():
+            for b in self.frozen_blocks(stage):
+                if b not in skip:
+                    x = self.blocks[b](x)
+        for b in self.spec.blocks(stage):
+            x = self.blocks[b](x)
+        return x
+
+    def forward_stage(self, x: Tensor, stage: int, skip: Collection[int] = ()) -> Tensor:
+        """Logits of the stage's head on the stage's features."""
+        z = self.features(x, stage, skip)
+        if self.spec.is_last(stage):
+            return self.head(torch.flatten(z, 1))
+        return self.stage_heads[stage](stage_features(z, self.pool))
+
+
+def stage_layer_names(spec: StageSpec, layer_names: list[str], stage: int) -> list[str]:
+    """The layers (of ``layer_names``, in their order) trained in ``stage``:
+    its blocks' and its head's."""
+    head = "head." if spec.is_last(stage) else f"stage_heads.{stage}."
+    prefixes = (*(f"blocks.{b}." for b in spec.blocks(stage)), head)
+    return [name for name in layer_names if f"{name}.".startswith(prefixes)]
+
+
+def frozen_layer_names(spec: StageSpec, layer_names: list[str], stage: int) -> list[str]:
+    """The layers of the blocks frozen in ``stage`` (all blocks before it)."""
+    prefixes = tuple(f"blocks.{b}." for b in range(spec.blocks(stage).start))
+    return [name for name in layer_names if f"{name}.".startswith(prefixes)]

@@ -1,0 +1,31 @@
+"""Names both sides of a fedlayer message agree on: records, config keys, metrics.
+
+Method-specific keys (``laq-*``, ``fll-*``, ``fedlp-*``) live with their
+method, whose server and client halves share one module.
+"""
+
+from __future__ import annotations
+
+#: Records of a message's RecordDict.
+CONFIG = "config"
+ARRAYS = "arrays"
+PAYLOAD = "payload"
+METRICS = "metrics"
+TRAFFIC = "traffic"
+#: Records that carry model payload (dense layers, compressed updates), as
+#: opposed to config and metrics: what the byte ledger attributes to layers.
+PAYLOAD_RECORDS = (ARRAYS, PAYLOAD)
+
+#: Keys of the ``config`` record of every train/evaluate message.
+SERVER_ROUND = "server-round"
+METHOD = "method"
+REQUEST = "request"
+KEEP_MODEL = "keep-model"
+#: Key of the identity query's ``config`` record.
+QUERY = "query"
+
+#: Metrics every train reply carries.
+NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"
+#: The identity answer of a node whose node config has no ``partition-id``.
+NO_PARTITION = -1

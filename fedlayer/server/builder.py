@@ -1,0 +1,75 @@
+"""The one place the configuration tree becomes a strategy.
+
+Strategies have plain typed constructors that raise ``ParameterError`` (a
+``ValueError``) naming the argument. The builder fills each keyword argument
+of the configured strategy from ``strategy.<name>`` (or, for what a strategy
+needs from the rest of the run, from the federation, the seed and the
+model), and turns a ``ParameterError`` into a ``ConfigError`` naming the
+configuration field.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedlayer.errors import ConfigError, ParameterError
+from fedlayer.methods import METHODS, LayerwiseStrategy
+from fedlayer.models import LayeredModel
+from fedlayer.workload import Workload, build_configured_model, initial_state
+
+#: Arguments filled from outside ``strategy.*``, and the field each one names in errors.
+BASE_FIELDS = {
+    "fraction_train": "federation.fraction_train",
+    "min_train_nodes": "federation.min_train_nodes",
+    "fraction_evaluate": "federation.fraction_evaluate",
+    "seed": "seed",
+    "num_clients": "federation.num_clients",
+    "model": "model.name",
+    "initial_state": "model.name",
+}
+
+
+def strategy_class(cfg: DictConfig) -> type[LayerwiseStrategy]:
+    """The class of the configured strategy; ``ConfigError`` for an unknown name."""
+    name = cfg.strategy.name
+    if name not in METHODS:
+        raise ConfigError("strategy.name", f"unknown strategy {name!r}; choose from {sorted(METHODS)}")
+    return METHODS[name].strategy
+
+
+def strategy_kwargs(cfg: DictConfig, model: LayeredModel) -> dict[str, Any]:
+    """Keyword arguments of the configured strategy's constructor, from the tree."""
+    federation = cfg.federation
+    run_values: dict[str, Any] = {
+        "fraction_train": float(federation.fraction_train),
+        "min_train_nodes": int(federation.min_train_nodes),
+        "fraction_evaluate": float(federation.fraction_evaluate),
+        "seed": int(cfg.seed),
+        "num_clients": int(federation.num_clients),
+        "model": model,
+    }
+    strategy = OmegaConf.to_container(cfg.strategy, resolve=True)
+    assert isinstance(strategy, dict)
+    kwargs = {k: v for k, v in run_values.items() if k in ("fraction_train", "min_train_nodes", "fraction_evaluate", "seed")}
+    for name, parameter in inspect.signature(strategy_class(cfg)).parameters.items():
+        if parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        if name in strategy:
+            kwargs[name] = strategy[name]
+        elif name in run_values:
+            kwargs[name] = run_values[name]
+    return kwargs
+
+
+def build_strategy(cfg: DictConfig, workload: Workload) -> LayerwiseStrategy:
+    """The configured strategy, starting from the configured initial model."""
+    cls = strategy_class(cfg)
+    model = build_configured_model(cfg, workload.pool)
+    try:
+        return cls(initial_state(cfg, workload.pool), **strategy_kwargs(cfg, model))
+    except ParameterError as err:
+        field = BASE_FIELDS.get(err.name, f"strategy.{err.name}")
+        raise ConfigError(field, err.problem) from None

@@ -1,0 +1,255 @@
+"""The one local training loop and the one evaluation loop, plus the central evaluator.
+
+Everything here works on in-memory ``ArrayDataset``s and plain ``nn.Module``s;
+methods pass their own per-batch loss (staged models, contrastive views) and
+forward (a stage's head) where they need to.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedlayer.data import ArrayDataset
+from fedlayer.layers import State, numpy_to_torch_state
+from fedlayer.models.staged import StagedModel, stage_features
+
+#: ``step() -> loss`` run once under a meter: ``measure(step, x, y) -> (loss, metrics)``.
+StepMeter = Callable[[Callable[[], Tensor], Tensor, Tensor], tuple[Tensor, dict[str, float]]]
+
+
+def minibatches(
+    dataset: ArrayDataset, batch_size: int, rng: np.random.Generator, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One shuffled pass over the dataset as tensors on ``device``."""
+    order = rng.permutation(len(dataset))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield (
+            torch.from_numpy(dataset.x[idx]).to(device),
+            torch.from_numpy(dataset.y[idx]).to(device),
+        )
+
+
+def make_optimizer(params: list[nn.Parameter], train: DictConfig) -> torch.optim.Optimizer:
+    """The configured optimiser over ``params``."""
+    if train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+
+
+def num_local_steps(train: DictConfig, num_examples: int) -> int:
+    """Minibatch steps in one round: ``local_steps`` or ``local_epochs`` passes."""
+    if train.local_steps > 0:
+        return int(train.local_steps)
+    return max(1, math.ceil(train.local_epochs * math.ceil(num_examples / train.batch_size)))
+
+
+def train_steps(
+    model: nn.Module,
+    dataset: ArrayDataset,
+    train: DictConfig,
+    device: torch.device,
+    seed: int,
+    *,
+    params: list[nn.Parameter] | None = None,
+    batch_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+    measure: StepMeter | None = None,
+    rng: np.random.Generator | None = None,
+) -> dict[str, float]:
+    """Train ``model`` in place for one round; returns loss and step count.
+
+    ``params`` restricts which parameters the optimiser updates (all by
+    default). ``batch_loss(x, y)`` replaces cross-entropy of ``model(x)``; a
+    caller passing it has set the modules' train/eval modes itself.
+    ``measure`` wraps the first step (which also allocates optimiser state).
+    Batches come from seeded shuffled passes (``rng``, default seeded by
+    ``seed``), so a round is reproducible.
+    """
+    if len(dataset) == 0:
+        raise ValueError("client has no training examples")
+    rng = rng if rng is not None else np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model.to(device)
+    if batch_loss is None:
+        model.train()
+        loss_fn = nn.CrossEntropyLoss()
+
+        def batch_loss(x: Tensor, y: Tensor) -> Tensor:
+            return loss_fn(model(x), y)
+
+    optimizer = make_optimizer(params if params is not None else list(model.parameters()), train)
+    steps = num_local_steps(train, len(dataset))
+    total_loss, done = 0.0, 0
+    metrics: dict[str, float] = {}
+    while done < steps:
+        for x, y in minibatches(dataset, int(train.batch_size), rng, device):
+
+            def step() -> Tensor:
+                optimizer.zero_grad(set_to_none=True)
+                loss = batch_loss(x, y)
+                loss.backward()
+                optimizer.step()
+                return loss.detach()
+
+            if done == 0 and measure is not None:
+                loss, metrics = measure(step, x, y)
+            else:
+                loss = step()
+            total_loss += float(loss)
+            done += 1
+            if done >= steps:
+                break
+    return {**metrics, "train-loss": total_loss / steps, "local-steps": float(steps)}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: ArrayDataset,
+    device: torch.device,
+    batch_size: int = 500,
+    forward: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, float]:
+    """Loss and accuracy of ``model`` (or of ``forward``, e.g. a stage's head) on ``dataset``."""
+    if len(dataset) == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "num-examples": 0.0}
+    model.to(device).eval()
+    forward = forward or model
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        x = torch.from_numpy(dataset.x[start : start + batch_size]).to(device)
+        y = torch.from_numpy(dataset.y[start : start + batch_size]).to(device)
+        logits = forward(x)
+        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == y).sum())
+    n = len(dataset)
+    return {"loss": total_loss / n, "accuracy": correct / n, "num-examples": float(n)}
+
+
+def loss_gradient(
+    model: nn.Module, data: ArrayDataset, l2: float, batch_size: int, seed: int, device: torch.device
+) -> tuple[State, float]:
+    """Gradient of ``mean CE loss + l2/2 ||theta||^2`` at the model's parameters.
+
+    ``batch_size`` 0 (or >= the split) uses the whole split; otherwise one
+    seeded minibatch of that size. Returns (gradient per parameter, loss).
+    """
+    model.to(device).train()
+    if 0 < batch_size < len(data):
+        idx = np.sort(np.random.default_rng(seed).choice(len(data), size=batch_size, replace=False))
+        x, y = data.x[idx], data.y[idx]
+    else:
+        x, y = data.x, data.y
+    model.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device))
+    if l2 > 0:
+        loss = loss + 0.5 * l2 * sum((p * p).sum() for p in model.parameters())
+    loss.backward()
+    grads = {name: p.grad.detach().cpu().numpy().astype(np.float32) for name, p in model.named_parameters()}
+    return grads, float(loss.detach())
+
+
+def step_flops(net: nn.Module, x: Tensor, y: Tensor) -> int:
+    """FLOPs of one training step (forward, loss, backward) of a copy of ``net``."""
+    clone = copy.deepcopy(net).train()
+    with FlopCounterMode(display=False) as counter:
+        loss = nn.functional.cross_entropy(clone(x), y)
+        if loss.requires_grad:
+            loss.backward()
+    return int(counter.get_total_flops())
+
+
+#: Full-depth batches ``recalibrate_batch_norm`` estimates the statistics from.
+RECALIBRATION_BATCHES = 8
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(
+    net: StagedModel, stage: int, dataset: ArrayDataset, batch_size: int, rng: np.random.Generator, device: torch.device
+) -> None:
+    """Re-estimate the stage's BatchNorm running statistics on full-depth inputs.
+
+    The statistics are reset and re-averaged (cumulative mean, as in
+    stochastic-depth and supernet BN calibration) over up to
+    ``RECALIBRATION_BATCHES`` forward-only, full-depth batches.
+    """
+    norms = [
+        m for module in net.active_modules(stage) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    for count, (x, _) in enumerate(minibatches(dataset, batch_size, rng, device)):
+        if count >= RECALIBRATION_BATCHES:
+            break
+        net.features(x, stage)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+
+
+@torch.no_grad()
+def linear_probe(
+    net: StagedModel, stage: int, train_set: ArrayDataset, test_set: ArrayDataset, epochs: int = 50, seed: int = 0
+) -> dict[str, float]:
+    """Linear-probe accuracy of the frozen features after ``stage``.
+
+    A logistic-regression head is fitted (full-batch Adam) on the pooled
+    features of ``train_set`` and scored on ``test_set``.
+    """
+    net.eval()
+
+    def embed(data: ArrayDataset) -> Tensor:
+        chunks = [
+            stage_features(net.features(torch.from_numpy(data.x[i : i + 500]), stage), net.pool)
+            for i in range(0, len(data), 500)
+        ]
+        return torch.cat(chunks)
+
+    train_z, test_z = embed(train_set), embed(test_set)
+    mean, std = train_z.mean(0), train_z.std(0) + 1e-6
+    train_z, test_z = (train_z - mean) / std, (test_z - mean) / std
+    train_y, test_y = torch.from_numpy(train_set.y), torch.from_numpy(test_set.y)
+    torch.manual_seed(seed)
+    probe = nn.Linear(train_z.shape[1], int(max(train_set.num_classes, int(train_y.max()) + 1)))
+    optimizer = torch.optim.Adam(probe.parameters(), lr=0.01, weight_decay=1e-4)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            optimizer.zero_grad()
+            F.cross_entropy(probe(train_z), train_y).backward()
+            optimizer.step()
+    logits = probe(test_z)
+    return {
+        "accuracy": float((logits.argmax(1) == test_y).float().mean()),
+        "loss": float(F.cross_entropy(logits, test_y)),
+        "num-examples": float(len(test_set)),
+    }
+
+
+@dataclass
+class Evaluator:
+    """The server's test set and a model to score states on (CPU)."""
+
+    model: nn.Module
+    test_set: ArrayDataset
+
+    def __call__(self, state: State) -> dict[str, float]:
+        """Loss and accuracy of a full ``state`` of ``model`` on the test set."""
+        self.model.load_state_dict(numpy_to_torch_state(state))
+        return evaluate(self.model, self.test_set, torch.device("cpu"))
+
+    def evaluate_module(self, module: nn.Module, forward: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+        """Loss and accuracy of another module (a depth prefix, a staged model) on the test set."""
+        return evaluate(module, self.test_set, torch.device("cpu"), forward=forward)
