@@ -7,7 +7,7 @@ Two commands::
 
 ``stages`` measures one local training step of every stage directly, with the
 client's own code (``fedlayer.client.fll.train_stage`` on one batch of a
-client's data, measured by ``fedlayer.client.memory``), next to one
+client's data, measured by ``fedlayer.memory``), next to one
 end-to-end step of the same model, batch and objective (a single stage
 holding every block is end-to-end training). On CUDA the allocator's peak
 (``torch.cuda.max_memory_allocated``) is reported too.
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from benchmarks.harness import load_suite, run_suite
-from fedlayer.client.device import resolve_device
+from fedlayer.device import resolve_device
 from fedlayer.client.fll import StagedModel, StageSpec, train_stage
 from fedlayer.config import compose_config
 from fedlayer.workload import build_configured_model, load_workload
@@ -113,7 +113,7 @@ def memory_report(results: list[dict[str, Any]], batch_size: int, title: str) ->
         "",
         "Peak training memory: bytes of live tensors during a client's training step (parameters,"
         " gradients, optimiser state, activations kept for backward, temporaries), measured on the CPU by"
-        " `fedlayer.client.memory`. 'end-to-end MB' is one end-to-end step of the same model, batch and"
+        " `fedlayer.memory`. 'end-to-end MB' is one end-to-end step of the same model, batch and"
         " objective measured the same way. 'acc' is central test accuracy (supervised) or linear-probe"
         " accuracy (contrastive); 'acc - base' compares with FedAvg (supervised) or with the one-stage,"
         " end-to-end contrastive run `fll-ssl-e2e` of the same setting.",

@@ -24,6 +24,10 @@ RUN_ID = 1
 FIRST_NODE_ID = 1_000_000_000_000
 
 
+class SimulatedCrash(RuntimeError):
+    """The server process dying mid-round, as an exception."""
+
+
 def wire_copy(message: Message) -> Message:
     """The message as the other side receives it (a protobuf round trip)."""
     return message_from_proto(message_to_proto(message))
@@ -35,6 +39,10 @@ class InProcessGrid(Grid):
 
     ``node_config(partition)`` gives each node's node config; ``dropped``
     node ids never answer (their messages time out like a dead SuperNode's).
+    ``crash_at=(round, n)`` raises ``SimulatedCrash`` (the server dies) when the
+    ``n+1``-th training message of that round is pushed, after the first ``n``
+    were served: clients have trained (and saved state) for a round the server
+    never checkpointed.
     """
 
     client_app: ClientApp
@@ -42,14 +50,16 @@ class InProcessGrid(Grid):
     node_config: Callable[[int], dict] = field(default=lambda p: {})
     run_config: dict = field(default_factory=dict)
     dropped: set[int] = field(default_factory=set)
+    first_node_id: int = FIRST_NODE_ID
+    crash_at: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         # Messages take their run id from the task identity the engine sets.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 1, 1
         self.contexts = {
-            FIRST_NODE_ID + p: Context(
+            self.first_node_id + p: Context(
                 run_id=RUN_ID,
-                node_id=FIRST_NODE_ID + p,
+                node_id=self.first_node_id + p,
                 node_config=self.node_config(p),
                 state=RecordDict(),
                 run_config=dict(self.run_config),
@@ -58,6 +68,7 @@ class InProcessGrid(Grid):
         }
         self._replies: dict[str, Message] = {}
         self._count = 0
+        self._served: dict[int, int] = {}
 
     # Grid's abstract interface ------------------------------------------------
     @property
@@ -87,6 +98,7 @@ class InProcessGrid(Grid):
             message.metadata.__dict__["_message_id"] = message_id
             ids.append(message_id)
             node = message.metadata.dst_node_id
+            self._maybe_crash(message)
             if node in self.dropped or node not in self.contexts:
                 continue
             received = wire_copy(message)
@@ -97,6 +109,15 @@ class InProcessGrid(Grid):
             reply.metadata.__dict__["_message_id"] = self._next_id()
             self._replies[message_id] = wire_copy(reply)
         return ids
+
+    def _maybe_crash(self, message: Message) -> None:
+        if self.crash_at is None or message.metadata.message_type != "train":
+            return
+        server_round = int(message.content["config"]["server-round"])
+        served = self._served.get(server_round, 0)
+        if server_round == self.crash_at[0] and served >= self.crash_at[1]:
+            raise SimulatedCrash(f"server killed in round {server_round} after {served} messages")
+        self._served[server_round] = served + 1
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(mid) for mid in list(message_ids) if mid in self._replies]

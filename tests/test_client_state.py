@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from fedlayer.client.methods import standard_train
+from fedlayer.methods.client import standard_train
 from fedlayer.client.runtime import ClientRuntime
 from fedlayer.client.state import NodeStateFiles, load_local_model, save_local_model, save_memory
 from fedlayer.config import compose_config
 from fedlayer.layers import from_arrayrecord, states_equal, torch_state_to_numpy
-from fedlayer.strategies.fedavg import FedAvgStrategy
-from fedlayer.strategies.fedlama import FedLAMAStrategy
+from fedlayer.methods.fedavg import FedAvgStrategy
+from fedlayer.methods.fedlama import FedLAMAStrategy
 
 from tests.conftest import small_state
 

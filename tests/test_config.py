@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedlayer.client.device import resolve_device
+from fedlayer.device import resolve_device
 from fedlayer.config import ConfigError, compose_config, config_to_overrides, resolve_resume, run_config_to_overrides
 
 

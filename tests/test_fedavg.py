@@ -4,9 +4,9 @@ import numpy as np
 from flwr.serverapp.strategy import FedAvg
 
 from fedlayer.layers import from_arrayrecord, select, states_equal
-from fedlayer.strategies.base import NodePlan, weighted_layer_average
-from fedlayer.strategies.fedavg import FedAvgStrategy
-from fedlayer.strategies.validation import validate_train_reply
+from fedlayer.methods.base import NodePlan, weighted_layer_average
+from fedlayer.methods.fedavg import FedAvgStrategy
+from fedlayer.methods.replies import validate_train_reply
 from tests.conftest import make_reply, small_state
 
 

@@ -13,15 +13,15 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from fedlayer.client.methods import CLIENT_METHODS, standard_train
+from fedlayer.methods.client import CLIENT_METHODS, standard_train
 from fedlayer.client.runtime import ClientRuntime
 from fedlayer.client.state import load_local_model
-from fedlayer.client.training import train_steps
+from fedlayer.training import train_steps
 from fedlayer.config import ConfigError, compose_config
 from fedlayer.layers import ModelLayers, from_arrayrecord, merge, select, states_equal, to_arrayrecord, torch_state_to_numpy
-from fedlayer.strategies.fedavg import FedAvgStrategy
-from fedlayer.strategies.fedlama import FedLAMAStrategy, layer_discrepancy, long_interval_layers
-from fedlayer.strategies.validation import validate_train_reply
+from fedlayer.methods.fedavg import FedAvgStrategy
+from fedlayer.methods.fedlama import FedLAMAStrategy, layer_discrepancy, long_interval_layers
+from fedlayer.methods.replies import validate_train_reply
 from fedlayer.traffic import ByteLedger
 from fedlayer.traffic.size import object_tree_bytes
 from tests.conftest import make_reply, small_state

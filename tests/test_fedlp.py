@@ -1,24 +1,27 @@
 """FedLP: homogeneous pruning, heterogeneous depths, FLOP counts."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 
-from fedlayer.client.fedlp import fedlp_train, init_level_head, level_head_name
-from fedlayer.client.methods import standard_train
-from fedlayer.client.runtime import ClientRuntime
-from fedlayer.config import ConfigError, compose_config
+from fedlayer.client.app import make_client_app
+from fedlayer.config import compose_config
+from fedlayer.errors import ConfigError, ParameterError
 from fedlayer.layers import from_arrayrecord, select, states_equal, torch_state_to_numpy
-from fedlayer.strategies.base import NodePlan
-from fedlayer.strategies.fedavg import FedAvgStrategy
-from fedlayer.strategies.fedlp import FedLPStrategy, pruning_units
+from fedlayer.methods.base import NodePlan
+from fedlayer.methods.client import ClientRuntime, standard_train
+from fedlayer.methods.fedavg import FedAvgStrategy
+from fedlayer.methods.fedlp import FedLPStrategy, fedlp_train, pruning_units
+from fedlayer.models import build_model
+from fedlayer.models.depth import init_level_head, level_head_name
+from fedlayer.server.builder import build_strategy
+from fedlayer.server.loop import FederatedRun, central_evaluator
+from fedlayer.workload import load_workload
 from tests.conftest import make_reply, small_state
+from tests.inprocess import InProcessGrid
 
 OVERRIDES = ["strategy=fedlp", "dataset=digits", "model=cnn", "train.local_steps=2", "federation.num_clients=3"]
 
@@ -34,6 +37,27 @@ def initial(runtime):
     return torch_state_to_numpy(runtime.new_model().state_dict())
 
 
+def _fedlp(initial, runtime, **kwargs):
+    """FedLP over the configured model (cnn: two blocks)."""
+    return FedLPStrategy(initial, model=runtime.new_model(), **kwargs)
+
+
+def _build(overrides):
+    """The strategy the server builds from these overrides (strategy fields are checked here)."""
+    cfg = compose_config(overrides)
+    return build_strategy(cfg, load_workload(cfg, int(cfg.federation.num_clients)))
+
+
+def _simulate(tmp_path, *overrides):
+    """A whole run in process (the real ServerApp loop and ClientApp); its summary."""
+    cfg = compose_config([f"output_dir={tmp_path}", "run_name=run", *overrides])
+    num_clients = int(cfg.federation.num_clients)
+    grid = InProcessGrid(
+        make_client_app(cfg), num_clients, node_config=lambda p: {"partition-id": p, "num-partitions": num_clients}
+    )
+    return FederatedRun(cfg).run(grid)
+
+
 def _heads(runtime):
     model = runtime.new_model()
     heads = {}
@@ -44,8 +68,8 @@ def _heads(runtime):
 
 def _train_message(strategy, node, server_round=1):
     """The message the strategy would push to ``node`` (after configure_train's planning)."""
-    plan = strategy.plans[node]
-    return strategy.build_message(server_round, node, plan, ConfigRecord(), MessageType.TRAIN)
+    (message,) = strategy.build_messages(server_round, {node: strategy.plans[node]}, MessageType.TRAIN)
+    return message
 
 
 def _client_reply(runtime, handler, message, node_config=None):
@@ -60,8 +84,8 @@ def _noisy(state, seed):
 
 
 # ------------------------------------------------------------- homogeneous
-def test_p_one_requests_every_layer_and_aggregates_like_fedavg(initial):
-    fedlp = FedLPStrategy(initial, p=1.0, seed=3, freeze_dropped=True)
+def test_p_one_requests_every_layer_and_aggregates_like_fedavg(runtime, initial):
+    fedlp = _fedlp(initial, runtime, p=1.0, seed=3, freeze_dropped=True)
     fedavg = FedAvgStrategy(initial)
     nodes = (11, 12, 13)
     fedlp.plans = {n: fedlp.plan(1, n) for n in nodes}
@@ -74,7 +98,7 @@ def test_p_one_requests_every_layer_and_aggregates_like_fedavg(initial):
 
 
 def test_p_one_client_trains_exactly_like_fedavg(runtime, initial):
-    fedlp, fedavg = FedLPStrategy(initial, p=1.0, freeze_dropped=True), FedAvgStrategy(initial)
+    fedlp, fedavg = _fedlp(initial, runtime, p=1.0, freeze_dropped=True), FedAvgStrategy(initial)
     fedlp.plans, fedavg.plans = {5: fedlp.plan(1, 5)}, {5: fedavg.plan(1, 5)}
     ours = _client_reply(runtime, fedlp_train, _train_message(fedlp, 5))
     theirs = _client_reply(runtime, standard_train, _train_message(fedavg, 5))
@@ -83,16 +107,17 @@ def test_p_one_client_trains_exactly_like_fedavg(runtime, initial):
     assert metrics["train-flops"] == metrics["train-flops-full"] > 0
 
 
-def test_keep_rate_matches_p_and_is_reproducible(initial):
-    strategy = FedLPStrategy(initial, p=0.3, seed=1)
+def test_keep_rate_matches_p_and_is_reproducible(runtime, initial):
+    strategy = _fedlp(initial, runtime, p=0.3, seed=1)
     draws = [strategy.keep_mask(r, n) for r in range(1, 101) for n in range(10)]
     rate = sum(len(d) for d in draws) / (len(draws) * len(strategy.layers))
     assert abs(rate - 0.3) < 0.03
-    assert FedLPStrategy(initial, p=0.3, seed=1).keep_mask(7, 3) == strategy.keep_mask(7, 3)
+    assert _fedlp(initial, runtime, p=0.3, seed=1).keep_mask(7, 3) == strategy.keep_mask(7, 3)
 
 
 def test_batchnorm_is_kept_or_dropped_with_the_layer_it_normalises():
-    strategy = FedLPStrategy(small_state(0), p=0.5)
+    model = build_model("cnn", input_shape=(1, 28, 28), num_classes=10, seed=0)  # any model: homogeneous uses no depth
+    strategy = FedLPStrategy(small_state(0), model=model, p=0.5)
     assert pruning_units(strategy.layers) == [["blocks.0.conv", "blocks.0.bn"], ["head.fc"]]
     masks = [set(strategy.keep_mask(r, n)) for r in range(1, 30) for n in range(5)]
     assert all(("blocks.0.conv" in m) == ("blocks.0.bn" in m) for m in masks)
@@ -101,7 +126,7 @@ def test_batchnorm_is_kept_or_dropped_with_the_layer_it_normalises():
 
 
 def test_dropped_layers_are_not_uploaded_and_get_no_gradient(runtime, initial):
-    strategy = FedLPStrategy(initial, layer_p={"blocks.0.conv": 0.0, "head.fc2": 0.0}, p=1.0, freeze_dropped=True)
+    strategy = _fedlp(initial, runtime, layer_p=["blocks.0.conv=0.0", "head.fc2=0.0"], p=1.0, freeze_dropped=True)
     strategy.plans = {4: strategy.plan(1, 4)}
     message = _train_message(strategy, 4)
     reply = _client_reply(runtime, fedlp_train, message)
@@ -119,7 +144,7 @@ def test_dropped_layers_are_not_uploaded_and_get_no_gradient(runtime, initial):
 
 
 def test_freeze_dropped_false_trains_every_layer_but_uploads_kept_ones(runtime, initial):
-    strategy = FedLPStrategy(initial, layer_p={"head.fc2": 0.0}, p=1.0, freeze_dropped=False)
+    strategy = _fedlp(initial, runtime, layer_p=["head.fc2=0.0"], p=1.0, freeze_dropped=False)
     strategy.plans = {4: strategy.plan(1, 4)}
     reply = _client_reply(runtime, fedlp_train, _train_message(strategy, 4))
     assert "head.fc2.weight" not in reply.content["arrays"]
@@ -127,38 +152,36 @@ def test_freeze_dropped_false_trains_every_layer_but_uploads_kept_ones(runtime, 
     assert metrics["train-flops"] == metrics["train-flops-full"]
 
 
-def test_reply_carrying_a_dropped_layer_is_rejected(initial):
-    strategy = FedLPStrategy(initial, layer_p={"head.fc2": 0.0}, p=1.0)
+def test_reply_carrying_a_dropped_layer_is_rejected(runtime, initial):
+    strategy = _fedlp(initial, runtime, layer_p=["head.fc2=0.0"], p=1.0)
     strategy.plans = {1: strategy.plan(1, 1)}
-    arrays, _ = strategy.aggregate_train(1, [make_reply(1, _noisy(initial, 1))])
-    assert arrays is None and "not requested" in strategy.rejections[0].reason
+    metrics = strategy.aggregate_train(1, [make_reply(1, _noisy(initial, 1))])
+    assert metrics is None and "not requested" in strategy.rejections[0].reason
     assert states_equal(strategy.global_state, initial)
 
 
-def test_bad_config_names_the_field(initial):
+def test_bad_config_names_the_field(runtime, initial):
     with pytest.raises(ConfigError, match="strategy.p"):
-        compose_config([*OVERRIDES, "strategy.p=1.5"])
+        _build([*OVERRIDES, "strategy.p=1.5"])
     with pytest.raises(ConfigError, match="strategy.layer_p"):
-        compose_config([*OVERRIDES, "strategy.layer_p=['head.fc2=2']"])
+        _build([*OVERRIDES, "strategy.layer_p=['head.fc2=2']"])
     with pytest.raises(ConfigError, match="strategy.layer_p"):
-        compose_config([*OVERRIDES, "strategy.layer_p=['head.fc2']"])
+        _build([*OVERRIDES, "strategy.layer_p=['head.fc2']"])
     with pytest.raises(ConfigError, match="strategy.scheme"):
-        compose_config([*OVERRIDES, "strategy.scheme=deep"])
-    with pytest.raises(ConfigError, match="strategy.layer_p"):
-        FedLPStrategy(initial, layer_p={"nope": 0.0})
-    with pytest.raises(ConfigError, match="strategy.level_preference"):
-        FedLPStrategy(initial, level_preference=[0.5, 0.2, 0.3])
+        _build([*OVERRIDES, "strategy.scheme=deep"])
+    # the constructor names its own argument
+    with pytest.raises(ParameterError, match="layer_p") as err:
+        _fedlp(initial, runtime, layer_p=["nope=0.0"])
+    assert err.value.name == "layer_p"
+    with pytest.raises(ParameterError, match="level_preference") as err:
+        _fedlp(initial, runtime, level_preference=[0.5, 0.2, 0.3])
+    assert err.value.name == "level_preference"
 
 
 @pytest.mark.slow
 def test_layer_with_p_zero_never_travels_up_nor_changes(tmp_path):
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "fedlayer.cli", f"output_dir={tmp_path}", "run_name=run", *OVERRIDES,
-         "federation.rounds=3", "strategy.p=0.6", "strategy.freeze_dropped=true", "strategy.layer_p=['head.fc2=0.0']"],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _simulate(tmp_path, *OVERRIDES, "federation.rounds=3", "strategy.p=0.6", "strategy.freeze_dropped=true",
+              "strategy.layer_p=['head.fc2=0.0']")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all("head.fc2" not in r["layer_bytes_up"] for r in records)
     assert all(r["layer_bytes_down"]["head.fc2"] > 0 for r in records)  # downloads stay full
@@ -170,11 +193,12 @@ def test_layer_with_p_zero_never_travels_up_nor_changes(tmp_path):
 
 # ---------------------------------------------------------- heterogeneous
 def _hetero(initial, runtime, **kwargs):
-    return FedLPStrategy(initial, scheme="heterogeneous", level_heads=_heads(runtime), **kwargs)
+    return _fedlp(initial, runtime, scheme="heterogeneous", **kwargs)  # heads initialised from the model and seed
 
 
 def test_level_c_messages_carry_only_its_layers_both_ways(runtime, initial):
     strategy = _hetero(initial, runtime, level_preference=[1.0, 0.0])
+    assert states_equal(strategy.level_heads, _heads(runtime))  # the heads clients initialise (seed 0)
     strategy.plans = {2: strategy.plan(1, 2)}
     down = _train_message(strategy, 2)
     expected_keys = {*strategy.layers.keys_of(["blocks.0.conv"]), "level-heads.1.weight", "level-heads.1.bias"}
@@ -212,8 +236,8 @@ def test_reply_with_layers_beyond_its_level_is_rejected(runtime, initial):
     strategy.plans = {1: strategy.plan(1, 1)}
     state = {**select(_noisy(initial, 1), strategy.layers, ["blocks.0.conv", "blocks.1.conv"]), **_heads(runtime)}
     state = {k: v for k, v in state.items() if not k.startswith("level-heads.2")}
-    arrays, _ = strategy.aggregate_train(1, [make_reply(1, state, metrics={"depth-level": 1})])
-    assert arrays is None and len(strategy.rejections) == 1
+    metrics = strategy.aggregate_train(1, [make_reply(1, state, metrics={"depth-level": 1})])
+    assert metrics is None and len(strategy.rejections) == 1
     assert states_equal(strategy.global_state, initial)
 
 
@@ -255,10 +279,8 @@ def test_levels_are_stable_per_node_and_follow_the_preference(runtime, initial):
 
 
 def test_central_evaluation_reports_every_depth(runtime, initial):
-    from fedlayer.server.evaluation import CentralEvaluator
-
     strategy = _hetero(initial, runtime)
-    result = strategy.evaluate_central(CentralEvaluator(runtime.cfg, runtime.test_data))
+    result = strategy.evaluate_central(central_evaluator(runtime.cfg, runtime.test_data))
     assert {"accuracy", "accuracy-depth-1", "accuracy-depth-2"} <= result.keys()
     assert result["accuracy-depth-2"] == result["accuracy"]
     assert 0.0 <= result["accuracy-depth-1"] <= 1.0

@@ -5,30 +5,26 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordDict
 
-from fedlayer.client.contrastive import augment_pair, nt_xent
-from fedlayer.client.fll import StagedModel, StageSpec, fll_train, stage_layer_names, train_stage
-from fedlayer.client.memory import LiveTensorMeter, measure_step, resident_tensors
-from fedlayer.client.runtime import ClientRuntime
-from fedlayer.client.state import load_local_model
-from fedlayer.config import ConfigError, compose_config
+from fedlayer.client.app import make_client_app
+from fedlayer.config import compose_config
+from fedlayer.contrastive import augment_pair, nt_xent
+from fedlayer.errors import ConfigError
 from fedlayer.layers import ModelLayers, select, states_equal, to_arrayrecord, torch_state_to_numpy
+from fedlayer.memory import LiveTensorMeter, measure_step, resident_tensors
+from fedlayer.methods.client import ClientRuntime, load_local_model
+from fedlayer.methods.fll import FLLStrategy, fll_evaluate, fll_train, train_stage
 from fedlayer.models import build_model
-from fedlayer.strategies import validate_strategy_config
-from fedlayer.strategies.fll import FLLStrategy
+from fedlayer.models.staged import StagedModel, StageSpec, stage_layer_names
+from fedlayer.server.builder import build_strategy
+from fedlayer.server.loop import FederatedRun, central_evaluator
+from fedlayer.training import evaluate
+from fedlayer.workload import load_workload
+from tests.inprocess import InProcessGrid
 
-TRAIN = compose_config(["train.local_steps=2", "train.batch_size=16"]).train
-
-
-class StubGrid:
-    """The part of Flower's Grid that ``configure_train`` uses."""
-
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return self.nodes
+#: What ``train_stage`` tests train with (on top of ``_runtime``'s ``train.local_steps=2``).
+TRAIN = "train.batch_size=16"
 
 
 def _resnet(seed=0):
@@ -44,6 +40,23 @@ def _strategy(model_name="cnn", **kwargs):
 def _runtime(*overrides):
     cfg = compose_config(["dataset=mnist5k", "model=cnn", "strategy=fll", "train.local_steps=2", *overrides])
     return ClientRuntime(cfg=cfg, partition_id=0, num_partitions=5, data_path=None, device=torch.device("cpu"))
+
+
+def _runtime_on(train_data, *overrides):
+    """A runtime whose training split is ``train_data``."""
+    runtime = _runtime(*overrides)
+    runtime.data = (train_data, runtime.test_data)  # fills the cached property
+    return runtime
+
+
+def _simulate(tmp_path, *overrides):
+    """A whole run in process (the real ServerApp loop and ClientApp); its summary."""
+    cfg = compose_config([f"output_dir={tmp_path}", "run_name=run", *overrides])
+    num_clients = int(cfg.federation.num_clients)
+    grid = InProcessGrid(
+        make_client_app(cfg), num_clients, node_config=lambda p: {"partition-id": p, "num-partitions": num_clients}
+    )
+    return FederatedRun(cfg).run(grid)
 
 
 def _reply_to(sent: Message, content: RecordDict) -> Message:
@@ -77,10 +90,10 @@ def test_global_state_holds_stage_heads_as_layers():
 
 def test_stages_advance_every_rounds_per_stage_and_frozen_blocks_are_sent_once():
     strategy = _strategy("cnn", rounds_per_stage=2)
-    grid = StubGrid([11, 12])
+    nodes = [11, 12]
     stages, sends = [], []
     for server_round in range(1, 6):
-        messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+        messages = list(strategy.configure_train(server_round, nodes))
         stages.append(strategy.stage)
         sends.append({m.metadata.dst_node_id: sorted(m.content["arrays"].keys()) for m in messages})
         assert all(int(m.content["config"]["fll-stage"]) == strategy.stage for m in messages)
@@ -109,25 +122,25 @@ def test_stages_advance_every_rounds_per_stage_and_frozen_blocks_are_sent_once()
 
 def test_frozen_block_is_resent_to_a_node_whose_reply_never_arrived():
     strategy = _strategy("cnn", rounds_per_stage=1)
-    grid = StubGrid([11, 12])
-    strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
-    messages = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid))
+    nodes = [11, 12]
+    strategy.configure_train(1, nodes)
+    messages = list(strategy.configure_train(2, nodes))
     ok = next(m for m in messages if m.metadata.dst_node_id == 11)
     reply = _reply_to(ok, RecordDict({
         "arrays": to_arrayrecord(select(strategy.global_state, strategy.layers, strategy.plans[11].request)),
         "metrics": MetricRecord({"num-examples": 5}),
     }))
     strategy.aggregate_train(2, [reply])  # node 12 never answered
-    strategy.configure_train(3, ArrayRecord(), ConfigRecord(), grid)
+    strategy.configure_train(3, nodes)
     assert "blocks.0.conv" not in strategy.plans[11].send
     assert "blocks.0.conv" in strategy.plans[12].send
 
 
 def test_bad_replies_are_rejected_and_leave_the_model_alone():
     strategy = _strategy("cnn", rounds_per_stage=1)
-    grid = StubGrid([11])
+    nodes = [11]
     for server_round in (1, 2):
-        (message,) = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+        (message,) = strategy.configure_train(server_round, nodes)
     before = {k: v.copy() for k, v in strategy.global_state.items()}
     # a frozen block was not requested: the whole reply is refused
     sneaky = select(strategy.global_state, strategy.layers, ["blocks.0.conv", *strategy.plans[11].request])
@@ -140,14 +153,14 @@ def test_bad_replies_are_rejected_and_leave_the_model_alone():
 def test_a_node_that_lost_its_frozen_blocks_refuses_and_gets_them_again():
     runtime = _runtime()
     strategy = _strategy("cnn", rounds_per_stage=1)
-    grid = StubGrid([7])
-    (first,) = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
+    nodes = [7]
+    (first,) = strategy.configure_train(1, nodes)
     context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
     strategy.aggregate_train(1, [_reply_to(first, fll_train(runtime, first.content, context))])
-    (second,) = strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid)
+    (second,) = strategy.configure_train(2, nodes)
     strategy.aggregate_train(2, [_reply_to(second, fll_train(runtime, second.content, context))])
     assert strategy.delivered == {7: {"blocks.0.conv"}}
-    (third,) = strategy.configure_train(3, ArrayRecord(), ConfigRecord(), grid)
+    (third,) = strategy.configure_train(3, nodes)
     assert "blocks.0.conv" not in strategy.plans[7].send
     restarted = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})  # state lost
     with pytest.raises(RuntimeError, match=r"no copy of the frozen layers \['blocks.0.conv'\]"):
@@ -156,7 +169,7 @@ def test_a_node_that_lost_its_frozen_blocks_refuses_and_gets_them_again():
     before = {k: v.copy() for k, v in strategy.global_state.items()}
     strategy.aggregate_train(3, [error])
     assert states_equal(strategy.global_state, before) and strategy.delivered == {}
-    strategy.configure_train(4, ArrayRecord(), ConfigRecord(), grid)
+    strategy.configure_train(4, nodes)
     assert "blocks.0.conv" in strategy.plans[7].send  # sent again
 
 
@@ -165,11 +178,11 @@ def test_client_changes_and_returns_only_the_stage_layers():
     strategy = _strategy("cnn", rounds_per_stage=1)
     node = 7
     context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
-    grid = StubGrid([node])
-    (first,) = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
+    nodes = [node]
+    (first,) = strategy.configure_train(1, nodes)
     strategy.aggregate_train(1, [_reply_to(first, fll_train(runtime, first.content, context))])
     kept_after_stage0 = load_local_model(context)
-    (second,) = strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid)
+    (second,) = strategy.configure_train(2, nodes)
     assert strategy.stage == 1
     global_before = {k: v.copy() for k, v in strategy.global_state.items()}
     reply = fll_train(runtime, second.content, context)
@@ -281,8 +294,8 @@ def test_layerwise_step_needs_much_less_memory_than_end_to_end():
 def test_train_stage_reports_memory_and_respects_frozen_blocks():
     net = StagedModel(_resnet(), StageSpec(10, 1), 2, seed=0)
     before = torch_state_to_numpy(net.state_dict())
-    runtime = _runtime()
-    metrics = train_stage(net, 5, runtime.train_data, TRAIN, torch.device("cpu"), seed=3, p_drop=0.5)
+    runtime = _runtime(TRAIN)
+    metrics = train_stage(net, 5, runtime, seed=3, p_drop=0.5, objective="supervised", temperature=0.5)
     after = torch_state_to_numpy(net.state_dict())
     layers = ModelLayers.from_state(after)
     changed = {layers.layer_of(k) for k in after if not np.array_equal(after[k], before[k])}
@@ -294,10 +307,9 @@ def test_train_stage_reports_memory_and_respects_frozen_blocks():
 def test_depth_dropout_recalibrates_the_stage_batch_norm_on_full_depth_inputs():
     """Trained with most frozen blocks skipped, the stage's BatchNorm ends with the
     statistics of full-depth inputs (what evaluation runs), not of the shortened paths."""
-    runtime = _runtime()
-    data = runtime.train_data.subset(np.arange(32))  # two batches of 16: the running mean is the data mean
+    data = _runtime().train_data.subset(np.arange(32))  # two batches of 16: the running mean is the data mean
     net = StagedModel(_resnet(), StageSpec(10, 1), 2, seed=0)
-    train_stage(net, 3, data, TRAIN, torch.device("cpu"), seed=3, p_drop=0.95)
+    train_stage(net, 3, _runtime_on(data, TRAIN), seed=3, p_drop=0.95, objective="supervised", temperature=0.5)
     block = net.blocks[3]
     with torch.no_grad():
         full = block.conv1(net.features(torch.from_numpy(data.x), 2))  # frozen blocks 0-2, no skip
@@ -316,10 +328,10 @@ def test_contrastive_objective():
     aligned = nt_xent(torch.cat([z, z]), 0.5)
     unrelated = nt_xent(torch.cat([z, torch.randn(8, 16)]), 0.5)
     assert aligned < unrelated
-    runtime = _runtime("strategy.objective=contrastive")
+    runtime = _runtime("strategy.objective=contrastive", TRAIN)
     net = StagedModel(runtime.new_model(), StageSpec(2, 1), 2, seed=0)
     before = torch_state_to_numpy(net.state_dict())
-    metrics = train_stage(net, 0, runtime.train_data, TRAIN, torch.device("cpu"), seed=0, objective="contrastive")
+    metrics = train_stage(net, 0, runtime, seed=0, p_drop=0.0, objective="contrastive", temperature=0.5)
     after = torch_state_to_numpy(net.state_dict())
     assert {k for k in after if not np.array_equal(after[k], before[k])} == {
         "blocks.0.conv.weight", "blocks.0.conv.bias", "stage_heads.0.weight", "stage_heads.0.bias"
@@ -339,18 +351,15 @@ def test_contrastive_objective():
     ],
 )
 def test_bad_config_names_the_field(override, field):
-    cfg = compose_config(["strategy=fll"])
-    cfg.strategy[override.split("=")[0].split(".")[1]] = override.split("=")[1]
+    cfg = compose_config(["strategy=fll", override])  # strategy fields are checked when the strategy is built
     with pytest.raises(ConfigError) as err:
-        validate_strategy_config(cfg)
+        build_strategy(cfg, load_workload(cfg, int(cfg.federation.num_clients)))
     assert err.value.field == field
 
 
 @pytest.mark.slow
 def test_fll_simulation_sends_frozen_blocks_once_and_records_memory(tmp_path):
-    from tests.test_simulation import run_sim
-
-    summary = run_sim(
+    summary = _simulate(
         tmp_path, "strategy=fll", "strategy.rounds_per_stage=1", "model=cnn", "dataset=mnist5k",
         "federation.num_clients=3", "federation.rounds=3", "train.local_steps=3",
     )
@@ -367,31 +376,29 @@ def test_fll_simulation_sends_frozen_blocks_once_and_records_memory(tmp_path):
 
 
 def test_plateau_rule_ends_a_stage_when_accuracy_stops_improving():
-    class Evaluator:
-        test_set = _runtime().test_data
+    runtime = _runtime()
+    evaluator = central_evaluator(runtime.cfg, runtime.test_data)
 
-    grid = StubGrid([11])
+    nodes = [11]
     stages = {}
     for rule in ("fixed", "plateau"):
         strategy = _strategy("cnn", rounds_per_stage=5, stage_rule=rule, plateau_patience=1)
         seen = []
         for server_round in range(1, 5):
-            strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+            strategy.configure_train(server_round, nodes)
             seen.append(strategy.stage)
-            strategy.evaluate_central(Evaluator())  # no training: accuracy does not move
+            strategy.evaluate_central(evaluator)  # no training: accuracy does not move
         stages[rule] = seen
     assert stages == {"fixed": [0, 0, 0, 0], "plateau": [0, 0, 1, 1]}
 
 
 def test_federated_evaluation_scores_the_current_stage():
-    from fedlayer.client.fll import evaluate_stage, fll_evaluate
-
     runtime = _runtime()
     strategy = _strategy("cnn", fraction_evaluate=1.0)
-    (message,) = strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), StubGrid([3]))
+    (message,) = strategy.configure_evaluate(1, [3])
     assert int(message.content["config"]["fll-stage"]) == 0
     context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
     result = fll_evaluate(runtime, message.content, context)["metrics"]
     strategy.net.load_state_dict({k: torch.from_numpy(v) for k, v in strategy.global_state.items()})
-    expected = evaluate_stage(strategy.net, 0, runtime.test_data, torch.device("cpu"))
+    expected = evaluate(strategy.net, runtime.test_data, torch.device("cpu"), forward=lambda x: strategy.net.forward_stage(x, 0))
     assert result["accuracy"] == pytest.approx(expected["accuracy"]) and result["num-examples"] == len(runtime.test_data)

@@ -3,10 +3,10 @@
 import pytest
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
-from fedlayer.strategies.base import LayerwiseStrategy
-from fedlayer.strategies.fedlama import FedLAMAStrategy
-from fedlayer.strategies.identity import NO_PARTITION, identity_query, parse_identity
-from fedlayer.strategies.validation import ReplyRejected
+from fedlayer.methods.base import LayerwiseStrategy
+from fedlayer.methods.fedlama import FedLAMAStrategy
+from fedlayer.methods.replies import NO_PARTITION, identity_query, parse_identity
+from fedlayer.methods.replies import ReplyRejected
 from tests.conftest import small_state
 
 

@@ -15,14 +15,14 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedlayer.client.laq import BASE_KEY, ERROR_WEIGHT, QHAT, UPDATE_KEY, lazy_decision, laq_train
-from fedlayer.client.methods import CLIENT_METHODS
+from fedlayer.methods.client import CLIENT_METHODS
 from fedlayer.client.runtime import ClientRuntime
-from fedlayer.client.training import train_steps
+from fedlayer.training import train_steps
 from fedlayer.config import ConfigError, compose_config
 from fedlayer.layers import from_arrayrecord, states_equal, torch_state_to_numpy
 from fedlayer.proto.fedlayer.compressed.v1 import update_pb2
 from fedlayer.proto.wire import FORMAT_VERSION, encode_update
-from fedlayer.strategies.laq import LAQStrategy
+from fedlayer.methods.laq import LAQStrategy
 from fedlayer.traffic.size import message_bytes, payload_bytes
 from tests.conftest import make_reply, small_state
 

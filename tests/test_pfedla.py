@@ -7,10 +7,10 @@ from flwr.app import MessageType
 
 from fedlayer.config import ConfigError
 from fedlayer.layers import select, states_equal
-from fedlayer.strategies.base import NodePlan
-from fedlayer.strategies.client_store import ClientModelStore
-from fedlayer.strategies.hypernetwork import aggregation_weights
-from fedlayer.strategies.pfedla import PFedLAStrategy
+from fedlayer.methods.base import NodePlan
+from fedlayer.methods.pfedla.store import ClientModelStore
+from fedlayer.methods.pfedla.hypernetwork import aggregation_weights
+from fedlayer.methods.pfedla import PFedLAStrategy
 from tests.conftest import make_reply, small_state
 
 N = 3

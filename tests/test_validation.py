@@ -5,7 +5,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
 
 from fedlayer.layers import ModelLayers, select
-from fedlayer.strategies.validation import ReplyRejected, validate_train_reply
+from fedlayer.methods.replies import ReplyRejected, validate_train_reply
 from tests.conftest import make_reply, small_state
 
 LAYERS = ModelLayers.from_state(small_state())
