@@ -1,0 +1,66 @@
+"""Clients run without Hydra: the configuration is composed and validated once, by the server."""
+
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from fedlayer.client.app import make_client_app
+from fedlayer.config import compose_config, group_options, load_config
+from fedlayer.server.loop import FederatedRun
+from tests.inprocess import InProcessGrid
+
+OVERRIDE_SETS = [
+    [],
+    [
+        "dataset=animal10k", "model=cnn6", "federation.rounds=5", "train.local_steps=4", "seed=3",
+        "dataset.image_size=32", "dataset.partition.scheme=dirichlet", "dataset.partition.alpha=0.1",
+        "federation.min_available_nodes=2", "train.optimizer=adam", "output_dir=/tmp/x y",
+    ],
+]
+#: Each strategy's own fields, overridden too.
+STRATEGY_OVERRIDES = {
+    "fedlp": ["strategy.layer_p=['head.fc1=0.0']", "strategy.scheme=heterogeneous", "strategy.level_preference=[0.5,0.5]"],
+    "fedlama": ["strategy.phi=4"],
+    "laq": ["strategy.mode=delta", "strategy.xi=0.0"],
+    "fll": ["strategy.p_drop=0.5", "strategy.objective=contrastive"],
+    "pfedla": ["strategy.k=1"],
+}
+
+
+@pytest.mark.parametrize("strategy", group_options("strategy"))
+@pytest.mark.parametrize("overrides", OVERRIDE_SETS, ids=range(len(OVERRIDE_SETS)))
+def test_client_config_equals_the_servers_key_by_key(strategy, overrides):
+    chosen = [f"strategy={strategy}", *overrides, *STRATEGY_OVERRIDES.get(strategy, [])]
+    server = OmegaConf.to_container(compose_config(chosen), resolve=True)
+    client = OmegaConf.to_container(load_config(chosen), resolve=True)
+    assert list(server) == list(client)
+    for key in server:
+        assert server[key] == client[key], key
+
+
+def test_a_clientapp_call_never_composes_with_hydra(tmp_path, monkeypatch):
+    run_config = {"strategy": "fedlama", "dataset": "digits", "model": "",
+                  "overrides": f"federation.num_clients=2 train.local_steps=2 output_dir={tmp_path}"}
+    from fedlayer.config import run_config_to_overrides
+
+    run = FederatedRun(compose_config(run_config_to_overrides(run_config)))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a ClientApp call composed the config with Hydra")
+
+    monkeypatch.setattr("hydra.compose", refuse)
+    monkeypatch.setattr("fedlayer.config.compose_config", refuse)
+    grid = InProcessGrid(make_client_app(), 2, node_config=lambda p: {"partition-id": p, "num-partitions": 2},
+                         run_config=run_config)
+    summary = run.run(grid)
+    assert summary["rejected_replies"] == 0 and summary["final_accuracy"] is not None
+    assert all(r["replies"] == 2 for r in run.rundir.read_metrics())  # every client call succeeded
+
+
+def test_the_clientapp_imports_no_hydra_plotting_or_server_code():
+    heavy = ("hydra", "matplotlib", "sklearn", "flwr_datasets", "fedlayer.server")
+    code = f"import sys, fedlayer.client.app; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
