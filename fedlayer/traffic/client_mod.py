@@ -5,9 +5,9 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedlayer.protocol import TRAFFIC
 from fedlayer.traffic.size import message_bytes
 
-TRAFFIC_RECORD = "traffic"
 
 
 def traffic_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -22,5 +22,5 @@ def traffic_mod(message: Message, context: Context, call_next: ClientAppCallable
     if reply.has_error():
         return reply
     sent = message_bytes(reply)
-    reply.content[TRAFFIC_RECORD] = MetricRecord({"bytes-received": received, "bytes-sent": sent})
+    reply.content[TRAFFIC] = MetricRecord({"bytes-received": received, "bytes-sent": sent})
     return reply

@@ -15,7 +15,8 @@ from typing import Any
 from flwr.app import Message, MessageType
 
 from fedlayer.layers import ModelLayers
-from fedlayer.traffic.size import PAYLOAD_RECORDS, array_bytes_by_key, message_bytes, payload_bytes
+from fedlayer.protocol import TRAFFIC
+from fedlayer.traffic.size import MessageSize, measure_message
 
 
 @dataclass
@@ -69,19 +70,14 @@ class ByteLedger:
             self.rounds[server_round] = RoundTraffic(round=server_round)
         return self.rounds[server_round]
 
-    def _layer_bytes(self, message: Message) -> dict[str, int]:
+    def _layer_bytes(self, size: MessageSize) -> dict[str, int]:
         per_layer: dict[str, int] = defaultdict(int)
-        if message.has_error():
-            return per_layer
-        for name in PAYLOAD_RECORDS:
-            if name in message.content:
-                for key, size in array_bytes_by_key(message.content[name]).items():
-                    layer = self.layers.layer_of(key) if key in self.layers.keys_set else "?"
-                    per_layer[layer] += size
+        for key, nbytes in size.by_key.items():
+            per_layer[self.layers.layer_of(key) if key in self.layers.keys_set else "?"] += nbytes
         return per_layer
 
-    def _fedavg_equivalent(self, message: Message, total: int) -> int:
-        return total - payload_bytes(message) + self.full_model_bytes
+    def _fedavg_equivalent(self, size: MessageSize) -> int:
+        return size.total - size.payload + self.full_model_bytes
 
     def record_down(self, server_round: int, message: Message, *, control: bool = False) -> int:
         """Count a message pushed to a node; returns its size.
@@ -89,38 +85,38 @@ class ByteLedger:
         ``control=True`` marks a message without a model that FedAvg would
         send as it is (an identity query): counted in bytes, not as a round message.
         """
-        size = message_bytes(message)
+        size = measure_message(message)
         traffic = self._round(server_round)
-        traffic.bytes_down += size
+        traffic.bytes_down += size.total
         if control:
-            traffic.control_bytes_down += size
-            traffic.fedavg_bytes_down += size
-            return size
+            traffic.control_bytes_down += size.total
+            traffic.fedavg_bytes_down += size.total
+            return size.total
         traffic.messages_down += 1
-        traffic.fedavg_bytes_down += self._fedavg_equivalent(message, size)
-        _add(traffic.layer_bytes_down, self._layer_bytes(message))
-        return size
+        traffic.fedavg_bytes_down += self._fedavg_equivalent(size)
+        _add(traffic.layer_bytes_down, self._layer_bytes(size))
+        return size.total
 
     def record_up(self, server_round: int, reply: Message, *, control: bool = False) -> int:
         """Count a reply pulled from a node; returns its size."""
-        size = message_bytes(reply)
+        size = measure_message(reply)
         traffic = self._round(server_round)
-        traffic.bytes_up += size
+        traffic.bytes_up += size.total
         if control:
-            traffic.control_bytes_up += size
-            traffic.fedavg_bytes_up += size
+            traffic.control_bytes_up += size.total
+            traffic.fedavg_bytes_up += size.total
         else:
             traffic.messages_up += 1
             # An evaluation reply carries metrics only, in FedAvg as well.
             evaluation = reply.metadata.message_type == MessageType.EVALUATE
-            traffic.fedavg_bytes_up += size if evaluation else self._fedavg_equivalent(reply, size)
-            _add(traffic.layer_bytes_up, self._layer_bytes(reply))
+            traffic.fedavg_bytes_up += size.total if evaluation else self._fedavg_equivalent(size)
+            _add(traffic.layer_bytes_up, self._layer_bytes(size))
         if not reply.has_error():
-            metrics = reply.content.metric_records.get("traffic")
+            metrics = reply.content.metric_records.get(TRAFFIC)
             if metrics is not None:
                 traffic.client_reported_down += int(metrics.get("bytes-received", 0))
                 traffic.client_reported_up += int(metrics.get("bytes-sent", 0))
-        return size
+        return size.total
 
     def totals(self) -> dict[str, int]:
         """Cumulative totals over all rounds."""

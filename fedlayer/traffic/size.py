@@ -1,28 +1,78 @@
-"""Serialised sizes of Flower messages.
+"""Serialised sizes of Flower messages, measured in one pass.
 
 Flower 1.39 ships a message as content-addressed objects (the Message, its
 RecordDict, each record, each Array and its ArrayChunks), one RPC each. The
-bytes on the wire for a message are therefore the deflated sizes of all its
+bytes on the wire for a message are therefore the serialised sizes of all its
 distinct nested objects; this is what the SuperLink stores and forwards, so it
 is what fedlayer counts (never the raw array sizes).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.supercore.inflatable.inflatable_object import InflatableObject, get_all_nested_objects
+from flwr.app import ArrayRecord, Message
+from flwr.supercore.inflatable.inflatable_object import InflatableObject
 
 from fedlayer.layers import to_arrayrecord
+from fedlayer.protocol import PAYLOAD_RECORDS
 
-#: Record names that carry model payload (as opposed to config and metrics).
-#: Strategies put dense layers in ``arrays`` and compressed updates in ``payload``.
-PAYLOAD_RECORDS = ("arrays", "payload")
+
+@dataclass
+class MessageSize:
+    """A message's bytes: in all, in its payload records, and per array key of those."""
+
+    total: int
+    payload: int = 0
+    by_key: dict[str, int] = field(default_factory=dict)
+
+
+class _Sizes:
+    """Distinct objects of a tree and their serialised sizes; each object is serialised once."""
+
+    def __init__(self) -> None:
+        self.size: dict[str, int] = {}
+
+    def tree(self, obj: InflatableObject) -> set[str]:
+        """Ids of ``obj`` and all its descendants."""
+        ids: set[str] = set()
+        for child in (obj.children or {}).values():
+            ids |= self.tree(child)
+        object_id = obj.object_id
+        if object_id not in self.size:
+            self.size[object_id] = len(obj.deflate())
+        ids.add(object_id)
+        return ids
+
+    def total(self, ids: set[str]) -> int:
+        return sum(self.size[i] for i in ids)
+
+
+def measure_message(message: Message) -> MessageSize:
+    """Total, payload and per-array bytes of a message.
+
+    Payload: the records named in ``PAYLOAD_RECORDS`` (each counted over its
+    own distinct objects); per key: each array of an ArrayRecord payload.
+    """
+    sizes = _Sizes()
+    payload, by_key = 0, {}
+    if not message.has_error():
+        for name in PAYLOAD_RECORDS:
+            if name not in message.content:
+                continue
+            record = message.content[name]
+            if isinstance(record, ArrayRecord):
+                for key, array in record.items():
+                    by_key[key] = sizes.total(sizes.tree(array))
+            payload += sizes.total(sizes.tree(record))
+    return MessageSize(total=sizes.total(sizes.tree(message)), payload=payload, by_key=by_key)
 
 
 def object_tree_bytes(obj: InflatableObject) -> int:
     """Serialised size of an object and all its distinct descendants."""
-    return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
+    sizes = _Sizes()
+    return sizes.total(sizes.tree(obj))
 
 
 def message_bytes(message: Message) -> int:
@@ -32,19 +82,7 @@ def message_bytes(message: Message) -> int:
 
 def payload_bytes(message: Message) -> int:
     """Bytes of the model payload records of a message (see ``PAYLOAD_RECORDS``)."""
-    if message.has_error():
-        return 0
-    content = message.content
-    return sum(
-        object_tree_bytes(content[name]) for name in PAYLOAD_RECORDS if name in content
-    )
-
-
-def array_bytes_by_key(record: ArrayRecord | ConfigRecord) -> dict[str, int]:
-    """Serialised bytes of each array of an ArrayRecord, keyed by state-dict key."""
-    if not isinstance(record, ArrayRecord):
-        return {}
-    return {key: object_tree_bytes(array) for key, array in record.items()}
+    return measure_message(message).payload
 
 
 def trained_model_bytes(state: dict[str, np.ndarray]) -> int:
