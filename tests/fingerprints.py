@@ -57,9 +57,10 @@ def state_digest(state: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def run_case(case: str, output_dir: Path) -> dict[str, Any]:
-    """Run one case in process; return its fingerprint."""
-    overrides = [*COMMON, *CASES[case], f"output_dir={output_dir}", f"run_name={case}"]
+def run_case(case: str, output_dir: Path, extra: list[str] = (), keep_state: bool = False) -> dict[str, Any]:
+    """Run one case in process; return its fingerprint (with ``keep_state``, also the
+    final global state and the metrics records)."""
+    overrides = [*COMMON, *CASES[case], *extra, f"output_dir={output_dir}", f"run_name={case}"]
     cfg = compose_config(overrides)
     run = FederatedRun(cfg)
     grid = InProcessGrid(
@@ -69,7 +70,9 @@ def run_case(case: str, output_dir: Path) -> dict[str, Any]:
     )
     summary = run.run(grid)
     totals = run.ledger.totals()
+    kept = {"state": run.strategy.global_state, "records": run.rundir.read_metrics()} if keep_state else {}
     return {
+        **kept,
         "model": state_digest(run.strategy.global_state),
         "bytes_up": totals["bytes_up"],
         "bytes_down": totals["bytes_down"],
