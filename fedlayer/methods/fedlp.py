@@ -129,6 +129,7 @@ class FedLPStrategy(LayerwiseStrategy):
         self.keep_rate = {name: float(rates.get(name, p)) for name in self.layers.names}
         self.units = pruning_units(self.layers)
         self.depth = len(model.blocks)
+        require(self.depth >= 1, "model", "FedLP prunes layers of a model with feature blocks (not linear)", type(model).__name__)
         preference = [float(v) for v in level_preference] if level_preference is not None else [1.0 / self.depth] * self.depth
         require(bool(preference) and min(preference) >= 0 and sum(preference) > 0, "level_preference", "must be non-negative with a positive sum", preference)
         require(len(preference) == self.depth, "level_preference", f"needs {self.depth} probabilities (levels 1..{self.depth})", preference)

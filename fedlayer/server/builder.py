@@ -67,7 +67,10 @@ def strategy_kwargs(cfg: DictConfig, model: LayeredModel) -> dict[str, Any]:
 def build_strategy(cfg: DictConfig, workload: Workload) -> LayerwiseStrategy:
     """The configured strategy, starting from the configured initial model."""
     cls = strategy_class(cfg)
-    model = build_configured_model(cfg, workload.pool)
+    try:
+        model = build_configured_model(cfg, workload.pool)
+    except ValueError as err:  # a model that does not fit the data (input size, classes)
+        raise ConfigError("model.name", str(err)) from None
     try:
         return cls(initial_state(cfg, workload.pool), **strategy_kwargs(cfg, model))
     except ParameterError as err:
