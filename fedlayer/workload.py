@@ -1,18 +1,28 @@
 """What a run trains on: the data split and the model, built from the config.
 
 Server and clients each call these with the same config and get the same
-split and the same initial model, without exchanging anything.
+split and the same initial model, without exchanging anything. Loading and
+splitting are memoised per process (``load_dataset``, ``make_federated_split``);
+``client_data`` can also keep a client's split in a folder, so that a fresh
+process (a deployed ClientApp serves one message) skips the split and the
+libraries it imports (flwr-datasets, scikit-learn).
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
+import io
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from omegaconf import DictConfig
+import numpy as np
+
+from omegaconf import DictConfig, OmegaConf
 
 from fedlayer.data import ArrayDataset, load_dataset, make_federated_split
 from fedlayer.data.partition import FederatedSplit
+from fedlayer.files import atomic_write
 from fedlayer.layers import State, torch_state_to_numpy
 from fedlayer.models import LayeredModel, build_model
 
@@ -41,56 +51,54 @@ class Workload:
 
 
 def load_workload(cfg: DictConfig, num_partitions: int, path: str | None = None) -> Workload:
-    """Load ``cfg.dataset`` and split it among ``num_partitions`` clients.
-
-    Cached per process: a simulation actor serves many clients and rounds,
-    and splitting imports flwr-datasets and computes partitions.
-    """
+    """Load ``cfg.dataset`` and split it among ``num_partitions`` clients."""
     data = cfg.dataset
-    return _workload(
+    pool, official_test = load_dataset(
         data.name,
-        None if data.root is None else str(data.root),
-        bool(data.download),
-        path or (None if data.path is None else str(data.path)),
-        data.image_size,
-        num_partitions,
-        str(data.partition.scheme),
-        int(cfg.seed),
-        float(data.partition.alpha),
-        int(data.partition.classes_per_client),
-        float(data.client_test_fraction),
-        float(data.central_test_fraction),
+        root=data.root,
+        download=bool(data.download),
+        path=path or data.path,
+        image_size=data.image_size,
     )
-
-
-@functools.lru_cache(maxsize=4)
-def _workload(
-    name: str,
-    root: str | None,
-    download: bool,
-    path: str | None,
-    image_size: int | None,
-    num_partitions: int,
-    scheme: str,
-    seed: int,
-    alpha: float,
-    classes_per_partition: int,
-    client_test_fraction: float,
-    central_test_fraction: float,
-) -> Workload:
-    pool, official_test = load_dataset(name, root=root, download=download, path=path, image_size=image_size)
     pool_used, split = make_federated_split(
         pool,
         official_test,
         num_partitions=num_partitions,
-        scheme=scheme,
-        seed=seed,
-        alpha=alpha,
-        classes_per_partition=classes_per_partition,
-        client_test_fraction=client_test_fraction,
-        central_test_fraction=central_test_fraction,
+        scheme=data.partition.scheme,
+        seed=int(cfg.seed),
+        alpha=float(data.partition.alpha),
+        classes_per_partition=int(data.partition.classes_per_client),
+        client_test_fraction=float(data.client_test_fraction),
+        central_test_fraction=float(data.central_test_fraction),
     )
     return Workload(pool=pool_used, split=split)
+
+
+def client_data(
+    cfg: DictConfig, partition_id: int, num_partitions: int, path: str | None = None, cache: Path | None = None
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, test) of one client: its partition, or all of its own data at ``path``.
+
+    With ``cache`` (a folder of this node), the two sets are kept there in a
+    file named by everything they depend on, and read back instead of split again.
+    """
+    key = json.dumps([OmegaConf.to_container(cfg.dataset, resolve=True), int(cfg.seed), partition_id, num_partitions, path])
+    file = None if cache is None else cache / f"data-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    if file is not None and file.exists():
+        with np.load(file) as saved:
+            num_classes, name = int(saved["num_classes"]), str(saved["name"])
+            return tuple(ArrayDataset(saved[f"{s}_x"], saved[f"{s}_y"], num_classes, name) for s in ("train", "test"))  # type: ignore[return-value]
+    if path is not None:
+        train, test = load_workload(cfg, 1, path=path).client_data(0)
+    else:
+        train, test = load_workload(cfg, num_partitions).client_data(partition_id)
+    if file is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, train_x=train.x, train_y=train.y, test_x=test.x, test_y=test.y,
+                 num_classes=train.num_classes, name=train.name)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(file, buffer.getvalue())
+    return train, test
 
 
 def build_configured_model(cfg: DictConfig, dataset: ArrayDataset) -> LayeredModel:

@@ -64,3 +64,22 @@ def test_the_clientapp_imports_no_hydra_plotting_or_server_code():
     code = f"import sys, fedlayer.client.app; print([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_node_keeps_its_split_and_a_fresh_process_reads_it_without_splitting(tmp_path):
+    from fedlayer.workload import client_data
+
+    cfg = compose_config(["dataset=digits", "federation.num_clients=3"])
+    first = client_data(cfg, 2, 3, cache=tmp_path)
+    assert len(list(tmp_path.glob("data-*.npz"))) == 1
+    code = (
+        "import sys\n"
+        "from fedlayer.config import load_config\n"
+        "from fedlayer.workload import client_data\n"
+        f"train, test = client_data(load_config(['dataset=digits', 'federation.num_clients=3']), 2, 3, cache=__import__('pathlib').Path({str(tmp_path)!r}))\n"
+        "print(len(train), len(test), int(train.y.sum()), [m for m in ('sklearn', 'flwr_datasets') if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == [str(len(first[0])), str(len(first[1])), str(int(first[0].y.sum())), "[]"]
+    other = client_data(cfg, 1, 3, cache=tmp_path)  # another partition: another file, other data
+    assert len(list(tmp_path.glob("data-*.npz"))) == 2 and int(other[0].y.sum()) != int(first[0].y.sum())

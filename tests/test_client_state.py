@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 
-from fedlayer.methods.client import standard_train
-from fedlayer.client.runtime import ClientRuntime
-from fedlayer.client.state import NodeStateFiles, load_local_model, save_local_model, save_memory
+from fedlayer.client.runtime import state_files
+from fedlayer.client.state import NodeStateFiles
 from fedlayer.config import compose_config
 from fedlayer.layers import from_arrayrecord, states_equal, torch_state_to_numpy
+from fedlayer.methods.client import ClientRuntime, load_local_model, save_local_model, standard_train
 from fedlayer.methods.fedavg import FedAvgStrategy
 from fedlayer.methods.fedlama import FedLAMAStrategy
 
 from tests.conftest import small_state
 
 
-def _context(node_id: int = 7) -> Context:
-    return Context(run_id=1, node_id=node_id, node_config={}, state=RecordDict(), run_config={})
+def _context(node_id: int = 7, node_config: dict | None = None) -> Context:
+    return Context(run_id=1, node_id=node_id, node_config=node_config or {}, state=RecordDict(), run_config={})
 
 
 def _saved_after(files: NodeStateFiles, server_round: int, seed: int) -> None:
     context = _context()
     save_local_model(context, small_state(seed))
-    save_memory(context, "memory", ConfigRecord({"clock": server_round}))
+    context.state["memory"] = ConfigRecord({"clock": server_round})  # a method's small memory
     files.save(context, server_round)
 
 
@@ -74,23 +74,30 @@ def test_only_the_newest_files_are_kept_and_an_empty_state_writes_nothing(tmp_pa
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def _runtime(cfg_overrides: list[str], state_dir) -> ClientRuntime:
+def _runtime(cfg_overrides: list[str], state_dir) -> tuple[ClientRuntime, NodeStateFiles | None]:
+    """Partition 3's runtime, and its state files in ``state_dir`` (the node config's ``state-dir``)."""
     cfg = compose_config(["dataset=digits", "federation.num_clients=10", "train.local_steps=2", *cfg_overrides])
-    return ClientRuntime(cfg=cfg, partition_id=3, num_partitions=10, data_path=None, device=torch.device("cpu"), state_dir=str(state_dir))
+    runtime = ClientRuntime(cfg=cfg, partition_id=3, num_partitions=10, data_path=None, device=torch.device("cpu"))
+    return runtime, state_files(_context(node_config={"partition-id": 3, "state-dir": str(state_dir)}), cfg)
+
+
+def _train_content(strategy, server_round: int, node: int = 7) -> RecordDict:
+    """The content of the train message ``strategy`` sends ``node`` in ``server_round``."""
+    (message,) = strategy.build_messages(server_round, {node: strategy.plan(server_round, node)}, MessageType.TRAIN)
+    return message.content
 
 
 def test_fedlama_client_restarted_between_rounds_replies_as_if_it_never_stopped(tmp_path):
     """Round 4 sends no head.fc1 down: the client must continue from its own round-3 copy."""
-    runtime = _runtime(["strategy=fedlama"], tmp_path)
+    runtime, files = _runtime(["strategy=fedlama"], tmp_path)
     initial = torch_state_to_numpy(runtime.new_model().state_dict())
     lama = FedLAMAStrategy(initial, phi=2, tau_prime=2)
     lama.intervals["head.fc1"] = 2
-    files = runtime.state_files
     assert files is not None and files.root == tmp_path / "partition-00003"
 
     def train(server_round: int, context: Context) -> RecordDict:
         files.restore(context, before=server_round)
-        content = lama.build_message(server_round, 7, lama.plan(server_round, 7), ConfigRecord(), "train").content
+        content = _train_content(lama, server_round)
         reply = standard_train(runtime, content, context)
         files.save(context, server_round)
         return reply
@@ -101,17 +108,16 @@ def test_fedlama_client_restarted_between_rounds_replies_as_if_it_never_stopped(
     restarted = from_arrayrecord(train(4, _context())["arrays"])  # a new process: empty context.state
     assert "head.fc1.weight" in restarted
     assert states_equal(restarted, uninterrupted)
-    forgetful = from_arrayrecord(standard_train(runtime, lama.build_message(4, 7, lama.plan(4, 7), ConfigRecord(), "train").content, _context())["arrays"])
+    forgetful = from_arrayrecord(standard_train(runtime, _train_content(lama, 4), _context())["arrays"])
     assert not states_equal(forgetful, uninterrupted)  # without the files the restart would show
 
 
 def test_fedavg_clients_keep_no_model_between_rounds(tmp_path):
-    runtime = _runtime(["strategy=fedavg"], tmp_path)
+    runtime, files = _runtime(["strategy=fedavg"], tmp_path)
     initial = torch_state_to_numpy(runtime.new_model().state_dict())
     fedavg = FedAvgStrategy(initial)
     context = _context()
-    content = fedavg.build_message(1, 7, fedavg.plan(1, 7), ConfigRecord(), "train").content
-    standard_train(runtime, content, context)
-    runtime.state_files.save(context, 1)
+    standard_train(runtime, _train_content(fedavg, 1), context)
+    files.save(context, 1)
     assert load_local_model(context) is None
-    assert runtime.state_files.rounds() == []
+    assert files.rounds() == []

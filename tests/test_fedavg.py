@@ -24,8 +24,8 @@ def test_same_global_model_as_flower_fedavg():
     replies = [make_reply(node, _float_state(node), num_examples=n) for node, n in ((1, 10), (2, 37), (3, 5))]
     flower_arrays, _ = FedAvg().aggregate_train(1, replies)
     strategy = _strategy(_float_state(0))
-    ours, metrics = strategy.aggregate_train(1, replies)
-    assert states_equal(from_arrayrecord(ours), from_arrayrecord(flower_arrays))
+    metrics = strategy.aggregate_train(1, replies)
+    assert states_equal(strategy.global_state, from_arrayrecord(flower_arrays))
     assert metrics["num-examples"] == 52
 
 
@@ -34,8 +34,7 @@ def test_bad_reply_is_rejected_and_model_unchanged():
     strategy = _strategy(initial)
     poisoned = _float_state(1)
     poisoned["head.fc.weight"][0, 0] = np.nan
-    arrays, _ = strategy.aggregate_train(1, [make_reply(1, poisoned)])
-    assert arrays is None
+    assert strategy.aggregate_train(1, [make_reply(1, poisoned)]) is None  # no new global model
     assert states_equal(strategy.global_state, initial)
     assert len(strategy.rejections) == 1 and strategy.rejections[0].node_id == 1
     # one good and one bad reply: the average uses only the good one
@@ -67,5 +66,6 @@ def test_integer_tensors_are_averaged_and_keep_their_dtype():
 
 def test_reply_from_unasked_node_is_rejected():
     strategy = _strategy(_float_state(0))
-    arrays, _ = strategy.aggregate_train(1, [make_reply(99, _float_state(1))])
-    assert arrays is None and strategy.rejections[0].reason.startswith("reply from a node that was not asked")
+    metrics = strategy.aggregate_train(1, [make_reply(99, _float_state(1))])
+    assert metrics is None and strategy.rejections[0].reason.startswith("reply from a node that was not asked")
+    assert states_equal(strategy.global_state, _float_state(0))  # no new global model

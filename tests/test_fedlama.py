@@ -3,44 +3,36 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import Context, MessageType, RecordDict
 
-from fedlayer.methods.client import CLIENT_METHODS, standard_train
-from fedlayer.client.runtime import ClientRuntime
-from fedlayer.client.state import load_local_model
-from fedlayer.training import train_steps
-from fedlayer.config import ConfigError, compose_config
+from fedlayer.client.app import make_client_app
+from fedlayer.config import compose_config
+from fedlayer.errors import ConfigError
 from fedlayer.layers import ModelLayers, from_arrayrecord, merge, select, states_equal, to_arrayrecord, torch_state_to_numpy
+from fedlayer.methods import METHODS
+from fedlayer.methods.client import ClientRuntime, load_local_model, standard_train
 from fedlayer.methods.fedavg import FedAvgStrategy
 from fedlayer.methods.fedlama import FedLAMAStrategy, layer_discrepancy, long_interval_layers
 from fedlayer.methods.replies import validate_train_reply
+from fedlayer.server.builder import build_strategy
+from fedlayer.server.loop import FederatedRun
 from fedlayer.traffic import ByteLedger
 from fedlayer.traffic.size import object_tree_bytes
+from fedlayer.training import train_steps
+from fedlayer.workload import load_workload
 from tests.conftest import make_reply, small_state
+from tests.inprocess import InProcessGrid
 
 ALL = ["blocks.0.conv", "blocks.0.bn", "head.fc"]
 
 
-class FakeGrid:
-    """The one Grid call configure_train makes."""
-
-    def __init__(self, node_ids):
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self):
-        return self.node_ids
-
-
-def _messages(strategy, server_round, grid):
-    return {m.metadata.dst_node_id: m for m in strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)}
+def _messages(strategy, server_round, node_ids):
+    return {m.metadata.dst_node_id: m for m in strategy.configure_train(server_round, list(node_ids))}
 
 
 def _arrays(message):
@@ -88,7 +80,7 @@ def _replies(plans, global_state, layers, server_round):
 
 
 def test_phi_one_reproduces_fedavg_bitwise():
-    grid = FakeGrid(range(1, 9))
+    grid = list(range(1, 9))
     kwargs = {"fraction_train": 0.5, "seed": 3}
     fedavg = FedAvgStrategy(small_state(0), **kwargs)
     lama = FedLAMAStrategy(small_state(0), phi=1, tau_prime=4, min_round_to_adjust=0, **kwargs)
@@ -109,7 +101,7 @@ def test_phi_one_reproduces_fedavg_bitwise():
 def _lama_after_first_block(tau_prime=10):
     """phi=2, adjusted after round 2 from replies where bn differs most, head.fc not at all."""
     lama = FedLAMAStrategy(small_state(0), phi=2, tau_prime=tau_prime, min_round_to_adjust=0, fraction_train=0.5, seed=1)
-    grid = FakeGrid(range(1, 11))
+    grid = list(range(1, 11))
     offsets = {"blocks.0.conv": 1.0, "blocks.0.bn": np.sqrt(10.0), "head.fc": 0.0}
     cohorts = []
     for server_round in (1, 2):
@@ -193,20 +185,25 @@ def test_checkpoint_round_trip_keeps_schedule_and_cohort():
 
 def test_config_checks_name_the_field():
     assert compose_config(["strategy=fedlama", "train.local_steps=10"]).strategy.tau_prime == 10
+    # tau_prime == train.local_steps is a rule of the config tree: compose_config refuses it
+    with pytest.raises(ConfigError) as err:
+        compose_config(["strategy=fedlama", "strategy.tau_prime=3", "train.local_steps=10"])
+    assert err.value.field == "strategy.tau_prime"
+    # the strategy's own ranges are checked when the server builds it
     for overrides, field in (
         (["strategy.phi=0"], "strategy.phi"),
-        (["strategy.tau_prime=3", "train.local_steps=10"], "strategy.tau_prime"),
         (["strategy.min_round_to_adjust=-1"], "strategy.min_round_to_adjust"),
         (["strategy.long_interval_tensors=weights_only"], "strategy.long_interval_tensors"),
     ):
+        cfg = compose_config(["strategy=fedlama", "dataset=digits", *overrides])
         with pytest.raises(ConfigError) as err:
-            compose_config(["strategy=fedlama", *overrides])
+            build_strategy(cfg, load_workload(cfg, int(cfg.federation.num_clients)))
         assert err.value.field == field
 
 
 # ------------------------------------------------------------------ client side
 def test_client_keeps_unsynchronised_layer_across_rounds():
-    assert CLIENT_METHODS["fedlama"][0] is standard_train
+    assert METHODS["fedlama"].train is standard_train
     cfg = compose_config(["strategy=fedlama", "dataset=digits", "federation.num_clients=10", "train.local_steps=2"])
     runtime = ClientRuntime(cfg=cfg, partition_id=0, num_partitions=10, data_path=None, device=torch.device("cpu"))
     initial = torch_state_to_numpy(runtime.new_model().state_dict())
@@ -216,7 +213,7 @@ def test_client_keeps_unsynchronised_layer_across_rounds():
     fc1 = runtime.layers.keys_of(["head.fc1"])
 
     def train(server_round):
-        message = lama.build_message(server_round, 7, lama.plan(server_round, 7), ConfigRecord(), "train")
+        (message,) = lama.build_messages(server_round, {7: lama.plan(server_round, 7)}, MessageType.TRAIN)
         return message.content, standard_train(runtime, message.content, context)
 
     sent, reply = train(3)  # block start: everything down, fc1 not asked back
@@ -238,12 +235,13 @@ def test_client_keeps_unsynchronised_layer_across_rounds():
 
 # ------------------------------------------------------------------ whole runs
 def _sim(tmp_path: Path, name: str, *overrides: str) -> tuple[dict, list[dict]]:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "fedlayer.cli", f"output_dir={tmp_path}", f"run_name={name}", *overrides],
-        capture_output=True, text=True, env=env, timeout=600, check=False,
+    """A whole run in process (the real ServerApp loop and ClientApp, one node per client)."""
+    cfg = compose_config([f"output_dir={tmp_path}", f"run_name={name}", *overrides])
+    num_clients = int(cfg.federation.num_clients)
+    grid = InProcessGrid(
+        make_client_app(cfg), num_clients, node_config=lambda p: {"partition-id": p, "num-partitions": num_clients}
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    FederatedRun(cfg).run(grid)
     run = tmp_path / name
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return json.loads((run / "summary.json").read_text()), records

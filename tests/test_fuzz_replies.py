@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from fedlayer.config import compose_config
 from fedlayer.layers import copy_state, select, states_equal
-from fedlayer.strategies import STRATEGIES, build_strategy
-from fedlayer.workload import initial_state, load_workload
+from fedlayer.methods import METHODS
+from fedlayer.server.builder import build_strategy
+from fedlayer.workload import load_workload
 from tests.conftest import make_reply
 
 NODES = [101, 202, 303]
@@ -27,7 +28,7 @@ BREAKS = [
     "truncated-bytes", "random-bytes", "huge-examples", "zero-examples", "no-metrics", "huge-shape",
 ]
 # Strategies whose replies are not dense layers are fuzzed in their own tests.
-DENSE = sorted(name for name in STRATEGIES if name != "laq")
+DENSE = sorted(name for name in METHODS if name != "laq")
 
 
 _PREPARED: dict[str, object] = {}
@@ -43,9 +44,8 @@ def _cached(name: str, tmp_path_factory):
 def _prepared(name: str, tmp_path):
     cfg = compose_config([f"strategy={name}", "dataset=digits", "model=cnn", "federation.num_clients=3", f"output_dir={tmp_path}"])
     workload = load_workload(cfg, 3)
-    strategy = build_strategy(cfg, initial_state(cfg, workload.pool))
-    if hasattr(strategy, "attach_run_dir"):
-        strategy.attach_run_dir(tmp_path)
+    strategy = build_strategy(cfg, workload)
+    strategy.attach_run_dir(tmp_path)
     strategy.client_of = {node: i for i, node in enumerate(NODES)}  # what the identity query would learn
     chosen = strategy.sample_nodes(1, NODES)
     strategy.plans = {node: strategy.plan(1, node) for node in chosen}
@@ -110,8 +110,8 @@ def test_malformed_reply_is_rejected_and_state_unchanged(name, kind, data, pick,
     node = sorted(strategy.plans)[pick % len(strategy.plans)]
     before = copy_state(strategy.global_state)
     rejected_before = len(strategy.rejections)
-    arrays, _ = strategy.aggregate_train(1, [_broken_reply(strategy, node, kind, data)])
-    assert arrays is None, kind
+    metrics = strategy.aggregate_train(1, [_broken_reply(strategy, node, kind, data)])
+    assert metrics is None, kind
     assert len(strategy.rejections) == rejected_before + 1, kind
     assert strategy.rejections[-1].node_id == node
     assert states_equal(strategy.global_state, before), kind

@@ -5,8 +5,8 @@ from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
 from fedlayer.methods.base import LayerwiseStrategy
 from fedlayer.methods.fedlama import FedLAMAStrategy
-from fedlayer.methods.replies import NO_PARTITION, identity_query, parse_identity
-from fedlayer.methods.replies import ReplyRejected
+from fedlayer.methods.replies import ReplyRejected, identity_query, parse_identity
+from fedlayer.protocol import NO_PARTITION
 from tests.conftest import small_state
 
 
@@ -40,7 +40,7 @@ def test_parse_identity_checks_the_answer():
 
 
 def test_a_bad_answer_is_counted_and_the_node_asked_again():
-    strategy = LayerwiseStrategy(small_state(), min_available_nodes=1)
+    strategy = LayerwiseStrategy(small_state())
     strategy.register_identities(1, [_answer(7, 2.5)], [7])
     assert strategy.client_of == {} and len(strategy.rejections) == 1
     assert [m.metadata.dst_node_id for m in strategy.identity_queries([7])] == [7]

@@ -5,12 +5,15 @@ import pytest
 import torch
 from flwr.app import MessageType
 
-from fedlayer.config import ConfigError
-from fedlayer.layers import select, states_equal
+from fedlayer.config import compose_config
+from fedlayer.errors import ConfigError, ParameterError
+from fedlayer.layers import copy_state, select, states_equal
 from fedlayer.methods.base import NodePlan
-from fedlayer.methods.pfedla.store import ClientModelStore
-from fedlayer.methods.pfedla.hypernetwork import aggregation_weights
 from fedlayer.methods.pfedla import PFedLAStrategy
+from fedlayer.methods.pfedla.hypernetwork import aggregation_weights
+from fedlayer.methods.pfedla.store import ClientModelStore
+from fedlayer.server.builder import build_strategy
+from fedlayer.workload import load_workload
 from tests.conftest import make_reply, small_state
 
 N = 3
@@ -26,7 +29,7 @@ def _strategy(tmp_path, num_clients=N, **kwargs):
 
 
 def _sent(strategy, client):
-    """What ``build_message`` would put in the node's train message."""
+    """What ``build_messages`` would put in the node's train message."""
     return strategy.node_state(100 + client, strategy.layers.names, MessageType.TRAIN)
 
 
@@ -158,7 +161,7 @@ def test_store_reads_layers_without_loading_whole_models(tmp_path):
     store = ClientModelStore(tmp_path, layers, small_state(0))
     store.write(1, store.flatten(small_state(3)))
     assert store.clients() == [1]
-    assert not store.has(0)  # a client that never trained reads as the initial model
+    assert 0 not in store.versions.current  # a client that never trained reads as the initial model
     for name in layers.names:
         assert states_equal(store.unflatten_layer(name, store.read_layer(0, name)), select(small_state(0), layers, [name]))
         assert states_equal(store.unflatten_layer(name, store.read_layer(1, name)), select(small_state(3), layers, [name]))
@@ -178,11 +181,13 @@ def test_bad_replies_are_rejected_and_touch_nothing(tmp_path):
     for c in range(N):
         _sent(strategy, c)
     before = _files(strategy)
+    global_before = copy_state(strategy.global_state)
     poisoned = small_state(5)
     poisoned["head.fc.weight"][0, 0] = np.inf
     impostor = make_reply(101, small_state(6), metrics={"partition-id": 2})  # node of client 1 claims client 2
-    arrays, _ = strategy.aggregate_train(1, [make_reply(100, poisoned), impostor])
-    assert arrays is None and len(strategy.rejections) == 2
+    metrics = strategy.aggregate_train(1, [make_reply(100, poisoned), impostor])
+    assert metrics is None and len(strategy.rejections) == 2
+    assert states_equal(strategy.global_state, global_before)  # no new global model
     assert "registered client 1" in strategy.rejections[1].reason
     assert _files(strategy) == before
     # a good reply updates exactly its client's model and hypernetwork
@@ -202,28 +207,34 @@ def test_state_dict_round_trip_keeps_the_store(tmp_path):
 
 
 def test_config_checks_name_the_field():
-    from omegaconf import OmegaConf
-
-    base = {"name": "pfedla", "embedding_dim": 100, "hidden_dim": 100, "hn_lr": 0.005, "k": 0}
     for field, bad in (("hn_lr", 0.0), ("k", -1), ("embedding_dim", 0)):
-        cfg = OmegaConf.create({"strategy": {**base, field: bad}})
+        cfg = compose_config(["strategy=pfedla", "dataset=digits", "federation.num_clients=2", f"strategy.{field}={bad}"])
         with pytest.raises(ConfigError, match=f"strategy.{field}"):
-            PFedLAStrategy.check_config(cfg)
-    with pytest.raises(ConfigError, match="strategy.k"):
+            build_strategy(cfg, load_workload(cfg, 2))
+    with pytest.raises(ParameterError, match="k") as info:
         PFedLAStrategy(small_state(0), num_clients=2, k=5)
+    assert info.value.name == "k"
 
 
 @pytest.mark.slow
 def test_pfedla_in_flower_simulation(tmp_path):
-    """Nodes register through the query handler, get their own models, and the artifacts appear."""
+    """Nodes register through the query handler, get their own models, and the artifacts appear.
+
+    The whole run goes in process: the real round loop and ClientApp, one node per client.
+    """
     import json
 
-    from tests.test_simulation import run_sim
+    from fedlayer.client.app import make_client_app
+    from fedlayer.server.loop import FederatedRun
+    from tests.inprocess import InProcessGrid
 
-    summary = run_sim(
-        tmp_path, "strategy=pfedla", "dataset=mnist5k", "federation.num_clients=3", "federation.rounds=2",
+    cfg = compose_config([
+        f"output_dir={tmp_path}", "run_name=run",
+        "strategy=pfedla", "dataset=mnist5k", "federation.num_clients=3", "federation.rounds=2",
         "dataset.partition.scheme=pathological", "dataset.partition.classes_per_client=2", "train.local_steps=3",
-    )
+    ])
+    grid = InProcessGrid(make_client_app(cfg), 3, node_config=lambda p: {"partition-id": p, "num-partitions": 3})
+    summary = FederatedRun(cfg).run(grid)
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert summary["rejected_replies"] == 0 and all(r["replies"] == 3 for r in records)

@@ -42,7 +42,7 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
         files = state_files(context, run_cfg)
         if files is not None:
             files.restore(context, before=server_round)
-        reply = handler(client_runtime(context, run_cfg), message.content, context)
+        reply = handler(client_runtime(context, run_cfg, files), message.content, context)
         if files is not None:
             files.save(context, server_round)
         return Message(reply, reply_to=message)
@@ -55,7 +55,7 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
         files = state_files(context, run_cfg)
         if files is not None:  # evaluation follows training in the same round
             files.restore(context, before=server_round_of(message.content) + 1)
-        return Message(handler(client_runtime(context, run_cfg), message.content, context), reply_to=message)
+        return Message(handler(client_runtime(context, run_cfg, files), message.content, context), reply_to=message)
 
     @app.query()
     def query(message: Message, context: Context) -> Message:

@@ -34,12 +34,13 @@ def client_config(context: Context, cfg: DictConfig | None) -> DictConfig:
     return _config_for(tuple(run_config_to_overrides(context.run_config)))
 
 
-def client_runtime(context: Context, cfg: DictConfig) -> ClientRuntime:
+def client_runtime(context: Context, cfg: DictConfig, files: NodeStateFiles | None = None) -> ClientRuntime:
     """The runtime of this node for the run configured by ``cfg``.
 
     Node config keys: ``partition-id`` and ``num-partitions`` (set by the
     simulation engine; given with ``--node-config`` in deployment), optional
-    ``data-path`` (the device's own data) and ``device``.
+    ``data-path`` (the device's own data) and ``device``. With the node's
+    state ``files``, its data split is kept in their folder.
     """
     node = context.node_config
     device = resolve_device(str(node.get("device", cfg.device)))
@@ -51,6 +52,7 @@ def client_runtime(context: Context, cfg: DictConfig) -> ClientRuntime:
         num_partitions=int(node.get("num-partitions", cfg.federation.num_clients)),
         data_path=str(node["data-path"]) if "data-path" in node else None,
         device=device,
+        data_cache=None if files is None else files.root,
     )
 
 

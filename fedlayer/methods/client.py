@@ -13,6 +13,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
@@ -23,7 +24,7 @@ from fedlayer.layers import ModelLayers, State, from_arrayrecord, merge, numpy_t
 from fedlayer.models import LayeredModel
 from fedlayer.protocol import ARRAYS, CONFIG, KEEP_MODEL, METRICS, NUM_EXAMPLES, PARTITION_ID, REQUEST, SERVER_ROUND
 from fedlayer.training import evaluate, train_steps
-from fedlayer.workload import build_configured_model, load_workload
+from fedlayer.workload import build_configured_model, client_data
 
 #: Record of ``context.state`` holding the node's model between rounds.
 LOCAL_MODEL = "local-model"
@@ -38,13 +39,13 @@ class ClientRuntime:
     num_partitions: int
     data_path: str | None
     device: torch.device
+    #: a folder of this node where its data split is kept between processes
+    data_cache: Path | None = None
 
     @cached_property
     def data(self) -> tuple[ArrayDataset, ArrayDataset]:
         """(train, test) data of this client."""
-        if self.data_path is not None:
-            return load_workload(self.cfg, 1, path=self.data_path).client_data(0)
-        return load_workload(self.cfg, self.num_partitions).client_data(self.partition_id)
+        return client_data(self.cfg, self.partition_id, self.num_partitions, self.data_path, self.data_cache)
 
     @property
     def train_data(self) -> ArrayDataset:
