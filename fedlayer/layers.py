@@ -30,7 +30,7 @@ class Layer:
 
     @property
     def numel(self) -> int:
-        """Number of scalars in the layer (``dim_l`` in ALGORITHMS.md)."""
+        """Number of scalars in the layer (``dim_l`` in FedLAMA)."""
         return int(sum(int(np.prod(s)) for s in self.shapes))
 
     @property

@@ -126,7 +126,7 @@ class LayerwiseStrategy:
     client_keeps_model = False
     #: Whether ``node_state`` differs between nodes (else nodes with the same
     #: plan share one ArrayRecord).
-    personalised = False
+    per_node_state = False
 
     def __init__(
         self,
@@ -293,7 +293,7 @@ class LayerwiseStrategy:
     # ------------------------------------------------------- message plumbing
     def build_messages(self, server_round: int, plans: dict[int, NodePlan], message_type: str) -> list[Message]:
         """One message per planned node; nodes sent the same layers share one ArrayRecord
-        unless the strategy is personalised."""
+        unless ``per_node_state``."""
         shared: dict[tuple[str, ...], Any] = {}
         messages = []
         for node, plan in plans.items():
@@ -308,7 +308,7 @@ class LayerwiseStrategy:
             content = RecordDict({CONFIG: ConfigRecord(config)})
             if plan.send:
                 key = tuple(plan.send)
-                if self.personalised or key not in shared:
+                if self.per_node_state or key not in shared:
                     shared[key] = to_arrayrecord(self.node_state(node, plan.send, message_type))
                 content[ARRAYS] = shared[key]
             if plan.payload:

@@ -46,7 +46,7 @@ def layer_discrepancy(
 
 
 def long_interval_layers(discrepancy: dict[str, float], sizes: dict[str, int]) -> list[str]:
-    """Layers that get the long interval ``phi * tau'`` (ALGORITHMS.md 1, step 3).
+    """Layers that get the long interval ``phi * tau'`` (step 4 of the class docstring of FedLAMAStrategy).
 
     Sort layers by ``d_l`` ascending and walk the list with
     ``delta_k = sum_{j<=k} d_j dim_j / sum_j d_j dim_j`` (share of the total

@@ -20,7 +20,6 @@ from fedlayer.models import LayeredModel
 from fedlayer.models.depth import (
     LEVEL_HEAD_PREFIX,
     DepthNet,
-    block_index,
     init_level_head,
     level_head_module,
     level_head_name,

@@ -58,7 +58,7 @@ class PFedLAStrategy(LayerwiseStrategy):
     """
 
     method = "pfedla"
-    personalised = True
+    per_node_state = True
 
     def __init__(
         self,
