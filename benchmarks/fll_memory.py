@@ -6,7 +6,7 @@ Two commands::
     python -m benchmarks.fll_memory suite benchmarks/suites/fll.yaml --out bench-out/fll
 
 ``stages`` measures one local training step of every stage directly, with the
-client's own code (``fedlayer.client.fll.train_stage`` on one batch of a
+client's own code (``fedlayer.methods.fll.train_stage`` on one batch of a
 client's data, measured by ``fedlayer.memory``), next to one
 end-to-end step of the same model, batch and objective (a single stage
 holding every block is end-to-end training). On CUDA the allocator's peak
@@ -31,9 +31,11 @@ from typing import Any
 import torch
 
 from benchmarks.harness import load_suite, run_suite
-from fedlayer.device import resolve_device
-from fedlayer.client.fll import StagedModel, StageSpec, train_stage
 from fedlayer.config import compose_config
+from fedlayer.device import resolve_device
+from fedlayer.methods.client import ClientRuntime
+from fedlayer.methods.fll import train_stage
+from fedlayer.models.staged import StagedModel, StageSpec
 from fedlayer.workload import build_configured_model, load_workload
 
 MB = 1e6
@@ -41,16 +43,14 @@ MB = 1e6
 
 def step_peak(
     model_name: str, dataset: str, blocks_per_stage: int, stage: int, *, objective: str = "supervised",
-    p_drop: float = 0.0, batch_size: int = 32, head_pool: int = 2, device: str = "cpu",
+    p_drop: float = 0.0, batch_size: int = 32, head_pool: int = 2, device: str = "cpu", temperature: float = 0.5,
 ) -> dict[str, float]:
     """Peak memory of the first local step of ``stage`` (as a client measures it)."""
     cfg = compose_config([f"model={model_name}", f"dataset={dataset}", f"train.batch_size={batch_size}", "train.local_steps=1"])
-    train_set = load_workload(cfg, 5).client_data(0)[0]
-    model = build_configured_model(cfg, train_set)
+    runtime = ClientRuntime(cfg=cfg, partition_id=0, num_partitions=5, data_path=None, device=resolve_device(device))
+    model = runtime.new_model()
     net = StagedModel(model, StageSpec(len(model.blocks), blocks_per_stage), head_pool, seed=0)
-    return train_stage(
-        net, stage, train_set, cfg.train, resolve_device(device), seed=0, p_drop=p_drop, objective=objective
-    )
+    return train_stage(net, stage, runtime, seed=0, p_drop=p_drop, objective=objective, temperature=temperature)
 
 
 def end_to_end_peak(model_name: str, dataset: str, **kwargs: Any) -> dict[str, float]:

@@ -27,14 +27,18 @@ training, aggregation, central evaluation and the framework's bookkeeping.
 
 The summary statistic is the median over rounds 2..N (round 1 includes engine
 start and, in fedlayer, the nodes' identity queries); the ratio is fedlayer's
-median divided by Flower's (goal: <= 1.10). Means are reported too. Output in
-``--out``: ``results.json``, one log per run, fedlayer's run directories.
+median divided by Flower's (goal: <= 1.10). Means are reported too.
+``--repeats R`` runs each side R times, alternating Flower and fedlayer so that
+a change in load from other work on the machine hits both, and pools the
+rounds. Output in ``--out``: ``results.json``, one log per run, fedlayer's run
+directories.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -54,7 +58,7 @@ from typing import IO, Any
 
 from benchmarks.flower_baseline_app import BaselineConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).absolute().parents[1]
 GOAL = 1.10
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -76,12 +80,11 @@ class SideResult:
     log: str
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def stats(self) -> dict[str, Any]:
-        """Median and mean over rounds 2..N."""
-        counted = [s for r, s in sorted(self.seconds.items()) if r >= 2]
-        if not counted:
-            raise ValueError(f"{self.name}: no rounds after the first; run at least 2 rounds")
-        return {"rounds": len(counted), "median": statistics.median(counted), "mean": statistics.fmean(counted)}
+
+def round_stats(runs: Sequence[SideResult]) -> dict[str, Any]:
+    """Median and mean of the seconds of rounds 2..N, pooled over ``runs``."""
+    counted = [s for run in runs for r, s in sorted(run.seconds.items()) if r >= 2]
+    return {"rounds_counted": len(counted), "median": statistics.median(counted), "mean": statistics.fmean(counted)}
 
 
 # ------------------------------------------------------------------ running commands
@@ -141,17 +144,17 @@ def fedlayer_overrides(cfg: BaselineConfig, output_dir: Path, run_name: str) -> 
     ]
 
 
-def flower_simulation(cfg: BaselineConfig, out: Path) -> SideResult:
+def flower_simulation(cfg: BaselineConfig, out: Path, name: str) -> SideResult:
     """Flower's FedAvg app in the simulation engine, in its own process."""
-    times, log = out / "flower-sim-times.json", out / "flower-sim.log"
+    times, log = out / f"{name}-times.json", out / f"{name}.log"
     flags = [f"--{k}={v}" for k, v in dataclasses.replace(cfg, times_path=str(times)).run_config().items()]
     run_logged([sys.executable, "-m", "benchmarks.flower_baseline_app", *flags], log)
-    return flower_result("flower-sim", times, log)
+    return flower_result(name, times, log)
 
 
-def fedlayer_simulation(cfg: BaselineConfig, out: Path) -> SideResult:
+def fedlayer_simulation(cfg: BaselineConfig, out: Path, name: str) -> SideResult:
     """``fedlayer-sim strategy=fedavg`` in its own process, timed by its progress lines."""
-    log, run_dir = out / "fedlayer-sim.log", out / "runs" / "fedlayer-sim"
+    log, run_dir = out / f"{name}.log", out / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
     lines = run_logged([sys.executable, "-m", "fedlayer.cli", *fedlayer_overrides(cfg, out / "runs", run_dir.name)], log)
     ends = {int(m.group(1)): t for t, line in lines if (m := ROUND_LINE.search(line))}
@@ -159,7 +162,7 @@ def fedlayer_simulation(cfg: BaselineConfig, out: Path) -> SideResult:
         raise RuntimeError(f"expected fedlayer progress lines '[round k/{cfg.rounds}]' for every round, found {sorted(ends)}; log: {log}")
     records = read_metrics(run_dir)
     return SideResult(
-        "fedlayer-sim", periods(ends), "between arrivals of consecutive '[round k/N]' progress lines (benchmark clock)",
+        name, periods(ends), "between arrivals of consecutive '[round k/N]' progress lines (benchmark clock)",
         records[-1]["accuracy"], str(log),
         extra={"metrics_jsonl_seconds": {r["round"]: r["seconds"] for r in records}, "run_dir": str(run_dir)},
     )
@@ -326,38 +329,61 @@ def write_baseline_project(folder: Path, cfg: BaselineConfig) -> None:
     )
 
 
-def flower_deployment(deployment: LoopbackDeployment, cfg: BaselineConfig, out: Path) -> SideResult:
+def flower_deployment(deployment: LoopbackDeployment, cfg: BaselineConfig, out: Path, name: str) -> SideResult:
     """Flower's FedAvg app submitted with ``flwr run`` to the loopback deployment."""
-    times, log = out / "flower-deploy-times.json", out / "flower-deploy.log"
-    write_baseline_project(deployment.home / "flower-app", dataclasses.replace(cfg, times_path=str(times.resolve())))
-    deployment.run_app(deployment.home / "flower-app", log)
-    return flower_result("flower-deploy", times, log)
+    times, log, app = out / f"{name}-times.json", out / f"{name}.log", deployment.home / name
+    write_baseline_project(app, dataclasses.replace(cfg, times_path=str(times.resolve())))
+    deployment.run_app(app, log)
+    return flower_result(name, times, log)
 
 
-def fedlayer_deployment(deployment: LoopbackDeployment, cfg: BaselineConfig, out: Path) -> SideResult:
+def fedlayer_deployment(deployment: LoopbackDeployment, cfg: BaselineConfig, out: Path, name: str) -> SideResult:
     """fedlayer's app (this repository) submitted with ``flwr run``, timed by metrics.jsonl."""
-    log, run_dir = out / "fedlayer-deploy.log", (out / "runs" / "fedlayer-deploy").resolve()
+    log, run_dir = out / f"{name}.log", (out / "runs" / name).resolve()
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [o for o in fedlayer_overrides(cfg, run_dir.parent, run_dir.name) if not o.startswith(("strategy=", "dataset=", "model="))]
     run_config = f"strategy='fedavg' dataset='{cfg.dataset}' model='{cfg.model}' overrides='{' '.join(overrides)}'"
     deployment.run_app(REPO_ROOT, log, run_config)
     records = read_metrics(run_dir)
     return SideResult(
-        "fedlayer-deploy", {r["round"]: r["seconds"] for r in records}, "metrics.jsonl 'seconds' (ServerApp clock)",
+        name, {r["round"]: r["seconds"] for r in records}, "metrics.jsonl 'seconds' (ServerApp clock)",
         records[-1]["accuracy"], str(log), extra={"run_dir": str(run_dir)},
     )
 
 
 # ------------------------------------------------------------------ comparison
-def compare(flower: SideResult, fedlayer: SideResult) -> dict[str, Any]:
-    """Both sides' per-round seconds and statistics, and fedlayer / Flower."""
-    flower_stats, fedlayer_stats = flower.stats(), fedlayer.stats()
-    ratio = fedlayer_stats["median"] / flower_stats["median"]
+Side = Callable[[BaselineConfig, Path, str], SideResult]
+
+
+def timed(label: str, run: Side, cfg: BaselineConfig, out: Path, name: str) -> SideResult:
+    """Run one side, printing a line when it starts and when it ends."""
+    print(f"{label} ...", flush=True)
+    started = time.time()
+    result = run(cfg, out, name)
+    result.extra["load_average_1min_after"] = os.getloadavg()[0]  # the machine may be shared: a hint of noise
+    stats = round_stats([result])
+    print(
+        f"{label}: {stats['median']:.2f} s/round (median of rounds 2..{cfg.rounds}), final accuracy "
+        f"{result.final_accuracy:.3f}, {time.time() - started:.0f} s in all; log {result.log}",
+        flush=True,
+    )
+    return result
+
+
+def side_by_side(mode: str, flower: Side, fedlayer: Side, cfg: BaselineConfig, out: Path, repeats: int) -> dict[str, Any]:
+    """Flower, fedlayer, Flower, ... (``repeats`` each, interleaved against drifting load); both sides' rounds and fedlayer / Flower."""
+    runs: dict[str, list[SideResult]] = {"flower": [], "fedlayer": []}
+    for index in range(2 * repeats):
+        side, run = ("flower", flower) if index % 2 == 0 else ("fedlayer", fedlayer)
+        label = f"[{index + 1}/{2 * repeats}] {side} FedAvg, {mode}"
+        runs[side].append(timed(label, run, cfg, out, f"{side}-{mode}-{index // 2 + 1}"))
+    stats = {side: round_stats(results) for side, results in runs.items()}
+    ratio = stats["fedlayer"]["median"] / stats["flower"]["median"]
     return {
-        "flower": {**dataclasses.asdict(flower), "stats": flower_stats},
-        "fedlayer": {**dataclasses.asdict(fedlayer), "stats": fedlayer_stats},
+        "settings": dataclasses.asdict(cfg),
+        **{side: {"stats": stats[side], "runs": [dataclasses.asdict(r) for r in results]} for side, results in runs.items()},
         "ratio_median": ratio,
-        "ratio_mean": fedlayer_stats["mean"] / flower_stats["mean"],
+        "ratio_mean": stats["fedlayer"]["mean"] / stats["flower"]["mean"],
         "meets_goal": ratio <= GOAL,
     }
 
@@ -366,21 +392,10 @@ def report(mode: str, comparison: dict[str, Any]) -> str:
     """One line: the ratio and both medians."""
     flower, fedlayer = comparison["flower"]["stats"], comparison["fedlayer"]["stats"]
     return (
-        f"{mode}: fedlayer/Flower = {comparison['ratio_median']:.2f} (median s/round, rounds 2..{flower['rounds'] + 1}; "
-        f"mean ratio {comparison['ratio_mean']:.2f}) | Flower {flower['median']:.2f} s, fedlayer {fedlayer['median']:.2f} s | "
+        f"{mode}: fedlayer/Flower = {comparison['ratio_median']:.2f} (median s/round over rounds 2..N; mean ratio "
+        f"{comparison['ratio_mean']:.2f}) | Flower {flower['median']:.2f} s, fedlayer {fedlayer['median']:.2f} s | "
         f"goal <= {GOAL:.2f}: {'met' if comparison['meets_goal'] else 'NOT met'}"
     )
-
-
-def timed(label: str, run: Callable[..., SideResult], *args: Any) -> SideResult:
-    """Run one side, printing a line when it starts and when it ends."""
-    print(f"{label} ...", flush=True)
-    started = time.time()
-    result = run(*args)
-    stats = result.stats()
-    print(f"{label}: {stats['median']:.2f} s/round (median of rounds 2..{stats['rounds'] + 1}), final accuracy {result.final_accuracy:.3f}, "
-          f"{time.time() - started:.0f} s in all; log {result.log}", flush=True)
-    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -390,28 +405,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=20, help="clients in simulation (deployment: 2 SuperNodes)")
     parser.add_argument("--fraction", type=float, default=0.5, help="fraction of clients trained per round in simulation")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per side, interleaved; rounds are pooled")
     parser.add_argument("--out", type=Path, default=Path("bench-out/overhead"))
     parser.add_argument("--deployment", action="store_true", help="also run both over loopback gRPC (2 SuperNodes)")
     args = parser.parse_args(argv)
-    if args.rounds < 2:
-        parser.error("--rounds must be >= 2: round 1 is not counted")
+    if args.rounds < 2 or args.repeats < 1:
+        parser.error("--rounds must be >= 2 (round 1 is not counted) and --repeats >= 1")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     sim = BaselineConfig(rounds=args.rounds, num_clients=args.clients, fraction_train=args.fraction, seed=args.seed)
-    results: dict[str, Any] = {"goal_ratio": GOAL, "statistic": "median over rounds 2..N", "simulation": {"settings": dataclasses.asdict(sim)}}
-    results["simulation"].update(compare(
-        timed("[1/2] Flower FedAvg, simulation", flower_simulation, sim, out),
-        timed("[2/2] fedlayer FedAvg, simulation", fedlayer_simulation, sim, out),
-    ))
+    results: dict[str, Any] = {"goal_ratio": GOAL, "statistic": "median of per-round seconds over rounds 2..N"}
+    results["simulation"] = side_by_side("sim", flower_simulation, fedlayer_simulation, sim, out, args.repeats)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     lines = [report("simulation", results["simulation"])]
     if args.deployment:
         deploy = dataclasses.replace(sim, num_clients=2, fraction_train=1.0)
         with LoopbackDeployment(out) as deployment:
-            results["deployment"] = {"settings": dataclasses.asdict(deploy), **compare(
-                timed("[1/2] Flower FedAvg, deployment", flower_deployment, deployment, deploy, out),
-                timed("[2/2] fedlayer FedAvg, deployment", fedlayer_deployment, deployment, deploy, out),
-            )}
+            results["deployment"] = side_by_side(
+                "deploy",
+                functools.partial(flower_deployment, deployment),
+                functools.partial(fedlayer_deployment, deployment),
+                deploy, out, args.repeats,
+            )
         (out / "results.json").write_text(json.dumps(results, indent=2))
         lines.append(report("deployment", results["deployment"]))
     print("\n".join(lines))

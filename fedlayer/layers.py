@@ -73,11 +73,6 @@ class ModelLayers:
             for name, keys in groups.items()
         )
 
-    @classmethod
-    def from_module(cls, module: object) -> ModelLayers:
-        """Layers of a ``torch.nn.Module`` (via its state dict)."""
-        return cls.from_state(torch_state_to_numpy(module.state_dict()))  # type: ignore[attr-defined]
-
     # --- lookup -------------------------------------------------------------
     @property
     def names(self) -> list[str]:
@@ -128,10 +123,6 @@ class ModelLayers:
         """Number of scalars in the named layers (all layers by default)."""
         chosen = self.layers if names is None else [self[n] for n in names]
         return sum(layer.numel for layer in chosen)
-
-    def is_float(self, name: str) -> bool:
-        """True when every tensor of the layer is floating point (averageable)."""
-        return all(np.issubdtype(np.dtype(d), np.floating) for d in self[name].dtypes)
 
 
 # --- state helpers -----------------------------------------------------------

@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from flwr.app import Context
-from flwr.common.serde import ProtoRecordDict, recorddict_from_proto, recorddict_to_proto
+from flwr.common.serde import (
+    ProtoRecordDict,
+    recorddict_from_proto,
+    recorddict_to_proto,
+)
 
 from fedlayer.files import atomic_write, keep_newest
 

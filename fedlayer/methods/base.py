@@ -28,7 +28,14 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
 from fedlayer.errors import require
-from fedlayer.layers import ModelLayers, State, copy_state, merge, select, to_arrayrecord
+from fedlayer.layers import (
+    ModelLayers,
+    State,
+    copy_state,
+    merge,
+    select,
+    to_arrayrecord,
+)
 from fedlayer.methods.replies import (
     ReplyRejected,
     TrainReply,
@@ -37,7 +44,18 @@ from fedlayer.methods.replies import (
     parse_identity,
     validate_train_reply,
 )
-from fedlayer.protocol import ARRAYS, CONFIG, KEEP_MODEL, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, PAYLOAD, REQUEST, SERVER_ROUND
+from fedlayer.protocol import (
+    ARRAYS,
+    CONFIG,
+    KEEP_MODEL,
+    METHOD,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    PAYLOAD,
+    REQUEST,
+    SERVER_ROUND,
+)
 from fedlayer.training import Evaluator
 
 ConfigValue = int | float | str | bool | bytes | list[int] | list[float] | list[str] | list[bool]

@@ -20,9 +20,27 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 from omegaconf import DictConfig
 
 from fedlayer.data import ArrayDataset
-from fedlayer.layers import ModelLayers, State, from_arrayrecord, merge, numpy_to_torch_state, select, to_arrayrecord, torch_state_to_numpy
+from fedlayer.layers import (
+    ModelLayers,
+    State,
+    from_arrayrecord,
+    merge,
+    numpy_to_torch_state,
+    select,
+    to_arrayrecord,
+    torch_state_to_numpy,
+)
 from fedlayer.models import LayeredModel
-from fedlayer.protocol import ARRAYS, CONFIG, KEEP_MODEL, METRICS, NUM_EXAMPLES, PARTITION_ID, REQUEST, SERVER_ROUND
+from fedlayer.protocol import (
+    ARRAYS,
+    CONFIG,
+    KEEP_MODEL,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    REQUEST,
+    SERVER_ROUND,
+)
 from fedlayer.training import evaluate, train_steps
 from fedlayer.workload import build_configured_model, client_data
 

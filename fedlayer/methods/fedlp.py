@@ -12,9 +12,24 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from torch import nn
 
 from fedlayer.errors import ParameterError, require
-from fedlayer.layers import ModelLayers, State, copy_state, from_arrayrecord, merge, select, to_arrayrecord, torch_state_to_numpy
+from fedlayer.layers import (
+    ModelLayers,
+    State,
+    copy_state,
+    from_arrayrecord,
+    merge,
+    select,
+    to_arrayrecord,
+    torch_state_to_numpy,
+)
 from fedlayer.methods.base import LayerwiseStrategy, NodePlan, weighted_layer_average
-from fedlayer.methods.client import ClientRuntime, load_local_model, requested_layers, save_local_model, server_round_of
+from fedlayer.methods.client import (
+    ClientRuntime,
+    load_local_model,
+    requested_layers,
+    save_local_model,
+    server_round_of,
+)
 from fedlayer.methods.replies import ReplyRejected, TrainReply, validate_train_reply
 from fedlayer.models import LayeredModel
 from fedlayer.models.depth import (

@@ -8,21 +8,50 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
 from torch import Tensor, nn
 
 from fedlayer.contrastive import augment_pair, nt_xent
 from fedlayer.errors import require
-from fedlayer.layers import ModelLayers, State, from_arrayrecord, merge, numpy_to_torch_state, torch_state_to_numpy
+from fedlayer.layers import (
+    ModelLayers,
+    State,
+    from_arrayrecord,
+    merge,
+    numpy_to_torch_state,
+    torch_state_to_numpy,
+)
 from fedlayer.memory import measure_step, resident_tensors
-from fedlayer.methods.base import ConfigValue, LayerwiseStrategy, NodePlan, weighted_layer_average
-from fedlayer.methods.client import ClientRuntime, load_local_model, reply_content, requested_layers, save_local_model, server_round_of
+from fedlayer.methods.base import (
+    ConfigValue,
+    LayerwiseStrategy,
+    NodePlan,
+    weighted_layer_average,
+)
+from fedlayer.methods.client import (
+    ClientRuntime,
+    load_local_model,
+    reply_content,
+    requested_layers,
+    save_local_model,
+    server_round_of,
+)
 from fedlayer.methods.replies import ReplyRejected, TrainReply
 from fedlayer.models import LayeredModel
-from fedlayer.models.staged import StagedModel, StageSpec, frozen_layer_names, stage_layer_names
+from fedlayer.models.staged import (
+    StagedModel,
+    StageSpec,
+    frozen_layer_names,
+    stage_layer_names,
+)
 from fedlayer.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
-from fedlayer.training import Evaluator, evaluate, linear_probe, recalibrate_batch_norm, train_steps
-
-from flwr.common.logger import log
+from fedlayer.training import (
+    Evaluator,
+    evaluate,
+    linear_probe,
+    recalibrate_batch_norm,
+    train_steps,
+)
 
 #: Objectives: cross-entropy on labels, or SimCLR's NT-Xent on two views.
 OBJECTIVES = ("supervised", "contrastive")
@@ -307,6 +336,8 @@ def train_stage(
     frozen blocks per step) and ``peak-train-memory-bytes`` (see ``memory``):
     the peak over the first step, which also allocates the optimiser state.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     device = runtime.device

@@ -8,19 +8,30 @@ from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.logger import log
 
 from fedlayer.compression import EncodedTensor, LAQCodec, innovation_norm_sq
 from fedlayer.compression.quantize import squared_distance
 from fedlayer.errors import ParameterError, require
-from fedlayer.layers import State, from_arrayrecord, to_arrayrecord, torch_state_to_numpy
+from fedlayer.layers import (
+    State,
+    from_arrayrecord,
+    to_arrayrecord,
+    torch_state_to_numpy,
+)
 from fedlayer.methods.base import LayerwiseStrategy, NodePlan
 from fedlayer.methods.client import ClientRuntime, load_memory, server_round_of
 from fedlayer.methods.replies import ReplyRejected, TrainReply
-from fedlayer.protocol import ARRAYS, CONFIG, METRICS, PARTITION_ID, PAYLOAD
 from fedlayer.proto.wire import WireFormatError, decode_update, encode_update
+from fedlayer.protocol import ARRAYS, CONFIG, METRICS, PARTITION_ID, PAYLOAD
 from fedlayer.training import loss_gradient, train_steps
 
 #: ``context.state`` records of a LAQ node: its last upload ``Qhat`` and its memory.

@@ -21,10 +21,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
 from fedlayer.layers import ModelLayers, State
-from fedlayer.protocol import ARRAYS, CONFIG, METHOD, METRICS, NO_PARTITION, NUM_EXAMPLES, PARTITION_ID, PAYLOAD, QUERY
+from fedlayer.protocol import (
+    ARRAYS,
+    CONFIG,
+    METHOD,
+    METRICS,
+    NO_PARTITION,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    PAYLOAD,
+    QUERY,
+)
 
 #: Largest example count a reply may claim (guards the weighted average).
 MAX_EXAMPLES = 10**9

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from logging import INFO, WARNING
-
 from typing import Any
 
 import numpy as np
