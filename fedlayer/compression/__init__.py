@@ -4,8 +4,6 @@ from fedlayer.compression.bitpack import pack_codes, packed_nbytes, unpack_codes
 from fedlayer.compression.codec import (
     EncodedTensor,
     EncodeReport,
-    Float32Codec,
-    Float32Tensor,
     LAQCodec,
     innovation_norm_sq,
 )
@@ -19,8 +17,6 @@ from fedlayer.compression.quantize import (
 __all__ = [
     "EncodeReport",
     "EncodedTensor",
-    "Float32Codec",
-    "Float32Tensor",
     "LAQCodec",
     "QuantizedTensor",
     "dequantize",

@@ -32,9 +32,7 @@ class EncodeReport:
 
     ``bytes_after`` is the exact size this tensor adds to a serialized
     ``fedlayer.compressed.v1.CompressedUpdate`` (payload, radius and the
-    protobuf header: name, shape, bits, field tags and lengths).  For the
-    float32 baseline it is the same message with the raw float32 bytes as
-    payload and no bits/radius, so the two are directly comparable.
+    protobuf header: name, shape, bits, field tags and lengths).
     """
 
     bytes_before: int
@@ -51,16 +49,6 @@ class EncodedTensor:
     bits: int
     radius: float
     packed_codes: bytes
-    report: EncodeReport | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True)
-class Float32Tensor:
-    """A tensor sent verbatim as little-endian float32 (the lossless baseline)."""
-
-    name: str
-    shape: tuple[int, ...]
-    data: bytes
     report: EncodeReport | None = field(default=None, compare=False)
 
 
@@ -89,27 +77,6 @@ class LAQCodec:
         codes = unpack_codes(enc.packed_codes, enc.bits, prod(enc.shape))
         qt = QuantizedTensor(codes.reshape(enc.shape), enc.radius, enc.bits)
         return dequantize(qt, qhat)
-
-
-class Float32Codec:
-    """Lossless identity codec: raw float32 bytes, for comparison with LAQ."""
-
-    lossy = False
-
-    def encode(self, name: str, g: np.ndarray) -> tuple[Float32Tensor, np.ndarray]:
-        """Return the wire-ready tensor and the (unchanged) float32 values."""
-        g = np.ascontiguousarray(g, dtype="<f4")
-        data = g.tobytes()
-        report = EncodeReport(
-            bytes_before=g.nbytes,
-            bytes_after=_tensor_wire_nbytes(name, g.shape, 0, 0.0, len(data)),
-            squared_error=0.0,
-        )
-        return Float32Tensor(name, tuple(g.shape), data, report), g
-
-    def decode(self, enc: Float32Tensor) -> np.ndarray:
-        """Rebuild the float32 array (a fresh, writable copy)."""
-        return np.frombuffer(enc.data, dtype="<f4").astype(np.float32).reshape(enc.shape)
 
 
 def innovation_norm_sq(q_new: np.ndarray, qhat: np.ndarray) -> float:
