@@ -104,10 +104,12 @@ def run_logged(command: Sequence[str], log_path: Path, env: dict[str, str] | Non
             lines.append((now, line))
             log.write(f"{now:.3f} {line}")
         returncode = process.wait()
+        timed_out = watchdog is not None and not watchdog.is_alive()  # a Timer thread ends once it has fired
         if watchdog:
             watchdog.cancel()
     if returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:3])} ... failed (exit {returncode}); log: {log_path}")
+        why = f"killed after {timeout:.0f} s" if timed_out else f"exit {returncode}"
+        raise RuntimeError(f"{' '.join(command[:3])} ... failed ({why}); log: {log_path}")
     return lines
 
 
@@ -182,6 +184,7 @@ def free_ports(count: int) -> list[int]:
 
 
 def port_open(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -206,9 +209,10 @@ def _proc_stat(pid: int) -> tuple[int, int, int] | None:
 def process_tree(roots: set[int]) -> dict[int, int]:
     """``{pid: start time}`` of ``roots`` and every live descendant.
 
-    Descendant = child of a member, or in the session of a root: the SuperLink
-    and SuperNodes start their ``flower-superexec`` in a session of its own,
-    but we start them as session leaders, so following parents finds it.
+    Descendant: a child of a member, or a process in a root's session (one
+    whose parent already exited). The SuperLink and SuperNodes start their
+    ``flower-superexec`` in a session of its own, so killing the roots'
+    process groups would miss it and the ServerApp/ClientApp processes it starts.
     """
     table = {int(e): s for e in os.listdir("/proc") if e.isdigit() and (s := _proc_stat(int(e))) is not None}
     found = {pid for pid in roots if pid in table}

@@ -12,7 +12,23 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedlayer.layers import State, to_arrayrecord
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+#: ``FEDLAYER_FUZZ=full`` runs property tests with their full example counts.
+FULL_FUZZ = os.environ.get("FEDLAYER_FUZZ") == "full"
+
+
+def fuzz_examples(full: int) -> int:
+    """Examples of a property test: ``full`` under ``FEDLAYER_FUZZ=full``, else a tenth (at least 20)."""
+    return full if FULL_FUZZ else max(full // 10, 20)
+
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start real Flower processes (deployments, the simulation engine) share one
+    xdist worker (``--dist loadgroup``): they run one at a time, next to the unit tests."""
+    for item in items:
+        if item.get_closest_marker("e2e") or item.get_closest_marker("engine"):
+            item.add_marker(pytest.mark.xdist_group("processes"))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -22,6 +22,7 @@ from fedlayer.compression import (
     unpack_codes,
 )
 from fedlayer.proto import decode_update, encode_update
+from tests.conftest import fuzz_examples
 
 ALL_BITS = range(1, 9)
 LENGTHS = (0, 1, 7, 13, 1001)
@@ -88,7 +89,7 @@ def test_pack_rejects_codes_wider_than_bits() -> None:
         pack_codes(np.array([0, 1], dtype=np.int64), 3)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=fuzz_examples(200), deadline=None)
 @given(bits=st.integers(1, 8), data=st.data())
 def test_pack_round_trip_property(bits: int, data: st.DataObject) -> None:
     codes = data.draw(
@@ -200,7 +201,7 @@ def test_shape_mismatch_rejected() -> None:
 finite_f32 = st.floats(-1e6, 1e6, width=32, allow_nan=False, allow_infinity=False)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=fuzz_examples(300), deadline=None)
 @given(
     bits=st.integers(1, 8),
     shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=9),
@@ -249,7 +250,7 @@ def test_laq_is_smaller_than_float32() -> None:
     assert g.nbytes / laq.report.bytes_after > 7.9  # 32 bits -> 4 bits, plus a small header
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=fuzz_examples(100), deadline=None)
 @given(
     bits=st.integers(1, 8),
     shapes=st.lists(

@@ -20,7 +20,7 @@ from fedlayer.layers import copy_state, select, states_equal
 from fedlayer.methods import METHODS
 from fedlayer.server.builder import build_strategy
 from fedlayer.workload import load_workload
-from tests.conftest import make_reply
+from tests.conftest import fuzz_examples, make_reply
 
 NODES = [101, 202, 303]
 BREAKS = [
@@ -103,7 +103,7 @@ def _broken_reply(strategy, node, kind: str, data: bytes) -> Message:
 
 
 @pytest.mark.parametrize("name", DENSE)
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzz_examples(25), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(BREAKS), data=st.binary(min_size=0, max_size=300), pick=st.integers(0, 10))
 def test_malformed_reply_is_rejected_and_state_unchanged(name, kind, data, pick, tmp_path_factory):
     strategy = _cached(name, tmp_path_factory)

@@ -21,6 +21,7 @@ from fedlayer.proto import (
     encode_update,
 )
 from fedlayer.proto.fedlayer.compressed.v1 import update_pb2
+from tests.conftest import fuzz_examples
 
 REPO = Path(__file__).resolve().parents[1]
 PROTO_ROOT = REPO / "fedlayer" / "proto"
@@ -170,13 +171,13 @@ def _decode_or_reject(data: bytes, expected: dict[str, tuple[int, ...]] | None) 
         assert codec.decode(t, np.zeros(t.shape, np.float32)).shape == t.shape
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=fuzz_examples(2000), deadline=None)
 @given(data=st.binary(max_size=200), with_expected=st.booleans())
 def test_random_bytes_only_raise_wire_format_error(data: bytes, with_expected: bool) -> None:
     _decode_or_reject(data, {"w": (3, 5)} if with_expected else None)
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=fuzz_examples(1000), deadline=None)
 @given(
     base=st.sampled_from(
         [

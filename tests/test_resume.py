@@ -101,6 +101,7 @@ def _command(*overrides: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.engine
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     strategy_overrides, kill_after = CASES["fedlama"]
     common = [*_common(strategy_overrides), f"output_dir={tmp_path}"]

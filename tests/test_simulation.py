@@ -27,6 +27,7 @@ def run_sim(tmp_path: Path, *overrides: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.engine
 def test_fedavg_mnist5k_three_rounds(tmp_path):
     summary = run_sim(tmp_path, "strategy=fedavg", "dataset=mnist5k", "federation.num_clients=5", "federation.rounds=3")
     assert SUMMARY_KEYS <= summary.keys()
@@ -47,6 +48,7 @@ def test_fedavg_mnist5k_three_rounds(tmp_path):
     assert (tmp_path / "run" / "accuracy.png").stat().st_size > 1000
 
 
+@pytest.mark.engine
 def test_bad_config_fails_at_start_naming_the_field(tmp_path):
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     done = subprocess.run(
