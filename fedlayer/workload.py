@@ -10,6 +10,8 @@ libraries it imports (flwr-datasets, scikit-learn).
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import io
 import json
@@ -102,13 +104,18 @@ def client_data(
 
 
 def build_configured_model(cfg: DictConfig, dataset: ArrayDataset) -> LayeredModel:
-    """The configured model for a dataset, initialised from ``cfg.seed``."""
-    return build_model(
-        cfg.model.name,
-        input_shape=dataset.input_shape,
-        num_classes=dataset.num_classes,
-        seed=int(cfg.seed),
-    )
+    """The configured model for a dataset, initialised from ``cfg.seed``.
+
+    A copy of one model built per process and configuration: a client call
+    needs a fresh model more than once, and building one initialises every
+    tensor at random and runs a dry forward pass.
+    """
+    return copy.deepcopy(_initial_model(str(cfg.model.name), dataset.input_shape, dataset.num_classes, int(cfg.seed)))
+
+
+@functools.lru_cache(maxsize=4)
+def _initial_model(name: str, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> LayeredModel:
+    return build_model(name, input_shape=input_shape, num_classes=num_classes, seed=seed)
 
 
 def initial_state(cfg: DictConfig, dataset: ArrayDataset) -> State:

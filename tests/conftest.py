@@ -24,11 +24,12 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that start real Flower processes (deployments, the simulation engine) share one
-    xdist worker (``--dist loadgroup``): they run one at a time, next to the unit tests."""
+    """Tests that start real Flower processes run one at a time per kind (``--dist loadgroup``):
+    deployments on one xdist worker, simulation-engine runs on one, unit tests beside them."""
     for item in items:
-        if item.get_closest_marker("e2e") or item.get_closest_marker("engine"):
-            item.add_marker(pytest.mark.xdist_group("processes"))
+        for kind in ("e2e", "engine"):
+            if item.get_closest_marker(kind):
+                item.add_marker(pytest.mark.xdist_group(kind))
 
 
 @pytest.fixture(autouse=True, scope="session")

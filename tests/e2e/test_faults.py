@@ -62,19 +62,18 @@ def test_supernode_killed_mid_run_then_rejoins(local_deployment, tmp_path):
     deployment.start_superlink()
     nodes = [deployment.start_supernode({"partition-id": p, "num-partitions": 3}) for p in range(3)]
     run_dir = tmp_path / "runs" / "faults"
-    # rounds without the dead node wait for their timeout: keep it short, but long enough for a live round
-    runner = _start_run(deployment, _run_config(run_dir, rounds=5, num_clients=3, round_timeout=25))
+    runner = _start_run(deployment, _run_config(run_dir, rounds=4, num_clients=3))
 
     first = _wait_rounds(run_dir, 1, deployment)
     assert first[0]["replies"] == 3
     _kill(nodes[2])
-    _wait_rounds(run_dir, 3, deployment)
+    _wait_rounds(run_dir, 2, deployment)  # a round without it: it waits for the round timeout
     deployment.start_supernode({"partition-id": 2, "num-partitions": 3}, name="supernode-2-again")
     assert runner.wait_exit(300) == 0, deployment.logs_text()
 
     records = _rounds_done(run_dir)
-    assert [r["round"] for r in records] == list(range(1, 6))
-    assert min(r["replies"] for r in records[1:3]) == 2, records  # it was missed while dead
+    assert [r["round"] for r in records] == list(range(1, 5))
+    assert records[1]["replies"] == 2, records  # it was missed while dead
     assert records[-1]["replies"] == 3, records  # and it is back for the last round
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_accuracy"] > first[0]["accuracy"]
