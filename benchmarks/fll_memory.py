@@ -36,6 +36,7 @@ from fedlayer.device import resolve_device
 from fedlayer.methods.client import ClientRuntime
 from fedlayer.methods.fll import train_stage
 from fedlayer.models.staged import StagedModel, StageSpec
+from fedlayer.server.rundir import RunDirectory
 from fedlayer.workload import build_configured_model, load_workload
 
 MB = 1e6
@@ -98,10 +99,7 @@ def stages_table(models: list[str], datasets: list[str], objectives: list[str], 
 
 def run_peak(run_dir: str) -> float | None:
     """The largest client peak training memory recorded in a run."""
-    peaks = [
-        json.loads(line).get("strategy", {}).get("peak-train-memory-bytes")
-        for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    ]
+    peaks = [r.get("strategy", {}).get("peak-train-memory-bytes") for r in RunDirectory(Path(run_dir)).read_metrics()]
     peaks = [p for p in peaks if p is not None]
     return max(peaks) if peaks else None
 

@@ -43,7 +43,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from fedlayer.data import ArrayDataset, FederatedSplit, load_dataset, make_federated_split
+from fedlayer.data import (
+    ArrayDataset,
+    FederatedSplit,
+    load_dataset,
+    make_federated_split,
+)
 from fedlayer.models import LayeredModel, build_model
 
 EVAL_BATCH = 500  # what fedlayer's central evaluation uses

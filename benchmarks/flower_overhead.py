@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from benchmarks.flower_baseline_app import BaselineConfig
+from fedlayer.server.rundir import RunDirectory
 
 REPO_ROOT = Path(__file__).absolute().parents[1]
 GOAL = 1.10
@@ -120,7 +121,7 @@ def periods(end_times: dict[int, float]) -> dict[int, float]:
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """A fedlayer run directory's metrics.jsonl."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return RunDirectory(run_dir).read_metrics()
 
 
 def flower_result(name: str, times_path: Path, log: Path) -> SideResult:

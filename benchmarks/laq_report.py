@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedlayer.server.rundir import RunDirectory
+
 #: Targets below FedAvg's final accuracy, as fractions of its best accuracy in the setting.
 FRACTIONS = (0.98, 1.0)
 #: (round, accuracy or None, cumulative uplink bytes, strategy record) per round.
@@ -26,8 +28,7 @@ Curve = list[tuple[int, float | None, int, dict[str, Any]]]
 def _curve(run_dir: str) -> Curve:
     """(round, accuracy, cumulative uplink bytes, strategy record) per round."""
     rows, up = [], 0
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for record in RunDirectory(Path(run_dir)).read_metrics():
         up += record["bytes_up"]
         rows.append((record["round"], record.get("accuracy"), up, record.get("strategy") or {}))
     return rows

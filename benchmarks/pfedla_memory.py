@@ -42,10 +42,10 @@ def measure(num_clients: int, active: int, rounds: int, seed: int = 0) -> dict[s
     from flwr.app import MessageType
 
     from fedlayer.layers import torch_state_to_numpy
-    from fedlayer.models import build_model
     from fedlayer.methods.base import NodePlan
     from fedlayer.methods.pfedla import PFedLAStrategy
     from fedlayer.methods.replies import TrainReply
+    from fedlayer.models import build_model
 
     initial = torch_state_to_numpy(build_model("cnn", input_shape=(1, 28, 28), num_classes=10, seed=seed).state_dict())
     rng = np.random.default_rng(seed)

@@ -29,9 +29,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedlayer.server.rundir import RunDirectory
+
 
 def _records(run_dir: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return RunDirectory(Path(run_dir)).read_metrics()
 
 
 def _mean_last(values: list[float], last: int) -> float | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from fedlayer.server.rundir import RunDirectory
 
 BASELINE = "fedavg"
 
@@ -49,8 +50,7 @@ def write_markdown(results: list[dict[str, Any]], path: Path, title: str) -> Non
 
 def _cumulative(run_dir: str) -> tuple[list[float], list[float]]:
     megabytes, accuracy, total = [], [], 0
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for record in RunDirectory(Path(run_dir)).read_metrics():
         total += record["bytes_up"] + record["bytes_down"]
         if record.get("accuracy") is not None:
             megabytes.append(total / 1e6)

@@ -23,6 +23,7 @@ def fuzz_examples(full: int) -> int:
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that start real Flower processes run one at a time per kind (``--dist loadgroup``):
     deployments on one xdist worker, simulation-engine runs on one, unit tests beside them."""

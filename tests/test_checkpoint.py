@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from fedlayer.layers import states_equal
-from fedlayer.server.checkpoint import Checkpoint, CheckpointError, CheckpointStore, decode_checkpoint, encode_checkpoint
+from fedlayer.server.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointStore,
+    decode_checkpoint,
+    encode_checkpoint,
+)
 from tests.conftest import small_state
 
 

@@ -9,10 +9,14 @@ from fedlayer.client.runtime import state_files
 from fedlayer.client.state import NodeStateFiles
 from fedlayer.config import compose_config
 from fedlayer.layers import from_arrayrecord, states_equal, torch_state_to_numpy
-from fedlayer.methods.client import ClientRuntime, load_local_model, save_local_model, standard_train
+from fedlayer.methods.client import (
+    ClientRuntime,
+    load_local_model,
+    save_local_model,
+    standard_train,
+)
 from fedlayer.methods.fedavg import FedAvgStrategy
 from fedlayer.methods.fedlama import FedLAMAStrategy
-
 from tests.conftest import small_state
 
 

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedlayer.deploy import DeployError, client_command, client_parser, server_command, server_parser
+from fedlayer.deploy import (
+    DeployError,
+    client_command,
+    client_parser,
+    server_command,
+    server_parser,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -13,14 +13,27 @@ from flwr.app import Context, MessageType, RecordDict
 from fedlayer.client.app import make_client_app
 from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError
-from fedlayer.layers import ModelLayers, from_arrayrecord, merge, select, states_equal, to_arrayrecord, torch_state_to_numpy
+from fedlayer.layers import (
+    ModelLayers,
+    from_arrayrecord,
+    merge,
+    select,
+    states_equal,
+    to_arrayrecord,
+    torch_state_to_numpy,
+)
 from fedlayer.methods import METHODS
 from fedlayer.methods.client import ClientRuntime, load_local_model, standard_train
 from fedlayer.methods.fedavg import FedAvgStrategy
-from fedlayer.methods.fedlama import FedLAMAStrategy, layer_discrepancy, long_interval_layers
+from fedlayer.methods.fedlama import (
+    FedLAMAStrategy,
+    layer_discrepancy,
+    long_interval_layers,
+)
 from fedlayer.methods.replies import validate_train_reply
 from fedlayer.server.builder import build_strategy
 from fedlayer.server.loop import FederatedRun
+from fedlayer.server.rundir import RunDirectory
 from fedlayer.traffic import ByteLedger
 from fedlayer.traffic.size import object_tree_bytes
 from fedlayer.training import train_steps
@@ -243,7 +256,7 @@ def _sim(tmp_path: Path, name: str, *overrides: str) -> tuple[dict, list[dict]]:
     )
     FederatedRun(cfg).run(grid)
     run = tmp_path / name
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = RunDirectory(run).read_metrics()
     return json.loads((run / "summary.json").read_text()), records
 
 

@@ -19,6 +19,7 @@ from fedlayer.models import build_model
 from fedlayer.models.depth import init_level_head, level_head_name
 from fedlayer.server.builder import build_strategy
 from fedlayer.server.loop import FederatedRun, central_evaluator
+from fedlayer.server.rundir import RunDirectory
 from fedlayer.workload import load_workload
 from tests.conftest import make_reply, small_state
 from tests.inprocess import InProcessGrid
@@ -182,7 +183,7 @@ def test_bad_config_names_the_field(runtime, initial):
 def test_layer_with_p_zero_never_travels_up_nor_changes(tmp_path):
     _simulate(tmp_path, *OVERRIDES, "federation.rounds=3", "strategy.p=0.6", "strategy.freeze_dropped=true",
               "strategy.layer_p=['head.fc2=0.0']")
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = RunDirectory(tmp_path / "run").read_metrics()
     assert all("head.fc2" not in r["layer_bytes_up"] for r in records)
     assert all(r["layer_bytes_down"]["head.fc2"] > 0 for r in records)  # downloads stay full
     assert any(r["layer_bytes_up"] for r in records)

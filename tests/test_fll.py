@@ -11,7 +11,13 @@ from fedlayer.client.app import make_client_app
 from fedlayer.config import compose_config
 from fedlayer.contrastive import augment_pair, nt_xent
 from fedlayer.errors import ConfigError
-from fedlayer.layers import ModelLayers, select, states_equal, to_arrayrecord, torch_state_to_numpy
+from fedlayer.layers import (
+    ModelLayers,
+    select,
+    states_equal,
+    to_arrayrecord,
+    torch_state_to_numpy,
+)
 from fedlayer.memory import LiveTensorMeter, measure_step, resident_tensors
 from fedlayer.methods.client import ClientRuntime, load_local_model
 from fedlayer.methods.fll import FLLStrategy, fll_evaluate, fll_train, train_stage
@@ -19,6 +25,7 @@ from fedlayer.models import build_model
 from fedlayer.models.staged import StagedModel, StageSpec, stage_layer_names
 from fedlayer.server.builder import build_strategy
 from fedlayer.server.loop import FederatedRun, central_evaluator
+from fedlayer.server.rundir import RunDirectory
 from fedlayer.training import evaluate
 from fedlayer.workload import load_workload
 from tests.inprocess import InProcessGrid
@@ -363,7 +370,7 @@ def test_fll_simulation_sends_frozen_blocks_once_and_records_memory(tmp_path):
         tmp_path, "strategy=fll", "strategy.rounds_per_stage=1", "model=cnn", "dataset=mnist5k",
         "federation.num_clients=3", "federation.rounds=3", "train.local_steps=3",
     )
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = RunDirectory(tmp_path / "run").read_metrics()
     assert [r["strategy"]["stage"] for r in records] == [0, 1, 1]
     assert all(r["replies"] == 3 and r["rejected"] == 0 for r in records)
     assert set(records[0]["layer_bytes_up"]) == {"blocks.0.conv", "stage_heads.0"}

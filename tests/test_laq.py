@@ -17,11 +17,20 @@ from fedlayer.errors import ConfigError, ParameterError
 from fedlayer.layers import from_arrayrecord, states_equal, torch_state_to_numpy
 from fedlayer.methods import METHODS
 from fedlayer.methods.client import ClientRuntime
-from fedlayer.methods.laq import BASE_KEY, ERROR_WEIGHT, QHAT, UPDATE_KEY, LAQStrategy, laq_train, lazy_decision
+from fedlayer.methods.laq import (
+    BASE_KEY,
+    ERROR_WEIGHT,
+    QHAT,
+    UPDATE_KEY,
+    LAQStrategy,
+    laq_train,
+    lazy_decision,
+)
 from fedlayer.proto.fedlayer.compressed.v1 import update_pb2
 from fedlayer.proto.wire import FORMAT_VERSION, encode_update
 from fedlayer.server.builder import build_strategy
 from fedlayer.server.loop import FederatedRun
+from fedlayer.server.rundir import RunDirectory
 from fedlayer.traffic.size import message_bytes, payload_bytes
 from fedlayer.training import train_steps
 from fedlayer.workload import load_workload
@@ -397,7 +406,7 @@ def test_simulation_three_rounds_three_clients(tmp_path: Path):
     grid = InProcessGrid(make_client_app(cfg), 3, node_config=lambda p: {"partition-id": p, "num-partitions": 3})
     FederatedRun(cfg).run(grid)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = RunDirectory(tmp_path / "run").read_metrics()
     assert summary["rejected_replies"] == 0 and summary["final_accuracy"] > 0.3
     assert records[0]["strategy"]["uploads"] == 3  # nobody has a Qhat yet
     assert all(r["strategy"]["uploads"] + r["strategy"]["skips"] == 3 for r in records)

@@ -13,6 +13,7 @@ from fedlayer.methods.pfedla import PFedLAStrategy
 from fedlayer.methods.pfedla.hypernetwork import aggregation_weights
 from fedlayer.methods.pfedla.store import ClientModelStore
 from fedlayer.server.builder import build_strategy
+from fedlayer.server.rundir import RunDirectory
 from fedlayer.workload import load_workload
 from tests.conftest import make_reply, small_state
 
@@ -222,7 +223,6 @@ def test_pfedla_in_flower_simulation(tmp_path):
 
     The whole run goes in process: the real round loop and ClientApp, one node per client.
     """
-    import json
 
     from fedlayer.client.app import make_client_app
     from fedlayer.server.loop import FederatedRun
@@ -236,7 +236,7 @@ def test_pfedla_in_flower_simulation(tmp_path):
     grid = InProcessGrid(make_client_app(cfg), 3, node_config=lambda p: {"partition-id": p, "num-partitions": 3})
     summary = FederatedRun(cfg).run(grid)
     run = tmp_path / "run"
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = RunDirectory(run).read_metrics()
     assert summary["rejected_replies"] == 0 and all(r["replies"] == 3 for r in records)
     last = records[-1]["strategy"]
     assert last["registered_clients"] == 3 and last["personal_accuracy"]["clients"] == 3

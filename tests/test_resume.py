@@ -23,6 +23,7 @@ from fedlayer.config import compose_config, resolve_resume
 from fedlayer.layers import states_equal
 from fedlayer.server.checkpoint import CheckpointStore
 from fedlayer.server.loop import FederatedRun
+from fedlayer.server.rundir import RunDirectory
 from tests.inprocess import FIRST_NODE_ID, InProcessGrid, SimulatedCrash
 
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
@@ -77,8 +78,7 @@ def assert_same_run(straight_dir: Path, resumed_dir: Path) -> None:
             direction = key.split("_")[1]
             payload = traffic[key] - traffic[f"control_bytes_{direction}"]
             assert abs(payload - (other[key] - other[f"control_bytes_{direction}"])) <= 16 * traffic["messages_down"], key
-    lines = (resumed_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == ROUNDS
+    assert [r["round"] for r in RunDirectory(resumed_dir).read_metrics()] == list(range(1, ROUNDS + 1))
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fedlayer.server.rundir import RunDirectory
+
 SUMMARY_KEYS = {
     "strategy", "dataset", "partition", "num_clients", "rounds", "seed", "final_accuracy",
     "bytes_up", "bytes_down", "fedavg_bytes_up", "fedavg_bytes_down", "wall_seconds",
@@ -32,7 +34,7 @@ def test_fedavg_mnist5k_three_rounds(tmp_path):
     summary = run_sim(tmp_path, "strategy=fedavg", "dataset=mnist5k", "federation.num_clients=5", "federation.rounds=3")
     assert SUMMARY_KEYS <= summary.keys()
     assert summary["strategy"] == "fedavg" and summary["rounds"] == 3 and summary["num_clients"] == 5
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = RunDirectory(tmp_path / "run").read_metrics()
     assert [r["round"] for r in records] == [1, 2, 3]
     accuracies = [r["accuracy"] for r in records]
     assert accuracies[-1] > accuracies[0] > 0.2, accuracies  # learns, well above chance (0.1)

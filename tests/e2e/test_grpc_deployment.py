@@ -11,6 +11,8 @@ import json
 
 import pytest
 
+from fedlayer.server.rundir import RunDirectory
+
 pytestmark = pytest.mark.e2e
 
 ROUNDS = 2
@@ -31,7 +33,7 @@ def test_fedavg_two_supernodes_two_rounds(local_deployment, tmp_path):
     deployment = local_deployment()
     deployment.start_superlink()
     for partition in range(2):
-        deployment.start_supernode({"partition-id": partition, "num-partitions": 2})
+        deployment.start_supernode({"partition-id": partition, "num-partitions": 2, "state-dir": str(tmp_path / f"node-{partition}")})
 
     run_id, done = deployment.run_app(fedavg_run_config(tmp_path / "runs"), timeout=240)
     assert done.returncode == 0, deployment.logs_text()
@@ -39,7 +41,7 @@ def test_fedavg_two_supernodes_two_rounds(local_deployment, tmp_path):
     run_dir = tmp_path / "runs" / "run"
     assert (run_dir / "summary.json").exists(), deployment.logs_text()
     summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = RunDirectory(run_dir).read_metrics()
     assert summary["strategy"] == "fedavg" and summary["rounds"] == ROUNDS and summary["num_clients"] == 2
     assert [r["round"] for r in records] == list(range(1, ROUNDS + 1))
     assert all(r["replies"] == 2 and r["rejected"] == 0 for r in records), records

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from fedlayer.server.rundir import RunDirectory
+
 from .deployment import REPO_ROOT, LocalDeployment, ManagedProcess, TlsFiles, free_ports
 from .test_grpc_deployment import fedavg_run_config
 
@@ -83,7 +85,7 @@ def test_registered_nodes_complete_a_round(deployment, certs, tmp_path):
     assert done.returncode == 0, deployment.logs_text()
     summary = json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())
     assert summary["rounds"] == 1 and summary["final_accuracy"] is not None
-    (record,) = [json.loads(line) for line in (tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()]
+    (record,) = RunDirectory(tmp_path / "runs" / "run").read_metrics()
     assert record["replies"] == 2 and record["rejected"] == 0
     assert {node["status"] for node in registered_nodes(deployment)} == {"online"}
 
