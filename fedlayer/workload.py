@@ -120,4 +120,4 @@ def _initial_model(name: str, input_shape: tuple[int, int, int], num_classes: in
 
 def initial_state(cfg: DictConfig, dataset: ArrayDataset) -> State:
     """The initial global model as a numpy state (same on server and clients)."""
-    return torch_state_to_numpy(build_configured_model(cfg, dataset).state_dict())
+    return torch_state_to_numpy(_initial_model(str(cfg.model.name), dataset.input_shape, dataset.num_classes, int(cfg.seed)).state_dict())

@@ -20,10 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from fedlayer.client.app import make_client_app
 from fedlayer.config import compose_config
-from fedlayer.server.loop import FederatedRun
-from tests.inprocess import InProcessGrid
+from tests.inprocess import run_in_process
 
 PATH = Path(__file__).with_name("fingerprints.json")
 NUM_CLIENTS = 4
@@ -61,14 +59,7 @@ def run_case(case: str, output_dir: Path, extra: list[str] = (), keep_state: boo
     """Run one case in process; return its fingerprint (with ``keep_state``, also the
     final global state and the metrics records)."""
     overrides = [*COMMON, *CASES[case], *extra, f"output_dir={output_dir}", f"run_name={case}"]
-    cfg = compose_config(overrides)
-    run = FederatedRun(cfg)
-    grid = InProcessGrid(
-        make_client_app(cfg),
-        NUM_CLIENTS,
-        node_config=lambda p: {"partition-id": p, "num-partitions": NUM_CLIENTS},
-    )
-    summary = run.run(grid)
+    run, summary = run_in_process(compose_config(overrides))
     totals = run.ledger.totals()
     kept = {"state": run.strategy.global_state, "records": run.rundir.read_metrics()} if keep_state else {}
     return {

@@ -12,12 +12,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from omegaconf import DictConfig
+
+from fedlayer.client.app import make_client_app
+from fedlayer.server.loop import FederatedRun
 
 RUN_ID = 1
 #: Node ids with a fixed varint length, so message sizes repeat exactly.
@@ -121,3 +126,15 @@ class InProcessGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(mid) for mid in list(message_ids) if mid in self._replies]
+
+
+def run_in_process(cfg: DictConfig, **grid_options: Any) -> tuple[FederatedRun, dict[str, Any]]:
+    """A whole run of ``cfg`` in process: the real round loop and ClientApp, one node per
+    partition; the finished run and its summary. ``grid_options`` go to ``InProcessGrid``."""
+    num_clients = int(cfg.federation.num_clients)
+    grid = InProcessGrid(
+        make_client_app(cfg), num_clients,
+        node_config=lambda p: {"partition-id": p, "num-partitions": num_clients}, **grid_options,
+    )
+    run = FederatedRun(cfg)
+    return run, run.run(grid)

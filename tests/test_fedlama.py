@@ -10,7 +10,6 @@ import pytest
 import torch
 from flwr.app import Context, MessageType, RecordDict
 
-from fedlayer.client.app import make_client_app
 from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError
 from fedlayer.layers import (
@@ -32,14 +31,13 @@ from fedlayer.methods.fedlama import (
 )
 from fedlayer.methods.replies import validate_train_reply
 from fedlayer.server.builder import build_strategy
-from fedlayer.server.loop import FederatedRun
 from fedlayer.server.rundir import RunDirectory
 from fedlayer.traffic import ByteLedger
 from fedlayer.traffic.size import object_tree_bytes
 from fedlayer.training import train_steps
 from fedlayer.workload import load_workload
 from tests.conftest import make_reply, small_state
-from tests.inprocess import InProcessGrid
+from tests.inprocess import run_in_process
 
 ALL = ["blocks.0.conv", "blocks.0.bn", "head.fc"]
 
@@ -249,12 +247,7 @@ def test_client_keeps_unsynchronised_layer_across_rounds():
 # ------------------------------------------------------------------ whole runs
 def _sim(tmp_path: Path, name: str, *overrides: str) -> tuple[dict, list[dict]]:
     """A whole run in process (the real ServerApp loop and ClientApp, one node per client)."""
-    cfg = compose_config([f"output_dir={tmp_path}", f"run_name={name}", *overrides])
-    num_clients = int(cfg.federation.num_clients)
-    grid = InProcessGrid(
-        make_client_app(cfg), num_clients, node_config=lambda p: {"partition-id": p, "num-partitions": num_clients}
-    )
-    FederatedRun(cfg).run(grid)
+    run_in_process(compose_config([f"output_dir={tmp_path}", f"run_name={name}", *overrides]))
     run = tmp_path / name
     records = RunDirectory(run).read_metrics()
     return json.loads((run / "summary.json").read_text()), records

@@ -7,7 +7,6 @@ import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
-from fedlayer.client.app import make_client_app
 from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError, ParameterError
 from fedlayer.layers import from_arrayrecord, select, states_equal, torch_state_to_numpy
@@ -18,11 +17,11 @@ from fedlayer.methods.fedlp import FedLPStrategy, fedlp_train, pruning_units
 from fedlayer.models import build_model
 from fedlayer.models.depth import init_level_head, level_head_name
 from fedlayer.server.builder import build_strategy
-from fedlayer.server.loop import FederatedRun, central_evaluator
+from fedlayer.server.loop import central_evaluator
 from fedlayer.server.rundir import RunDirectory
 from fedlayer.workload import load_workload
 from tests.conftest import make_reply, small_state
-from tests.inprocess import InProcessGrid
+from tests.inprocess import run_in_process
 
 OVERRIDES = ["strategy=fedlp", "dataset=digits", "model=cnn", "train.local_steps=2", "federation.num_clients=3"]
 
@@ -51,12 +50,7 @@ def _build(overrides):
 
 def _simulate(tmp_path, *overrides):
     """A whole run in process (the real ServerApp loop and ClientApp); its summary."""
-    cfg = compose_config([f"output_dir={tmp_path}", "run_name=run", *overrides])
-    num_clients = int(cfg.federation.num_clients)
-    grid = InProcessGrid(
-        make_client_app(cfg), num_clients, node_config=lambda p: {"partition-id": p, "num-partitions": num_clients}
-    )
-    return FederatedRun(cfg).run(grid)
+    return run_in_process(compose_config([f"output_dir={tmp_path}", "run_name=run", *overrides]))[1]
 
 
 def _heads(runtime):

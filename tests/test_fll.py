@@ -7,7 +7,6 @@ import pytest
 import torch
 from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordDict
 
-from fedlayer.client.app import make_client_app
 from fedlayer.config import compose_config
 from fedlayer.contrastive import augment_pair, nt_xent
 from fedlayer.errors import ConfigError
@@ -24,11 +23,11 @@ from fedlayer.methods.fll import FLLStrategy, fll_evaluate, fll_train, train_sta
 from fedlayer.models import build_model
 from fedlayer.models.staged import StagedModel, StageSpec, stage_layer_names
 from fedlayer.server.builder import build_strategy
-from fedlayer.server.loop import FederatedRun, central_evaluator
+from fedlayer.server.loop import central_evaluator
 from fedlayer.server.rundir import RunDirectory
 from fedlayer.training import evaluate
 from fedlayer.workload import load_workload
-from tests.inprocess import InProcessGrid
+from tests.inprocess import run_in_process
 
 #: What ``train_stage`` tests train with (on top of ``_runtime``'s ``train.local_steps=2``).
 TRAIN = "train.batch_size=16"
@@ -58,12 +57,7 @@ def _runtime_on(train_data, *overrides):
 
 def _simulate(tmp_path, *overrides):
     """A whole run in process (the real ServerApp loop and ClientApp); its summary."""
-    cfg = compose_config([f"output_dir={tmp_path}", "run_name=run", *overrides])
-    num_clients = int(cfg.federation.num_clients)
-    grid = InProcessGrid(
-        make_client_app(cfg), num_clients, node_config=lambda p: {"partition-id": p, "num-partitions": num_clients}
-    )
-    return FederatedRun(cfg).run(grid)
+    return run_in_process(compose_config([f"output_dir={tmp_path}", "run_name=run", *overrides]))[1]
 
 
 def _reply_to(sent: Message, content: RecordDict) -> Message:

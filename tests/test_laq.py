@@ -11,7 +11,6 @@ import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
-from fedlayer.client.app import make_client_app
 from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError, ParameterError
 from fedlayer.layers import from_arrayrecord, states_equal, torch_state_to_numpy
@@ -29,13 +28,12 @@ from fedlayer.methods.laq import (
 from fedlayer.proto.fedlayer.compressed.v1 import update_pb2
 from fedlayer.proto.wire import FORMAT_VERSION, encode_update
 from fedlayer.server.builder import build_strategy
-from fedlayer.server.loop import FederatedRun
 from fedlayer.server.rundir import RunDirectory
 from fedlayer.traffic.size import message_bytes, payload_bytes
 from fedlayer.training import train_steps
 from fedlayer.workload import load_workload
 from tests.conftest import make_reply, small_state
-from tests.inprocess import InProcessGrid
+from tests.inprocess import run_in_process
 
 NODES = (11, 22, 33)
 
@@ -403,8 +401,7 @@ def test_simulation_three_rounds_three_clients(tmp_path: Path):
     """The real server loop and ClientApp over ``tests.inprocess.InProcessGrid`` (no Ray, no subprocess)."""
     cfg = compose_config([f"output_dir={tmp_path}", "run_name=run", "strategy=laq", "model=linear",
                           "dataset=mnist5k", "federation.num_clients=3", "federation.rounds=3"])
-    grid = InProcessGrid(make_client_app(cfg), 3, node_config=lambda p: {"partition-id": p, "num-partitions": 3})
-    FederatedRun(cfg).run(grid)
+    run_in_process(cfg)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     records = RunDirectory(tmp_path / "run").read_metrics()
     assert summary["rejected_replies"] == 0 and summary["final_accuracy"] > 0.3

@@ -224,17 +224,14 @@ def test_pfedla_in_flower_simulation(tmp_path):
     The whole run goes in process: the real round loop and ClientApp, one node per client.
     """
 
-    from fedlayer.client.app import make_client_app
-    from fedlayer.server.loop import FederatedRun
-    from tests.inprocess import InProcessGrid
+    from tests.inprocess import run_in_process
 
     cfg = compose_config([
         f"output_dir={tmp_path}", "run_name=run",
         "strategy=pfedla", "dataset=mnist5k", "federation.num_clients=3", "federation.rounds=2",
         "dataset.partition.scheme=pathological", "dataset.partition.classes_per_client=2", "train.local_steps=3",
     ])
-    grid = InProcessGrid(make_client_app(cfg), 3, node_config=lambda p: {"partition-id": p, "num-partitions": 3})
-    summary = FederatedRun(cfg).run(grid)
+    _, summary = run_in_process(cfg)
     run = tmp_path / "run"
     records = RunDirectory(run).read_metrics()
     assert summary["rejected_replies"] == 0 and all(r["replies"] == 3 for r in records)

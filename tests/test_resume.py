@@ -18,13 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from fedlayer.client.app import make_client_app
 from fedlayer.config import compose_config, resolve_resume
 from fedlayer.layers import states_equal
 from fedlayer.server.checkpoint import CheckpointStore
-from fedlayer.server.loop import FederatedRun
 from fedlayer.server.rundir import RunDirectory
-from tests.inprocess import FIRST_NODE_ID, InProcessGrid, SimulatedCrash
+from tests.inprocess import FIRST_NODE_ID, SimulatedCrash, run_in_process
 
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 ROUNDS = 4
@@ -56,14 +54,6 @@ def _final_checkpoint(run_dir: Path):
     return checkpoint
 
 
-def _run(cfg, **grid_options) -> None:
-    grid = InProcessGrid(
-        make_client_app(cfg), NUM_CLIENTS,
-        node_config=lambda p: {"partition-id": p, "num-partitions": NUM_CLIENTS}, **grid_options,
-    )
-    FederatedRun(cfg).run(grid)
-
-
 def assert_same_run(straight_dir: Path, resumed_dir: Path) -> None:
     """Same final model, same traffic per round (up to node-id varints), no round lost or doubled."""
     straight, resumed = _final_checkpoint(straight_dir), _final_checkpoint(resumed_dir)
@@ -85,14 +75,14 @@ def assert_same_run(straight_dir: Path, resumed_dir: Path) -> None:
 def test_crash_mid_round_then_resume_matches_uninterrupted_run(tmp_path, case):
     strategy_overrides, crash_after = CASES[case]
     common = [*_common(strategy_overrides), f"output_dir={tmp_path}", f"client_state_dir={tmp_path / 'state-straight'}"]
-    _run(compose_config([*common, "run_name=straight"]))
+    run_in_process(compose_config([*common, "run_name=straight"]))
 
     crashed = [*common[:-1], f"client_state_dir={tmp_path / 'state-crashed'}", "run_name=crashed"]
     with pytest.raises(SimulatedCrash):  # one client trains in the round the server never finishes
-        _run(compose_config(crashed), crash_at=(crash_after + 1, 1))
+        run_in_process(compose_config(crashed), crash_at=(crash_after + 1, 1))
     assert not (tmp_path / "crashed" / "summary.json").exists()
     resumed = resolve_resume(compose_config([f"resume={tmp_path / 'crashed'}"]))
-    _run(resumed, first_node_id=FIRST_NODE_ID + 1000)  # a new run: new node ids
+    run_in_process(resumed, first_node_id=FIRST_NODE_ID + 1000)  # a new run: new node ids
     assert_same_run(tmp_path / "straight", tmp_path / "crashed")
 
 

@@ -42,7 +42,7 @@ from fedlayer.protocol import (
     SERVER_ROUND,
 )
 from fedlayer.training import evaluate, train_steps
-from fedlayer.workload import build_configured_model, client_data
+from fedlayer.workload import build_configured_model, client_data, initial_state
 
 #: Record of ``context.state`` holding the node's model between rounds.
 LOCAL_MODEL = "local-model"
@@ -85,7 +85,7 @@ class ClientRuntime:
 
     @cached_property
     def layers(self) -> ModelLayers:
-        return ModelLayers.from_state(torch_state_to_numpy(self.new_model().state_dict()))
+        return ModelLayers.from_state(initial_state(self.cfg, self.train_data))
 
     def reply_metrics(self, model: torch.nn.Module) -> dict[str, float]:
         """What every train reply reports: example count, identity, local-test scores."""
@@ -137,12 +137,13 @@ def requested_layers(content: RecordDict) -> list[str]:
 
 def current_state(runtime: ClientRuntime, content: RecordDict, context: Context) -> State:
     """The node's model for this round: what it kept, overwritten by what arrived."""
+    received = from_arrayrecord(content[ARRAYS]) if ARRAYS in content else {}
     local = load_local_model(context)
     if local is None:
-        local = torch_state_to_numpy(runtime.new_model().state_dict())
-    if ARRAYS in content:
-        local = merge(local, from_arrayrecord(content[ARRAYS]))
-    return local
+        if received.keys() == runtime.layers.keys_set:  # the whole model arrived
+            return received
+        local = initial_state(runtime.cfg, runtime.train_data)
+    return merge(local, received)
 
 
 def reply_content(state: State, layers: ModelLayers, names: list[str], metrics: dict[str, float]) -> RecordDict:

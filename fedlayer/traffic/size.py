@@ -34,15 +34,19 @@ class _Sizes:
     def __init__(self) -> None:
         self.size: dict[str, int] = {}
 
-    def tree(self, obj: InflatableObject) -> set[str]:
-        """Ids of ``obj`` and all its descendants."""
-        ids: set[str] = set()
-        for child in (obj.children or {}).values():
-            ids |= self.tree(child)
-        object_id = obj.object_id
+    def tree(self, obj: InflatableObject, object_id: str | None = None) -> set[str]:
+        """Ids of ``obj`` and all its descendants.
+
+        Children's ids are taken from their parent's ``children`` keys, which
+        Flower caches for array chunks: asking a chunk for ``object_id`` would
+        hash its data again.
+        """
+        object_id = object_id or obj.object_id
+        ids = {object_id}
+        for child_id, child in (obj.children or {}).items():
+            ids |= self.tree(child, child_id)
         if object_id not in self.size:
             self.size[object_id] = len(obj.deflate())
-        ids.add(object_id)
         return ids
 
     def total(self, ids: set[str]) -> int:
