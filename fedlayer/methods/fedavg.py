@@ -1,8 +1,4 @@
-"""FedAvg (McMahan et al. 2017): the baseline every saving is measured against.
-
-The base class already is FedAvg: the whole model goes down and comes back,
-and each layer is the example-weighted mean of the replies.
-"""
+"""FedAvg: the baseline every saving is measured against."""
 
 from __future__ import annotations
 
@@ -10,6 +6,6 @@ from fedlayer.methods.base import LayerwiseStrategy
 
 
 class FedAvgStrategy(LayerwiseStrategy):
-    """Federated averaging over all layers."""
+    """FedAvg (McMahan et al., AISTATS 2017, https://arxiv.org/abs/1602.05629): the base strategy as it is."""
 
     method = "fedavg"

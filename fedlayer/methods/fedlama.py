@@ -19,58 +19,6 @@ from fedlayer.methods.replies import TrainReply
 LONG_INTERVAL_TENSORS = {"whole_layer": True, "weights_only": False}
 
 
-def layer_discrepancy(
-    average: State, replies: Sequence[TrainReply], layers: ModelLayers, name: str, steps: float
-) -> float | None:
-    """``d_l = sum_i p_i ||u_l - x_l^i||^2 / (tau_l * dim_l)`` over the replies holding ``name``.
-
-    ``u_l`` is the new average, ``p_i`` the reply's share of the holders'
-    examples, ``tau_l`` = ``steps`` local steps since the last synchronisation,
-    ``dim_l`` the number of floating-point scalars of the layer (integer
-    counters such as ``num_batches_tracked`` are left out). None when no reply
-    holds the layer.
-    """
-    holders = [r for r in replies if name in r.layer_names]
-    if not holders:
-        return None
-    keys = [k for k in layers[name].keys if np.issubdtype(average[k].dtype, np.floating)]
-    dim = sum(average[k].size for k in keys)
-    if dim == 0:
-        return 0.0
-    total = float(sum(r.num_examples for r in holders))
-    squared = 0.0
-    for reply in holders:
-        norm = sum(float(np.sum((average[k].astype(np.float64) - reply.state[k].astype(np.float64)) ** 2)) for k in keys)
-        squared += reply.num_examples / total * norm
-    return squared / (steps * dim)
-
-
-def long_interval_layers(discrepancy: dict[str, float], sizes: dict[str, int]) -> list[str]:
-    """Layers that get the long interval ``phi * tau'`` (step 4 of the class docstring of FedLAMAStrategy).
-
-    Sort layers by ``d_l`` ascending and walk the list with
-    ``delta_k = sum_{j<=k} d_j dim_j / sum_j d_j dim_j`` (share of the total
-    discrepancy) and ``lambda_k = sum_{j<=k} dim_j / sum_j dim_j`` (share of the
-    parameters); every layer up to and including the first ``k`` with
-    ``delta_k >= 1 - lambda_k`` is returned. The walk always ends (at the last
-    layer ``1 - lambda = 0``), so at least one layer is returned; when every
-    discrepancy is zero all layers are. Ties in ``d_l`` keep model order.
-    """
-    order = sorted(discrepancy, key=lambda name: discrepancy[name])  # stable: model order on ties
-    total_d = sum(discrepancy[n] * sizes[n] for n in order)
-    total_size = sum(sizes[n] for n in order)
-    chosen: list[str] = []
-    acc_d = acc_size = 0.0
-    for name in order:
-        acc_d += discrepancy[name] * sizes[name]
-        acc_size += sizes[name]
-        chosen.append(name)
-        delta = acc_d / total_d if total_d > 0 else 0.0
-        if delta >= 1.0 - acc_size / total_size:
-            break
-    return chosen
-
-
 class FedLAMAStrategy(LayerwiseStrategy):
     """FedLAMA (Lee et al., AAAI 2023, https://arxiv.org/abs/2110.10302).
 
@@ -246,3 +194,56 @@ class FedLAMAStrategy(LayerwiseStrategy):
     def summary(self) -> None:
         super().summary()
         log(INFO, "\t└──> FedLAMA tau'=%d steps, phi=%d, adjust after round %d", self.tau_prime, self.phi, self.min_round_to_adjust + 1)
+
+
+# --- the discrepancy and the interval rule ------------------------------------------
+def layer_discrepancy(
+    average: State, replies: Sequence[TrainReply], layers: ModelLayers, name: str, steps: float
+) -> float | None:
+    """``d_l = sum_i p_i ||u_l - x_l^i||^2 / (tau_l * dim_l)`` over the replies holding ``name``.
+
+    ``u_l`` is the new average, ``p_i`` the reply's share of the holders'
+    examples, ``tau_l`` = ``steps`` local steps since the last synchronisation,
+    ``dim_l`` the number of floating-point scalars of the layer (integer
+    counters such as ``num_batches_tracked`` are left out). None when no reply
+    holds the layer.
+    """
+    holders = [r for r in replies if name in r.layer_names]
+    if not holders:
+        return None
+    keys = [k for k in layers[name].keys if np.issubdtype(average[k].dtype, np.floating)]
+    dim = sum(average[k].size for k in keys)
+    if dim == 0:
+        return 0.0
+    total = float(sum(r.num_examples for r in holders))
+    squared = 0.0
+    for reply in holders:
+        norm = sum(float(np.sum((average[k].astype(np.float64) - reply.state[k].astype(np.float64)) ** 2)) for k in keys)
+        squared += reply.num_examples / total * norm
+    return squared / (steps * dim)
+
+
+def long_interval_layers(discrepancy: dict[str, float], sizes: dict[str, int]) -> list[str]:
+    """Layers that get the long interval ``phi * tau'`` (step 4 of the class docstring of FedLAMAStrategy).
+
+    Sort layers by ``d_l`` ascending and walk the list with
+    ``delta_k = sum_{j<=k} d_j dim_j / sum_j d_j dim_j`` (share of the total
+    discrepancy) and ``lambda_k = sum_{j<=k} dim_j / sum_j dim_j`` (share of the
+    parameters); every layer up to and including the first ``k`` with
+    ``delta_k >= 1 - lambda_k`` is returned. The walk always ends (at the last
+    layer ``1 - lambda = 0``), so at least one layer is returned; when every
+    discrepancy is zero all layers are. Ties in ``d_l`` keep model order.
+    """
+    order = sorted(discrepancy, key=lambda name: discrepancy[name])  # stable: model order on ties
+    total_d = sum(discrepancy[n] * sizes[n] for n in order)
+    total_size = sum(sizes[n] for n in order)
+    chosen: list[str] = []
+    acc_d = acc_size = 0.0
+    for name in order:
+        acc_d += discrepancy[name] * sizes[name]
+        acc_size += sizes[name]
+        chosen.append(name)
+        delta = acc_d / total_d if total_d > 0 else 0.0
+        if delta >= 1.0 - acc_size / total_size:
+            break
+    return chosen

@@ -47,41 +47,6 @@ HOMOGENEOUS = "homogeneous"
 HETEROGENEOUS = "heterogeneous"
 
 
-def parse_layer_rates(entries: Any) -> dict[str, float]:
-    """``strategy.layer_p`` (a list of ``"<layer>=<rate>"``) as {layer: rate}.
-
-    A list of strings rather than a mapping, because layer names contain dots
-    that Hydra overrides would read as nesting.
-    """
-    rates: dict[str, float] = {}
-    for entry in entries or []:
-        name, sep, rate = str(entry).partition("=")
-        try:
-            value = float(rate)
-        except ValueError:
-            value = float("nan")
-        if not sep or not name or not 0.0 <= value <= 1.0:
-            raise ParameterError("layer_p", f"entries are '<layer>=<rate in [0, 1]>', got {entry!r}")
-        rates[name] = value
-    return rates
-
-
-def pruning_units(layers: ModelLayers) -> list[list[str]]:
-    """Layers kept or dropped together: a BatchNorm goes with the layer before it.
-
-    Its running statistics describe that layer's outputs; averaging the two
-    over different sets of clients (or updating one and not the other) leaves
-    the global model's normalisation out of step with its weights.
-    """
-    units: list[list[str]] = []
-    for layer in layers:
-        if units and any(key.endswith(".running_mean") for key in layer.keys):
-            units[-1].append(layer.name)
-        else:
-            units.append([layer.name])
-    return units
-
-
 class FedLPStrategy(LayerwiseStrategy):
     """FedLP (Zhu et al., ICC 2023, https://arxiv.org/abs/2303.06360).
 
@@ -284,6 +249,42 @@ class FedLPStrategy(LayerwiseStrategy):
         self.node_levels = {int(k): int(v) for k, v in state["node_levels"].items()}
         self.level_heads = copy_state(state["level_heads"])
         self.round_info = {int(k): v for k, v in state["round_info"].items()}
+
+
+# --- pruning units and rates ---------------------------------------------------------
+def parse_layer_rates(entries: Any) -> dict[str, float]:
+    """``strategy.layer_p`` (a list of ``"<layer>=<rate>"``) as {layer: rate}.
+
+    A list of strings rather than a mapping, because layer names contain dots
+    that Hydra overrides would read as nesting.
+    """
+    rates: dict[str, float] = {}
+    for entry in entries or []:
+        name, sep, rate = str(entry).partition("=")
+        try:
+            value = float(rate)
+        except ValueError:
+            value = float("nan")
+        if not sep or not name or not 0.0 <= value <= 1.0:
+            raise ParameterError("layer_p", f"entries are '<layer>=<rate in [0, 1]>', got {entry!r}")
+        rates[name] = value
+    return rates
+
+
+def pruning_units(layers: ModelLayers) -> list[list[str]]:
+    """Layers kept or dropped together: a BatchNorm goes with the layer before it.
+
+    Its running statistics describe that layer's outputs; averaging the two
+    over different sets of clients (or updating one and not the other) leaves
+    the global model's normalisation out of step with its weights.
+    """
+    units: list[list[str]] = []
+    for layer in layers:
+        if units and any(key.endswith(".running_mean") for key in layer.keys):
+            units[-1].append(layer.name)
+        else:
+            units.append([layer.name])
+    return units
 
 
 # --- client half ----------------------------------------------------------------
