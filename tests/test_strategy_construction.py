@@ -86,3 +86,5 @@ def test_the_builder_names_the_config_field(tmp_path):
         build("strategy=fedlama", "strategy.phi=0")
     with pytest.raises(ConfigError, match="'model.name'"):
         build("strategy=laq", "model=cnn6", "dataset.image_size=32")
+    with pytest.raises(ConfigError, match="'strategy.bogus': not a parameter of FedLAMAStrategy"):
+        build("strategy=fedlama", "+strategy.bogus=1")

@@ -20,6 +20,8 @@ from fedlayer.methods import METHODS, LayerwiseStrategy
 from fedlayer.models import LayeredModel
 from fedlayer.workload import Workload, build_configured_model, initial_state
 
+#: ``LayerwiseStrategy`` arguments every strategy takes.
+BASE_ARGUMENTS = ("fraction_train", "min_train_nodes", "fraction_evaluate", "seed")
 #: Arguments filled from outside ``strategy.*``, and the field each one names in errors.
 BASE_FIELDS = {
     "fraction_train": "federation.fraction_train",
@@ -53,10 +55,13 @@ def strategy_kwargs(cfg: DictConfig, model: LayeredModel) -> dict[str, Any]:
     }
     strategy = OmegaConf.to_container(cfg.strategy, resolve=True)
     assert isinstance(strategy, dict)
-    kwargs = {k: v for k, v in run_values.items() if k in ("fraction_train", "min_train_nodes", "fraction_evaluate", "seed")}
-    for name, parameter in inspect.signature(strategy_class(cfg)).parameters.items():
-        if parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
-            continue
+    cls = strategy_class(cfg)
+    parameters = [n for n, p in inspect.signature(cls).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(strategy) - set(parameters) - {"name"})
+    if unknown:
+        raise ConfigError(f"strategy.{unknown[0]}", f"not a parameter of {cls.__name__} (it takes {parameters})")
+    kwargs = {name: run_values[name] for name in BASE_ARGUMENTS}
+    for name in parameters:
         if name in strategy:
             kwargs[name] = strategy[name]
         elif name in run_values:
