@@ -25,17 +25,12 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that start real Flower processes run one at a time per group (``--dist loadgroup``):
-    the fault-injection deployments, the other deployments, and the simulation-engine runs,
-    while unit tests fill the workers around them."""
+    """Tests that start real Flower processes run one at a time per kind (``--dist loadgroup``):
+    deployments on one xdist worker, simulation-engine runs on one, unit tests beside them."""
     for item in items:
-        if item.get_closest_marker("e2e"):
-            group = "e2e-faults" if item.path.name == "test_faults.py" else "e2e"
-        elif item.get_closest_marker("engine"):
-            group = "engine"
-        else:
-            continue
-        item.add_marker(pytest.mark.xdist_group(group))
+        for kind in ("e2e", "engine"):
+            if item.get_closest_marker(kind):
+                item.add_marker(pytest.mark.xdist_group(kind))
 
 
 @pytest.fixture(autouse=True, scope="session")
