@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from omegaconf import DictConfig, OmegaConf
 
 from fedlayer.data import ArrayDataset, load_dataset, make_federated_split

@@ -47,7 +47,11 @@ def partition_indices(
 
     # Imported here: `datasets` and flwr-datasets take seconds to import.
     import datasets
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
 
     partitioner: IidPartitioner | DirichletPartitioner | PathologicalPartitioner
     if scheme == "iid":
@@ -93,7 +97,9 @@ def split_train_test(indices: np.ndarray, test_fraction: float, seed: int) -> tu
 
 def _stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held-out) indices, holding out ``fraction`` of each class where possible."""
-    from sklearn.model_selection import train_test_split  # imported here: slow to import
+    from sklearn.model_selection import (
+        train_test_split,  # imported here: slow to import
+    )
 
     if not 0 < fraction < 1:
         raise ValueError(f"central_test_fraction must be in (0, 1) without an official test set; got {fraction}")

@@ -8,7 +8,11 @@ import numpy as np
 
 from fedlayer.data.bundled import load_animal10k, load_digits, load_mnist5k
 from fedlayer.data.local import load_local
-from fedlayer.data.torchvision_sets import TORCHVISION_CLASSES, default_root, load_torchvision
+from fedlayer.data.torchvision_sets import (
+    TORCHVISION_CLASSES,
+    default_root,
+    load_torchvision,
+)
 from fedlayer.data.transforms import channel_stats, fit_image_size, standardise
 from fedlayer.data.types import ArrayDataset, RawSplits
 

@@ -9,7 +9,6 @@ from fedlayer.protocol import TRAFFIC
 from fedlayer.traffic.size import message_bytes
 
 
-
 def traffic_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Measure the received message and the reply, and report both in the reply.
 
