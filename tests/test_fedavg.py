@@ -69,3 +69,13 @@ def test_reply_from_unasked_node_is_rejected():
     metrics = strategy.aggregate_train(1, [make_reply(99, _float_state(1))])
     assert metrics is None and strategy.rejections[0].reason.startswith("reply from a node that was not asked")
     assert states_equal(strategy.global_state, _float_state(0))  # no new global model
+
+
+def test_a_duplicated_reply_is_rejected_and_counted_once():
+    once = _strategy(_float_state(0))
+    once.aggregate_train(1, [make_reply(1, _float_state(1), 10), make_reply(2, _float_state(2), 10)])
+    twice = _strategy(_float_state(0))
+    duplicate = make_reply(1, _float_state(1), 10)
+    twice.aggregate_train(1, [duplicate, make_reply(2, _float_state(2), 10), duplicate])
+    assert states_equal(twice.global_state, once.global_state)
+    assert [(r.node_id, r.reason) for r in twice.rejections] == [(1, "a second reply to the same round")]

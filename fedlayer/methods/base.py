@@ -335,15 +335,20 @@ class LayerwiseStrategy:
         return messages
 
     def accept_replies(self, server_round: int, replies: Iterable[Message]) -> list[TrainReply]:
-        """Validate replies; log and count each rejection.
+        """Validate replies; log and count each rejection (also a node's second reply).
 
         Valid replies come back sorted by the client's partition id (else node
         id), so float sums do not depend on arrival order and runs repeat exactly.
         """
         valid: list[TrainReply] = []
+        answered: set[int] = set()
         for message in replies:
             try:
+                node = message.metadata.src_node_id
+                if node in answered:  # one reply per node and round: a second one is never averaged in
+                    raise ReplyRejected(node, "a second reply to the same round")
                 valid.append(self.validate(server_round, message))
+                answered.add(node)
             except ReplyRejected as rejected:
                 self.reject(server_round, rejected)
         return sorted(valid, key=lambda r: (r.metrics.get(PARTITION_ID, float("inf")), r.node_id))
