@@ -164,6 +164,11 @@ def test_bad_config_names_the_field(runtime, initial):
         _build([*OVERRIDES, "strategy.layer_p=['head.fc2']"])
     with pytest.raises(ConfigError, match="strategy.scheme"):
         _build([*OVERRIDES, "strategy.scheme=deep"])
+    # a BatchNorm is kept or dropped with its conv: a rate of its own would be ignored
+    with pytest.raises(ConfigError, match=r"strategy.layer_p.*blocks.0.bn1.*blocks.0.conv1"):
+        _build(["strategy=fedlp", "dataset=digits", "model=cnn6", "dataset.image_size=32", "strategy.layer_p=['blocks.0.bn1=0.3']"])
+    assert _build(["strategy=fedlp", "dataset=digits", "model=cnn6", "dataset.image_size=32",
+                   "strategy.layer_p=['blocks.0.conv1=0.3']"]).keep_rate["blocks.0.conv1"] == 0.3
     # the constructor names its own argument
     with pytest.raises(ParameterError, match="layer_p") as err:
         _fedlp(initial, runtime, layer_p=["nope=0.0"])

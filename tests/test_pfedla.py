@@ -7,10 +7,11 @@ from flwr.app import MessageType
 
 from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError, ParameterError
-from fedlayer.layers import copy_state, select, states_equal
+from fedlayer.layers import copy_state, select, states_equal, torch_state_to_numpy
 from fedlayer.methods.base import NodePlan
 from fedlayer.methods.pfedla import PFedLAStrategy
 from fedlayer.methods.pfedla.hypernetwork import aggregation_weights
+from fedlayer.models import build_model
 from fedlayer.methods.pfedla.store import ClientModelStore
 from fedlayer.server.builder import build_strategy
 from fedlayer.server.rundir import RunDirectory
@@ -267,3 +268,16 @@ def test_store_keeps_only_the_newest_versions_of_a_client(tmp_path):
         store.write(0, store.flatten(small_state(version)), version)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"client-00000.v{v:06d}.f32" for v in (3, 4, 5)]
     assert states_equal(store.unflatten_layer("head.fc", store.read_layer(0, "head.fc")), select(small_state(5), layers, ["head.fc"]))
+
+
+def test_round_records_hold_only_that_rounds_clients(tmp_path):
+    model = build_model("cnn", input_shape=(1, 8, 8), num_classes=10, seed=0)
+    strategy = PFedLAStrategy(torch_state_to_numpy(model.state_dict()), num_clients=4, fraction_train=0.5, seed=1)
+    strategy.attach_run_dir(tmp_path)
+    strategy.client_of = {node: node - 10 for node in (10, 11, 12, 13)}
+    sampled = []
+    for server_round in (1, 2):
+        messages = strategy.configure_train(server_round, [10, 11, 12, 13])
+        sampled.append({strategy.client_of[m.metadata.dst_node_id] for m in messages})
+        assert set(strategy.round_weights) == sampled[-1]  # not the clients of earlier rounds
+    assert sampled[0] != sampled[1]  # the check above could have failed

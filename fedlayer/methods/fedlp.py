@@ -74,7 +74,8 @@ class FedLPStrategy(LayerwiseStrategy):
     p : float
         Layer-preserving rate of the homogeneous scheme, in [0, 1].
     layer_p : list[str]
-        Per-unit rates overriding ``p``, as ``"<layer>=<rate>"`` (the unit's first layer).
+        Per-unit rates overriding ``p``, as ``"<layer>=<rate>"``, named by the unit's
+        first layer (a BatchNorm goes with the layer it normalises).
     freeze_dropped : bool
         Homogeneous: clients skip gradients of the layers they do not upload.
     level_preference : list[float] | None
@@ -105,8 +106,11 @@ class FedLPStrategy(LayerwiseStrategy):
         rates = parse_layer_rates(layer_p)
         unknown = sorted(set(rates) - set(self.layers.names))
         require(not unknown, "layer_p", f"unknown layers {unknown}; layers are {self.layers.names}", layer_p)
-        self.keep_rate = {name: float(rates.get(name, p)) for name in self.layers.names}
         self.units = pruning_units(self.layers)
+        followers = {name: unit[0] for unit in self.units for name in unit[1:]}
+        tied = sorted(name for name in rates if name in followers)
+        require(not tied, "layer_p", f"{tied} go with the layer they normalise ({[followers[n] for n in tied]}): set its rate", layer_p)
+        self.keep_rate = {name: float(rates.get(name, p)) for name in self.layers.names}
         self.depth = len(model.blocks)
         require(self.depth >= 1, "model", "FedLP prunes layers of a model with feature blocks (not linear)", type(model).__name__)
         preference = [float(v) for v in level_preference] if level_preference is not None else [1.0 / self.depth] * self.depth

@@ -82,7 +82,7 @@ class PFedLAStrategy(LayerwiseStrategy):
         self.hn_lr = hn_lr
         self.k = k
         self.client_limit = num_clients
-        self._reset_round()
+        self.start_round(0)
 
     def attach_run_dir(self, run_dir: Path) -> None:
         """Keep client models and hypernetworks under ``run_dir/pfedla``."""
@@ -91,7 +91,8 @@ class PFedLAStrategy(LayerwiseStrategy):
         self.sent = ClientModelStore(self.workdir / "sent", self.layers, self.global_state)
         self.hn_files = FileVersions(self.workdir, "hn", ".npz")
 
-    def _reset_round(self) -> None:
+    def start_round(self, server_round: int) -> None:
+        """Per-round records start empty: a round reports only its own clients."""
         self.round_weights: dict[int, np.ndarray] = {}
         self.round_local: dict[int, list[str]] = {}
         self.round_accuracy: dict[int, float] = {}
