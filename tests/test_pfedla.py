@@ -11,8 +11,8 @@ from fedlayer.layers import copy_state, select, states_equal, torch_state_to_num
 from fedlayer.methods.base import NodePlan
 from fedlayer.methods.pfedla import PFedLAStrategy
 from fedlayer.methods.pfedla.hypernetwork import aggregation_weights
-from fedlayer.models import build_model
 from fedlayer.methods.pfedla.store import ClientModelStore
+from fedlayer.models import build_model
 from fedlayer.server.builder import build_strategy
 from fedlayer.server.rundir import RunDirectory
 from fedlayer.workload import load_workload
