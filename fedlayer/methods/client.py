@@ -135,9 +135,13 @@ def requested_layers(content: RecordDict) -> list[str]:
     return [name for name in content[CONFIG].get(REQUEST, []) if name]
 
 
-def current_state(runtime: ClientRuntime, content: RecordDict, context: Context) -> State:
-    """The node's model for this round: what it kept, overwritten by what arrived."""
-    received = from_arrayrecord(content[ARRAYS]) if ARRAYS in content else {}
+def received_state(content: RecordDict) -> State:
+    """The tensors a message carries (none: an empty state)."""
+    return from_arrayrecord(content[ARRAYS]) if ARRAYS in content else {}
+
+
+def current_state(runtime: ClientRuntime, received: State, context: Context) -> State:
+    """The node's model for this round: what it kept (else the initial model), overwritten by ``received``."""
     local = load_local_model(context)
     if local is None:
         if received.keys() == runtime.layers.keys_set:  # the whole model arrived
@@ -157,7 +161,7 @@ def reply_content(state: State, layers: ModelLayers, names: list[str], metrics: 
 # --- the standard handlers -------------------------------------------------------
 def standard_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> RecordDict:
     """Train the whole model locally, keep it if the server says so, return the requested layers."""
-    model = runtime.model_with(current_state(runtime, content, context))
+    model = runtime.model_with(current_state(runtime, received_state(content), context))
     seed = runtime.round_seed(server_round_of(content))
     metrics = train_steps(model, runtime.train_data, runtime.cfg.train, runtime.device, seed)
     state = torch_state_to_numpy(model.state_dict())
@@ -169,5 +173,5 @@ def standard_train(runtime: ClientRuntime, content: RecordDict, context: Context
 
 def standard_evaluate(runtime: ClientRuntime, content: RecordDict, context: Context) -> RecordDict:
     """Evaluate the received model on the client's test split."""
-    model = runtime.model_with(current_state(runtime, content, context))
+    model = runtime.model_with(current_state(runtime, received_state(content), context))
     return RecordDict({METRICS: MetricRecord(evaluate(model, runtime.test_data, runtime.device))})

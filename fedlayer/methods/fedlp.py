@@ -16,8 +16,6 @@ from fedlayer.layers import (
     ModelLayers,
     State,
     copy_state,
-    from_arrayrecord,
-    merge,
     select,
     to_arrayrecord,
     torch_state_to_numpy,
@@ -25,7 +23,8 @@ from fedlayer.layers import (
 from fedlayer.methods.base import LayerwiseStrategy, NodePlan, weighted_layer_average
 from fedlayer.methods.client import (
     ClientRuntime,
-    load_local_model,
+    current_state,
+    received_state,
     requested_layers,
     save_local_model,
     server_round_of,
@@ -315,12 +314,9 @@ def fedlp_train(runtime: ClientRuntime, content: RecordDict, context: Context) -
     """Train the kept layers (homogeneous) or the depth sub-model (heterogeneous)."""
     config = content[CONFIG]
     server_round = server_round_of(content)
-    received = from_arrayrecord(content[ARRAYS]) if ARRAYS in content else {}
+    received = received_state(content)
     heads = {k: v for k, v in received.items() if k.startswith(LEVEL_HEAD_PREFIX)}
-    local = load_local_model(context)
-    if local is None:
-        local = torch_state_to_numpy(runtime.new_model().state_dict())
-    model = runtime.model_with(merge(local, {k: v for k, v in received.items() if k not in heads}))
+    model = runtime.model_with(current_state(runtime, {k: v for k, v in received.items() if k not in heads}, context))
     request = requested_layers(content)
     metrics: dict[str, float] = {}
 

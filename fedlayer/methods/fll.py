@@ -16,7 +16,6 @@ from fedlayer.errors import require
 from fedlayer.layers import (
     ModelLayers,
     State,
-    from_arrayrecord,
     merge,
     numpy_to_torch_state,
     torch_state_to_numpy,
@@ -31,6 +30,7 @@ from fedlayer.methods.base import (
 from fedlayer.methods.client import (
     ClientRuntime,
     load_local_model,
+    received_state,
     reply_content,
     requested_layers,
     save_local_model,
@@ -44,7 +44,7 @@ from fedlayer.models.staged import (
     frozen_layer_names,
     stage_layer_names,
 )
-from fedlayer.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
+from fedlayer.protocol import CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fedlayer.training import (
     Evaluator,
     evaluate,
@@ -315,7 +315,7 @@ def _node_state(net: StagedModel, content: RecordDict, context: Context, stage: 
     train on freshly initialised frozen blocks: it refuses, the server sees the
     error reply and sends it every frozen block the next time.
     """
-    received = from_arrayrecord(content[ARRAYS]) if ARRAYS in content else {}
+    received = received_state(content)
     local = load_local_model(context)
     if local is None or local.keys() != net.state_dict().keys():
         local = torch_state_to_numpy(net.state_dict())
