@@ -11,7 +11,7 @@ from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError, ParameterError
 from fedlayer.layers import from_arrayrecord, select, states_equal, torch_state_to_numpy
 from fedlayer.methods.base import NodePlan
-from fedlayer.methods.client import ClientRuntime, standard_train
+from fedlayer.methods.client import ClientRuntime, load_local_model, standard_train
 from fedlayer.methods.fedavg import FedAvgStrategy
 from fedlayer.methods.fedlp import FedLPStrategy, fedlp_train, pruning_units
 from fedlayer.models import build_model
@@ -221,14 +221,56 @@ def test_full_depth_messages_carry_the_model_and_no_level_head(runtime, initial)
     assert set(down.content["arrays"].keys()) == set(reply.content["arrays"].keys()) == set(initial)
 
 
-def test_node_config_caps_the_level_and_the_server_learns_it(runtime, initial):
+def test_a_capped_node_returns_no_head_it_was_not_sent_and_the_server_learns_its_level(runtime, initial):
+    """Planned at level 2, capped at 1: the level-1 head was not sent, so the node trains
+    its block under a fresh head but returns the block only; the shared head stays."""
     strategy = _hetero(initial, runtime, level_preference=[0.0, 1.0])
     strategy.plans = {2: strategy.plan(1, 2)}
     reply = _client_reply(runtime, fedlp_train, _train_message(strategy, 2), node_config={"depth-level": 1})
-    assert {k.rsplit(".", 1)[0] for k in reply.content["arrays"].keys()} == {"blocks.0.conv", "level-heads.1"}
+    assert {k.rsplit(".", 1)[0] for k in reply.content["arrays"].keys()} == {"blocks.0.conv"}
+    assert reply.content["metrics"]["depth-level"] == 1
+    heads_before = {k: v.copy() for k, v in strategy.level_heads.items()}
     strategy.aggregate_train(1, [reply])
     assert not strategy.rejections and strategy.level_of(2) == 1
-    assert strategy.plan(2, 2).request == ["blocks.0.conv", "level-heads.1"]
+    assert states_equal(strategy.level_heads, heads_before)
+    assert not np.array_equal(strategy.global_state["blocks.0.conv.weight"], initial["blocks.0.conv.weight"])
+    # the next round sends the level-1 head, which then comes back trained and is averaged in
+    strategy.plans = {2: strategy.plan(2, 2)}
+    assert strategy.plans[2].send == strategy.plans[2].request == ["blocks.0.conv", "level-heads.1"]
+    reply = _client_reply(runtime, fedlp_train, _train_message(strategy, 2, server_round=2), node_config={"depth-level": 1})
+    strategy.aggregate_train(2, [reply])
+    assert not strategy.rejections
+    assert not np.array_equal(strategy.level_heads["level-heads.1.weight"], heads_before["level-heads.1.weight"])
+
+
+def test_a_level_head_the_node_was_not_sent_is_refused(runtime, initial):
+    """A reply at a lower level than planned carrying that level's head (which the
+    node cannot have received) is refused: the head would be a fresh one."""
+    strategy = _hetero(initial, runtime, level_preference=[0.0, 1.0])
+    strategy.plans = {2: strategy.plan(1, 2)}
+    fresh = _heads(runtime)
+    state = {**select(_noisy(initial, 1), strategy.layers, ["blocks.0.conv"]), **_noisy(fresh, 2)}
+    heads_before = {k: v.copy() for k, v in strategy.level_heads.items()}
+    assert strategy.aggregate_train(1, [make_reply(2, state, metrics={"depth-level": 1})]) is None
+    assert len(strategy.rejections) == 1 and "level-heads.1" in strategy.rejections[0].reason
+    assert states_equal(strategy.level_heads, heads_before) and states_equal(strategy.global_state, initial)
+    assert strategy.level_of(2) == 2
+
+
+@pytest.mark.parametrize("scheme", ["homogeneous", "heterogeneous"])
+def test_fedlp_clients_keep_their_model_only_when_the_server_says_so(runtime, initial, scheme):
+    """FedLP sends every layer a node trains each round, so it asks nodes to keep nothing."""
+    strategy = _fedlp(initial, runtime, scheme=scheme, level_preference=[1.0, 0.0])
+    assert not strategy.client_keeps_model
+    strategy.plans = {3: strategy.plan(1, 3)}
+    message = _train_message(strategy, 3)
+    assert message.content["config"]["keep-model"] is False
+    context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
+    fedlp_train(runtime, message.content, context)
+    assert load_local_model(context) is None
+    message.content["config"]["keep-model"] = True
+    fedlp_train(runtime, message.content, context)
+    assert load_local_model(context) is not None
 
 
 def test_reply_with_layers_beyond_its_level_is_rejected(runtime, initial):

@@ -19,13 +19,21 @@ from fedlayer.layers import (
 )
 from fedlayer.memory import LiveTensorMeter, measure_step, resident_tensors
 from fedlayer.methods.client import ClientRuntime, load_local_model
-from fedlayer.methods.fll import FLLStrategy, fll_evaluate, fll_train, train_stage
+from fedlayer.methods.fll import (
+    OBJECTIVES,
+    FLLStrategy,
+    client_validation_seed,
+    fll_evaluate,
+    fll_train,
+    train_stage,
+    validation_split,
+)
 from fedlayer.models import build_model
 from fedlayer.models.staged import StagedModel, StageSpec, stage_layer_names
 from fedlayer.server.builder import build_strategy
 from fedlayer.server.loop import central_evaluator
 from fedlayer.server.rundir import RunDirectory
-from fedlayer.training import evaluate
+from fedlayer.training import evaluate, linear_probe
 from fedlayer.workload import load_workload
 from tests.inprocess import run_in_process
 
@@ -349,6 +357,8 @@ def test_contrastive_objective():
         ("strategy.objective=byol", "strategy.objective"),
         ("strategy.stage_rule=never", "strategy.stage_rule"),
         ("strategy.head_pool=-1", "strategy.head_pool"),
+        ("strategy.validation_fraction=0", "strategy.validation_fraction"),
+        ("strategy.validation_fraction=1.0", "strategy.validation_fraction"),
     ],
 )
 def test_bad_config_names_the_field(override, field):
@@ -376,21 +386,143 @@ def test_fll_simulation_sends_frozen_blocks_once_and_records_memory(tmp_path):
     assert summary["bytes_total"] < summary["fedavg_bytes_total"]
 
 
-def test_plateau_rule_ends_a_stage_when_accuracy_stops_improving():
-    runtime = _runtime()
-    evaluator = central_evaluator(runtime.cfg, runtime.test_data)
+@pytest.mark.slow
+def test_fll_plateau_simulation_validates_on_held_out_training_data(tmp_path):
+    _simulate(
+        tmp_path, "strategy=fll", "strategy.stage_rule=plateau", "model=cnn", "dataset=mnist5k",
+        "federation.num_clients=3", "federation.rounds=3", "train.local_steps=3",
+    )
+    records = RunDirectory(tmp_path / "run").read_metrics()
+    assert all(r["replies"] == 3 and r["rejected"] == 0 for r in records)
+    assert all(0.0 <= r["strategy"]["val-accuracy"] <= 1.0 for r in records)
+    assert all(r["train"]["val-examples"] > 0 for r in records)
 
-    nodes = [11]
+
+def _validated_replies(strategy, messages, accuracy, examples=50.0):
+    """Replies with the stage's layers unchanged and the given validation score."""
+    return [
+        _reply_to(m, RecordDict({
+            "arrays": to_arrayrecord(select(strategy.global_state, strategy.layers, strategy.plans[m.metadata.dst_node_id].request)),
+            "metrics": MetricRecord({"num-examples": 5, "val-accuracy": accuracy, "val-examples": examples}),
+        }))
+        for m in messages
+    ]
+
+
+@pytest.mark.parametrize(
+    ("accuracies", "expected"),
+    [([0.5, 0.5, 0.5, 0.5], [0, 0, 1, 1]), ([0.1, 0.2, 0.3, 0.4], [0, 0, 0, 0])],
+)
+def test_plateau_rule_ends_a_stage_when_validation_accuracy_stops_improving(accuracies, expected):
     stages = {}
     for rule in ("fixed", "plateau"):
         strategy = _strategy("cnn", rounds_per_stage=5, stage_rule=rule, plateau_patience=1)
         seen = []
-        for server_round in range(1, 5):
-            strategy.configure_train(server_round, nodes)
+        for server_round, accuracy in enumerate(accuracies, start=1):
+            messages = strategy.configure_train(server_round, [11, 12])
             seen.append(strategy.stage)
-            strategy.evaluate_central(evaluator)  # no training: accuracy does not move
+            strategy.aggregate_train(server_round, _validated_replies(strategy, messages, accuracy))
+            assert not strategy.rejections
         stages[rule] = seen
-    assert stages == {"fixed": [0, 0, 0, 0], "plateau": [0, 0, 1, 1]}
+    assert stages == {"fixed": [0, 0, 0, 0], "plateau": expected}
+
+
+def test_plateau_rule_never_looks_at_the_test_set():
+    """Central evaluation only reports: a flat central test accuracy ends no stage."""
+    runtime = _runtime()
+    evaluator = central_evaluator(runtime.cfg, runtime.test_data)
+    strategy = _strategy("cnn", rounds_per_stage=5, stage_rule="plateau", plateau_patience=1)
+    for server_round in range(1, 5):
+        strategy.configure_train(server_round, [11])
+        strategy.evaluate_central(evaluator)  # no training: accuracy does not move
+        assert strategy.stage == 0
+    assert (strategy.best_accuracy, strategy.stale_evaluations) == (-1.0, 0)
+
+
+def test_validation_accuracy_is_the_example_weighted_mean_of_the_replies():
+    strategy = _strategy("cnn", stage_rule="plateau")
+    messages = strategy.configure_train(1, [11, 12])
+    replies = [*_validated_replies(strategy, messages[:1], 0.2, examples=30.0),
+               *_validated_replies(strategy, messages[1:], 0.6, examples=10.0)]
+    strategy.aggregate_train(1, replies)
+    assert strategy.best_accuracy == pytest.approx(0.3)
+    assert strategy.round_record(1)["val-accuracy"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [{"val-accuracy": 1.5, "val-examples": 10.0}, {"val-accuracy": 0.5, "val-examples": -1.0},
+     {"val-accuracy": 0.5, "val-examples": 2.5}, {"val-accuracy": float("nan"), "val-examples": 10.0}, {}],
+)
+def test_plateau_rule_refuses_a_reply_with_a_bad_validation_score(metrics):
+    strategy = _strategy("cnn", stage_rule="plateau")
+    (message,) = strategy.configure_train(1, [11])
+    reply = _reply_to(message, RecordDict({
+        "arrays": to_arrayrecord(select(strategy.global_state, strategy.layers, strategy.plans[11].request)),
+        "metrics": MetricRecord({"num-examples": 5, **metrics}),
+    }))
+    assert strategy.aggregate_train(1, [reply]) is None
+    assert len(strategy.rejections) == 1 and strategy.best_accuracy == -1.0
+
+
+def test_validation_split_is_seeded_disjoint_and_the_same_every_round():
+    data = _runtime().train_data
+    train, held = validation_split(data, 0.1, seed=5)
+    again_train, again_held = validation_split(data, 0.1, seed=5)
+    assert len(held) == round(0.1 * len(data)) and len(train) + len(held) == len(data)
+    assert np.array_equal(held.x, again_held.x) and np.array_equal(train.x, again_train.x)
+    rows = {row.tobytes() for row in data.x.reshape(len(data), -1)}
+    held_rows = {row.tobytes() for row in held.x.reshape(len(held), -1)}
+    train_rows = {row.tobytes() for row in train.x.reshape(len(train), -1)}
+    assert held_rows | train_rows == rows and not held_rows & train_rows
+    assert not np.array_equal(validation_split(data, 0.1, seed=6)[1].x, held.x)
+    tiny_train, tiny_held = validation_split(data.subset(np.arange(1)), 0.1, seed=5)
+    assert (len(tiny_train), len(tiny_held)) == (1, 0)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_plateau_clients_score_the_received_model_on_held_out_training_data(objective):
+    runtime = _runtime(f"strategy.objective={objective}")
+    strategy = _strategy("cnn", stage_rule="plateau", validation_fraction=0.2, objective=objective, probe_epochs=5)
+    (message,) = strategy.configure_train(1, [7])
+    assert message.content["config"]["fll-validation-fraction"] == 0.2
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    metrics = fll_train(runtime, message.content, context)["metrics"]
+    held = round(0.2 * len(runtime.train_data))
+    assert metrics["val-examples"] == held and metrics["num-examples"] == len(runtime.train_data) - held
+    train, validation = validation_split(runtime.train_data, 0.2, client_validation_seed(runtime))
+    net = StagedModel(runtime.new_model(), StageSpec(2, 1), 2, seed=0)  # the received (initial) model
+    if objective == "supervised":
+        expected = evaluate(net, validation, torch.device("cpu"), forward=lambda x: net.forward_stage(x, 0))["accuracy"]
+    else:
+        expected = linear_probe(net, 0, train, validation, epochs=5, seed=client_validation_seed(runtime))["accuracy"]
+    assert metrics["val-accuracy"] == pytest.approx(expected)
+
+
+def test_fixed_rule_clients_train_on_their_whole_split_and_report_no_validation():
+    runtime = _runtime()
+    strategy = _strategy("cnn")
+    (message,) = strategy.configure_train(1, [7])
+    assert "fll-validation-fraction" not in message.content["config"]
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    metrics = fll_train(runtime, message.content, context)["metrics"]
+    assert metrics["num-examples"] == len(runtime.train_data) and "val-accuracy" not in metrics
+
+
+def test_fll_clients_keep_their_model_only_when_the_server_says_so():
+    """FLL needs the frozen blocks kept between rounds, so its server asks for it."""
+    runtime = _runtime()
+    strategy = _strategy("cnn")
+    assert strategy.client_keeps_model
+    (message,) = strategy.configure_train(1, [7])
+    assert message.content["config"]["keep-model"] is True
+    kept = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    fll_train(runtime, message.content, kept)
+    assert load_local_model(kept) is not None
+    message.content["config"]["keep-model"] = False
+    not_kept = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    fll_train(runtime, message.content, not_kept)
+    assert load_local_model(not_kept) is None
 
 
 def test_federated_evaluation_scores_the_current_stage():

@@ -20,7 +20,7 @@ from fedlayer.layers import (
     to_arrayrecord,
     torch_state_to_numpy,
 )
-from fedlayer.methods.base import LayerwiseStrategy, NodePlan, weighted_layer_average
+from fedlayer.methods.base import LayerwiseStrategy, NodePlan
 from fedlayer.methods.client import (
     ClientRuntime,
     current_state,
@@ -39,7 +39,7 @@ from fedlayer.models.depth import (
     level_head_name,
     level_layers,
 )
-from fedlayer.protocol import ARRAYS, CONFIG
+from fedlayer.protocol import ARRAYS, CONFIG, KEEP_MODEL
 from fedlayer.training import Evaluator, num_local_steps, step_flops, train_steps
 
 HOMOGENEOUS = "homogeneous"
@@ -174,19 +174,19 @@ class FedLPStrategy(LayerwiseStrategy):
         if plan is None:
             raise ReplyRejected(node_id, "reply from a node that was not asked to train")
         planned = int(plan.config["depth-level"])
-        # A capped node trains a shallower level; its head may not have been sent.
-        allowed = set(plan.request) | {level_head_name(c) for c in range(1, planned)}
-        reply = validate_train_reply(message, self.all_layers, allowed=allowed, required=None)
+        reply = validate_train_reply(message, self.all_layers, allowed=plan.request, required=None)
         level = reply.metrics.get("depth-level")
         if level is None or level != int(level) or not 1 <= level <= planned:
             raise ReplyRejected(node_id, f"depth-level must be an integer in 1..{planned}, got {level}")
-        expected = set(self.level_layers(int(level)))
+        # A node capped below its planned level was not sent its level's head: it
+        # returns its blocks only, never a freshly initialised head.
+        expected = set(self.level_layers(int(level))) & set(plan.send)
         if reply.layer_names != expected:
             raise ReplyRejected(node_id, f"level {int(level)} reply must carry exactly {sorted(expected)}")
         return reply
 
     def aggregate(self, server_round: int, replies: list[TrainReply]) -> State:
-        update = weighted_layer_average(replies, self.all_layers, self.all_layers.names)
+        update = self.average_layers(replies, self.all_layers.names, self.all_layers)
         info: dict[str, Any] = {
             "train_flops": sum(r.metrics.get("train-flops", 0.0) for r in replies),
             "fedavg_train_flops": sum(r.metrics.get("train-flops-full", 0.0) for r in replies),
@@ -310,8 +310,27 @@ def _train(runtime: ClientRuntime, net: nn.Module, server_round: int) -> dict[st
     return train_steps(net, runtime.train_data, runtime.cfg.train, runtime.device, seed, params=params)
 
 
+def _depth_net(runtime: ClientRuntime, model: LayeredModel, level: int, heads: State) -> tuple[DepthNet, str | None]:
+    """The level-``level`` sub-model of ``model`` and the name of the level head to
+    return (None: the model's own head at full depth, or a head the node was not sent).
+
+    A node capped below its planned level gets no head for its level: it trains
+    its blocks under a freshly initialised one, which it keeps to itself
+    (averaged in, it would reset the shared head); the server learns the level
+    from the reply and sends that head the next time.
+    """
+    if level == len(model.blocks):
+        return DepthNet(model, level, None), None
+    name = level_head_name(level)
+    received = f"{name}.weight" in heads
+    if not received:
+        heads = init_level_head(model, level, int(runtime.cfg.seed))
+    return DepthNet(model, level, level_head_module(heads, level).to(runtime.device)), name if received else None
+
+
 def fedlp_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> RecordDict:
-    """Train the kept layers (homogeneous) or the depth sub-model (heterogeneous)."""
+    """Train the kept layers (homogeneous) or the depth sub-model (heterogeneous);
+    keep the model only if the server asks (FedLP sends every layer a node trains)."""
     config = content[CONFIG]
     server_round = server_round_of(content)
     received = received_state(content)
@@ -319,6 +338,7 @@ def fedlp_train(runtime: ClientRuntime, content: RecordDict, context: Context) -
     model = runtime.model_with(current_state(runtime, {k: v for k, v in received.items() if k not in heads}, context))
     request = requested_layers(content)
     metrics: dict[str, float] = {}
+    returned_head: str | None = None
 
     if str(config["fedlp-scheme"]) == HOMOGENEOUS:
         net: nn.Module = model
@@ -331,26 +351,20 @@ def fedlp_train(runtime: ClientRuntime, content: RecordDict, context: Context) -
         level = int(config["depth-level"])
         if "depth-level" in context.node_config:
             level = max(1, min(level, int(context.node_config["depth-level"])))
-        head = None
-        if level < depth:
-            name = level_head_name(level)
-            if f"{name}.weight" not in heads:  # capped below the planned level
-                heads = init_level_head(model, level, int(runtime.cfg.seed))
-            head = level_head_module(heads, level).to(runtime.device)
-        net = DepthNet(model, level, head)
+        net, returned_head = _depth_net(runtime, model, level, heads)
         upload = [n for n in level_layers(runtime.layers.names, level, depth) if n in runtime.layers]
         metrics["depth-level"] = float(level)
 
     metrics.update(_train(runtime, net, server_round))
     metrics.update(_flop_metrics(runtime, net, runtime.new_model().to(runtime.device), int(metrics["local-steps"])))
     state = torch_state_to_numpy(model.state_dict())
-    save_local_model(context, state)
+    if bool(config.get(KEEP_MODEL, True)):
+        save_local_model(context, state)
     metrics.update(runtime.reply_metrics(net))
     reply = RecordDict({"metrics": MetricRecord(metrics)})
     arrays = select(state, runtime.layers, upload)
-    if isinstance(net, DepthNet) and net.head is not model.head:
-        name = level_head_name(int(metrics["depth-level"]))
-        arrays.update({f"{name}.{k}": v for k, v in torch_state_to_numpy(net.head.state_dict()).items()})
+    if returned_head is not None and isinstance(net, DepthNet):
+        arrays.update({f"{returned_head}.{k}": v for k, v in torch_state_to_numpy(net.head.state_dict()).items()})
     if arrays:
         reply[ARRAYS] = to_arrayrecord(arrays)
     return reply

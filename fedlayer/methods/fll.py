@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import zlib
 from logging import INFO
 from typing import Any
 
@@ -12,6 +14,7 @@ from flwr.common.logger import log
 from torch import Tensor, nn
 
 from fedlayer.contrastive import augment_pair, nt_xent
+from fedlayer.data import ArrayDataset
 from fedlayer.errors import require
 from fedlayer.layers import (
     ModelLayers,
@@ -25,7 +28,6 @@ from fedlayer.methods.base import (
     ConfigValue,
     LayerwiseStrategy,
     NodePlan,
-    weighted_layer_average,
 )
 from fedlayer.methods.client import (
     ClientRuntime,
@@ -36,7 +38,7 @@ from fedlayer.methods.client import (
     save_local_model,
     server_round_of,
 )
-from fedlayer.methods.replies import ReplyRejected, TrainReply
+from fedlayer.methods.replies import MAX_EXAMPLES, ReplyRejected, TrainReply
 from fedlayer.models import LayeredModel
 from fedlayer.models.staged import (
     StagedModel,
@@ -44,7 +46,7 @@ from fedlayer.models.staged import (
     frozen_layer_names,
     stage_layer_names,
 )
-from fedlayer.protocol import CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
+from fedlayer.protocol import CONFIG, KEEP_MODEL, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fedlayer.training import (
     Evaluator,
     evaluate,
@@ -56,6 +58,13 @@ from fedlayer.training import (
 #: Objectives: cross-entropy on labels, or SimCLR's NT-Xent on two views.
 OBJECTIVES = ("supervised", "contrastive")
 STAGE_RULES = ("fixed", "plateau")
+#: Train-config key asking clients to hold out this fraction of their training split (plateau rule).
+VALIDATION_FRACTION = "fll-validation-fraction"
+#: Train-config key: epochs of the clients' validation linear probe (plateau rule; contrastive only).
+PROBE_EPOCHS = "fll-probe-epochs"
+#: Reply metrics: the received model's score on the held-out examples, and their count.
+VAL_ACCURACY = "val-accuracy"
+VAL_EXAMPLES = "val-examples"
 
 
 class FLLStrategy(LayerwiseStrategy):
@@ -72,6 +81,11 @@ class FLLStrategy(LayerwiseStrategy):
     4. After ``rounds_per_stage`` rounds (or a validation plateau) the stage's
        blocks freeze and the next stage starts; the last stage uses the model's
        own head and runs until the end.
+
+    The plateau rule never looks at the central test set: clients hold out
+    ``validation_fraction`` of their training split, score the model they
+    receive on it and report ``val-accuracy``; the server follows the
+    example-weighted mean of those scores.
 
     Parameters
     ----------
@@ -95,18 +109,24 @@ class FLLStrategy(LayerwiseStrategy):
         NT-Xent temperature.
     stage_rule : str
         ``fixed`` or ``plateau`` (end a stage after ``plateau_patience``
-        evaluated rounds without a gain of ``plateau_min_delta`` in accuracy).
+        rounds without a gain of ``plateau_min_delta`` in validation accuracy).
     plateau_patience : int
-        Evaluations without a gain that end a stage (plateau rule).
+        Validated rounds without a gain that end a stage (plateau rule).
     plateau_min_delta : float
-        The smallest accuracy gain that counts (plateau rule).
+        The smallest validation accuracy gain that counts (plateau rule).
     probe_epochs : int
-        Full-batch epochs of the central linear probe (contrastive).
+        Full-batch epochs of the linear probes (contrastive: central score, and
+        the clients' validation score under the plateau rule).
+    validation_fraction : float
+        Plateau rule: fraction of each client's training split held out for
+        validation, in (0, 1); unused by the fixed rule.
     **base
         ``LayerwiseStrategy`` arguments.
     """
 
     method = "fll"
+    #: Clients keep their whole staged model: frozen blocks are sent only once.
+    client_keeps_model = True
 
     def __init__(
         self,
@@ -123,6 +143,7 @@ class FLLStrategy(LayerwiseStrategy):
         plateau_patience: int = 2,
         plateau_min_delta: float = 0.005,
         probe_epochs: int = 100,
+        validation_fraction: float = 0.1,
         **base: Any,
     ) -> None:
         for name, value in (("rounds_per_stage", rounds_per_stage), ("blocks_per_stage", blocks_per_stage),
@@ -134,6 +155,8 @@ class FLLStrategy(LayerwiseStrategy):
         require(isinstance(temperature, (int, float)) and temperature > 0.0, "temperature", "must be > 0", temperature)
         require(stage_rule in STAGE_RULES, "stage_rule", f"must be one of {STAGE_RULES}", stage_rule)
         require(isinstance(plateau_min_delta, (int, float)) and plateau_min_delta >= 0.0, "plateau_min_delta", "must be >= 0", plateau_min_delta)
+        require(isinstance(validation_fraction, (int, float)) and 0.0 < validation_fraction < 1.0,
+                "validation_fraction", "must be in (0, 1)", validation_fraction)
         model.load_state_dict(numpy_to_torch_state(initial_state))
         self.spec = StageSpec(len(model.blocks), blocks_per_stage)
         self.net = StagedModel(model, self.spec, head_pool, int(base.get("seed", 0)))
@@ -147,10 +170,13 @@ class FLLStrategy(LayerwiseStrategy):
         self.plateau_patience = plateau_patience
         self.plateau_min_delta = plateau_min_delta
         self.probe_epochs = probe_epochs
+        self.validation_fraction = float(validation_fraction)
         self.stage = 0
         self.stage_start = 1
+        #: plateau rule: best validation accuracy of the stage, rounds since it last improved
         self.best_accuracy = -1.0
         self.stale_evaluations = 0
+        self.round_validation: float | None = None
         #: client id -> frozen layers it holds in their final (global) version
         self.delivered: dict[int, set[str]] = {}
         self.round_peak: dict[str, float] = {}
@@ -187,9 +213,26 @@ class FLLStrategy(LayerwiseStrategy):
             "fll-temperature": self.temperature,
         }
 
+    def validation_config(self) -> dict[str, ConfigValue]:
+        """Plateau rule: what a client needs to hold out and score its validation split.
+
+        Empty with the fixed rule, so its messages (and their bytes) stay as they were.
+        """
+        if self.stage_rule != "plateau":
+            return {}
+        return {VALIDATION_FRACTION: self.validation_fraction, PROBE_EPOCHS: self.probe_epochs}
+
+    def note_validation(self, accuracy: float) -> None:
+        """Plateau rule: count a validated round with or without a gain."""
+        if accuracy > self.best_accuracy + self.plateau_min_delta:
+            self.best_accuracy, self.stale_evaluations = accuracy, 0
+        else:
+            self.stale_evaluations += 1
+
     # ------------------------------------------------------------------ hooks
     def start_round(self, server_round: int) -> None:
         self._advance_stage(server_round)
+        self.round_validation = None
 
     def plan(self, server_round: int, node_id: int) -> NodePlan:
         """The stage's layers both ways, plus frozen blocks the node does not hold yet."""
@@ -197,17 +240,22 @@ class FLLStrategy(LayerwiseStrategy):
         held = self.delivered.get(self.client_id(node_id), set())
         missing = {name for name in self.frozen_layers(self.stage) if name not in held}
         send = [name for name in self.layers.names if name in active | missing]
-        return NodePlan(send=send, request=self.stage_layers(self.stage), config=self.stage_config())
+        config = {**self.stage_config(), **self.validation_config()}
+        return NodePlan(send=send, request=self.stage_layers(self.stage), config=config)
 
     def message_config(self) -> dict[str, ConfigValue]:
         """Every message (evaluation ones too) names the stage."""
         return self.stage_config()
 
     def validate(self, server_round: int, message: Message) -> TrainReply:
-        """Base checks; a client whose reply is refused may have lost its frozen blocks,
-        so it is sent all of them the next time (it refuses to train without them)."""
+        """Base checks (and, with the plateau rule, a usable validation score); a client
+        whose reply is refused may have lost its frozen blocks, so it is sent all of
+        them the next time (it refuses to train without them)."""
         try:
-            return super().validate(server_round, message)
+            reply = super().validate(server_round, message)
+            if self.stage_rule == "plateau":
+                check_validation_metrics(reply)
+            return reply
         except ReplyRejected:
             self.delivered.pop(self.client_id(message.metadata.src_node_id), None)
             raise
@@ -224,12 +272,16 @@ class FLLStrategy(LayerwiseStrategy):
             if any(key in r.metrics for r in replies)
         }
         self.run_peak = max(self.run_peak, self.round_peak.get("peak-train-memory-bytes", 0.0))
-        return weighted_layer_average(replies, self.layers, self.stage_layers(self.stage))
+        if self.stage_rule == "plateau":
+            self.round_validation = validation_accuracy(replies)
+            if self.round_validation is not None:
+                self.note_validation(self.round_validation)
+        return self.average_layers(replies, self.stage_layers(self.stage))
 
     def evaluate_central(self, evaluator: Evaluator) -> dict[str, float]:
         """The prefix up to the current stage with its head (supervised), or a
         linear probe on its features (contrastive: fitted on one half of the
-        central test set, scored on the other)."""
+        central test set, scored on the other). Only reported: no stage ends on it."""
         test_set = evaluator.test_set
         self.net.load_state_dict(numpy_to_torch_state(self.global_state))
         if self.objective == "supervised":
@@ -243,14 +295,15 @@ class FLLStrategy(LayerwiseStrategy):
                 epochs=self.probe_epochs, seed=self.seed,
             )
             result["linear-probe-accuracy"] = result["accuracy"]
-        if result["accuracy"] > self.best_accuracy + self.plateau_min_delta:
-            self.best_accuracy, self.stale_evaluations = result["accuracy"], 0
-        else:
-            self.stale_evaluations += 1
         return {**result, "stage": float(self.stage)}
 
     def round_record(self, server_round: int) -> dict[str, Any]:
+        validation = (
+            {VAL_ACCURACY: self.round_validation, "stale-validations": self.stale_evaluations}
+            if self.stage_rule == "plateau" else {}
+        )
         return {
+            **validation,
             "stage": self.stage,
             "stage-blocks": list(self.spec.blocks(self.stage)),
             "frozen-layers-sent": sum(
@@ -287,6 +340,25 @@ class FLLStrategy(LayerwiseStrategy):
             self.spec.num_stages, self.spec.blocks_per_stage, self.rounds_per_stage, self.stage_rule,
             self.p_drop, self.objective,
         )
+
+
+def check_validation_metrics(reply: TrainReply) -> None:
+    """Plateau rule: a reply must carry ``val-examples`` (an integer >= 0) and, when
+    positive, a ``val-accuracy`` in [0, 1]; else ``ReplyRejected``."""
+    examples = reply.metrics.get(VAL_EXAMPLES)
+    if examples is None or not (0 <= examples <= MAX_EXAMPLES and examples == int(examples)):
+        raise ReplyRejected(reply.node_id, f"{VAL_EXAMPLES} must be an integer >= 0, got {examples}")
+    accuracy = reply.metrics.get(VAL_ACCURACY)
+    if examples > 0 and (accuracy is None or not 0.0 <= accuracy <= 1.0):
+        raise ReplyRejected(reply.node_id, f"{VAL_ACCURACY} must lie in [0, 1], got {accuracy}")
+
+
+def validation_accuracy(replies: list[TrainReply]) -> float | None:
+    """The replies' validation accuracy weighted by their validation examples
+    (None: no reply held any out)."""
+    scored = [(r.metrics[VAL_ACCURACY], r.metrics[VAL_EXAMPLES]) for r in replies if r.metrics.get(VAL_EXAMPLES, 0.0) > 0]
+    total = sum(examples for _, examples in scored)
+    return math.fsum(accuracy * examples for accuracy, examples in scored) / total if total else None
 
 
 # --- client half ----------------------------------------------------------------
@@ -327,15 +399,47 @@ def _node_state(net: StagedModel, content: RecordDict, context: Context, stage: 
     return merge(local, received)
 
 
-def train_stage(
-    net: StagedModel, stage: int, runtime: ClientRuntime, seed: int, p_drop: float, objective: str, temperature: float
+def client_validation_seed(runtime: ClientRuntime) -> int:
+    """Seeds a client's validation hold-out: fixed for the run, so it is never trained on."""
+    return zlib.crc32(f"{runtime.cfg.seed}:fll-validation:{runtime.partition_id}".encode())
+
+
+def validation_split(data: ArrayDataset, fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """``(train, validation)``: a seeded ``fraction`` of ``data`` (at least one
+    example, and at least one left to train on) held out."""
+    count = min(max(round(fraction * len(data)), 1), len(data) - 1) if len(data) > 1 else 0
+    order = np.random.default_rng(seed).permutation(len(data))
+    return data.subset(np.sort(order[count:])), data.subset(np.sort(order[:count]))
+
+
+def validation_score(
+    net: StagedModel, stage: int, objective: str, train: ArrayDataset, validation: ArrayDataset,
+    probe_epochs: int, seed: int, device: torch.device,
 ) -> dict[str, float]:
-    """One round of local training of ``stage``; the first step's memory is measured.
+    """``val-accuracy`` and ``val-examples`` of ``net`` at ``stage``: its head's
+    accuracy (supervised), or that of a linear probe on its features fitted on
+    ``train`` (contrastive, whose stage head is a projection)."""
+    if len(validation) == 0:
+        return {VAL_EXAMPLES: 0.0}
+    if objective == "supervised":
+        result = evaluate(net, validation, device, forward=lambda x: net.forward_stage(x, stage))
+    else:
+        result = linear_probe(net.cpu(), stage, train, validation, epochs=probe_epochs, seed=seed)
+    return {VAL_ACCURACY: result["accuracy"], VAL_EXAMPLES: float(len(validation))}
+
+
+def train_stage(
+    net: StagedModel, stage: int, runtime: ClientRuntime, seed: int, p_drop: float, objective: str, temperature: float,
+    data: ArrayDataset | None = None,
+) -> dict[str, float]:
+    """One round of local training of ``stage`` on ``data`` (default: the runtime's
+    training split); the first step's memory is measured.
 
     Returns ``train-loss``, ``local-steps``, ``dropped-blocks`` (mean skipped
     frozen blocks per step) and ``peak-train-memory-bytes`` (see ``memory``):
     the peak over the first step, which also allocates the optimiser state.
     """
+    data = runtime.train_data if data is None else data
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     rng = np.random.default_rng(seed)
@@ -358,27 +462,41 @@ def train_stage(
         return nt_xent(net.forward_stage(torch.cat([first, second]), stage, skip), temperature)
 
     metrics = train_steps(
-        net, runtime.train_data, runtime.cfg.train, device, seed, params=params, batch_loss=batch_loss, rng=rng,
+        net, data, runtime.cfg.train, device, seed, params=params, batch_loss=batch_loss, rng=rng,
         measure=lambda step, x, y: measure_step(step, resident_tensors(running, x, y), device),
     )
     if p_drop > 0.0:
-        recalibrate_batch_norm(net, stage, runtime.train_data, int(runtime.cfg.train.batch_size), rng, device)
+        recalibrate_batch_norm(net, stage, data, int(runtime.cfg.train.batch_size), rng, device)
     return {**metrics, "dropped-blocks": dropped / metrics["local-steps"]}
 
 
 def fll_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> RecordDict:
-    """Train the stage named by the server; keep the model; return the stage's layers."""
+    """Train the stage named by the server; keep the model if asked; return the stage's layers.
+
+    Under the plateau rule the node first scores the model it received on a
+    held-out part of its training split, then trains on the rest.
+    """
+    config = content[CONFIG]
     stage, blocks_per_stage, pool, p_drop, objective, temperature = _stage_config(content)
     net = staged_model(runtime, blocks_per_stage, pool)
     net.load_state_dict(numpy_to_torch_state(_node_state(net, content, context, stage)))
+    train = runtime.train_data
+    metrics: dict[str, float] = {}
+    if VALIDATION_FRACTION in config:
+        holdout_seed = client_validation_seed(runtime)
+        train, validation = validation_split(train, float(config[VALIDATION_FRACTION]), holdout_seed)
+        metrics = validation_score(
+            net, stage, objective, train, validation, int(config[PROBE_EPOCHS]), holdout_seed, runtime.device
+        )
     seed = runtime.round_seed(server_round_of(content))
-    metrics = train_stage(net, stage, runtime, seed, p_drop, objective, temperature)
+    metrics.update(train_stage(net, stage, runtime, seed, p_drop, objective, temperature, data=train))
     state = torch_state_to_numpy(net.state_dict())
-    save_local_model(context, state)
+    if bool(config.get(KEEP_MODEL, True)):
+        save_local_model(context, state)
     if objective == "supervised":
         local = evaluate(net, runtime.test_data, runtime.device, forward=lambda x: net.forward_stage(x, stage))
         metrics.update({"local-test-accuracy": local["accuracy"], "local-test-loss": local["loss"]})
-    metrics.update({NUM_EXAMPLES: float(len(runtime.train_data)), PARTITION_ID: float(runtime.partition_id), "fll-stage": float(stage)})
+    metrics.update({NUM_EXAMPLES: float(len(train)), PARTITION_ID: float(runtime.partition_id), "fll-stage": float(stage)})
     return reply_content(state, ModelLayers.from_state(state), requested_layers(content), metrics)
 
 
