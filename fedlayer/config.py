@@ -132,7 +132,7 @@ def _load_option(group: str, option: str) -> DictConfig:
 
 def _field_in(message: str) -> str:
     for token in message.replace("'", " ").split():
-        if "." in token and token.split(".")[0] in GROUPS + ("train", "evaluation"):
+        if "." in token and token.split(".")[0] in GROUPS + ("train", "evaluation", "aggregation"):
             return token.rstrip(":,")
     return "overrides"
 
@@ -150,6 +150,7 @@ _RULES: list[Rule] = [
     ("train.local_epochs", lambda v: isinstance(v, (int, float)) and v > 0, "must be > 0"),
     ("train.local_steps", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0"),
     ("checkpoint_keep", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
+    ("aggregation.norm_guard", lambda v: isinstance(v, bool), "must be true or false"),
     ("evaluation.every", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
     ("evaluation.max_examples", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0"),
     ("dataset.partition.scheme", lambda v: v in ("iid", "dirichlet", "pathological"), "must be iid, dirichlet or pathological"),

@@ -21,6 +21,8 @@ SERVER_ROUND = "server-round"
 METHOD = "method"
 REQUEST = "request"
 KEEP_MODEL = "keep-model"
+#: The client id the server assigned to a node without a ``partition-id`` (only such nodes are told).
+CLIENT_ID = "client-id"
 #: Key of the identity query's ``config`` record.
 QUERY = "query"
 

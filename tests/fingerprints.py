@@ -81,8 +81,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = {case: run_case(case, Path(tmp)) for case in args.cases}
     print(json.dumps(results, indent=2))
-    if args.write:
-        PATH.write_text(json.dumps(results, indent=2) + "\n")
+    if args.write:  # the named cases are recorded again; the others keep their values
+        recorded = json.loads(PATH.read_text()) if PATH.exists() else {}
+        PATH.write_text(json.dumps({**recorded, **results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

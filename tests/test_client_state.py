@@ -82,7 +82,7 @@ def _runtime(cfg_overrides: list[str], state_dir) -> tuple[ClientRuntime, NodeSt
     """Partition 3's runtime, and its state files in ``state_dir`` (the node config's ``state-dir``)."""
     cfg = compose_config(["dataset=digits", "federation.num_clients=10", "train.local_steps=2", *cfg_overrides])
     runtime = ClientRuntime(cfg=cfg, partition_id=3, num_partitions=10, data_path=None, device=torch.device("cpu"))
-    return runtime, state_files(_context(node_config={"partition-id": 3, "state-dir": str(state_dir)}), cfg)
+    return runtime, state_files(_context(node_config={"partition-id": 3, "state-dir": str(state_dir)}), cfg, 3)
 
 
 def _train_content(strategy, server_round: int, node: int = 7) -> RecordDict:

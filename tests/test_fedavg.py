@@ -4,7 +4,8 @@ import numpy as np
 from flwr.serverapp.strategy import FedAvg
 
 from fedlayer.layers import from_arrayrecord, select, states_equal
-from fedlayer.methods.base import NodePlan, weighted_layer_average
+from fedlayer.methods.aggregation import weighted_layer_average
+from fedlayer.methods.base import NodePlan
 from fedlayer.methods.fedavg import FedAvgStrategy
 from fedlayer.methods.replies import validate_train_reply
 from tests.conftest import make_reply, small_state

@@ -50,6 +50,7 @@ def _state(seed: int = 0) -> dict[str, np.ndarray]:
 
 def _strategy(**kwargs) -> LAQStrategy:
     strategy = LAQStrategy(_state(0), num_clients=3, **{"alpha": 0.1, "bits": 8, **kwargs})
+    strategy.client_of = {node: pid for pid, node in enumerate(NODES)}  # what the identity query learns
     strategy.plans = {node: strategy.plan(1, node) for node in NODES}
     return strategy
 
@@ -143,7 +144,6 @@ def test_uploads_and_skips_step_the_model_with_the_stale_sum():
     assert (record["uploads"], record["skips"]) == (2, 0)
     assert record["bits_sent"] == 2 * sum(v.size * 8 + 32 for v in theta0.values())
     assert strategy.versions == {0: 1, 1: 1}
-    assert strategy.client_of_node == {11: 0, 22: 1}
     # round 2: both skip; the server still steps with grad = Q1 + Q2
     skip = {UPDATE_KEY: encode_update([], skip=True, clock=0, quantization_error=0.0), BASE_KEY: 1}
     theta1 = copy.deepcopy(strategy.global_state)
@@ -155,7 +155,8 @@ def test_uploads_and_skips_step_the_model_with_the_stale_sum():
     # the plan tells known nodes the server's version and the drift
     plan = strategy.plan(3, 11)
     assert plan.request == [] and plan.send == strategy.layers.names
-    assert plan.config["laq-version"] == 1 and strategy.plan(3, 33).config["laq-version"] == -1
+    assert plan.config["laq-version"] == 1 and strategy.plan(3, 33).config["laq-version"] == 0
+    assert strategy.plan(3, 44).config["laq-version"] == -1  # a node of unknown identity
     assert plan.config["laq-drift"] == pytest.approx(0.08 * sum(strategy.history))
 
 
@@ -226,7 +227,7 @@ def test_malformed_payload_is_rejected_and_leaves_state_unchanged(kind):
 
 
 @pytest.mark.parametrize(
-    "kind", ["no-payload", "not-bytes", "bad-base", "pid-range", "pid-nan", "pid-missing", "dense-arrays", "duplicate-pid"]
+    "kind", ["no-payload", "not-bytes", "bad-base", "pid-range", "pid-nan", "unregistered", "dense-arrays", "duplicate-pid"]
 )
 def test_bad_reply_envelope_is_rejected(kind):
     strategy = _strategy()
@@ -237,7 +238,7 @@ def test_bad_reply_envelope_is_rejected(kind):
         "bad-base": _reply(11, 0, {UPDATE_KEY: good[UPDATE_KEY], BASE_KEY: -1}),
         "pid-range": _reply(11, 3, good),
         "pid-nan": _reply(11, float("nan"), good),
-        "pid-missing": make_reply(11, None, payload=good),
+        "unregistered": make_reply(44, None, payload=good),
         "dense-arrays": _reply(11, 0, good, state=_state(1)),
     }
     before = _snapshot(strategy)
@@ -249,6 +250,37 @@ def test_bad_reply_envelope_is_rejected(kind):
     metrics = strategy.aggregate_train(1, [replies[kind]])
     assert metrics is None and len(strategy.rejections) == 1
     _same(before, _snapshot(strategy))
+
+
+def test_updates_are_keyed_by_the_registered_client_not_the_reply():
+    strategy = _strategy()
+    strategy.client_of = {11: 2, 22: 0, 33: 1}
+    good, q = _upload(_state(1))
+    strategy.aggregate_train(1, [make_reply(11, None, payload=good)])  # no partition-id in the reply
+    assert strategy.rejections == [] and sorted(strategy.qhat) == [2] and states_equal(strategy.qhat[2], q)
+    strategy.aggregate_train(2, [_reply(22, 2, good)])  # claims client 2, registered as 0: refused
+    assert len(strategy.rejections) == 1 and "registered client 0" in strategy.rejections[0].reason
+    assert sorted(strategy.qhat) == [2] and strategy.client_limit == 3
+
+
+def test_an_unsampled_clients_update_is_dropped_after_tbar_rounds():
+    """Partial participation: the server's clock drops a stored update no one refreshed for tbar rounds."""
+    strategy = _strategy(tbar=2)
+    good, q = _upload(_state(1))
+    strategy.aggregate_train(1, [_reply(11, 0, good), _reply(22, 1, good)])
+    for server_round in (2, 3):  # client 0 is not sampled; client 1 keeps uploading
+        strategy.plans = {22: strategy.plan(server_round, 22)}
+        fresh, _ = _upload(_state(server_round), qhat=strategy.qhat[1], base=strategy.versions[1])
+        strategy.aggregate_train(server_round, [_reply(22, 1, fresh)])
+        assert 0 in strategy.qhat and strategy.round_record(server_round)["stale_dropped"] == 0
+    strategy.plans = {22: strategy.plan(4, 22)}
+    fresh, _ = _upload(_state(4), qhat=strategy.qhat[1], base=strategy.versions[1])
+    theta = copy.deepcopy(strategy.global_state)
+    strategy.aggregate_train(4, [_reply(22, 1, fresh)])
+    assert 0 not in strategy.qhat and strategy.round_record(4)["stale_dropped"] == 1
+    for key in theta:  # round 4 steps with client 1's update alone
+        assert np.allclose(strategy.global_state[key], theta[key] - np.float32(0.1) * strategy.qhat[1][key], atol=1e-6)
+    assert strategy.plan(5, 11).config["laq-version"] == 0  # client 0 resyncs when sampled again
 
 
 def test_state_dict_round_trip_resumes_identically():
@@ -301,6 +333,7 @@ def _clients(mode: str, *extra: str):
     contexts = [Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in NODES]
     initial = torch_state_to_numpy(runtimes[0].new_model().state_dict())
     strategy = build_strategy(cfg, load_workload(cfg, 3))
+    strategy.client_of = {node: pid for pid, node in enumerate(NODES)}
     assert states_equal(strategy.global_state, initial)  # clients start from the server's model
     return strategy, runtimes, contexts
 

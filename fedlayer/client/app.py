@@ -6,10 +6,22 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
-from fedlayer.client.runtime import client_config, client_runtime, state_files
+from fedlayer.client.runtime import (
+    client_config,
+    client_runtime,
+    node_client_id,
+    state_files,
+)
 from fedlayer.methods import METHODS, Method
 from fedlayer.methods.client import server_round_of
-from fedlayer.protocol import CONFIG, METHOD, METRICS, NO_PARTITION, PARTITION_ID
+from fedlayer.protocol import (
+    CLIENT_ID,
+    CONFIG,
+    METHOD,
+    METRICS,
+    NO_PARTITION,
+    PARTITION_ID,
+)
 from fedlayer.traffic.client_mod import traffic_mod
 
 
@@ -39,10 +51,11 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
         run_cfg = client_config(context, cfg)
         handler = method_of(message.content).train
         server_round = server_round_of(message.content)
-        files = state_files(context, run_cfg)
+        client_id = node_client_id(context, message.content)
+        files = state_files(context, run_cfg, client_id)
         if files is not None:
             files.restore(context, before=server_round)
-        reply = handler(client_runtime(context, run_cfg, files), message.content, context)
+        reply = handler(client_runtime(context, run_cfg, client_id, files), message.content, context)
         if files is not None:
             files.save(context, server_round)
         return Message(reply, reply_to=message)
@@ -52,20 +65,24 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
         """Evaluate the received model on this client's test split."""
         run_cfg = client_config(context, cfg)
         handler = method_of(message.content).evaluate
-        files = state_files(context, run_cfg)
+        client_id = node_client_id(context, message.content)
+        files = state_files(context, run_cfg, client_id)
         if files is not None:  # evaluation follows training in the same round
             files.restore(context, before=server_round_of(message.content) + 1)
-        return Message(handler(client_runtime(context, run_cfg, files), message.content, context), reply_to=message)
+        return Message(handler(client_runtime(context, run_cfg, client_id, files), message.content, context), reply_to=message)
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
-        """Say which client this node is: its ``partition-id`` from node config (-1: none).
+        """Say which client this node is: its ``partition-id`` (-1: none), and a client id it was assigned.
 
         The server asks once per node, so per-client state and sampling follow
         the client, not Flower's node id; answering needs no data or model.
         """
-        partition_id = int(context.node_config.get(PARTITION_ID, NO_PARTITION))
-        return Message(RecordDict({METRICS: MetricRecord({PARTITION_ID: partition_id})}), reply_to=message)
+        answer = {PARTITION_ID: int(context.node_config.get(PARTITION_ID, NO_PARTITION))}
+        assigned = node_client_id(context)
+        if answer[PARTITION_ID] == NO_PARTITION and assigned != NO_PARTITION:
+            answer[CLIENT_ID] = assigned
+        return Message(RecordDict({METRICS: MetricRecord(answer)}), reply_to=message)
 
     return app
 

@@ -12,14 +12,15 @@ import functools
 from pathlib import Path
 
 import torch
-from flwr.app import Context
+from flwr.app import Context, RecordDict
 from omegaconf import DictConfig
 
 from fedlayer.client.state import NodeStateFiles
 from fedlayer.config import load_config, run_config_to_overrides
 from fedlayer.device import resolve_device
+from fedlayer.files import atomic_write
 from fedlayer.methods.client import ClientRuntime
-from fedlayer.protocol import PARTITION_ID
+from fedlayer.protocol import CLIENT_ID, CONFIG, NO_PARTITION, PARTITION_ID
 
 
 @functools.lru_cache(maxsize=4)
@@ -34,8 +35,39 @@ def client_config(context: Context, cfg: DictConfig | None) -> DictConfig:
     return _config_for(tuple(run_config_to_overrides(context.run_config)))
 
 
-def client_runtime(context: Context, cfg: DictConfig, files: NodeStateFiles | None = None) -> ClientRuntime:
-    """The runtime of this node for the run configured by ``cfg``.
+def node_client_id(context: Context, content: RecordDict | None = None) -> int:
+    """This node's client id: its ``partition-id``, else the id the server assigned it.
+
+    The assigned id comes in every message (``client-id``) and is kept in the
+    node's own ``state-dir`` (node config), so the node answers the identity
+    query with it after a restart; ``NO_PARTITION`` while it has none.
+    """
+    node = context.node_config
+    if PARTITION_ID in node:
+        return int(node[PARTITION_ID])
+    config = content.config_records.get(CONFIG) if content is not None else None
+    stored = _assigned_id_file(context)
+    if config is not None and CLIENT_ID in config:
+        client = int(config[CLIENT_ID])
+        if stored is not None and _read_id(stored) != client:
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(stored, str(client).encode())
+        return client
+    return _read_id(stored) if stored is not None else NO_PARTITION
+
+
+def _assigned_id_file(context: Context) -> Path | None:
+    """Where a node without a partition id keeps its assigned client id (its own ``state-dir`` only)."""
+    folder = context.node_config.get("state-dir")
+    return Path(str(folder)) / "client-id" if folder else None
+
+
+def _read_id(path: Path) -> int:
+    return int(path.read_text()) if path.exists() else NO_PARTITION
+
+
+def client_runtime(context: Context, cfg: DictConfig, client_id: int, files: NodeStateFiles | None = None) -> ClientRuntime:
+    """The runtime of client ``client_id`` (see ``node_client_id``) for the run configured by ``cfg``.
 
     Node config keys: ``partition-id`` and ``num-partitions`` (set by the
     simulation engine; given with ``--node-config`` in deployment), optional
@@ -43,12 +75,16 @@ def client_runtime(context: Context, cfg: DictConfig, files: NodeStateFiles | No
     state ``files``, its data split is kept in their folder.
     """
     node = context.node_config
+    if PARTITION_ID not in node and "data-path" not in node:
+        raise ValueError("this node has neither a partition-id nor a data-path in its node config")
+    if client_id == NO_PARTITION:
+        raise ValueError("this node has no partition-id and the server has not assigned it a client id")
     device = resolve_device(str(node.get("device", cfg.device)))
     if device.type == "cpu":
         torch.set_num_threads(1)
     return ClientRuntime(
         cfg=cfg,
-        partition_id=int(node.get(PARTITION_ID, 0)),
+        partition_id=client_id,
         num_partitions=int(node.get("num-partitions", cfg.federation.num_clients)),
         data_path=str(node["data-path"]) if "data-path" in node else None,
         device=device,
@@ -56,10 +92,14 @@ def client_runtime(context: Context, cfg: DictConfig, files: NodeStateFiles | No
     )
 
 
-def state_files(context: Context, cfg: DictConfig) -> NodeStateFiles | None:
-    """This node's saved per-round state, when a state folder is configured."""
+def state_files(context: Context, cfg: DictConfig, client_id: int) -> NodeStateFiles | None:
+    """This node's saved per-round state, when a state folder is configured.
+
+    ``<folder>/partition-NNNNN`` for a node with a partition id, else
+    ``<folder>/client-NNNNN`` by its assigned client id.
+    """
     folder = str(context.node_config.get("state-dir", cfg.client_state_dir or "")) or None
-    if folder is None:
+    if folder is None or client_id == NO_PARTITION:
         return None
-    partition = int(context.node_config.get(PARTITION_ID, 0))
-    return NodeStateFiles(Path(folder) / f"partition-{partition:05d}")
+    kind = "partition" if PARTITION_ID in context.node_config else "client"
+    return NodeStateFiles(Path(folder) / f"{kind}-{client_id:05d}")

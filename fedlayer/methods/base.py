@@ -17,7 +17,7 @@ hooks, never those calls:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -36,6 +36,12 @@ from fedlayer.layers import (
     select,
     to_arrayrecord,
 )
+from fedlayer.methods.aggregation import (
+    RULES,
+    aggregate_layers,
+    oversized_updates,
+    update_norms,
+)
 from fedlayer.methods.replies import (
     ReplyRejected,
     TrainReply,
@@ -46,6 +52,7 @@ from fedlayer.methods.replies import (
 )
 from fedlayer.protocol import (
     ARRAYS,
+    CLIENT_ID,
     CONFIG,
     KEEP_MODEL,
     METHOD,
@@ -85,37 +92,6 @@ class Rejection:
     reason: str
 
 
-def weighted_layer_average(
-    replies: Sequence[TrainReply], layers: ModelLayers, names: Iterable[str]
-) -> State:
-    """Average each named layer over the replies that carry it.
-
-    Weights are ``num_examples`` normalised over the replies holding the layer.
-    The arithmetic (``sum_i value_i * (w_i / sum w)`` accumulated in reply
-    order, in the tensor's dtype) matches Flower's ``aggregate_arrayrecords``,
-    so FedAvg here gives the same model as Flower's FedAvg. Integer tensors
-    (BatchNorm's ``num_batches_tracked``) are averaged and rounded back.
-    A layer no reply carries is absent from the result (the caller keeps the old one).
-    """
-    out: State = {}
-    for name in names:
-        holders = [r for r in replies if name in r.layer_names]
-        if not holders:
-            continue
-        total = float(sum(r.num_examples for r in holders))
-        for key in layers[name].keys:
-            dtype = holders[0].state[key].dtype
-            floating = np.issubdtype(dtype, np.floating)
-            acc: np.ndarray | None = None
-            for reply in holders:
-                value = reply.state[key] if floating else reply.state[key].astype(np.float64)
-                term = value * (reply.num_examples / total)
-                acc = term if acc is None else acc + term
-            assert acc is not None
-            out[key] = acc if floating else np.rint(acc).astype(dtype)
-    return out
-
-
 class LayerwiseStrategy:
     """Federated averaging, layer by layer (McMahan et al. 2017, https://arxiv.org/abs/1602.05629).
 
@@ -136,6 +112,15 @@ class LayerwiseStrategy:
         the server evaluates centrally).
     seed : int
         Seeds node sampling and any randomness of the method.
+    aggregation_rule : str
+        How a layer is formed from the replies carrying it: ``mean``
+        (example-weighted), ``median`` or ``trimmed_mean`` (coordinate-wise).
+    trim : float
+        ``trimmed_mean``: share of values cut at each end, in [0, 0.5).
+    norm_factor : float
+        Update-norm guard: a reply whose update of some tensor (its value minus
+        what the node was sent) has a norm above ``norm_factor`` x the round's
+        median for that tensor is refused (0: guard off).
     """
 
     method = "fedavg"
@@ -145,6 +130,8 @@ class LayerwiseStrategy:
     #: Whether ``node_state`` differs between nodes (else nodes with the same
     #: plan share one ArrayRecord).
     per_node_state = False
+    #: Whether the method forms layers by averaging replies (else only the mean rule applies).
+    averages_layers = True
 
     def __init__(
         self,
@@ -154,7 +141,17 @@ class LayerwiseStrategy:
         min_train_nodes: int = 1,
         fraction_evaluate: float = 0.0,
         seed: int = 0,
+        aggregation_rule: str = "mean",
+        trim: float = 0.1,
+        norm_factor: float = 20.0,
     ) -> None:
+        require(aggregation_rule in RULES, "aggregation_rule", f"must be one of {list(RULES)}", aggregation_rule)
+        require(
+            self.averages_layers or aggregation_rule == "mean", "aggregation_rule",
+            f"{type(self).__name__} does not average layers; only 'mean' applies", aggregation_rule,
+        )
+        require(isinstance(trim, (int, float)) and 0 <= trim < 0.5, "trim", "must be in [0, 0.5)", trim)
+        require(isinstance(norm_factor, (int, float)) and (norm_factor == 0 or norm_factor >= 1), "norm_factor", "must be 0 (off) or >= 1", norm_factor)
         require(isinstance(fraction_train, (int, float)) and 0 < fraction_train <= 1, "fraction_train", "must be in (0, 1]", fraction_train)
         require(isinstance(min_train_nodes, int) and min_train_nodes >= 1, "min_train_nodes", "must be an integer >= 1", min_train_nodes)
         require(isinstance(fraction_evaluate, (int, float)) and 0 <= fraction_evaluate <= 1, "fraction_evaluate", "must be in [0, 1]", fraction_evaluate)
@@ -164,13 +161,24 @@ class LayerwiseStrategy:
         self.min_train_nodes = min_train_nodes
         self.fraction_evaluate = fraction_evaluate
         self.seed = seed
+        self.aggregation_rule = aggregation_rule
+        self.trim = float(trim)
+        self.norm_factor = float(norm_factor)
         self.rng = np.random.default_rng(seed)
+        #: federated evaluation draws from its own generator, so turning it on leaves training cohorts unchanged
+        self.evaluation_rng = np.random.default_rng([seed, 1])
         self.plans: dict[int, NodePlan] = {}
         self.rejections: list[Rejection] = []
+        #: rounds whose merged model was not finite (their update was dropped)
+        self.dropped_rounds: list[int] = []
+        #: node id -> what it was sent for training this round (the norm guard's reference)
+        self.sent_states: dict[int, State] = {}
         #: node id -> client id (see ``replies``); relearned in every run
         self.client_of: dict[int, int] = {}
         #: client ids must be partition ids below this (methods with a slot per client)
         self.client_limit: int | None = None
+        #: client ids the server assigned to nodes without a partition id (told to them in every message)
+        self.assigned: set[int] = set()
 
     # ------------------------------------------------------------------ hooks
     def start_round(self, server_round: int) -> None:
@@ -213,8 +221,12 @@ class LayerwiseStrategy:
         return validate_train_reply(message, self.layers, allowed=plan.request, required=plan.request)
 
     def aggregate(self, server_round: int, replies: list[TrainReply]) -> State:
-        """New values for the layers the replies carry (weighted average)."""
-        return weighted_layer_average(replies, self.layers, self.layers.names)
+        """New values for the layers the replies carry (by the configured rule)."""
+        return self.average_layers(replies, self.layers.names)
+
+    def average_layers(self, replies: list[TrainReply], names: Iterable[str], layers: ModelLayers | None = None) -> State:
+        """The named layers (of ``layers``, default the model's) over the replies carrying them, by ``aggregation_rule``."""
+        return aggregate_layers(replies, layers or self.layers, names, self.aggregation_rule, self.trim)
 
     def evaluate_central(self, evaluator: Evaluator) -> dict[str, float]:
         """Central test metrics; ``accuracy`` and ``loss`` are the headline ones.
@@ -237,16 +249,24 @@ class LayerwiseStrategy:
 
     def state_dict(self) -> dict[str, Any]:
         """Method state to checkpoint (beyond the global model)."""
-        return {"rng": self.rng.bit_generator.state}
+        return {
+            "rng": self.rng.bit_generator.state,
+            "evaluation_rng": self.evaluation_rng.bit_generator.state,
+            "dropped_rounds": list(self.dropped_rounds),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict`` output."""
         self.rng.bit_generator.state = state["rng"]
+        self.evaluation_rng.bit_generator.state = state["evaluation_rng"]
+        self.dropped_rounds = [int(r) for r in state["dropped_rounds"]]
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
         log(INFO, "\t├──> %s over %d layers, %d parameters", type(self).__name__, len(self.layers), self.layers.numel())
         log(INFO, "\t└──> fraction_train=%.2f min_train_nodes=%d seed=%d", self.fraction_train, self.min_train_nodes, self.seed)
+        guard = f"norm guard {self.norm_factor:g} x median" if self.norm_factor else "norm guard off"
+        log(INFO, "\t└──> aggregation %s (trim %g), %s", self.aggregation_rule, self.trim, guard)
 
     # ------------------------------------------------------------- identity
     def identity_queries(self, node_ids: Iterable[int]) -> list[Message]:
@@ -257,13 +277,34 @@ class LayerwiseStrategy:
         """Learn client ids from query replies; a bad answer is logged and counted."""
         for reply in replies:
             try:
-                node, client = parse_identity(reply, self.client_of, connected, self.client_limit)
+                node, client, assigned = parse_identity(reply, self.client_of, connected, self.client_limit)
+                if client is None:
+                    client = self.free_client_id(node, connected)
             except ReplyRejected as rejected:
                 self.reject(server_round, rejected)
                 continue
             for gone in [n for n, c in self.client_of.items() if c == client and n != node]:
                 del self.client_of[gone]
             self.client_of[node] = client
+            if assigned:
+                self.assigned.add(client)
+            else:
+                self.assigned.discard(client)
+
+    def free_client_id(self, node: int, connected: list[int]) -> int:
+        """A client id for a node without one: the smallest never held, else one a departed node held.
+
+        Within ``[0, client_limit)`` for methods with a slot per client.
+        """
+        live = set(connected)
+        held = set(self.client_of.values())
+        held_live = {c for n, c in self.client_of.items() if n in live}
+        limit = self.client_limit if self.client_limit is not None else len(held) + 1
+        for taken in (held, held_live):
+            free = next((c for c in range(limit) if c not in taken), None)
+            if free is not None:
+                return free
+        raise ReplyRejected(node, f"no free client id: all {limit} client slots are held by connected nodes")
 
     def reject(self, server_round: int, rejected: ReplyRejected) -> None:
         """Log and count a refused reply."""
@@ -276,6 +317,7 @@ class LayerwiseStrategy:
         self.start_round(server_round)
         chosen = self.sample_nodes(server_round, node_ids)
         self.plans = {node: self.plan(server_round, node) for node in chosen}
+        self.sent_states = {}
         log(INFO, "configure_train: %d of %d nodes", len(chosen), len(node_ids))
         return self.build_messages(server_round, self.plans, MessageType.TRAIN)
 
@@ -285,7 +327,12 @@ class LayerwiseStrategy:
         if not valid:
             log(WARNING, "round %d: no valid replies; global model unchanged", server_round)
             return None
-        self.global_state = merge(self.global_state, self.aggregate(server_round, valid))
+        merged = merge(self.global_state, self.aggregate(server_round, valid))
+        if all_finite(merged):
+            self.global_state = merged
+        else:
+            log(WARNING, "round %d: the aggregated model is not finite; its update is dropped", server_round)
+            self.dropped_rounds.append(server_round)
         return weighted_mean([{**r.metrics, NUM_EXAMPLES: float(r.num_examples)} for r in valid])
 
     def configure_evaluate(self, server_round: int, node_ids: list[int]) -> list[Message]:
@@ -294,7 +341,7 @@ class LayerwiseStrategy:
             return []
         ordered = client_order(node_ids, self.client_of)
         count = max(1, int(len(ordered) * self.fraction_evaluate))
-        chosen = client_order((ordered[i] for i in self.rng.choice(len(ordered), count, replace=False)), self.client_of)
+        chosen = client_order((ordered[i] for i in self.evaluation_rng.choice(len(ordered), count, replace=False)), self.client_of)
         plans = {node: NodePlan(send=self.layers.names, request=[]) for node in chosen}
         return self.build_messages(server_round, plans, MessageType.EVALUATE)
 
@@ -323,22 +370,29 @@ class LayerwiseStrategy:
                 **self.message_config(),
                 **plan.config,
             }
+            if self.client_of.get(node) in self.assigned:
+                config[CLIENT_ID] = self.client_of[node]
             content = RecordDict({CONFIG: ConfigRecord(config)})
             if plan.send:
                 key = tuple(plan.send)
                 if self.per_node_state or key not in shared:
-                    shared[key] = to_arrayrecord(self.node_state(node, plan.send, message_type))
-                content[ARRAYS] = shared[key]
+                    state = self.node_state(node, plan.send, message_type)
+                    shared[key] = (state, to_arrayrecord(state))
+                state, content[ARRAYS] = shared[key]
+                if message_type == MessageType.TRAIN:
+                    self.sent_states[node] = state
             if plan.payload:
                 content[PAYLOAD] = ConfigRecord(dict(plan.payload))
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
         return messages
 
     def accept_replies(self, server_round: int, replies: Iterable[Message]) -> list[TrainReply]:
-        """Validate replies; log and count each rejection (also a node's second reply).
+        """Validate replies, then apply the update-norm guard; log and count each rejection.
 
-        Valid replies come back sorted by the client's partition id (else node
-        id), so float sums do not depend on arrival order and runs repeat exactly.
+        One reply per node and round: a second one is refused. A reply that
+        names a partition id other than its node's registered client id is
+        refused. Valid replies come back sorted by client id (then node id),
+        so float sums do not depend on arrival order and runs repeat exactly.
         """
         valid: list[TrainReply] = []
         answered: set[int] = set()
@@ -347,11 +401,40 @@ class LayerwiseStrategy:
                 node = message.metadata.src_node_id
                 if node in answered:  # one reply per node and round: a second one is never averaged in
                     raise ReplyRejected(node, "a second reply to the same round")
-                valid.append(self.validate(server_round, message))
+                reply = self.validate(server_round, message)
+                self.check_identity(reply)
+                valid.append(reply)
                 answered.add(node)
             except ReplyRejected as rejected:
                 self.reject(server_round, rejected)
-        return sorted(valid, key=lambda r: (r.metrics.get(PARTITION_ID, float("inf")), r.node_id))
+        valid = self.guard_update_norms(server_round, valid)
+        return sorted(valid, key=lambda r: (r.node_id not in self.client_of, self.client_id(r.node_id), r.node_id))
+
+    def check_identity(self, reply: TrainReply) -> None:
+        """A reply's ``partition-id`` (what the client says it is) must be its registered client id."""
+        claimed = reply.metrics.get(PARTITION_ID)
+        if claimed is not None and reply.node_id in self.client_of and claimed != self.client_of[reply.node_id]:
+            raise ReplyRejected(reply.node_id, f"{PARTITION_ID} {claimed:g} != registered client {self.client_of[reply.node_id]}")
+
+    def guard_update_norms(self, server_round: int, replies: list[TrainReply]) -> list[TrainReply]:
+        """Refuse replies whose update of some tensor is over ``norm_factor`` x the round's median."""
+        if not self.norm_factor or len(replies) < 2:
+            return replies
+        norms = {r.node_id: update_norms(r, self.sent_value) for r in replies}
+        refused = oversized_updates(norms, self.norm_factor)
+        for node, reason in refused.items():
+            self.reject(server_round, ReplyRejected(node, reason))
+        return [r for r in replies if r.node_id not in refused]
+
+    def sent_value(self, node_id: int, key: str) -> np.ndarray | None:
+        """What ``node_id`` was sent for ``key`` this round (else the global value; None if neither)."""
+        sent = self.sent_states.get(node_id, {})
+        return sent[key] if key in sent else self.global_state.get(key)
+
+
+def all_finite(state: State) -> bool:
+    """Whether every float tensor of ``state`` is finite."""
+    return all(np.isfinite(v).all() for v in state.values() if np.issubdtype(v.dtype, np.floating))
 
 
 def weighted_mean(metrics: list[dict[str, float]]) -> dict[str, float]:

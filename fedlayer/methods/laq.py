@@ -31,7 +31,7 @@ from fedlayer.methods.base import LayerwiseStrategy, NodePlan
 from fedlayer.methods.client import ClientRuntime, load_memory, server_round_of
 from fedlayer.methods.replies import ReplyRejected, TrainReply
 from fedlayer.proto.wire import WireFormatError, decode_update, encode_update
-from fedlayer.protocol import ARRAYS, CONFIG, METRICS, PARTITION_ID, PAYLOAD
+from fedlayer.protocol import ARRAYS, CONFIG, METRICS, PAYLOAD
 from fedlayer.training import loss_gradient, train_steps
 
 #: ``context.state`` records of a LAQ node: its last upload ``Qhat`` and its memory.
@@ -66,6 +66,12 @@ class LAQStrategy(LayerwiseStrategy):
     4. The server sets ``Qhat_m <- Q_m`` for uploaders and steps
        ``theta^{k+1} = theta^k - alpha sum_m Qhat_m``.
 
+    Partial participation: a client not sampled cannot upload, so the server
+    keeps its own clock of rounds since each client's last upload; a stored
+    ``Qhat_m`` older than ``tbar`` rounds is dropped from the sum, and the
+    client resynchronises when it is next sampled. (With every client
+    sampled, the client's own clock forces an upload first, so nothing is dropped.)
+
     Parameters
     ----------
     initial_state : State
@@ -94,6 +100,7 @@ class LAQStrategy(LayerwiseStrategy):
     """
 
     method = "laq"
+    averages_layers = False
 
     def __init__(
         self,
@@ -142,9 +149,10 @@ class LAQStrategy(LayerwiseStrategy):
         self.qhat: dict[int, State] = {}
         self.versions: dict[int, int] = {}
         self.history: list[float] = []  # ||theta^{k+1-d} - theta^{k-d}||^2, most recent first
-        self.client_of_node: dict[int, int] = {}
-        self.totals = {"uploads": 0, "skips": 0, "bits_sent": 0}
-        self._claimed: tuple[int, set[int]] = (0, set())
+        #: client -> the round of its last upload (the server's staleness clock)
+        self.last_upload: dict[int, int] = {}
+        self.totals = {"uploads": 0, "skips": 0, "bits_sent": 0, "stale_dropped": 0}
+        self.client_limit = num_clients
         self._record: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ hooks
@@ -157,7 +165,7 @@ class LAQStrategy(LayerwiseStrategy):
 
     def plan(self, server_round: int, node_id: int) -> NodePlan:
         """The full model down, nothing dense back; the rule's inputs in the config."""
-        client = self.client_of_node.get(node_id, self.client_of.get(node_id))
+        client = self.client_of.get(node_id)
         return NodePlan(
             send=self.layers.names,
             request=[],
@@ -181,14 +189,9 @@ class LAQStrategy(LayerwiseStrategy):
         """
         reply = super().validate(server_round, message)
         node = reply.node_id
-        client = reply.metrics.get(PARTITION_ID)
-        if client is None or not math.isfinite(client) or client != int(client) or not 0 <= client < self.num_clients:
-            raise ReplyRejected(node, f"partition-id must be an integer in 0..{self.num_clients - 1}, got {client}")
-        client = int(client)
-        if self._claimed[0] != server_round:
-            self._claimed = (server_round, set())
-        if client in self._claimed[1]:
-            raise ReplyRejected(node, f"partition-id {client} already replied this round")
+        if node not in self.client_of:
+            raise ReplyRejected(node, "reply from a node whose client id is not registered")
+        client = self.client_of[node]
         data, base = reply.payload.get(UPDATE_KEY), reply.payload.get(BASE_KEY)
         if not isinstance(data, bytes):
             raise ReplyRejected(node, f"payload {UPDATE_KEY!r} must be bytes, got {type(data).__name__}")
@@ -214,7 +217,6 @@ class LAQStrategy(LayerwiseStrategy):
                     raise ReplyRejected(node, f"{key}: decoded update is not finite")
                 q[key] = value
                 bits += value.size * by_name[key].bits + RADIUS_BITS
-        self._claimed[1].add(client)
         reply.payload = {"client": client, "q": q, "base": base, "bits": bits, "error": update.quantization_error}
         return reply
 
@@ -225,7 +227,6 @@ class LAQStrategy(LayerwiseStrategy):
         for reply in replies:
             info = reply.payload
             client = info["client"]
-            self.client_of_node[reply.node_id] = client
             if info["q"] is None:
                 record["skips"] += 1
                 continue
@@ -233,11 +234,13 @@ class LAQStrategy(LayerwiseStrategy):
                 record["resyncs"] += 1
             self.qhat[client] = info["q"]
             self.versions[client] = info["base"] + 1
+            self.last_upload[client] = server_round
             record["uploads"] += 1
             record["bits_sent"] += info["bits"]
             errors.append(info["error"])
         record["quant_error"] = float(np.mean(errors)) if errors else None
-        for key in ("uploads", "skips", "bits_sent"):
+        record["stale_dropped"] = self.drop_stale(server_round)
+        for key in ("uploads", "skips", "bits_sent", "stale_dropped"):
             self.totals[key] += record[key]
         grad = self.gradient_sum()
         alpha = np.float32(self.alpha)
@@ -247,6 +250,18 @@ class LAQStrategy(LayerwiseStrategy):
         record["step_sq"] = step
         self._record = record
         return new
+
+    def drop_stale(self, server_round: int) -> int:
+        """Drop stored updates not refreshed for more than ``tbar`` rounds; how many were dropped.
+
+        The client then holds a version the server no longer has, so it
+        resynchronises (a dense-from-zero upload) when next sampled.
+        """
+        stale = [c for c in self.qhat if server_round - self.last_upload.get(c, 0) > self.tbar]
+        for client in stale:
+            del self.qhat[client]
+            self.versions[client] = 0
+        return len(stale)
 
     def gradient_sum(self) -> State:
         """``grad = sum_m Qhat_m``, summed in partition order (zeros before any upload)."""
@@ -264,11 +279,12 @@ class LAQStrategy(LayerwiseStrategy):
             "uploads_total": self.totals["uploads"],
             "skips_total": self.totals["skips"],
             "bits_sent_total": self.totals["bits_sent"],
+            "stale_dropped_total": self.totals["stale_dropped"],
         }
 
     def _empty_record(self) -> dict[str, Any]:
         return {"uploads": 0, "skips": 0, "resyncs": 0, "bits_sent": 0, "quant_error": None,
-                "drift": self.drift(), "step_sq": None}
+                "stale_dropped": 0, "drift": self.drift(), "step_sq": None}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -276,6 +292,7 @@ class LAQStrategy(LayerwiseStrategy):
             "qhat": {str(client): dict(state) for client, state in self.qhat.items()},
             "versions": {str(client): version for client, version in self.versions.items()},
             "history": list(self.history),
+            "last_upload": {str(client): r for client, r in self.last_upload.items()},
             "totals": dict(self.totals),
         }
 
@@ -284,8 +301,8 @@ class LAQStrategy(LayerwiseStrategy):
         self.qhat = {int(client): {k: np.asarray(v, np.float32) for k, v in s.items()} for client, s in state["qhat"].items()}
         self.versions = {int(client): int(version) for client, version in state["versions"].items()}
         self.history = [float(x) for x in state["history"]]
+        self.last_upload = {int(client): int(r) for client, r in state["last_upload"].items()}
         self.totals = {k: int(v) for k, v in state["totals"].items()}
-        self.client_of_node = {}  # node ids of a resumed run are new; relearned from replies
 
     def summary(self) -> None:
         super().summary()

@@ -10,7 +10,10 @@ draws new ones; a SuperNode that registers again may get a new one). What the
 server keeps per client, and the seeded choice of who trains, are keyed by a
 *client id*: the node's ``partition-id`` from its node config, learned once
 per node with a QUERY message that the ClientApp answers without touching
-data or model. A node without one is keyed by its node id.
+data or model. A node without one is assigned a free client id by the
+server, told it in every message (``client-id``), and answers later queries
+with it (kept in its state folder, so it survives a restart). The client id
+is the one source of truth: a reply naming another ``partition-id`` is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from flwr.app import (
@@ -33,6 +36,7 @@ from flwr.app import (
 from fedlayer.layers import ModelLayers, State
 from fedlayer.protocol import (
     ARRAYS,
+    CLIENT_ID,
     CONFIG,
     METHOD,
     METRICS,
@@ -171,6 +175,14 @@ def validate_train_reply(
 
 
 # --- identity -------------------------------------------------------------------
+class Identity(NamedTuple):
+    """What a node said it is: its client id (None: none yet), and whether the server assigned it."""
+
+    node: int
+    client: int | None
+    assigned: bool
+
+
 def identity_query(method: str, node_id: int) -> Message:
     """The QUERY message asking ``node_id`` for its ``partition-id``."""
     content = RecordDict({CONFIG: ConfigRecord({METHOD: method, QUERY: PARTITION_ID})})
@@ -179,12 +191,12 @@ def identity_query(method: str, node_id: int) -> Message:
 
 def parse_identity(
     reply: Message, client_of: dict[int, int], connected: Iterable[int], limit: int | None = None
-) -> tuple[int, int]:
-    """``(node id, client id)`` from a query reply; ``ReplyRejected`` if unusable.
+) -> Identity:
+    """The identity a query reply states; ``ReplyRejected`` if unusable.
 
-    ``limit``: client ids must be partition ids in ``[0, limit)`` (methods
-    with one slot per client); otherwise a node without one is keyed by its
-    node id. A partition id held by another *connected* node is refused; one
+    A node without a partition id answers with the client id the server
+    assigned it earlier, or with none (``client`` None: the server assigns one). ``limit``: client ids must lie in ``[0, limit)`` (methods with one
+    slot per client). An id held by another *connected* node is refused; one
     held by a node that is gone moves to the new node (a SuperNode that came
     back under a new node id).
     """
@@ -195,16 +207,21 @@ def parse_identity(
     value = record.get(PARTITION_ID) if isinstance(record, MetricRecord) else None
     if not isinstance(value, (int, float)) or value != int(value) or value < NO_PARTITION:
         raise ReplyRejected(node, f"{PARTITION_ID} must be an integer >= 0 (or {NO_PARTITION}: none), got {value!r}")
+    if value == NO_PARTITION:
+        assigned = record.get(CLIENT_ID) if isinstance(record, MetricRecord) else None
+        if assigned is None:
+            return Identity(node, None, assigned=True)
+        if not isinstance(assigned, int) or assigned < 0:
+            raise ReplyRejected(node, f"{CLIENT_ID} must be an integer >= 0, got {assigned!r}")
+        value = assigned
     if limit is not None and not 0 <= value < limit:
         raise ReplyRejected(node, f"{PARTITION_ID} must be an integer in [0, {limit}), got {value!r}")
-    if value == NO_PARTITION:
-        return node, node
     client = int(value)
     live = set(connected)
     owner = next((n for n, c in client_of.items() if c == client and n != node and n in live), None)
     if owner is not None:
         raise ReplyRejected(node, f"{PARTITION_ID} {client} already belongs to node {owner}")
-    return node, client
+    return Identity(node, client, assigned=record.get(PARTITION_ID) == NO_PARTITION)
 
 
 def client_order(node_ids: Iterable[int], client_of: dict[int, int]) -> list[int]:

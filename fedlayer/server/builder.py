@@ -21,13 +21,16 @@ from fedlayer.models import LayeredModel
 from fedlayer.workload import Workload, build_configured_model, initial_state
 
 #: ``LayerwiseStrategy`` arguments every strategy takes.
-BASE_ARGUMENTS = ("fraction_train", "min_train_nodes", "fraction_evaluate", "seed")
+BASE_ARGUMENTS = ("fraction_train", "min_train_nodes", "fraction_evaluate", "seed", "aggregation_rule", "trim", "norm_factor")
 #: Arguments filled from outside ``strategy.*``, and the field each one names in errors.
 BASE_FIELDS = {
     "fraction_train": "federation.fraction_train",
     "min_train_nodes": "federation.min_train_nodes",
     "fraction_evaluate": "federation.fraction_evaluate",
     "seed": "seed",
+    "aggregation_rule": "aggregation.rule",
+    "trim": "aggregation.trim",
+    "norm_factor": "aggregation.norm_factor",
     "num_clients": "federation.num_clients",
     "model": "model.name",
     "initial_state": "model.name",
@@ -50,6 +53,9 @@ def strategy_kwargs(cfg: DictConfig, model: LayeredModel) -> dict[str, Any]:
         "min_train_nodes": int(federation.min_train_nodes),
         "fraction_evaluate": float(federation.fraction_evaluate),
         "seed": int(cfg.seed),
+        "aggregation_rule": cfg.aggregation.rule,
+        "trim": cfg.aggregation.trim,
+        "norm_factor": cfg.aggregation.norm_factor if cfg.aggregation.norm_guard else 0.0,
         "num_clients": int(federation.num_clients),
         "model": model,
     }

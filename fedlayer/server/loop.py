@@ -89,7 +89,9 @@ class FederatedRun:
         started = time.time() - self.elapsed_before
         for server_round in range(self.first_round, rounds + 1):
             record = self.run_round(grid, server_round, last=server_round == rounds)
-            self.rundir.append_metrics(record)
+            nonfinite = self.rundir.append_metrics(record)
+            if nonfinite:
+                log(WARNING, "round %d: non-finite metrics written as null: %s", server_round, ", ".join(nonfinite))
             self.save_checkpoint(server_round, time.time() - started)
             log(INFO, "%s", progress_line(record, rounds, self.ledger.totals()))
         summary = self.summary(time.time() - started)
@@ -136,16 +138,18 @@ class FederatedRun:
         rejected_before = len(self.strategy.rejections)
         train_messages = self.strategy.configure_train(server_round, self.connected_nodes(grid))
         replies = self._exchange(grid, train_messages, server_round)
-        record: dict[str, Any] = {"round": server_round, "replies": len(replies)}
-        if len(replies) >= int(self.cfg.federation.min_replies):
+        answered = sum(not reply.has_error() for reply in replies)
+        record: dict[str, Any] = {"round": server_round, "replies": len(replies), "error_replies": len(replies) - answered}
+        if answered >= int(self.cfg.federation.min_replies):
             train_metrics = self.strategy.aggregate_train(server_round, replies)
             record["train"] = train_metrics
             if train_metrics and "local-test-accuracy" in train_metrics:
                 self.last_local_accuracy = float(train_metrics["local-test-accuracy"])
         else:
-            log(INFO, "round %d: %d replies < min_replies; model unchanged", server_round, len(replies))
+            log(INFO, "round %d: %d replies without error < min_replies; model unchanged", server_round, answered)
             record["train"] = None
         record["rejected"] = len(self.strategy.rejections) - rejected_before
+        record["update_dropped"] = server_round in self.strategy.dropped_rounds
         evaluate_messages = self.strategy.configure_evaluate(server_round, self.connected_nodes(grid))
         if evaluate_messages:
             replies = self._exchange(grid, evaluate_messages, server_round)
@@ -194,6 +198,8 @@ class FederatedRun:
             "traffic_ratio_vs_fedavg": total / fedavg_total if fedavg_total else None,
             "uplink_ratio_vs_fedavg": totals["bytes_up"] / totals["fedavg_bytes_up"] if totals["fedavg_bytes_up"] else None,
             "rejected_replies": len(self.strategy.rejections),
+            "dropped_updates": len(self.strategy.dropped_rounds),
+            "nonfinite_metrics": sum(len(r.get("nonfinite", [])) for r in self.rundir.read_metrics()),
             "wall_seconds": wall_seconds,
             "run_dir": str(self.rundir.path),
             "strategy_params": {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"},

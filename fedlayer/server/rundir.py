@@ -8,24 +8,33 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fedlayer.files import atomic_write
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any, replaced: list[str] | None = None, where: str = "") -> Any:
+    """``value`` with every non-finite float as None (JSON has no NaN); numpy scalars as Python ones.
+
+    The dotted path of each replaced value is appended to ``replaced``.
+    """
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
+        if replaced is not None:
+            replaced.append(where)
         return None
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v, replaced, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v, replaced, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON crash-safely (never half a file)."""
-    atomic_write(path, json.dumps(_jsonable(data), indent=2).encode())
+    """Write strict JSON crash-safely (never half a file)."""
+    atomic_write(path, json.dumps(jsonable(data), indent=2, allow_nan=False).encode())
 
 
 def default_run_name(cfg: DictConfig) -> str:
@@ -49,10 +58,18 @@ class RunDirectory:
             (run.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         return run
 
-    def append_metrics(self, record: dict[str, Any]) -> None:
-        """Add one round's line to ``metrics.jsonl``."""
+    def append_metrics(self, record: dict[str, Any]) -> list[str]:
+        """Add one round's line to ``metrics.jsonl``; the fields that were not finite.
+
+        They are written as ``null`` and named in the line's ``nonfinite`` list.
+        """
+        replaced: list[str] = []
+        line = jsonable(record, replaced)
+        if replaced:
+            line["nonfinite"] = replaced
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_jsonable(record)) + "\n")
+            fh.write(json.dumps(line, allow_nan=False) + "\n")
+        return replaced
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All rounds written so far."""

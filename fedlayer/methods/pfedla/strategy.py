@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Message, MessageType
+from flwr.app import MessageType
 from flwr.common.logger import log
 
 from fedlayer.errors import require
@@ -19,8 +19,7 @@ from fedlayer.layers import State, select
 from fedlayer.methods.base import LayerwiseStrategy
 from fedlayer.methods.pfedla.hypernetwork import ClientHypernetwork, aggregation_weights
 from fedlayer.methods.pfedla.store import ClientModelStore, FileVersions
-from fedlayer.methods.replies import ReplyRejected, TrainReply
-from fedlayer.protocol import PARTITION_ID
+from fedlayer.methods.replies import TrainReply
 
 
 class PFedLAStrategy(LayerwiseStrategy):
@@ -53,12 +52,16 @@ class PFedLAStrategy(LayerwiseStrategy):
         SGD step size of the hypernetwork and embedding update.
     k : int
         HeurpFedLA: layers kept local per client (0: plain pFedLA).
+    alpha_every : int
+        Write the round's aggregation weights to ``pfedla/alpha/round-NNNNNN.npz``
+        every this many rounds (0: never; the final weights are always written).
     **base
         ``LayerwiseStrategy`` arguments.
     """
 
     method = "pfedla"
     per_node_state = True
+    averages_layers = False
 
     def __init__(
         self,
@@ -69,10 +72,12 @@ class PFedLAStrategy(LayerwiseStrategy):
         hidden_dim: int = 100,
         hn_lr: float = 5e-3,
         k: int = 0,
+        alpha_every: int = 10,
         **base: Any,
     ) -> None:
         for name, value in (("num_clients", num_clients), ("embedding_dim", embedding_dim), ("hidden_dim", hidden_dim)):
             require(isinstance(value, int) and value >= 1, name, "must be a positive integer", value)
+        require(isinstance(alpha_every, int) and alpha_every >= 0, "alpha_every", "must be an integer >= 0", alpha_every)
         require(isinstance(hn_lr, (int, float)) and math.isfinite(hn_lr) and hn_lr > 0, "hn_lr", "must be a positive number", hn_lr)
         super().__init__(initial_state, **base)
         require(isinstance(k, int) and 0 <= k <= len(self.layers), "k", f"must be in [0, {len(self.layers)}] (the model's layers)", k)
@@ -81,6 +86,7 @@ class PFedLAStrategy(LayerwiseStrategy):
         self.hidden_dim = hidden_dim
         self.hn_lr = hn_lr
         self.k = k
+        self.alpha_every = alpha_every
         self.client_limit = num_clients
         self.start_round(0)
 
@@ -180,15 +186,6 @@ class PFedLAStrategy(LayerwiseStrategy):
             self.round_local[client] = [self.layers.names[i] for i in local]
         return select(state, self.layers, names)
 
-    def validate(self, server_round: int, message: Message) -> TrainReply:
-        """Base checks, plus: the reply's ``partition-id`` is the node's registered client."""
-        reply = super().validate(server_round, message)
-        claimed = reply.metrics.get(PARTITION_ID)
-        client = self.client_of[reply.node_id]
-        if claimed is not None and claimed != client:
-            raise ReplyRejected(reply.node_id, f"{PARTITION_ID} {claimed:g} != registered client {client}")
-        return reply
-
     def aggregate(self, server_round: int, replies: list[TrainReply]) -> State:
         """Step every replying client's hypernetwork, then store the trained models.
 
@@ -204,6 +201,7 @@ class PFedLAStrategy(LayerwiseStrategy):
                 self.round_accuracy[client] = reply.metrics["local-test-accuracy"]
         for reply in replies:
             self.store.write(self.client_of[reply.node_id], self.store.flatten(reply.state), server_round)
+        self.write_round_alpha(server_round)
         return super().aggregate(server_round, replies)
 
     def hypernetwork_step(self, client: int, trained: np.ndarray, version: int) -> None:
@@ -264,13 +262,25 @@ class PFedLAStrategy(LayerwiseStrategy):
                 name: float(np.mean([w[index, c] for c, w in self.round_weights.items()]))
                 for index, name in enumerate(self.layers.names)
             }
-            record["alpha"] = {
-                name: {str(c): [round(float(x), 5) for x in w[index]] for c, w in sorted(self.round_weights.items())}
-                for index, name in enumerate(self.layers.names)
-            }
         if self.k:
             record["local_layers"] = {str(c): names for c, names in sorted(self.round_local.items())}
         return record
+
+    def write_round_alpha(self, server_round: int) -> Path | None:
+        """Every ``alpha_every`` rounds: this round's weights (clients x layers x N) in their own file.
+
+        They are ``L x N`` floats per client, too many for every metrics line.
+        """
+        if not self.alpha_every or server_round % self.alpha_every or not self.round_weights:
+            return None
+        clients = sorted(self.round_weights)
+        buffer = io.BytesIO()
+        np.savez(buffer, clients=np.array(clients), layers=np.array(self.layers.names),
+                 weights=np.stack([self.round_weights[c] for c in clients]))
+        path = self.workdir / "alpha" / f"round-{server_round:06d}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, buffer.getvalue())
+        return path
 
     def write_artifacts(self, run_dir: Path, records: list[dict[str, Any]]) -> None:
         """``pfedla_alpha.npy`` (final weights, layer x client x client) and its heatmaps."""

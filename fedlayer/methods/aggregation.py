@@ -1,0 +1,146 @@
+"""How replies become one layer: the weighted mean, robust rules, and the update-norm guard.
+
+Every strategy that averages layers uses ``aggregate_layers`` with its
+configured rule (``aggregation.rule``):
+
+- ``mean``: the example-weighted mean (FedAvg);
+- ``median``: the coordinate-wise median (Yin et al. 2018, https://arxiv.org/abs/1803.01498);
+- ``trimmed_mean``: per coordinate, drop the ``trim`` share of largest and of
+  smallest values, average the rest (same paper).
+
+The robust rules are unweighted: a client claiming many examples must not
+buy more influence. ``oversized_updates`` is the guard every strategy runs
+before any rule: a reply whose update of some tensor is far larger than the
+round's median update of that tensor is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+from fedlayer.layers import ModelLayers, State
+from fedlayer.methods.replies import TrainReply
+
+RULES = ("mean", "median", "trimmed_mean")
+
+
+def weighted_layer_average(
+    replies: Sequence[TrainReply], layers: ModelLayers, names: Iterable[str]
+) -> State:
+    """Average each named layer over the replies that carry it.
+
+    Weights are ``num_examples`` normalised over the replies holding the layer.
+    The arithmetic (``sum_i value_i * (w_i / sum w)`` accumulated in reply
+    order, in the tensor's dtype) matches Flower's ``aggregate_arrayrecords``,
+    so FedAvg here gives the same model as Flower's FedAvg. Integer tensors
+    (BatchNorm's ``num_batches_tracked``) are averaged and rounded back.
+    A layer no reply carries is absent from the result (the caller keeps the old one).
+    """
+    out: State = {}
+    for name in names:
+        holders = [r for r in replies if name in r.layer_names]
+        if not holders:
+            continue
+        total = float(sum(r.num_examples for r in holders))
+        for key in layers[name].keys:
+            dtype = holders[0].state[key].dtype
+            floating = np.issubdtype(dtype, np.floating)
+            acc: np.ndarray | None = None
+            for reply in holders:
+                value = reply.state[key] if floating else reply.state[key].astype(np.float64)
+                term = value * (reply.num_examples / total)
+                acc = term if acc is None else acc + term
+            assert acc is not None
+            out[key] = acc if floating else np.rint(acc).astype(dtype)
+    return out
+
+
+def coordinate_median(values: np.ndarray) -> np.ndarray:
+    """The median over axis 0 (the replies)."""
+    return np.median(values, axis=0)
+
+
+def trimmed_mean(values: np.ndarray, trim: float) -> np.ndarray:
+    """Mean over axis 0 after dropping the ``floor(trim * n)`` largest and smallest values per coordinate.
+
+    When trimming would leave nothing the median is used.
+    """
+    count = values.shape[0]
+    cut = int(math.floor(trim * count))
+    if count - 2 * cut < 1:
+        return coordinate_median(values)
+    ordered = np.sort(values, axis=0)
+    return ordered[cut : count - cut].mean(axis=0)
+
+
+def robust_layer_average(
+    replies: Sequence[TrainReply], layers: ModelLayers, names: Iterable[str], reduce: Callable[[np.ndarray], np.ndarray]
+) -> State:
+    """Each named layer reduced coordinate-wise (``reduce`` over axis 0) over the replies carrying it."""
+    out: State = {}
+    for name in names:
+        holders = [r for r in replies if name in r.layer_names]
+        if not holders:
+            continue
+        for key in layers[name].keys:
+            dtype = holders[0].state[key].dtype
+            stacked = np.stack([r.state[key].astype(np.float64) for r in holders])
+            reduced = reduce(stacked)
+            out[key] = reduced.astype(dtype) if np.issubdtype(dtype, np.floating) else np.rint(reduced).astype(dtype)
+    return out
+
+
+def aggregate_layers(
+    replies: Sequence[TrainReply], layers: ModelLayers, names: Iterable[str], rule: str = "mean", trim: float = 0.1
+) -> State:
+    """The named layers aggregated over the replies by ``rule`` (see the module docstring)."""
+    if rule == "mean":
+        return weighted_layer_average(replies, layers, names)
+    if rule == "median":
+        return robust_layer_average(replies, layers, names, coordinate_median)
+    if rule == "trimmed_mean":
+        return robust_layer_average(replies, layers, names, lambda values: trimmed_mean(values, trim))
+    raise ValueError(f"unknown aggregation rule {rule!r}; choose from {list(RULES)}")
+
+
+def update_norms(reply: TrainReply, reference: Callable[[int, str], np.ndarray | None]) -> dict[str, float]:
+    """Per float tensor of ``reply``, the L2 norm of its value minus what the node was sent.
+
+    ``reference(node_id, key)`` is the value the node was sent (None: no
+    reference, the key is skipped). Computed in float64, so values near the
+    float32 limit give a finite (huge) norm rather than an overflow.
+    """
+    norms: dict[str, float] = {}
+    for key, value in reply.state.items():
+        sent = reference(reply.node_id, key)
+        if sent is None or not np.issubdtype(value.dtype, np.floating):
+            continue
+        diff = value.astype(np.float64).ravel() - sent.astype(np.float64).ravel()
+        norms[key] = math.sqrt(float(np.dot(diff, diff)))
+    return norms
+
+
+def oversized_updates(norms: dict[int, dict[str, float]], factor: float) -> dict[int, str]:
+    """Nodes whose update norm of some tensor exceeds ``factor`` x that tensor's median over the nodes.
+
+    ``norms``: node id -> tensor key -> update norm (``update_norms``).
+    Returns node id -> reason. The median is taken over the nodes carrying
+    the tensor, so an honest majority bounds it; a median of 0 refuses any change.
+    """
+    by_layer: dict[str, list[float]] = {}
+    for layer_norms in norms.values():
+        for name, value in layer_norms.items():
+            by_layer.setdefault(name, []).append(value)
+    medians = {name: float(np.median(values)) for name, values in by_layer.items()}
+    refused: dict[int, str] = {}
+    for node, layer_norms in norms.items():
+        for name, value in layer_norms.items():
+            if value > factor * medians[name]:
+                refused[node] = (
+                    f"update of {name!r} has norm {value:.3g}, above {factor:g} x the round's median {medians[name]:.3g}"
+                )
+                break
+    return refused
