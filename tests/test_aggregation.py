@@ -1,0 +1,136 @@
+"""Aggregation rules, the update-norm guard and the finite-model check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedlayer.config import compose_config
+from fedlayer.errors import ConfigError, ParameterError
+from fedlayer.layers import copy_state, states_equal
+from fedlayer.methods.aggregation import trimmed_mean
+from fedlayer.methods.base import LayerwiseStrategy
+from fedlayer.methods.laq import LAQStrategy
+from fedlayer.server.builder import build_strategy
+from fedlayer.workload import load_workload
+from tests.conftest import make_reply, small_state
+
+NODES = [11, 22, 33, 44, 55]
+
+
+def _strategy(**kwargs) -> LayerwiseStrategy:
+    strategy = LayerwiseStrategy(small_state(), **kwargs)
+    strategy.client_of = {node: i for i, node in enumerate(NODES)}
+    strategy.configure_train(1, NODES)
+    return strategy
+
+
+def _moved(strategy: LayerwiseStrategy, seed: int, scale: float = 1.0):
+    """The global model moved by a random step of size ~``scale`` (float tensors only)."""
+    rng = np.random.default_rng(seed)
+    return {
+        key: (value + scale * rng.standard_normal(value.shape)).astype(value.dtype)
+        if np.issubdtype(value.dtype, np.floating) else value.copy()
+        for key, value in strategy.global_state.items()
+    }
+
+
+def test_trimmed_mean_cuts_each_end_and_falls_back_to_the_median():
+    values = np.array([[1.0], [2.0], [3.0], [100.0], [-50.0]])
+    assert trimmed_mean(values, 0.2)[0] == pytest.approx(2.0)  # -50 and 100 cut
+    assert trimmed_mean(values, 0.0)[0] == pytest.approx(values.mean())
+    assert trimmed_mean(values[:2], 0.49)[0] == pytest.approx(1.5)  # nothing left to average: the median
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
+def test_one_attacker_among_five_moves_the_model_no_further_than_the_honest_spread(rule):
+    """The attacker's update is 1e6 x an honest one; the guard is off, so only the rule protects."""
+    strategy = _strategy(aggregation_rule=rule, trim=0.2, norm_factor=0)
+    start = copy_state(strategy.global_state)
+    honest = [_moved(strategy, seed) for seed in range(4)]
+    attack = {k: (start[k] + (v - start[k]) * 1e6).astype(v.dtype) for k, v in _moved(strategy, 99).items()}
+    replies = [make_reply(node, state, 10) for node, state in zip(NODES, [*honest, attack])]
+    strategy.aggregate_train(1, replies)
+    assert strategy.rejections == []
+    for key, value in strategy.global_state.items():
+        if not np.issubdtype(value.dtype, np.floating):
+            continue
+        stacked = np.stack([h[key] for h in honest])
+        assert (value >= stacked.min(axis=0) - 1e-6).all() and (value <= stacked.max(axis=0) + 1e-6).all(), key
+
+
+def test_the_mean_rule_without_the_guard_is_moved_by_the_attacker():
+    """The contrast to the test above: the same attack under the plain mean."""
+    strategy = _strategy(norm_factor=0)
+    start = copy_state(strategy.global_state)
+    attack = {k: (start[k] + (v - start[k]) * 1e6).astype(v.dtype) for k, v in _moved(strategy, 99).items()}
+    strategy.aggregate_train(1, [make_reply(n, _moved(strategy, i), 10) for i, n in enumerate(NODES[:4])] + [make_reply(55, attack, 10)])
+    key = "blocks.0.conv.weight"
+    assert np.abs(strategy.global_state[key] - start[key]).max() > 1e4
+
+
+@pytest.mark.parametrize("values", ["huge", "scaled"])
+def test_the_norm_guard_refuses_an_oversized_update(values):
+    strategy = _strategy()
+    honest = [_moved(strategy, seed, 0.01) for seed in range(4)]
+    start = strategy.global_state
+    if values == "huge":  # finite, so reply validation lets it through
+        attack = {k: np.full_like(v, 3e38) if v.dtype == np.float32 else v for k, v in start.items()}
+    else:
+        attack = {k: (start[k] + (v - start[k]) * 1e6).astype(v.dtype) for k, v in _moved(strategy, 7, 0.01).items()}
+    expected = _strategy()
+    expected.aggregate_train(1, [make_reply(n, h, 10) for n, h in zip(NODES, honest)])
+    strategy.aggregate_train(1, [make_reply(n, h, 10) for n, h in zip(NODES, honest)] + [make_reply(55, attack, 10)])
+    assert [r.node_id for r in strategy.rejections] == [55] and "median" in strategy.rejections[0].reason
+    assert states_equal(strategy.global_state, expected.global_state)
+
+
+def test_a_merged_model_that_is_not_finite_is_dropped_and_counted():
+    """LAQ steps with a sum of stored updates: two huge (finite) uploads overflow it to inf.
+
+    With the guard off the round's update is dropped and counted; the old model stays.
+    """
+    from tests.test_laq import NODES as LAQ_NODES
+    from tests.test_laq import _reply, _state, _upload
+
+    strategy = LAQStrategy(_state(0), num_clients=3, alpha=1.0, norm_factor=0)
+    strategy.client_of = {node: pid for pid, node in enumerate(LAQ_NODES)}
+    strategy.plans = {node: strategy.plan(1, node) for node in LAQ_NODES}
+    before = copy_state(strategy.global_state)
+    huge, _ = _upload({k: np.full_like(v, 3e38) for k, v in before.items()})
+    metrics = strategy.aggregate_train(1, [_reply(11, 0, huge), _reply(22, 1, huge)])
+    assert metrics is not None and strategy.dropped_rounds == [1]
+    assert states_equal(strategy.global_state, before)
+
+
+def test_laq_guards_the_norm_of_the_innovations():
+    from tests.test_laq import NODES as LAQ_NODES
+    from tests.test_laq import _reply, _state, _upload
+
+    strategy = LAQStrategy(_state(0), num_clients=3, alpha=0.1)
+    strategy.client_of = {node: pid for pid, node in enumerate(LAQ_NODES)}
+    strategy.plans = {node: strategy.plan(1, node) for node in LAQ_NODES}
+    honest = [_upload(_state(seed))[0] for seed in (1, 2)]
+    attack, _ = _upload({k: v * 1e6 for k, v in _state(3).items()})
+    strategy.aggregate_train(1, [_reply(11, 0, honest[0]), _reply(22, 1, honest[1]), _reply(33, 2, attack)])
+    assert [r.node_id for r in strategy.rejections] == [33] and sorted(strategy.qhat) == [0, 1]
+
+
+def test_config_names_the_aggregation_fields():
+    cfg = compose_config(["dataset=digits", "model=cnn", "aggregation.rule=mode"])
+    with pytest.raises(ConfigError) as err:
+        build_strategy(cfg, load_workload(cfg, 2))
+    assert err.value.field == "aggregation.rule"
+    cfg = compose_config(["dataset=digits", "model=linear", "strategy=laq", "aggregation.rule=median"])
+    with pytest.raises(ConfigError, match="does not average layers") as err:
+        build_strategy(cfg, load_workload(cfg, 2))
+    assert err.value.field == "aggregation.rule"
+    for field, value in (("trim", 0.5), ("norm_factor", 0.5)):
+        cfg = compose_config(["dataset=digits", "model=cnn", f"aggregation.{field}={value}"])
+        with pytest.raises(ConfigError) as err:
+            build_strategy(cfg, load_workload(cfg, 2))
+        assert err.value.field == f"aggregation.{field}"
+    cfg = compose_config(["dataset=digits", "model=cnn", "aggregation.norm_guard=false"])
+    assert build_strategy(cfg, load_workload(cfg, 2)).norm_factor == 0
+    with pytest.raises(ParameterError):
+        LAQStrategy({"w": np.zeros(3, np.float32)}, num_clients=2, aggregation_rule="trimmed_mean")
