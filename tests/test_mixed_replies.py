@@ -1,6 +1,6 @@
 """Any mix of honest and faulty replies leaves the model the honest replies alone give.
 
-For every strategy with dense replies, a round gets honest replies plus any
+For every strategy (LAQ's compressed replies in their own test), a round gets honest replies plus any
 mix of duplicated, oversized (huge but finite, or scaled), mislabelled
 (another client's partition id) and malformed replies, in any order. The
 global model must be finite and bitwise equal to the model of the same round
@@ -19,10 +19,15 @@ from hypothesis import strategies as st
 from fedlayer.config import compose_config
 from fedlayer.layers import copy_state, states_equal
 from fedlayer.methods.base import all_finite
+from fedlayer.methods.laq import BASE_KEY, UPDATE_KEY, LAQStrategy
 from fedlayer.server.builder import build_strategy
 from fedlayer.workload import load_workload
 from tests.conftest import fuzz_examples, make_reply
 from tests.test_fuzz_replies import BREAKS, DENSE, _broken_reply
+from tests.test_laq import MALFORMED as LAQ_MALFORMED
+from tests.test_laq import _reply as laq_reply
+from tests.test_laq import _state as laq_state
+from tests.test_laq import _upload as laq_upload
 
 NODES = [101, 202, 303, 404, 505, 606, 707]
 FAULTS = ["duplicate", "huge", "scaled", "mislabelled", *BREAKS]
@@ -113,3 +118,43 @@ def test_faulty_replies_leave_the_model_of_the_honest_ones(name, honest, faults,
     assert len(mixed.rejections) == len(bad), [r.reason for r in mixed.rejections]
     if mixed.plans[NODES[0]].request:  # the honest replies did move the model
         assert not states_equal(mixed.global_state, before)
+
+
+@settings(max_examples=fuzz_examples(100), deadline=None)
+@given(
+    honest=st.integers(3, 5),
+    faults=st.lists(st.sampled_from(["duplicate", "scaled", "mislabelled", *sorted(LAQ_MALFORMED)]), min_size=1, max_size=3),
+    seed=st.integers(0, 2**16),
+    order=st.randoms(use_true_random=False),
+)
+def test_laq_faulty_replies_leave_the_model_of_the_honest_ones(honest, faults, seed, order):
+    """The same property for LAQ, whose replies are compressed innovations, not layers."""
+    nodes = [11, 22, 33, 44, 55, 66, 77]
+
+    def strategy():
+        laq = LAQStrategy(laq_state(0), num_clients=len(nodes), alpha=0.1)
+        laq.client_of = {node: pid for pid, node in enumerate(nodes)}
+        laq.configure_train(1, nodes)
+        return laq
+
+    mixed, alone = strategy(), strategy()
+    honest_replies = {node: laq_reply(node, pid, laq_upload(laq_state(seed + pid))[0]) for pid, node in enumerate(nodes[:honest])}
+    bad = []
+    for i, kind in enumerate(faults):
+        node, pid = nodes[honest + i % (len(nodes) - honest)], honest + i % (len(nodes) - honest)
+        if kind == "duplicate":
+            bad.append(honest_replies[nodes[i % honest]])
+        elif kind == "scaled":
+            bad.append(laq_reply(node, pid, laq_upload({k: v * 1e6 for k, v in laq_state(seed + 50 + i).items()})[0]))
+        elif kind == "mislabelled":
+            bad.append(laq_reply(node, (pid + 1) % len(nodes), laq_upload(laq_state(seed + 60 + i))[0]))
+        else:
+            good = laq_upload(laq_state(seed + 70 + i))[0]
+            bad.append(laq_reply(node, pid, {UPDATE_KEY: LAQ_MALFORMED[kind](good[UPDATE_KEY]), BASE_KEY: 0}))
+    replies = [*honest_replies.values(), *bad]
+    order.shuffle(replies)
+    mixed.aggregate_train(1, replies)
+    alone.aggregate_train(1, list(honest_replies.values()))
+    assert all_finite(mixed.global_state) and states_equal(mixed.global_state, alone.global_state)
+    assert sorted(mixed.qhat) == sorted(alone.qhat) == list(range(honest))
+    assert len(mixed.rejections) == len(bad) and alone.rejections == []
