@@ -12,9 +12,11 @@ ARRAYS = "arrays"
 PAYLOAD = "payload"
 METRICS = "metrics"
 TRAFFIC = "traffic"
+#: A dense resync's whole reference (codec stage; see ``fedlayer.codec``).
+CODEC_REFERENCE = "codec-reference"
 #: Records that carry model payload (dense layers, compressed updates), as
 #: opposed to config and metrics: what the byte ledger attributes to layers.
-PAYLOAD_RECORDS = (ARRAYS, PAYLOAD)
+PAYLOAD_RECORDS = (ARRAYS, PAYLOAD, CODEC_REFERENCE)
 
 #: Keys of the ``config`` record of every train/evaluate message.
 SERVER_ROUND = "server-round"
@@ -23,6 +25,11 @@ REQUEST = "request"
 KEEP_MODEL = "keep-model"
 #: The client id the server assigned to a node without a ``partition-id`` (only such nodes are told).
 CLIENT_ID = "client-id"
+#: Codec stage: the reference version a download is encoded against (also the
+#: version a train reply says it now holds), a dense resync, the uplink's bits.
+CODEC_VERSION = "codec-version"
+CODEC_RESYNC = "codec-resync"
+CODEC_UP_BITS = "codec-up-bits"
 #: Key of the identity query's ``config`` record.
 QUERY = "query"
 

@@ -45,6 +45,9 @@ CASES = {
     "laq": (["strategy=laq", "federation.fraction_train=1.0"], 2),
     "pfedla": (["strategy=pfedla"], 2),
     "fll": (["strategy=fll", "strategy.rounds_per_stage=1"], 2),
+    # the codec's references (server) and references + residuals (clients) resume exactly
+    "fedlama-codec": (["strategy=fedlama", "strategy.phi=2", "strategy.min_round_to_adjust=0",
+                       "codec.up_bits=4", "codec.down_bits=8"], 3),
 }
 
 

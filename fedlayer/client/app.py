@@ -12,6 +12,7 @@ from fedlayer.client.runtime import (
     node_client_id,
     state_files,
 )
+from fedlayer.codec.client import close_upload, open_download
 from fedlayer.methods import METHODS, Method
 from fedlayer.methods.client import server_round_of
 from fedlayer.protocol import (
@@ -23,6 +24,7 @@ from fedlayer.protocol import (
     PARTITION_ID,
 )
 from fedlayer.traffic.client_mod import traffic_mod
+from fedlayer.workload import initial_state
 
 
 def method_of(content: RecordDict) -> Method:
@@ -55,7 +57,9 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
         files = state_files(context, run_cfg, client_id)
         if files is not None:
             files.restore(context, before=server_round)
-        reply = handler(client_runtime(context, run_cfg, client_id, files), message.content, context)
+        runtime = client_runtime(context, run_cfg, client_id, files)
+        content, codec = open_download(message.content, context, lambda: initial_state(run_cfg, runtime.train_data), train=True)
+        reply = close_upload(handler(runtime, content, context), codec, context)
         if files is not None:
             files.save(context, server_round)
         return Message(reply, reply_to=message)
@@ -69,7 +73,9 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
         files = state_files(context, run_cfg, client_id)
         if files is not None:  # evaluation follows training in the same round
             files.restore(context, before=server_round_of(message.content) + 1)
-        return Message(handler(client_runtime(context, run_cfg, client_id, files), message.content, context), reply_to=message)
+        runtime = client_runtime(context, run_cfg, client_id, files)
+        content, _ = open_download(message.content, context, lambda: initial_state(run_cfg, runtime.train_data), train=False)
+        return Message(handler(runtime, content, context), reply_to=message)
 
     @app.query()
     def query(message: Message, context: Context) -> Message:

@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
+from fedlayer.codec.server import ServerCodec
+from fedlayer.codec.tensors import BITS, DENSE
 from fedlayer.errors import require
 from fedlayer.layers import (
     ModelLayers,
@@ -53,6 +55,7 @@ from fedlayer.methods.replies import (
 from fedlayer.protocol import (
     ARRAYS,
     CLIENT_ID,
+    CODEC_VERSION,
     CONFIG,
     KEEP_MODEL,
     METHOD,
@@ -121,6 +124,13 @@ class LayerwiseStrategy:
         Update-norm guard: a reply whose update of some tensor (its value minus
         what the node was sent) has a norm above ``norm_factor`` x the round's
         median for that tensor is refused (0: guard off).
+    up_bits, down_bits : int
+        Codec stage (``fedlayer.codec``): bits per value of the layers each
+        way, 32 (dense float32), 16, 8, 4 or 2 (differences from a reference
+        both ends hold).
+    codec_reference : State | None
+        The model both ends start the codec's references from: the configured
+        model's initial state, as a client builds it (None: ``initial_state``).
     """
 
     method = "fedavg"
@@ -144,6 +154,9 @@ class LayerwiseStrategy:
         aggregation_rule: str = "mean",
         trim: float = 0.1,
         norm_factor: float = 20.0,
+        up_bits: int = DENSE,
+        down_bits: int = DENSE,
+        codec_reference: State | None = None,
     ) -> None:
         require(aggregation_rule in RULES, "aggregation_rule", f"must be one of {list(RULES)}", aggregation_rule)
         require(
@@ -152,10 +165,14 @@ class LayerwiseStrategy:
         )
         require(isinstance(trim, (int, float)) and 0 <= trim < 0.5, "trim", "must be in [0, 0.5)", trim)
         require(isinstance(norm_factor, (int, float)) and (norm_factor == 0 or norm_factor >= 1), "norm_factor", "must be 0 (off) or >= 1", norm_factor)
+        for name, bits in (("up_bits", up_bits), ("down_bits", down_bits)):
+            require(bits in BITS and not isinstance(bits, bool), name, f"must be one of {list(BITS)}", bits)
         require(isinstance(fraction_train, (int, float)) and 0 < fraction_train <= 1, "fraction_train", "must be in (0, 1]", fraction_train)
         require(isinstance(min_train_nodes, int) and min_train_nodes >= 1, "min_train_nodes", "must be an integer >= 1", min_train_nodes)
         require(isinstance(fraction_evaluate, (int, float)) and 0 <= fraction_evaluate <= 1, "fraction_evaluate", "must be in [0, 1]", fraction_evaluate)
         self.global_state: State = copy_state(initial_state)
+        codec = ServerCodec(self.global_state if codec_reference is None else codec_reference, up_bits, down_bits)
+        self.codec: ServerCodec | None = codec if codec.active else None
         self.layers = ModelLayers.from_state(self.global_state)
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
@@ -253,6 +270,7 @@ class LayerwiseStrategy:
             "rng": self.rng.bit_generator.state,
             "evaluation_rng": self.evaluation_rng.bit_generator.state,
             "dropped_rounds": list(self.dropped_rounds),
+            "codec": None if self.codec is None else self.codec.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -260,6 +278,8 @@ class LayerwiseStrategy:
         self.rng.bit_generator.state = state["rng"]
         self.evaluation_rng.bit_generator.state = state["evaluation_rng"]
         self.dropped_rounds = [int(r) for r in state["dropped_rounds"]]
+        if self.codec is not None:
+            self.codec.load_state_dict(state["codec"])
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
@@ -267,6 +287,8 @@ class LayerwiseStrategy:
         log(INFO, "\t└──> fraction_train=%.2f min_train_nodes=%d seed=%d", self.fraction_train, self.min_train_nodes, self.seed)
         guard = f"norm guard {self.norm_factor:g} x median" if self.norm_factor else "norm guard off"
         log(INFO, "\t└──> aggregation %s (trim %g), %s", self.aggregation_rule, self.trim, guard)
+        if self.codec is not None:
+            log(INFO, "\t└──> codec: %d bits up, %d bits down", self.codec.up_bits, self.codec.down_bits)
 
     # ------------------------------------------------------------- identity
     def identity_queries(self, node_ids: Iterable[int]) -> list[Message]:
@@ -318,6 +340,8 @@ class LayerwiseStrategy:
         chosen = self.sample_nodes(server_round, node_ids)
         self.plans = {node: self.plan(server_round, node) for node in chosen}
         self.sent_states = {}
+        if self.codec is not None:
+            self.codec.start_round()
         log(INFO, "configure_train: %d of %d nodes", len(chosen), len(node_ids))
         return self.build_messages(server_round, self.plans, MessageType.TRAIN)
 
@@ -372,15 +396,20 @@ class LayerwiseStrategy:
             }
             if self.client_of.get(node) in self.assigned:
                 config[CLIENT_ID] = self.client_of[node]
-            content = RecordDict({CONFIG: ConfigRecord(config)})
-            if plan.send:
+            records: dict[str, ArrayRecord] = {}
+            if self.codec is not None:
+                state = self.node_state(node, plan.send, message_type) if plan.send else {}
+                codec_config, records, state = self.codec.download(self.client_id(node), state, message_type == MessageType.TRAIN)
+                config.update(codec_config)
+            elif plan.send:
                 key = tuple(plan.send)
                 if self.per_node_state or key not in shared:
                     state = self.node_state(node, plan.send, message_type)
                     shared[key] = (state, to_arrayrecord(state))
-                state, content[ARRAYS] = shared[key]
-                if message_type == MessageType.TRAIN:
-                    self.sent_states[node] = state
+                state, records[ARRAYS] = shared[key]
+            if plan.send and message_type == MessageType.TRAIN:
+                self.sent_states[node] = state
+            content = RecordDict({CONFIG: ConfigRecord(config), **records})
             if plan.payload:
                 content[PAYLOAD] = ConfigRecord(dict(plan.payload))
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
@@ -401,6 +430,7 @@ class LayerwiseStrategy:
                 node = message.metadata.src_node_id
                 if node in answered:  # one reply per node and round: a second one is never averaged in
                     raise ReplyRejected(node, "a second reply to the same round")
+                self.decode_reply(node, message)
                 reply = self.validate(server_round, message)
                 self.check_identity(reply)
                 valid.append(reply)
@@ -409,6 +439,15 @@ class LayerwiseStrategy:
                 self.reject(server_round, rejected)
         valid = self.guard_update_norms(server_round, valid)
         return sorted(valid, key=lambda r: (r.node_id not in self.client_of, self.client_id(r.node_id), r.node_id))
+
+    def decode_reply(self, node: int, message: Message) -> None:
+        """Codec stage: settle the node's reference version, decode its layers in place."""
+        if self.codec is None:
+            return
+        try:
+            self.codec.receive(self.client_id(node), message)
+        except ValueError as err:  # CodecError, or a dense array that does not decode
+            raise ReplyRejected(node, f"codec: {err}") from None
 
     def check_identity(self, reply: TrainReply) -> None:
         """A reply's ``partition-id`` (what the client says it is) must be its registered client id."""
@@ -440,7 +479,7 @@ def all_finite(state: State) -> bool:
 def weighted_mean(metrics: list[dict[str, float]]) -> dict[str, float]:
     """Mean of each metric weighted by ``num-examples`` (which is summed)."""
     total = sum(m.get(NUM_EXAMPLES, 1.0) for m in metrics)
-    keys = sorted({k for m in metrics for k in m} - {NUM_EXAMPLES, PARTITION_ID})
+    keys = sorted({k for m in metrics for k in m} - {NUM_EXAMPLES, PARTITION_ID, CODEC_VERSION})
     out = {
         key: sum(m[key] * m.get(NUM_EXAMPLES, 1.0) for m in metrics if key in m)
         / max(sum(m.get(NUM_EXAMPLES, 1.0) for m in metrics if key in m), 1e-12)

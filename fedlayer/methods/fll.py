@@ -160,7 +160,8 @@ class FLLStrategy(LayerwiseStrategy):
         model.load_state_dict(numpy_to_torch_state(initial_state))
         self.spec = StageSpec(len(model.blocks), blocks_per_stage)
         self.net = StagedModel(model, self.spec, head_pool, int(base.get("seed", 0)))
-        super().__init__(torch_state_to_numpy(self.net.state_dict()), **base)
+        # Clients start the codec's references from the configured model, without the stage heads.
+        super().__init__(torch_state_to_numpy(self.net.state_dict()), codec_reference=initial_state, **base)
         self.rounds_per_stage = rounds_per_stage
         self.head_pool = head_pool
         self.p_drop = p_drop

@@ -146,7 +146,7 @@ class LAQStrategy(LayerwiseStrategy):
         self.l2 = l2
         self.batch_size = batch_size
         self.shapes = {key: tuple(value.shape) for key, value in self.global_state.items()}
-        self.codec = LAQCodec()
+        self.laq_codec = LAQCodec()
         self.qhat: dict[int, State] = {}
         self.versions: dict[int, int] = {}
         self.history: list[float] = []  # ||theta^{k+1-d} - theta^{k-d}||^2, most recent first
@@ -213,7 +213,7 @@ class LAQStrategy(LayerwiseStrategy):
             q = {}
             for key, shape in self.shapes.items():
                 ref = reference[key] if reference is not None else np.zeros(shape, np.float32)
-                value = self.codec.decode(by_name[key], ref)
+                value = self.laq_codec.decode(by_name[key], ref)
                 if not np.isfinite(value).all():
                     raise ReplyRejected(node, f"{key}: decoded update is not finite")
                 q[key] = value

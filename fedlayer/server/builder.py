@@ -21,7 +21,10 @@ from fedlayer.models import LayeredModel
 from fedlayer.workload import Workload, build_configured_model, initial_state
 
 #: ``LayerwiseStrategy`` arguments every strategy takes.
-BASE_ARGUMENTS = ("fraction_train", "min_train_nodes", "fraction_evaluate", "seed", "aggregation_rule", "trim", "norm_factor")
+BASE_ARGUMENTS = (
+    "fraction_train", "min_train_nodes", "fraction_evaluate", "seed",
+    "aggregation_rule", "trim", "norm_factor", "up_bits", "down_bits",
+)
 #: Arguments filled from outside ``strategy.*``, and the field each one names in errors.
 BASE_FIELDS = {
     "fraction_train": "federation.fraction_train",
@@ -31,6 +34,8 @@ BASE_FIELDS = {
     "aggregation_rule": "aggregation.rule",
     "trim": "aggregation.trim",
     "norm_factor": "aggregation.norm_factor",
+    "up_bits": "codec.up_bits",
+    "down_bits": "codec.down_bits",
     "num_clients": "federation.num_clients",
     "model": "model.name",
     "initial_state": "model.name",
@@ -56,6 +61,8 @@ def strategy_kwargs(cfg: DictConfig, model: LayeredModel) -> dict[str, Any]:
         "aggregation_rule": cfg.aggregation.rule,
         "trim": cfg.aggregation.trim,
         "norm_factor": cfg.aggregation.norm_factor if cfg.aggregation.norm_guard else 0.0,
+        "up_bits": cfg.codec.up_bits,
+        "down_bits": cfg.codec.down_bits,
         "num_clients": int(federation.num_clients),
         "model": model,
     }

@@ -168,6 +168,7 @@ class FederatedRun:
                 fedavg_bytes_down=traffic.fedavg_bytes_down,
                 layer_bytes_up=dict(traffic.layer_bytes_up),
                 layer_bytes_down=dict(traffic.layer_bytes_down),
+                codec_resyncs=traffic.codec_resyncs,
             )
         else:
             record.update(bytes_up=0, bytes_down=0, fedavg_bytes_up=0, fedavg_bytes_down=0)

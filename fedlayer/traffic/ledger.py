@@ -15,7 +15,7 @@ from typing import Any
 from flwr.app import Message, MessageType
 
 from fedlayer.layers import ModelLayers
-from fedlayer.protocol import TRAFFIC
+from fedlayer.protocol import CODEC_RESYNC, CONFIG, TRAFFIC
 from fedlayer.traffic.size import MessageSize, measure_message
 
 
@@ -37,6 +37,8 @@ class RoundTraffic:
     #: identity queries and their answers: included in bytes_*, not in messages_*
     control_bytes_down: int = 0
     control_bytes_up: int = 0
+    #: codec stage: train downloads sent as a dense resync (the client had lost its reference)
+    codec_resyncs: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -93,6 +95,8 @@ class ByteLedger:
             traffic.fedavg_bytes_down += size.total
             return size.total
         traffic.messages_down += 1
+        config = message.content.config_records.get(CONFIG)
+        traffic.codec_resyncs += int(bool(config is not None and config.get(CODEC_RESYNC, False)))
         traffic.fedavg_bytes_down += self._fedavg_equivalent(size)
         _add(traffic.layer_bytes_down, self._layer_bytes(size))
         return size.total
@@ -129,6 +133,7 @@ class ByteLedger:
             "client_reported_up",
             "control_bytes_down",
             "control_bytes_up",
+            "codec_resyncs",
         )
         return {k: sum(getattr(t, k) for t in self.rounds.values()) for k in keys}
 

@@ -1,0 +1,1 @@
+"""The codec stage between every strategy and the wire, in both directions (``codec.*``)."""

@@ -1,0 +1,106 @@
+"""The client's half of the codec stage: decode what arrived, encode what goes back.
+
+Method handlers never see it: ``open_download`` turns a message's encoded
+layers into dense ones (rebuilt against the reference this node keeps in
+``context.state``), and ``close_upload`` encodes the reply's layers against
+the same reference, with error feedback (``codec-residual``: what the
+quantiser dropped last time is added to the next difference), and only then
+commits the new reference, residual and version, so a failed call changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+
+from fedlayer.codec.tensors import decode_state, encode_state
+from fedlayer.layers import State, from_arrayrecord, to_arrayrecord
+from fedlayer.protocol import (
+    ARRAYS,
+    CODEC_REFERENCE,
+    CODEC_RESYNC,
+    CODEC_UP_BITS,
+    CODEC_VERSION,
+    CONFIG,
+    METRICS,
+)
+
+#: ``context.state`` records of the codec.
+REFERENCE = "codec-reference"
+RESIDUAL = "codec-residual"
+MEMORY = "codec"
+
+
+class CodecMismatch(RuntimeError):
+    """The node does not hold the reference the server encoded against (it lost its state)."""
+
+
+@dataclass
+class CodecSession:
+    """One message's codec state on the client: the reference after this download, and so on."""
+
+    reference: State
+    residual: State
+    version: int
+    up_bits: int | None
+    train: bool
+
+
+def _stored(context: Context, name: str) -> State | None:
+    record = context.state.array_records.get(name)
+    return from_arrayrecord(record) if isinstance(record, ArrayRecord) else None
+
+
+def held_version(context: Context) -> int:
+    """The reference version this node holds (0: the initial model)."""
+    memory = context.state.config_records.get(MEMORY)
+    return int(memory["version"]) if isinstance(memory, ConfigRecord) else 0
+
+
+def open_download(
+    content: RecordDict, context: Context, initial: Callable[[], State], train: bool
+) -> tuple[RecordDict, CodecSession | None]:
+    """The message content with dense layers, and the session (None when the codec is off)."""
+    config = content[CONFIG]
+    if CODEC_VERSION not in config:
+        return content, None
+    expected = int(config[CODEC_VERSION])
+    if train and bool(config.get(CODEC_RESYNC, False)):
+        reference, residual = from_arrayrecord(content[CODEC_REFERENCE]), {}
+    else:
+        held = held_version(context)
+        if held != expected:
+            raise CodecMismatch(
+                f"this node holds codec reference version {held}, the server encoded against {expected} "
+                "(state lost?); the server sends a dense resync next time"
+            )
+        reference = _stored(context, REFERENCE) or initial()
+        residual = _stored(context, RESIDUAL) or {}
+    received = decode_state(content[ARRAYS], reference) if ARRAYS in content else {}
+    dense = RecordDict({name: record for name, record in content.items() if name not in (ARRAYS, CODEC_REFERENCE)})
+    if received:
+        dense[ARRAYS] = to_arrayrecord(received)
+    up_bits = int(config[CODEC_UP_BITS]) if CODEC_UP_BITS in config else None
+    if train:
+        return dense, CodecSession({**reference, **received}, residual, expected + 1, up_bits, True)
+    return dense, CodecSession(reference, residual, held_version(context), up_bits, False)
+
+
+def close_upload(reply: RecordDict, session: CodecSession | None, context: Context) -> RecordDict:
+    """The reply with its layers encoded (if the uplink is), its version stated; the session committed."""
+    if session is None or not session.train:
+        return reply
+    residual = dict(session.residual)
+    if session.up_bits is not None and ARRAYS in reply:
+        record, _, new_residual = encode_state(from_arrayrecord(reply[ARRAYS]), session.reference, session.up_bits, residual)
+        reply[ARRAYS] = record
+        residual.update(new_residual)
+    metrics = reply.metric_records.get(METRICS)
+    values = dict(metrics.items()) if isinstance(metrics, MetricRecord) else {}
+    reply[METRICS] = MetricRecord({**values, CODEC_VERSION: session.version})
+    context.state[REFERENCE] = to_arrayrecord(session.reference)
+    context.state[RESIDUAL] = to_arrayrecord(residual)
+    context.state[MEMORY] = ConfigRecord({"version": session.version})
+    return reply

@@ -1,0 +1,118 @@
+"""The server's half of the codec stage: per-client references, versions and resyncs.
+
+Down: a layer goes to client ``c`` as the difference from ``c``'s reference
+(the values ``c`` last received of each layer; the initial model before
+that), and both ends replace the reference with what ``c`` rebuilds. Up: a
+reply's layers are differences from that same reference, decoded here before
+validation; error feedback lives with the client (the sender).
+
+Every train download carries the version of the reference it is encoded
+against; the client refuses one it does not hold (it lost its state). The
+server then sends that client a **dense resync** next time: the whole
+reference, dense, in ``CODEC_REFERENCE``, counted by the ledger. A client
+holds the new version only once it replied (``receive``); a download that
+was never answered is forgotten, so both ends stay at the old version.
+Federated-evaluation downloads are encoded against the reference and change nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+from fedlayer.codec.tensors import DENSE, decode_state, encode_state
+from fedlayer.layers import State, copy_state, to_arrayrecord
+from fedlayer.protocol import (
+    ARRAYS,
+    CODEC_REFERENCE,
+    CODEC_RESYNC,
+    CODEC_UP_BITS,
+    CODEC_VERSION,
+    METRICS,
+)
+
+
+class ServerCodec:
+    """References and versions per client id; encodes downloads, decodes uploads."""
+
+    def __init__(self, initial_state: State, up_bits: int, down_bits: int) -> None:
+        self.initial = copy_state(initial_state)
+        self.up_bits = up_bits
+        self.down_bits = down_bits
+        #: client -> its reference, for clients whose reference left the initial model
+        self.references: dict[int, State] = {}
+        self.versions: dict[int, int] = {}
+        #: client -> (version, reference) it holds once it answers this round's download
+        self.pending: dict[int, tuple[int, State]] = {}
+        #: clients whose next train download is a dense resync
+        self.needs_resync: set[int] = set()
+
+    @property
+    def active(self) -> bool:
+        return self.up_bits != DENSE or self.down_bits != DENSE
+
+    def reference(self, client: int) -> State:
+        return self.references.get(client, self.initial)
+
+    def start_round(self) -> None:
+        """Forget downloads of earlier rounds that were never answered."""
+        self.pending = {}
+
+    def download(self, client: int, state: State, train: bool) -> tuple[dict[str, Any], dict[str, ArrayRecord], State]:
+        """Config entries, records and the state the client will hold, for sending ``state`` to ``client``."""
+        version = self.versions.get(client, 0)
+        config: dict[str, Any] = {CODEC_VERSION: version}
+        if self.up_bits != DENSE:
+            config[CODEC_UP_BITS] = self.up_bits
+        reference = self.reference(client)
+        if train and client in self.needs_resync:
+            updated = {**reference, **state}
+            config[CODEC_RESYNC] = True
+            records = {CODEC_REFERENCE: to_arrayrecord(updated)}
+            if state:
+                records[ARRAYS] = to_arrayrecord(state)
+            self.pending[client] = (version + 1, updated)
+            return config, records, state
+        if self.down_bits == DENSE:
+            record, rebuilt = to_arrayrecord(state), state
+        else:
+            record, rebuilt, _ = encode_state(state, reference, self.down_bits)
+        if train:
+            self.pending[client] = (version + 1, {**reference, **rebuilt})
+        return config, ({ARRAYS: record} if state else {}), rebuilt
+
+    def receive(self, client: int, reply: Message) -> None:
+        """Settle the client's download version from its reply, and decode its layers in place.
+
+        Raises ``CodecError`` (a ``ValueError``) for layers that do not decode.
+        """
+        pending = self.pending.pop(client, None)
+        if pending is None:
+            return
+        version, reference = pending
+        held = None
+        if not reply.has_error() and METRICS in reply.content.metric_records:
+            held = reply.content.metric_records[METRICS].get(CODEC_VERSION)
+        if held != version:  # it refused (lost its reference) or failed: resync it next time
+            self.needs_resync.add(client)
+            return
+        self.references[client] = reference
+        self.versions[client] = version
+        self.needs_resync.discard(client)
+        if self.up_bits != DENSE and ARRAYS in reply.content.array_records:
+            reply.content[ARRAYS] = to_arrayrecord(decode_state(reply.content[ARRAYS], reference))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "references": {str(c): dict(s) for c, s in self.references.items()},
+            "versions": {str(c): v for c, v in self.versions.items()},
+            "needs_resync": sorted(self.needs_resync),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.references = {int(c): {k: np.asarray(v) for k, v in s.items()} for c, s in state["references"].items()}
+        self.versions = {int(c): int(v) for c, v in state["versions"].items()}
+        self.needs_resync = {int(c) for c in state["needs_resync"]}
+        self.pending = {}

@@ -1,0 +1,129 @@
+"""Tensors as b-bit differences from a reference both ends hold.
+
+A float32 tensor ``x`` travels as ``x - r`` for a reference ``r`` the sender
+and the receiver share, quantised to ``b`` bits: 8, 4 or 2 with fedlayer's
+LAQ grid (a float32 radius and bit-packed codes; ``compression/``), or 16 as
+float16. Both ends rebuild the identical ``r + Q(x - r)``. Each encoded
+tensor is a Flower ``Array`` with ``stype`` ``CODEC_STYPE`` under the tensor's
+own key, so the byte ledger attributes it to its layer as it does dense
+arrays. Tensors that cannot be encoded (integers, no reference yet, a float16
+overflow) travel dense in the same record, and the receiver takes them as they are.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from fedlayer.compression.bitpack import pack_codes, packed_nbytes, unpack_codes
+from fedlayer.compression.quantize import (
+    QuantizedTensor,
+    dequantize,
+    quantize_innovation,
+)
+from fedlayer.layers import State
+
+#: ``stype`` of an encoded tensor (the version of this format).
+CODEC_STYPE = "fedlayer.delta.v1"
+#: Bit widths a direction may use; 32 is dense float32 (no codec).
+BITS = (32, 16, 8, 4, 2)
+DENSE = 32
+_RADIUS = struct.Struct("<f")
+
+
+class CodecError(ValueError):
+    """Encoded bytes that do not decode against the receiver's reference."""
+
+
+def encode_tensor(target: np.ndarray, reference: np.ndarray, bits: int) -> tuple[Array, np.ndarray] | None:
+    """``target`` as a ``bits``-bit difference from ``reference``: the Array and what the receiver rebuilds.
+
+    None when it must travel dense (a float16 difference that overflows).
+    """
+    target = np.asarray(target, dtype=np.float32)
+    reference = np.asarray(reference, dtype=np.float32)
+    shape = tuple(int(d) for d in target.shape)
+    if bits == 16:
+        diff = np.subtract(target, reference, dtype=np.float32).astype(np.float16)
+        if not np.isfinite(diff).all():
+            return None
+        rebuilt = reference + diff.astype(np.float32)
+        return Array(dtype="f16", shape=shape, stype=CODEC_STYPE, data=diff.tobytes()), rebuilt
+    quantized = quantize_innovation(target, reference, bits)
+    data = _RADIUS.pack(quantized.radius) + pack_codes(quantized.codes, bits)
+    return Array(dtype=f"q{bits}", shape=shape, stype=CODEC_STYPE, data=data), dequantize(quantized, reference)
+
+
+def decode_tensor(array: Array, reference: np.ndarray) -> np.ndarray:
+    """Rebuild a tensor from its encoded Array and the receiver's ``reference``; ``CodecError`` if malformed."""
+    if tuple(array.shape) != tuple(reference.shape):
+        raise CodecError(f"shape {tuple(array.shape)} differs from the reference's {tuple(reference.shape)}")
+    count = math.prod(reference.shape)
+    reference = np.asarray(reference, dtype=np.float32)
+    if array.dtype == "f16":
+        if len(array.data) != 2 * count:
+            raise CodecError(f"f16 data is {len(array.data)} bytes, expected {2 * count}")
+        diff = np.frombuffer(array.data, dtype=np.float16).reshape(reference.shape)
+        return reference + diff.astype(np.float32)
+    bits = {"q8": 8, "q4": 4, "q2": 2}.get(array.dtype)
+    if bits is None:
+        raise CodecError(f"unknown encoding {array.dtype!r}")
+    expected = _RADIUS.size + packed_nbytes(count, bits)
+    if len(array.data) != expected:
+        raise CodecError(f"{array.dtype} data is {len(array.data)} bytes, expected {expected}")
+    (radius,) = _RADIUS.unpack_from(array.data)
+    if not (math.isfinite(radius) and radius >= 0):
+        raise CodecError(f"radius must be finite and >= 0, got {radius}")
+    codes = unpack_codes(array.data[_RADIUS.size :], bits, count).reshape(reference.shape)
+    return dequantize(QuantizedTensor(codes, radius, bits), reference)
+
+
+def encodable(value: np.ndarray, reference: State, key: str) -> bool:
+    """Whether ``value`` can travel encoded: float32, with a reference of its shape."""
+    ref = reference.get(key)
+    return value.dtype == np.float32 and ref is not None and ref.shape == value.shape
+
+
+def encode_state(
+    target: State, reference: State, bits: int, residual: State | None = None
+) -> tuple[ArrayRecord, State, State]:
+    """``target`` (plus the sender's ``residual``) encoded against ``reference``.
+
+    Returns the record, what the receiver rebuilds, and the new residual
+    (what the quantiser dropped: error feedback, added to the next send).
+    Keys that travel dense are rebuilt exactly and leave no residual.
+    """
+    arrays: dict[str, Array] = {}
+    rebuilt: State = {}
+    new_residual: State = {}
+    for key, value in target.items():
+        encoded = None
+        if encodable(value, reference, key):
+            intended = value + residual[key] if residual is not None and key in residual else value
+            encoded = encode_tensor(intended, reference[key], bits)
+        if encoded is None:
+            arrays[key], rebuilt[key] = Array(np.require(value, requirements="C")), value
+            continue
+        arrays[key], rebuilt[key] = encoded
+        if residual is not None:
+            new_residual[key] = intended - rebuilt[key]
+    return ArrayRecord(arrays), rebuilt, new_residual
+
+
+def decode_state(record: ArrayRecord, reference: State) -> State:
+    """Every tensor of ``record``: encoded ones rebuilt against ``reference``, dense ones as they are."""
+    state: State = {}
+    for key, array in record.items():
+        if array.stype != CODEC_STYPE:
+            state[key] = array.numpy()
+            continue
+        if key not in reference:
+            raise CodecError(f"{key}: encoded, but there is no reference for it")
+        try:
+            state[key] = decode_tensor(array, reference[key])
+        except CodecError as err:
+            raise CodecError(f"{key}: {err}") from None
+    return state

@@ -1,0 +1,183 @@
+"""The codec stage: layers as b-bit differences from a shared reference, both directions, every method."""
+
+from __future__ import annotations
+
+import tempfile
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from fedlayer.codec.tensors import CodecError, decode_state, encode_state
+from fedlayer.config import compose_config
+from fedlayer.errors import ConfigError
+from fedlayer.layers import states_equal, to_arrayrecord
+from fedlayer.server.builder import build_strategy
+from fedlayer.traffic.size import measure_message
+from fedlayer.workload import load_workload
+from tests.inprocess import InProcessGrid, run_in_process
+
+COMMON = ["dataset=mnist5k", "model=cnn", "federation.num_clients=4", "federation.rounds=3",
+          "train.local_steps=5", "evaluation.max_examples=300"]
+
+
+def _run(*overrides: str, **grid_options):
+    cfg = compose_config([*COMMON, f"output_dir={tempfile.mkdtemp()}", *overrides])
+    return run_in_process(cfg, **grid_options)
+
+
+def test_error_feedback_delivers_the_sum_of_a_fixed_update():
+    """200 uploads of the same update against a fixed reference: what arrived sums to what was sent.
+
+    With error feedback the gap is the last residual, within one quantisation
+    step; without it the quantiser's bias adds up round after round.
+    """
+    rng = np.random.default_rng(0)
+    reference = {"w": rng.standard_normal(1000).astype(np.float32)}
+    update = {"w": (rng.standard_normal(1000) * 0.01).astype(np.float32)}
+    target = {"w": reference["w"] + update["w"]}
+    for feedback in (True, False):
+        residual: dict = {} if feedback else None
+        arrived = np.zeros(1000, np.float64)
+        for _ in range(200):
+            record, rebuilt, new = encode_state(target, reference, 2, residual)
+            decoded = decode_state(record, reference)
+            assert np.array_equal(decoded["w"], rebuilt["w"])  # the receiver rebuilds exactly what the sender expects
+            arrived += decoded["w"] - reference["w"]
+            if feedback:
+                residual = new
+        gap = np.abs(arrived - 200 * update["w"].astype(np.float64)).max()
+        step = 2 * np.abs(update["w"]).max() / 3  # 2-bit grid over about twice the update's range
+        if feedback:
+            assert gap <= step
+        else:
+            assert gap > 20 * step
+
+
+def test_a_4_bit_layer_costs_an_eighth_of_float32_plus_a_header():
+    rng = np.random.default_rng(1)
+    state = {"conv.weight": rng.standard_normal((64, 32, 3, 3)).astype(np.float32)}
+    reference = {"conv.weight": state["conv.weight"] + rng.standard_normal((64, 32, 3, 3)).astype(np.float32) * 0.1}
+
+    def key_bytes(record: ArrayRecord) -> int:
+        message = Message(RecordDict({"arrays": record, "config": ConfigRecord({"x": 1})}), dst_node_id=1, message_type=MessageType.TRAIN)
+        return measure_message(message).by_key["conv.weight"]
+
+    raw = state["conv.weight"].nbytes
+    assert raw < key_bytes(to_arrayrecord(state)) < raw + 400
+    for bits in (8, 4, 2):
+        encoded = key_bytes(encode_state(state, reference, bits)[0])
+        assert 0 < encoded - raw * bits / 32 < 256, bits  # a fixed header: dtype, stype, shape, radius, object ids
+
+
+def test_malformed_encodings_are_refused():
+    rng = np.random.default_rng(2)
+    reference = {"w": rng.standard_normal(50).astype(np.float32)}
+    record, _, _ = encode_state({"w": reference["w"] + 1}, reference, 4)
+    array = record["w"]
+    from flwr.app import Array
+
+    for bad in (
+        Array(dtype=array.dtype, shape=array.shape, stype=array.stype, data=array.data[:-1]),
+        Array(dtype="q3", shape=array.shape, stype=array.stype, data=array.data),
+        Array(dtype=array.dtype, shape=(49,), stype=array.stype, data=array.data),
+        Array(dtype=array.dtype, shape=array.shape, stype=array.stype, data=b"\x00\x00\xc0\x7f" + array.data[4:]),  # NaN radius
+    ):
+        with pytest.raises(CodecError):
+            decode_state(ArrayRecord({"w": bad}), reference)
+    with pytest.raises(CodecError, match="no reference"):
+        decode_state(record, {})
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedlama", "fedlp", "fll", "pfedla", "laq"])
+def test_every_method_with_16_bits_both_ways_matches_dense_to_float16_precision(strategy):
+    """One round: the model differs from the dense run's by float16 rounding of the update.
+
+    (Over more rounds the clients train from slightly different models and
+    the gap grows as training amplifies it; 3 rounds of FedAvg: about 1e-4.)
+    """
+    extra = {"fedlama": ["strategy.phi=2", "strategy.min_round_to_adjust=0"], "laq": ["model=linear"]}.get(strategy, [])
+    dense_run, dense = _run(f"strategy={strategy}", *extra, "federation.rounds=1")
+    coded_run, coded = _run(f"strategy={strategy}", *extra, "federation.rounds=1", "codec.up_bits=16", "codec.down_bits=16")
+    assert coded["rejected_replies"] == 0 and coded["codec_resyncs"] == 0
+    initial = build_strategy(dense_run.cfg, load_workload(dense_run.cfg, 4)).global_state
+    for key, value in dense_run.strategy.global_state.items():
+        if value.dtype != np.float32:
+            continue
+        gap = np.abs(value - coded_run.strategy.global_state[key]).max()
+        update = np.abs(value - initial[key]).max()
+        assert gap <= 2**-10 * update + 1e-7, (key, gap, update)
+    # FLL's stage heads are not in the model both ends start from: their first trip is dense
+    assert coded["bytes_down"] < (0.9 if strategy == "fll" else 0.55) * dense["bytes_down"]
+    # FLL's stage heads are not in the model both ends start from: their first trip is dense
+    share = 0.9 if strategy == "fll" else 0.55
+    assert coded["bytes_down"] < share * dense["bytes_down"]
+    if strategy != "laq":  # LAQ's uplink is its own quantised innovation
+        assert coded["bytes_up"] < share * dense["bytes_up"]
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedlama", "fll"])
+def test_4_bits_both_ways_cost_an_eighth_and_learn(strategy):
+    extra = ["strategy.phi=2", "strategy.min_round_to_adjust=0"] if strategy == "fedlama" else []
+    _, dense = _run(f"strategy={strategy}", *extra)
+    _, coded = _run(f"strategy={strategy}", *extra, "codec.up_bits=4", "codec.down_bits=4")
+    assert coded["rejected_replies"] == 0
+    total, dense_total = coded["bytes_up"] + coded["bytes_down"], dense["bytes_up"] + dense["bytes_down"]
+    assert total < 0.15 * dense_total
+    # the FedAvg equivalent stays the dense model (the codec's few config bytes aside)
+    assert coded["fedavg_bytes_total"] == pytest.approx(dense["fedavg_bytes_total"], rel=1e-4)
+    assert coded["final_accuracy"] > dense["final_accuracy"] - 0.05
+
+
+class ForgetfulGrid(InProcessGrid):
+    """A node loses its whole state (a restart without its state folder) before round ``forget_at``."""
+
+    forget: tuple[int, int] = (0, 0)
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        server_round, node = self.forget
+        if any(m.metadata.message_type == "train" and int(m.content["config"]["server-round"]) == server_round for m in messages):
+            self.contexts[node].state = RecordDict()
+            self.forget = (0, 0)
+        return super().push_messages(messages)
+
+
+def test_a_client_that_lost_its_reference_gets_a_dense_resync_then_continues_compressed(tmp_path):
+    cfg = compose_config([*COMMON, f"output_dir={tmp_path}", "run_name=run", "federation.rounds=5",
+                          "codec.up_bits=4", "codec.down_bits=4"])
+    from fedlayer.client.app import make_client_app
+    from fedlayer.server.loop import FederatedRun
+    from fedlayer.server.rundir import RunDirectory
+    from tests.inprocess import FIRST_NODE_ID
+
+    grid = ForgetfulGrid(make_client_app(cfg), 4, node_config=lambda p: {"partition-id": p, "num-partitions": 4})
+    grid.forget = (3, FIRST_NODE_ID + 1)
+    summary = FederatedRun(cfg).run(grid)
+    records = RunDirectory(tmp_path / "run").read_metrics()
+    # round 3: it refuses the download encoded against a reference it no longer holds
+    assert [r["rejected"] for r in records] == [0, 0, 1, 0, 0]
+    # round 4: a dense resync (the whole reference), counted; round 5: compressed again
+    assert [r["codec_resyncs"] for r in records] == [0, 0, 0, 1, 0] and summary["codec_resyncs"] == 1
+    assert records[3]["bytes_down"] > 2 * records[4]["bytes_down"]
+    assert records[4]["rejected"] == 0 and records[4]["replies"] == 4
+    assert summary["final_accuracy"] > 0.5
+
+
+def test_codec_bits_are_checked_and_name_the_field():
+    for field in ("up_bits", "down_bits"):
+        cfg = compose_config(["dataset=digits", "model=cnn", f"codec.{field}=3"])
+        with pytest.raises(ConfigError) as err:
+            build_strategy(cfg, load_workload(cfg, 2))
+        assert err.value.field == f"codec.{field}"
+
+
+def test_32_bits_is_todays_wire():
+    """The default sends no codec keys at all (the fingerprints test checks the results bitwise)."""
+    cfg = compose_config(["dataset=digits", "model=cnn"])
+    strategy = build_strategy(cfg, load_workload(cfg, 2))
+    assert strategy.codec is None
+    strategy.client_of = {1: 0}
+    (message,) = strategy.configure_train(1, [1])
+    assert not any(key.startswith("codec") for key in message.content["config"]) and list(message.content) == ["config", "arrays"]
+    assert states_equal({k: v.numpy() for k, v in message.content["arrays"].items()}, strategy.global_state)
