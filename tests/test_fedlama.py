@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, MessageType, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 
+from fedlayer.client.app import make_client_app
 from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError
 from fedlayer.layers import (
@@ -22,22 +23,24 @@ from fedlayer.layers import (
     torch_state_to_numpy,
 )
 from fedlayer.methods import METHODS
-from fedlayer.methods.client import ClientRuntime, load_local_model, standard_train
+from fedlayer.methods.client import ClientRuntime, load_local_model
 from fedlayer.methods.fedavg import FedAvgStrategy
 from fedlayer.methods.fedlama import (
     FedLAMAStrategy,
+    fedlama_train,
     layer_discrepancy,
     long_interval_layers,
 )
 from fedlayer.methods.replies import validate_train_reply
 from fedlayer.server.builder import build_strategy
+from fedlayer.server.loop import FederatedRun
 from fedlayer.server.rundir import RunDirectory
 from fedlayer.traffic import ByteLedger
 from fedlayer.traffic.size import object_tree_bytes
 from fedlayer.training import train_steps
 from fedlayer.workload import load_workload
 from tests.conftest import make_reply, small_state
-from tests.inprocess import run_in_process
+from tests.inprocess import FIRST_NODE_ID, InProcessGrid, run_in_process
 
 ALL = ["blocks.0.conv", "blocks.0.bn", "head.fc"]
 
@@ -74,10 +77,53 @@ def test_discrepancy_is_weighted_squared_norm_per_step_and_scalar():
     average = select(base, layers, ["head.fc"])  # (20 a + 10 b) / 30 = base
     # ||u - a||^2 / dim = 1, ||u - b||^2 / dim = 4; p = 2/3, 1/3 -> 2; over 5 steps -> 0.4
     assert layer_discrepancy(average, replies, layers, "head.fc", steps=5) == pytest.approx(0.4, rel=1e-6)
-    # bn: the int counter is not a dimension; only its 16 floats count
+    # bn: only its 8 trainable floats count (not the running statistics, not the int counter)
     average = select(base, layers, ["blocks.0.bn"])
     assert layer_discrepancy(average, replies, layers, "blocks.0.bn", steps=1) == pytest.approx(2.0, rel=1e-6)
     assert layer_discrepancy(average, [], layers, "blocks.0.bn", steps=1) is None
+
+
+def test_discrepancy_and_dim_leave_batchnorm_statistics_out():
+    """d_l and dim_l cover trainable parameters (the reference's trainable variables), not BatchNorm buffers."""
+    layers = ModelLayers.from_state(small_state())
+    base = small_state(0)
+    average = select(base, layers, ["blocks.0.bn"])
+
+    def replies(keys, shift):
+        shifted = [{k: v + np.float32(sign * shift) if k in keys else v for k, v in base.items()} for sign in (1, -1)]
+        return [validate_train_reply(make_reply(node, state, 10), layers) for node, state in enumerate(shifted, 1)]
+
+    statistics = ["blocks.0.bn.running_mean", "blocks.0.bn.running_var"]
+    assert layer_discrepancy(average, replies(statistics, 3.0), layers, "blocks.0.bn", steps=1) == 0.0
+    # weight and bias off by +-1: ||u - x||^2 = 8 over dim_l = 8 (4 weights, 4 biases)
+    affine = ["blocks.0.bn.weight", "blocks.0.bn.bias"]
+    assert layer_discrepancy(average, replies(affine, 1.0), layers, "blocks.0.bn", steps=1) == pytest.approx(1.0, rel=1e-6)
+    assert FedLAMAStrategy(base).sizes == {"blocks.0.conv": 40, "blocks.0.bn": 8, "head.fc": 51}
+
+
+def test_layer_of_buffers_only_is_averaged_every_round_and_never_measured():
+    base = small_state(0)
+    rng = np.random.default_rng(5)
+    statistics = {
+        "blocks.1.norm.running_mean": rng.standard_normal(4).astype(np.float32),
+        "blocks.1.norm.running_var": rng.random(4).astype(np.float32),
+        "blocks.1.norm.num_batches_tracked": np.array(0, dtype=np.int64),
+    }
+    keys = list(base)
+    initial = {**{k: base[k] for k in keys[:7]}, **statistics, **{k: base[k] for k in keys[7:]}}
+    lama = FedLAMAStrategy(initial, phi=2, tau_prime=1, min_round_to_adjust=0)
+    assert lama.sizes["blocks.1.norm"] == 0
+    for server_round in (1, 2):
+        _messages(lama, server_round, [1, 2, 3])
+        replies = _replies(lama.plans, lama.global_state, lama.layers, server_round)
+        lama.aggregate_train(server_round, replies)
+        states = [(from_arrayrecord(r.content["arrays"]), r.content["metrics"]["num-examples"]) for r in replies]
+        mean = sum(s["blocks.1.norm.running_mean"] * n for s, n in states) / sum(n for _, n in states)
+        np.testing.assert_allclose(lama.global_state["blocks.1.norm.running_mean"], mean, rtol=1e-5)
+    record = lama.round_record(2)
+    assert record["reassigned"] and record["discrepancy"]["blocks.1.norm"] is None
+    assert lama.intervals["blocks.1.norm"] == 1 and max(lama.intervals.values()) == 2
+    assert "blocks.1.norm" in lama.plan(3, 1).request and "blocks.1.norm" in lama.plan(4, 1).send
 
 
 # ------------------------------------------------------------------ phi = 1 is FedAvg
@@ -212,9 +258,35 @@ def test_config_checks_name_the_field():
         assert err.value.field == field
 
 
+def _error_reply(node: int) -> Message:
+    """What the server pulls when a node's ClientApp raised."""
+    sent = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(Error(code=0, reason="RuntimeError: FedLAMA: this node holds no model of its own"), reply_to=sent)
+
+
+def test_a_node_whose_reply_is_refused_gets_every_layer_next_time():
+    lama = FedLAMAStrategy(small_state(0), phi=4, tau_prime=1)
+    lama.intervals["head.fc"] = 4
+    every, partial = set(lama.layers.keys), set(lama.layers.keys_of(["blocks.0.conv", "blocks.0.bn"]))
+
+    def train_round(server_round, refused=()):
+        sent = _messages(lama, server_round, [1, 2, 3])
+        replies = [r for r in _replies(lama.plans, lama.global_state, lama.layers, server_round) if r.metadata.src_node_id not in refused]
+        lama.aggregate_train(server_round, replies + [_error_reply(node) for node in refused])
+        return {node: _arrays(message) for node, message in sent.items()}
+
+    assert train_round(1) == {1: every, 2: every, 3: every}  # block start
+    assert train_round(2, refused=[2]) == {1: partial, 2: partial, 3: partial}
+    assert lama.rejections[-1].node_id == 2 and "client error" in lama.rejections[-1].reason
+    checkpoint = json.loads(json.dumps(lama.state_dict()))
+    assert train_round(3) == {1: partial, 2: every, 3: partial}
+    assert checkpoint["resend"] == [2]  # a resumed run still resends
+    assert train_round(4) == {1: partial, 2: partial, 3: partial}  # node 2 is back to normal
+
+
 # ------------------------------------------------------------------ client side
 def test_client_keeps_unsynchronised_layer_across_rounds():
-    assert METHODS["fedlama"].train is standard_train
+    assert METHODS["fedlama"].train is fedlama_train
     cfg = compose_config(["strategy=fedlama", "dataset=digits", "federation.num_clients=10", "train.local_steps=2"])
     runtime = ClientRuntime(cfg=cfg, partition_id=0, num_partitions=10, data_path=None, device=torch.device("cpu"))
     initial = torch_state_to_numpy(runtime.new_model().state_dict())
@@ -225,7 +297,7 @@ def test_client_keeps_unsynchronised_layer_across_rounds():
 
     def train(server_round):
         (message,) = lama.build_messages(server_round, {7: lama.plan(server_round, 7)}, MessageType.TRAIN)
-        return message.content, standard_train(runtime, message.content, context)
+        return message.content, fedlama_train(runtime, message.content, context)
 
     sent, reply = train(3)  # block start: everything down, fc1 not asked back
     assert set(fc1) <= set(sent["arrays"].keys()) and not set(fc1) & set(reply["arrays"].keys())
@@ -277,3 +349,51 @@ def test_simulation_phi2_keeps_long_layers_on_the_devices(tmp_path):
     assert long <= set(records[3]["layer_bytes_up"])  # round 4 closes the block: all layers back
     assert summary["traffic_ratio_vs_fedavg"] < 1.0
     assert (tmp_path / "phi2" / "intervals.png").stat().st_size > 1000
+
+
+class _RestartingClient:
+    """The real ClientApp whose node ``node`` loses ``context.state`` (a restart without
+    its state folder) before round ``restart``; notes what every train call started from."""
+
+    def __init__(self, app, node: int, restart: int, model_keys: frozenset[str]) -> None:
+        self.app, self.node, self.restart, self.model_keys = app, node, restart, model_keys
+        #: (round, node, held a kept model, received every layer, refused)
+        self.calls: list[tuple[int, int, bool, bool, bool]] = []
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        if message.metadata.message_type != MessageType.TRAIN:
+            return self.app(message, context)
+        server_round = int(message.content["config"]["server-round"])
+        if context.node_id == self.node and server_round == self.restart:
+            context.state = RecordDict()
+        kept = load_local_model(context) is not None
+        whole = "arrays" in message.content and set(message.content["arrays"].keys()) == self.model_keys
+        try:
+            reply = self.app(message, context)
+        except RuntimeError:
+            self.calls.append((server_round, context.node_id, kept, whole, True))
+            raise
+        self.calls.append((server_round, context.node_id, kept, whole, False))
+        return reply
+
+
+def test_restarted_client_refuses_then_gets_every_layer_and_never_trains_initial_values(tmp_path):
+    """phi=3: intervals set at round 3; round 4 opens a block; node 1 restarts before round 5 (mid-block)."""
+    cfg = compose_config([
+        "strategy=fedlama", "strategy.phi=3", "strategy.min_round_to_adjust=0", "dataset=digits", "model=cnn",
+        "federation.num_clients=3", "federation.rounds=6", "train.local_steps=2", "train.batch_size=16",
+        "evaluation.max_examples=100", f"output_dir={tmp_path}", "run_name=restart",
+    ])
+    run = FederatedRun(cfg)
+    restarted = FIRST_NODE_ID + 1
+    client = _RestartingClient(make_client_app(cfg), restarted, restart=5, model_keys=run.strategy.layers.keys_set)
+    run.run(InProcessGrid(client, 3, node_config=lambda p: {"partition-id": p, "num-partitions": 3}))
+    records = RunDirectory(tmp_path / "restart").read_metrics()
+
+    mine = {r: (kept, whole, refused) for r, node, kept, whole, refused in client.calls if node == restarted}
+    assert mine[5] == (False, False, True)  # a partial model and nothing kept: refused
+    assert mine[6] == (False, True, False)  # next round: every layer
+    assert records[4]["rejected"] == 1 and "holds no model" in run.strategy.rejections[-1].reason
+    assert all(r["rejected"] == 0 for i, r in enumerate(records) if i != 4)
+    # no node ever trained without a full model of its own or from the server
+    assert all(kept or whole for _, _, kept, whole, refused in client.calls if not refused)

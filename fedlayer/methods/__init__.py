@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from fedlayer.methods.base import LayerwiseStrategy, NodePlan
 from fedlayer.methods.client import ClientHandler, standard_evaluate, standard_train
 from fedlayer.methods.fedavg import FedAvgStrategy
-from fedlayer.methods.fedlama import FedLAMAStrategy
+from fedlayer.methods.fedlama import FedLAMAStrategy, fedlama_train
 from fedlayer.methods.fedlp import FedLPStrategy, fedlp_train
 from fedlayer.methods.fll import FLLStrategy, fll_evaluate, fll_train
 from fedlayer.methods.laq import LAQStrategy, laq_train
@@ -31,7 +31,7 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "fedavg": Method(FedAvgStrategy),
-    "fedlama": Method(FedLAMAStrategy),
+    "fedlama": Method(FedLAMAStrategy, train=fedlama_train),
     "fedlp": Method(FedLPStrategy, train=fedlp_train),
     "fll": Method(FLLStrategy, train=fll_train, evaluate=fll_evaluate),
     "laq": Method(LAQStrategy, train=laq_train),

@@ -8,15 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app import Context, Message, RecordDict
 from flwr.common.logger import log
 
 from fedlayer.errors import require
-from fedlayer.layers import ModelLayers, State
-from fedlayer.methods.base import LayerwiseStrategy, NodePlan, weighted_layer_average
-from fedlayer.methods.replies import TrainReply
+from fedlayer.layers import Layer, ModelLayers, State
+from fedlayer.methods.base import LayerwiseStrategy, NodePlan
+from fedlayer.methods.client import ClientRuntime, load_local_model, standard_train
+from fedlayer.methods.replies import ReplyRejected, TrainReply
+from fedlayer.protocol import ARRAYS
 
 #: Values of ``long_interval_tensors`` and whether fedlayer implements them.
 LONG_INTERVAL_TENSORS = {"whole_layer": True, "weights_only": False}
+#: Tensor names of module buffers (BatchNorm statistics): state, not trained parameters.
+BUFFERS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
 
 
 class FedLAMAStrategy(LayerwiseStrategy):
@@ -27,10 +32,16 @@ class FedLAMAStrategy(LayerwiseStrategy):
     1. At a block start, sample the block's cohort and send it every layer.
     2. In round ``r`` layer ``l`` is due iff ``r % tau_l == 0``, ``tau_l`` in ``{1, phi}``;
        only due layers come back, and only short-interval layers go down.
-    3. ``u_l = sum_i p_i x_l^i`` over the replies; ``d_l = sum_i p_i ||u_l - x_l^i||^2 / (tau_l dim_l)``.
+    3. ``u_l = sum_i p_i x_l^i`` over the replies; ``d_l = sum_i p_i ||u_l - x_l^i||^2 / (tau_l dim_l)``
+       over the layer's trainable parameters (BatchNorm statistics are averaged, not measured).
     4. At a block end after ``min_round_to_adjust``: sort layers by ``d_l``; the
        prefix up to the first ``k`` with ``delta_k >= 1 - lambda_k`` gets ``tau_l = phi``,
-       the rest 1 (``delta``: share of ``sum d_l dim_l``, ``lambda``: share of parameters).
+       the rest 1 (``delta``: share of ``sum d_l dim_l``, ``lambda``: share of parameters);
+       layers without parameters (buffers only) stay at 1.
+
+    A node whose reply is refused (a client restarted without its state folder
+    refuses to train on a partial model, see ``fedlama_train``) is sent every
+    layer the next time it trains.
 
     Parameters
     ----------
@@ -47,7 +58,8 @@ class FedLAMAStrategy(LayerwiseStrategy):
         ``r - 1 > min_round_to_adjust``; until then every layer syncs every round.
     long_interval_tensors : str
         ``whole_layer`` (the paper: a layer's tensors share one interval);
-        ``weights_only`` (the reference code's kernels-only intervals) is refused.
+        ``weights_only`` (the reference code's intervals per tensor, long for
+        kernels only) is refused: fedlayer moves whole modules.
     **base
         ``LayerwiseStrategy`` arguments (sampling, seed).
     """
@@ -81,12 +93,10 @@ class FedLAMAStrategy(LayerwiseStrategy):
         self.intervals: dict[str, int] = {name: 1 for name in self.layers.names}
         self.discrepancy: dict[str, float | None] = {name: None for name in self.layers.names}
         self.cohort: list[int] = []
-        self.sizes = {
-            layer.name: sum(
-                int(np.prod(s)) for s, d in zip(layer.shapes, layer.dtypes) if np.issubdtype(np.dtype(d), np.floating)
-            )
-            for layer in self.layers
-        }
+        #: client ids whose last reply was refused: their next message carries every layer
+        self.resend: set[int] = set()
+        #: dim_l: trainable scalars per layer
+        self.sizes = {layer.name: parameter_size(layer) for layer in self.layers}
         self._record: dict[str, Any] = {}
 
     # ------------------------------------------------------------ schedule
@@ -112,9 +122,10 @@ class FedLAMAStrategy(LayerwiseStrategy):
         return [node for node in node_ids if self.client_id(node) in members]
 
     def plan(self, server_round: int, node_id: int) -> NodePlan:
-        """Down: everything at a block start, else the layers averaged last round
-        (the short-interval ones). Up: the layers due this round."""
-        if self.block_start(server_round):
+        """Down: everything at a block start or to a node whose last reply was
+        refused, else the layers averaged last round (the short-interval ones).
+        Up: the layers due this round."""
+        if self.block_start(server_round) or self.client_id(node_id) in self.resend:
             send = self.layers.names
         else:
             send = [name for name in self.layers.names if self.intervals[name] == 1]
@@ -125,9 +136,19 @@ class FedLAMAStrategy(LayerwiseStrategy):
         self._record = {"intervals": dict(self.intervals), "synced": [], "reassigned": False}
 
     # ---------------------------------------------------------- aggregation
+    def validate(self, server_round: int, message: Message) -> TrainReply:
+        """Base checks; a node whose reply is refused may hold no model of its own
+        (it restarted without its state folder), so it is sent every layer the next time."""
+        try:
+            return super().validate(server_round, message)
+        except ReplyRejected:
+            self.resend.add(self.client_id(message.metadata.src_node_id))
+            raise
+
     def aggregate(self, server_round: int, replies: list[TrainReply]) -> State:
         """Average the due layers, measure their discrepancy, re-assign at block ends."""
-        update = weighted_layer_average(replies, self.layers, self.due(server_round))
+        self.resend -= {self.client_id(reply.node_id) for reply in replies}
+        update = self.average_layers(replies, self.due(server_round))
         synced = self.layers.layers_in(update.keys())
         for name in synced:
             steps = self.intervals[name] * max(self.tau_prime, 1)
@@ -139,9 +160,10 @@ class FedLAMAStrategy(LayerwiseStrategy):
 
     def reassign(self) -> bool:
         """New intervals from the latest discrepancies; False (unchanged) while
-        some layer has never been measured."""
-        measured = {name: d for name, d in self.discrepancy.items() if d is not None}
-        if len(measured) < len(self.layers):
+        some layer with parameters has never been measured."""
+        with_parameters = [name for name in self.layers.names if self.sizes[name] > 0]
+        measured = {name: d for name in with_parameters if (d := self.discrepancy[name]) is not None}
+        if len(measured) < len(with_parameters):
             return False
         long = set(long_interval_layers(measured, self.sizes))
         self.intervals = {name: self.phi if name in long else 1 for name in self.layers.names}
@@ -183,6 +205,7 @@ class FedLAMAStrategy(LayerwiseStrategy):
             "intervals": dict(self.intervals),
             "discrepancy": dict(self.discrepancy),
             "cohort": list(self.cohort),
+            "resend": sorted(self.resend),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -190,6 +213,7 @@ class FedLAMAStrategy(LayerwiseStrategy):
         self.intervals = {name: int(state["intervals"][name]) for name in self.layers.names}
         self.discrepancy = {name: state["discrepancy"].get(name) for name in self.layers.names}
         self.cohort = [int(node) for node in state["cohort"]]
+        self.resend = {int(client) for client in state.get("resend", [])}  # absent from older checkpoints
 
     def summary(self) -> None:
         super().summary()
@@ -197,24 +221,41 @@ class FedLAMAStrategy(LayerwiseStrategy):
 
 
 # --- the discrepancy and the interval rule ------------------------------------------
+def parameter_keys(layer: Layer) -> list[str]:
+    """The layer's trainable tensors: floating point and not a buffer.
+
+    FedLAMA's ``x_l`` are model parameters; in the reference code the
+    trainable variables, which exclude BatchNorm's running statistics. Those
+    are still averaged with their layer, but measure no drift of the model.
+    """
+    return [
+        key for key, dtype in zip(layer.keys, layer.dtypes)
+        if np.issubdtype(np.dtype(dtype), np.floating) and key.rsplit(".", 1)[-1] not in BUFFERS
+    ]
+
+
+def parameter_size(layer: Layer) -> int:
+    """``dim_l``: the number of trainable scalars of the layer."""
+    shapes = dict(zip(layer.keys, layer.shapes))
+    return sum(int(np.prod(shapes[key])) for key in parameter_keys(layer))
+
+
 def layer_discrepancy(
     average: State, replies: Sequence[TrainReply], layers: ModelLayers, name: str, steps: float
 ) -> float | None:
     """``d_l = sum_i p_i ||u_l - x_l^i||^2 / (tau_l * dim_l)`` over the replies holding ``name``.
 
     ``u_l`` is the new average, ``p_i`` the reply's share of the holders'
-    examples, ``tau_l`` = ``steps`` local steps since the last synchronisation,
-    ``dim_l`` the number of floating-point scalars of the layer (integer
-    counters such as ``num_batches_tracked`` are left out). None when no reply
-    holds the layer.
+    examples, ``tau_l`` = ``steps`` local steps since the last synchronisation;
+    norm and ``dim_l`` cover the layer's trainable parameters only (see
+    ``parameter_keys``). None when no reply holds the layer or it has no
+    parameters (nothing to measure).
     """
     holders = [r for r in replies if name in r.layer_names]
-    if not holders:
+    keys = parameter_keys(layers[name])
+    if not holders or not keys:
         return None
-    keys = [k for k in layers[name].keys if np.issubdtype(average[k].dtype, np.floating)]
     dim = sum(average[k].size for k in keys)
-    if dim == 0:
-        return 0.0
     total = float(sum(r.num_examples for r in holders))
     squared = 0.0
     for reply in holders:
@@ -247,3 +288,23 @@ def long_interval_layers(discrepancy: dict[str, float], sizes: dict[str, int]) -
         if delta >= 1.0 - acc_size / total_size:
             break
     return chosen
+
+
+# --- client half ----------------------------------------------------------------
+def fedlama_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> RecordDict:
+    """The standard client, refusing to train on a partial model when it kept none.
+
+    Layers not sent this round are the node's own copies, still training since
+    their last synchronisation. A node restarted without its state folder has
+    none: trained from initial values they would enter the next average. It
+    raises instead (Flower replies with an error), and the strategy sends it
+    every layer the next time.
+    """
+    arrays = content.array_records.get(ARRAYS)
+    received = set(arrays.keys()) if arrays is not None else set()
+    if load_local_model(context) is None and received != runtime.layers.keys_set:
+        raise RuntimeError(
+            "FedLAMA: this node holds no model of its own and was sent only some layers "
+            "(restarted without its state folder?); it will be sent every layer next time"
+        )
+    return standard_train(runtime, content, context)
