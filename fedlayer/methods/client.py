@@ -2,9 +2,9 @@
 
 A client handler turns a received message's content into a reply. The
 standard one serves every method whose client trains the model it has and
-returns the layers asked for (FedAvg, FedLAMA, pFedLA, local-only); methods
-with client logic of their own (FedLP, LAQ, FLL) define theirs next to their
-strategy.
+returns the layers asked for (FedAvg, pFedLA, local-only; FedLAMA's refuses
+first when it has lost its kept model); methods with client logic of their
+own (FedLP, LAQ, FLL) define theirs next to their strategy.
 """
 
 from __future__ import annotations
@@ -118,6 +118,12 @@ def save_local_model(context: Context, state: State) -> None:
     context.state[LOCAL_MODEL] = to_arrayrecord(state)
 
 
+def keep_if_asked(content: RecordDict, context: Context, state: State) -> None:
+    """Keep the node's model for its next round when the message says so (``keep-model``)."""
+    if bool(content[CONFIG].get(KEEP_MODEL, True)):
+        save_local_model(context, state)
+
+
 def load_memory(context: Context, name: str) -> ConfigRecord | None:
     """A method's small memory (scalars, bytes) kept under ``name``."""
     record = context.state.config_records.get(name)
@@ -165,8 +171,7 @@ def standard_train(runtime: ClientRuntime, content: RecordDict, context: Context
     seed = runtime.round_seed(server_round_of(content))
     metrics = train_steps(model, runtime.train_data, runtime.cfg.train, runtime.device, seed)
     state = torch_state_to_numpy(model.state_dict())
-    if bool(content[CONFIG].get(KEEP_MODEL, True)):
-        save_local_model(context, state)
+    keep_if_asked(content, context, state)
     metrics.update(runtime.reply_metrics(model))
     return reply_content(state, runtime.layers, requested_layers(content), metrics)
 

@@ -24,9 +24,9 @@ from fedlayer.methods.base import LayerwiseStrategy, NodePlan
 from fedlayer.methods.client import (
     ClientRuntime,
     current_state,
+    keep_if_asked,
     received_state,
     requested_layers,
-    save_local_model,
     server_round_of,
 )
 from fedlayer.methods.replies import ReplyRejected, TrainReply, validate_train_reply
@@ -39,7 +39,7 @@ from fedlayer.models.depth import (
     level_head_name,
     level_layers,
 )
-from fedlayer.protocol import ARRAYS, CONFIG, KEEP_MODEL
+from fedlayer.protocol import ARRAYS, CONFIG
 from fedlayer.training import Evaluator, num_local_steps, step_flops, train_steps
 
 HOMOGENEOUS = "homogeneous"
@@ -358,8 +358,7 @@ def fedlp_train(runtime: ClientRuntime, content: RecordDict, context: Context) -
     metrics.update(_train(runtime, net, server_round))
     metrics.update(_flop_metrics(runtime, net, runtime.new_model().to(runtime.device), int(metrics["local-steps"])))
     state = torch_state_to_numpy(model.state_dict())
-    if bool(config.get(KEEP_MODEL, True)):
-        save_local_model(context, state)
+    keep_if_asked(content, context, state)
     metrics.update(runtime.reply_metrics(net))
     reply = RecordDict({"metrics": MetricRecord(metrics)})
     arrays = select(state, runtime.layers, upload)

@@ -31,11 +31,11 @@ from fedlayer.methods.base import (
 )
 from fedlayer.methods.client import (
     ClientRuntime,
+    keep_if_asked,
     load_local_model,
     received_state,
     reply_content,
     requested_layers,
-    save_local_model,
     server_round_of,
 )
 from fedlayer.methods.replies import MAX_EXAMPLES, ReplyRejected, TrainReply
@@ -46,7 +46,7 @@ from fedlayer.models.staged import (
     frozen_layer_names,
     stage_layer_names,
 )
-from fedlayer.protocol import CONFIG, KEEP_MODEL, METRICS, NUM_EXAMPLES, PARTITION_ID
+from fedlayer.protocol import CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fedlayer.training import (
     Evaluator,
     evaluate,
@@ -492,8 +492,7 @@ def fll_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> 
     seed = runtime.round_seed(server_round_of(content))
     metrics.update(train_stage(net, stage, runtime, seed, p_drop, objective, temperature, data=train))
     state = torch_state_to_numpy(net.state_dict())
-    if bool(config.get(KEEP_MODEL, True)):
-        save_local_model(context, state)
+    keep_if_asked(content, context, state)
     if objective == "supervised":
         local = evaluate(net, runtime.test_data, runtime.device, forward=lambda x: net.forward_stage(x, stage))
         metrics.update({"local-test-accuracy": local["accuracy"], "local-test-loss": local["loss"]})
