@@ -59,15 +59,23 @@ def run_one(overrides: list[str], log_path: Path) -> dict[str, Any] | None:
     return json.loads((Path(summary_path) / "summary.json").read_text()) if summary_path else None
 
 
-def run_suite(suite: dict[str, Any], out: Path) -> list[dict[str, Any]]:
-    """Run every variant in every setting; write results as they come."""
+def run_suite(suite: dict[str, Any], out: Path, keep: bool = False) -> list[dict[str, Any]]:
+    """Run every variant in every setting; write results as they come.
+
+    ``keep``: runs already in ``out/results.json`` are kept, not run again
+    (to complete a suite after a failed or interrupted run).
+    """
     out.mkdir(parents=True, exist_ok=True)
-    results: list[dict[str, Any]] = []
+    previous = json.loads((out / "results.json").read_text()) if keep and (out / "results.json").exists() else []
+    results: list[dict[str, Any]] = list(previous)
+    done = {(r["variant"], r["setting"]) for r in previous}
     jobs = [(s, name, v) for s in settings(suite["grid"]) for name, v in suite["variants"].items()]
     started = time.time()
     for index, (setting, name, variant) in enumerate(jobs, 1):
         overrides = [*suite["common"], *setting, *variant, f"output_dir={out / 'runs'}"]
         label = " ".join(setting) or "default"
+        if (name, label) in done:
+            continue
         print(f"[{index}/{len(jobs)}] {name} | {label} | {time.time() - started:.0f} s elapsed", flush=True)
         summary = run_one(overrides, out / f"run-{index:03d}.log")
         if summary is None:
@@ -91,11 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("suite", type=Path, help="suite YAML file (see benchmarks/suites)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench-out/<suite name>)")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run, e.g. federation.rounds=3")
+    parser.add_argument("--keep", action="store_true", help="keep the runs already in <out>/results.json; run the rest")
     args = parser.parse_args(argv)
     suite = load_suite(args.suite)
     suite["common"] = [*suite["common"], *args.set]
     out = args.out or Path("bench-out") / args.suite.stem
-    run_suite(suite, out)
+    run_suite(suite, out, keep=args.keep)
     print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'accuracy_vs_bytes.png'}")
 
 
