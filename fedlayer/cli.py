@@ -29,6 +29,10 @@ from fedlayer.server.rundir import default_run_name
 from fedlayer.workload import load_workload
 
 
+class SimulationFailed(RuntimeError):
+    """The simulation stopped before the end of its run."""
+
+
 def simulate(overrides: Sequence[str]) -> dict[str, Any]:
     """Run one simulation with these Hydra overrides; return its summary."""
     from flwr.simulation import run_simulation
@@ -44,19 +48,22 @@ def simulate(overrides: Sequence[str]) -> dict[str, Any]:
         cfg.client_state_dir = str(Path(cfg.output_dir).resolve() / cfg.run_name / "client-state")
     summary_path = Path(cfg.output_dir).resolve() / cfg.run_name / "summary.json"
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    error = summary_path.with_name("error.txt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(
-            server_app=make_server_app(cfg),  # server and clients share this resolved config
-            client_app=make_client_app(cfg),
-            num_supernodes=int(cfg.federation.num_clients),
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"logging_level": logging.WARNING, "log_to_driver": True},
-            },
-        )
+        try:
+            run_simulation(
+                server_app=make_server_app(cfg),  # server and clients share this resolved config
+                client_app=make_client_app(cfg),
+                num_supernodes=int(cfg.federation.num_clients),
+                backend_config=backend_config(cfg),
+            )
+        except Exception:  # the ServerApp's exception, re-raised by the engine
+            if error.exists():  # a stop the run explained (error.txt): say that, not the traceback
+                raise SimulationFailed(error.read_text().strip()) from None
+            raise
     if not summary_path.exists():
-        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
+        raise SimulationFailed(f"the simulation ended without writing {summary_path}; see the log above")
     summary = json.loads(summary_path.read_text())
     print(f"fedlayer: run directory {summary['run_dir']}")
     print(
@@ -67,6 +74,17 @@ def simulate(overrides: Sequence[str]) -> dict[str, Any]:
     return summary
 
 
+def backend_config(cfg: DictConfig) -> dict[str, Any]:
+    """Flower's Ray backend config: each client's resources, and the cluster to join (``simulation.*``)."""
+    init_args: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if cfg.simulation.ray_address:
+        init_args["address"] = str(cfg.simulation.ray_address)
+    return {
+        "client_resources": {"num_cpus": float(cfg.simulation.client_cpus), "num_gpus": float(cfg.simulation.client_gpus)},
+        "init_args": init_args,
+    }
+
+
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
     try:
@@ -74,6 +92,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"fedlayer-sim: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except SimulationFailed as err:
+        print(f"fedlayer-sim: error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:

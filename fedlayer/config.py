@@ -132,7 +132,7 @@ def _load_option(group: str, option: str) -> DictConfig:
 
 def _field_in(message: str) -> str:
     for token in message.replace("'", " ").split():
-        if "." in token and token.split(".")[0] in GROUPS + ("train", "evaluation", "aggregation", "codec"):
+        if "." in token and token.split(".")[0] in GROUPS + ("train", "evaluation", "aggregation", "codec", "simulation"):
             return token.rstrip(":,")
     return "overrides"
 
@@ -151,6 +151,9 @@ _RULES: list[Rule] = [
     ("train.local_steps", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0"),
     ("checkpoint_keep", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
     ("aggregation.norm_guard", lambda v: isinstance(v, bool), "must be true or false"),
+    ("simulation.ray_address", lambda v: v is None or (isinstance(v, str) and (v == "auto" or ":" in v)), "must be null, auto or host:port"),
+    ("simulation.client_cpus", lambda v: isinstance(v, (int, float)) and v > 0, "must be > 0"),
+    ("simulation.client_gpus", lambda v: isinstance(v, (int, float)) and v >= 0, "must be >= 0"),
     ("evaluation.every", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
     ("evaluation.max_examples", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0"),
     ("dataset.partition.scheme", lambda v: v in ("iid", "dirichlet", "pathological"), "must be iid, dirichlet or pathological"),

@@ -12,6 +12,8 @@ ARRAYS = "arrays"
 PAYLOAD = "payload"
 METRICS = "metrics"
 TRAFFIC = "traffic"
+#: Where a train reply was computed: hostname (and Ray node id in simulation).
+HOST = "host"
 #: A dense resync's whole reference (codec stage; see ``fedlayer.codec``).
 CODEC_REFERENCE = "codec-reference"
 #: Records that carry model payload (dense layers, compressed updates), as

@@ -134,7 +134,8 @@ def run_in_process(cfg: DictConfig, **grid_options: Any) -> tuple[FederatedRun, 
     num_clients = int(cfg.federation.num_clients)
     grid = InProcessGrid(
         make_client_app(cfg), num_clients,
-        node_config=lambda p: {"partition-id": p, "num-partitions": num_clients}, **grid_options,
+        # a fixed host name, so message sizes repeat on every machine
+        node_config=lambda p: {"partition-id": p, "num-partitions": num_clients, "host": "in-process"}, **grid_options,
     )
     run = FederatedRun(cfg)
     return run, run.run(grid)

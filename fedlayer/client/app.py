@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from fedlayer.client.runtime import (
     client_config,
     client_runtime,
+    host_record,
     node_client_id,
     state_files,
 )
@@ -18,6 +19,7 @@ from fedlayer.methods.client import server_round_of
 from fedlayer.protocol import (
     CLIENT_ID,
     CONFIG,
+    HOST,
     METHOD,
     METRICS,
     NO_PARTITION,
@@ -60,6 +62,7 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
         runtime = client_runtime(context, run_cfg, client_id, files)
         content, codec = open_download(message.content, context, lambda: initial_state(run_cfg, runtime.train_data), train=True)
         reply = close_upload(handler(runtime, content, context), codec, context)
+        reply[HOST] = host_record(context)
         if files is not None:
             files.save(context, server_round)
         return Message(reply, reply_to=message)

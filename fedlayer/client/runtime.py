@@ -9,10 +9,12 @@ model are cached per process by ``fedlayer.workload``.
 from __future__ import annotations
 
 import functools
+import socket
+import sys
 from pathlib import Path
 
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from omegaconf import DictConfig
 
 from fedlayer.client.state import NodeStateFiles
@@ -103,3 +105,12 @@ def state_files(context: Context, cfg: DictConfig, client_id: int) -> NodeStateF
         return None
     kind = "partition" if PARTITION_ID in context.node_config else "client"
     return NodeStateFiles(Path(folder) / f"{kind}-{client_id:05d}")
+
+
+def host_record(context: Context) -> ConfigRecord:
+    """Where this call runs: the node config's ``host`` (else the hostname), and the Ray node in simulation."""
+    where = {"hostname": str(context.node_config.get("host", socket.gethostname()))}
+    ray = sys.modules.get("ray")  # imported by Flower's simulation engine only; never imported here
+    if ray is not None and ray.is_initialized():
+        where["ray-node-id"] = ray.get_runtime_context().get_node_id()
+    return ConfigRecord(where)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedlayer.data import ArrayDataset
 from fedlayer.methods import LayerwiseStrategy
 from fedlayer.methods.base import Rejection
+from fedlayer.protocol import HOST
 from fedlayer.server.builder import build_strategy
 from fedlayer.server.checkpoint import Checkpoint, CheckpointStore
 from fedlayer.server.exchange import exchange
@@ -24,6 +25,13 @@ from fedlayer.traffic import ByteLedger
 from fedlayer.traffic.size import trained_model_bytes
 from fedlayer.training import Evaluator
 from fedlayer.workload import build_configured_model, load_workload
+
+#: What Flower's Ray backend answers for a client whose actor died with its Ray node.
+ACTOR_DIED = "ActorDiedError"
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on; its last checkpoint stays, and ``resume=`` continues it."""
 
 
 class FederatedRun:
@@ -36,11 +44,15 @@ class FederatedRun:
         self.ledger = ByteLedger(self.strategy.layers, trained_model_bytes(self.strategy.global_state))
         self.evaluator = central_evaluator(cfg, workload.central_test)
         self.rundir = RunDirectory.create(cfg)
+        self.rundir.clear_error()
         self.strategy.attach_run_dir(self.rundir.path)
         self.checkpoints = CheckpointStore(self.rundir.path, keep=int(cfg.checkpoint_keep))
         self.last_accuracy: float | None = None
         self.last_local_accuracy: float | None = None
         self.elapsed_before = 0.0
+        #: hostname -> client ids whose train replies came from it; Ray node ids seen
+        self.hosts: dict[str, set[int]] = {}
+        self.ray_nodes: set[str] = set()
         self.first_round = 1
         if cfg.resume:
             self.restore()
@@ -60,6 +72,8 @@ class FederatedRun:
         self.last_accuracy = extra["last_accuracy"]
         self.last_local_accuracy = extra["last_local_accuracy"]
         self.elapsed_before = float(extra["wall_seconds"])
+        self.hosts = {host: set(clients) for host, clients in extra.get("hosts", {}).items()}
+        self.ray_nodes = set(extra.get("ray_nodes", []))
         self.first_round = checkpoint.round + 1
         self.rundir.truncate_metrics(checkpoint.round)
         log(INFO, "resume: continuing %s after round %d", self.rundir.path, checkpoint.round)
@@ -77,6 +91,8 @@ class FederatedRun:
                     "last_accuracy": self.last_accuracy,
                     "last_local_accuracy": self.last_local_accuracy,
                     "wall_seconds": elapsed,
+                    "hosts": {host: sorted(clients) for host, clients in self.hosts.items()},
+                    "ray_nodes": sorted(self.ray_nodes),
                 },
             )
         )
@@ -88,7 +104,11 @@ class FederatedRun:
         self.strategy.summary()
         started = time.time() - self.elapsed_before
         for server_round in range(self.first_round, rounds + 1):
-            record = self.run_round(grid, server_round, last=server_round == rounds)
+            try:
+                record = self.run_round(grid, server_round, last=server_round == rounds)
+            except RunStopped as stopped:
+                self.rundir.write_error(str(stopped))
+                raise
             nonfinite = self.rundir.append_metrics(record)
             if nonfinite:
                 log(WARNING, "round %d: non-finite metrics written as null: %s", server_round, ", ".join(nonfinite))
@@ -138,6 +158,8 @@ class FederatedRun:
         rejected_before = len(self.strategy.rejections)
         train_messages = self.strategy.configure_train(server_round, self.connected_nodes(grid))
         replies = self._exchange(grid, train_messages, server_round)
+        self.note_hosts(replies)
+        self.stop_if_ray_nodes_died(server_round, replies)
         answered = sum(not reply.has_error() for reply in replies)
         record: dict[str, Any] = {"round": server_round, "replies": len(replies), "error_replies": len(replies) - answered}
         if answered >= int(self.cfg.federation.min_replies):
@@ -176,6 +198,31 @@ class FederatedRun:
         record["seconds"] = time.time() - started
         return record
 
+    def stop_if_ray_nodes_died(self, server_round: int, replies: list[Any]) -> None:
+        """Stop (``RunStopped``) when clients' Ray actors died: a Ray node left the cluster.
+
+        Flower's actor pool keeps handing work to the dead actors, so going on
+        would reject those clients' replies every round. The round is not
+        aggregated; the run resumes from the previous round's checkpoint.
+        """
+        died = [r for r in replies if r.has_error() and ACTOR_DIED in str(r.error.reason)]
+        if died:
+            raise RunStopped(
+                f"round {server_round}: the Ray actors of {len(died)} clients died (a Ray node left the cluster); "
+                f"the run stopped after round {server_round - 1}: continue it with resume={self.rundir.path}"
+            )
+
+    def note_hosts(self, replies: list[Any]) -> None:
+        """Remember where each client's train replies were computed (the ``host`` record)."""
+        for reply in replies:
+            record = None if reply.has_error() else reply.content.config_records.get(HOST)
+            if record is None:
+                continue
+            client = self.strategy.client_id(reply.metadata.src_node_id)
+            self.hosts.setdefault(str(record.get("hostname")), set()).add(client)
+            if "ray-node-id" in record:
+                self.ray_nodes.add(str(record["ray-node-id"]))
+
     def summary(self, wall_seconds: float) -> dict[str, Any]:
         """The run's headline numbers."""
         cfg = self.cfg
@@ -202,6 +249,8 @@ class FederatedRun:
             "dropped_updates": len(self.strategy.dropped_rounds),
             "nonfinite_metrics": sum(len(r.get("nonfinite", [])) for r in self.rundir.read_metrics()),
             "wall_seconds": wall_seconds,
+            "hosts": {host: sorted(clients) for host, clients in sorted(self.hosts.items())},
+            "ray_nodes": sorted(self.ray_nodes),
             "run_dir": str(self.rundir.path),
             "strategy_params": {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"},
         }

@@ -49,6 +49,7 @@ class RunDirectory:
         self.path = path
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = path / "metrics.jsonl"
+        self.error_path = path / "error.txt"
 
     @classmethod
     def create(cls, cfg: DictConfig) -> RunDirectory:
@@ -81,6 +82,15 @@ class RunDirectory:
         """Drop lines of rounds after ``last_round`` (work lost in a crash)."""
         kept = [r for r in self.read_metrics() if r["round"] <= last_round]
         atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    def write_error(self, message: str) -> Path:
+        """Write ``error.txt``: why the run stopped (the command line shows it)."""
+        atomic_write(self.error_path, (message + "\n").encode())
+        return self.error_path
+
+    def clear_error(self) -> None:
+        """Forget why an earlier attempt of this run stopped (it is being resumed)."""
+        self.error_path.unlink(missing_ok=True)
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         """Write ``summary.json``."""
