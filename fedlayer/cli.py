@@ -76,9 +76,10 @@ def simulate(overrides: Sequence[str]) -> dict[str, Any]:
 
 def backend_config(cfg: DictConfig) -> dict[str, Any]:
     """Flower's Ray backend config: each client's resources, and the cluster to join (``simulation.*``)."""
-    init_args: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if cfg.simulation.ray_address:
-        init_args["address"] = str(cfg.simulation.ray_address)
+    # "local": a Ray instance of this run's own, even when a cluster runs on this machine
+    # (Ray would otherwise join the newest cluster started here).
+    address = str(cfg.simulation.ray_address) if cfg.simulation.ray_address else "local"
+    init_args: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True, "address": address}
     return {
         "client_resources": {"num_cpus": float(cfg.simulation.client_cpus), "num_gpus": float(cfg.simulation.client_gpus)},
         "init_args": init_args,
