@@ -132,7 +132,7 @@ def _load_option(group: str, option: str) -> DictConfig:
 
 def _field_in(message: str) -> str:
     for token in message.replace("'", " ").split():
-        if "." in token and token.split(".")[0] in GROUPS + ("train", "evaluation", "aggregation", "codec", "simulation"):
+        if "." in token and token.split(".")[0] in GROUPS + ("train", "evaluation", "aggregation", "codec", "simulation", "server_state"):
             return token.rstrip(":,")
     return "overrides"
 

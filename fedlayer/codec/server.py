@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from fedlayer.clientstore import ClientStates
 from fedlayer.codec.tensors import DENSE, decode_state, encode_state
 from fedlayer.layers import State, copy_state, to_arrayrecord
 from fedlayer.protocol import (
@@ -37,12 +37,12 @@ from fedlayer.protocol import (
 class ServerCodec:
     """References and versions per client id; encodes downloads, decodes uploads."""
 
-    def __init__(self, initial_state: State, up_bits: int, down_bits: int) -> None:
+    def __init__(self, initial_state: State, up_bits: int, down_bits: int, budget_bytes: int | None = None) -> None:
         self.initial = copy_state(initial_state)
         self.up_bits = up_bits
         self.down_bits = down_bits
-        #: client -> its reference, for clients whose reference left the initial model
-        self.references: dict[int, State] = {}
+        #: client -> its reference, for clients whose reference left the initial model (on disk beyond the budget)
+        self.references = ClientStates("codec-references", budget_bytes)
         self.versions: dict[int, int] = {}
         #: client -> (version, reference) it holds once it answers this round's download
         self.pending: dict[int, tuple[int, State]] = {}
@@ -54,7 +54,7 @@ class ServerCodec:
         return self.up_bits != DENSE or self.down_bits != DENSE
 
     def reference(self, client: int) -> State:
-        return self.references.get(client, self.initial)
+        return self.references.get(client) or self.initial
 
     def start_round(self) -> None:
         """Forget downloads of earlier rounds that were never answered."""
@@ -83,7 +83,7 @@ class ServerCodec:
             self.pending[client] = (version + 1, {**reference, **rebuilt})
         return config, ({ARRAYS: record} if state else {}), rebuilt
 
-    def receive(self, client: int, reply: Message) -> None:
+    def receive(self, client: int, reply: Message, server_round: int) -> None:
         """Settle the client's download version from its reply, and decode its layers in place.
 
         Raises ``CodecError`` (a ``ValueError``) for layers that do not decode.
@@ -98,7 +98,7 @@ class ServerCodec:
         if held != version:  # it refused (lost its reference) or failed: resync it next time
             self.needs_resync.add(client)
             return
-        self.references[client] = reference
+        self.references.put(client, reference, server_round)
         self.versions[client] = version
         self.needs_resync.discard(client)
         if self.up_bits != DENSE and ARRAYS in reply.content.array_records:
@@ -106,13 +106,13 @@ class ServerCodec:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "references": {str(c): dict(s) for c, s in self.references.items()},
+            "references": self.references.state_dict(),
             "versions": {str(c): v for c, v in self.versions.items()},
             "needs_resync": sorted(self.needs_resync),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.references = {int(c): {k: np.asarray(v) for k, v in s.items()} for c, s in state["references"].items()}
+        self.references.load_state_dict(state["references"])
         self.versions = {int(c): int(v) for c, v in state["versions"].items()}
         self.needs_resync = {int(c) for c in state["needs_resync"]}
         self.pending = {}

@@ -131,6 +131,10 @@ class LayerwiseStrategy:
     codec_reference : State | None
         The model both ends start the codec's references from: the configured
         model's initial state, as a client builds it (None: ``initial_state``).
+    state_memory_mb : float | None
+        In-memory budget of per-client server state (LAQ's stored updates,
+        the codec's references); beyond it the states stay on disk in the run
+        directory (None: no limit).
     """
 
     method = "fedavg"
@@ -157,6 +161,7 @@ class LayerwiseStrategy:
         up_bits: int = DENSE,
         down_bits: int = DENSE,
         codec_reference: State | None = None,
+        state_memory_mb: float | None = None,
     ) -> None:
         require(aggregation_rule in RULES, "aggregation_rule", f"must be one of {list(RULES)}", aggregation_rule)
         require(
@@ -167,11 +172,14 @@ class LayerwiseStrategy:
         require(isinstance(norm_factor, (int, float)) and (norm_factor == 0 or norm_factor >= 1), "norm_factor", "must be 0 (off) or >= 1", norm_factor)
         for name, bits in (("up_bits", up_bits), ("down_bits", down_bits)):
             require(bits in BITS and not isinstance(bits, bool), name, f"must be one of {list(BITS)}", bits)
+        require(state_memory_mb is None or (isinstance(state_memory_mb, (int, float)) and state_memory_mb >= 0),
+                "state_memory_mb", "must be null or >= 0", state_memory_mb)
+        self.state_budget_bytes = None if state_memory_mb is None else int(state_memory_mb * 2**20)
         require(isinstance(fraction_train, (int, float)) and 0 < fraction_train <= 1, "fraction_train", "must be in (0, 1]", fraction_train)
         require(isinstance(min_train_nodes, int) and min_train_nodes >= 1, "min_train_nodes", "must be an integer >= 1", min_train_nodes)
         require(isinstance(fraction_evaluate, (int, float)) and 0 <= fraction_evaluate <= 1, "fraction_evaluate", "must be in [0, 1]", fraction_evaluate)
         self.global_state: State = copy_state(initial_state)
-        codec = ServerCodec(self.global_state if codec_reference is None else codec_reference, up_bits, down_bits)
+        codec = ServerCodec(self.global_state if codec_reference is None else codec_reference, up_bits, down_bits, self.state_budget_bytes)
         self.codec: ServerCodec | None = codec if codec.active else None
         self.layers = ModelLayers.from_state(self.global_state)
         self.fraction_train = fraction_train
@@ -258,8 +266,10 @@ class LayerwiseStrategy:
         return {}
 
     def attach_run_dir(self, run_dir: Path) -> None:
-        """Called with the run directory before round 1; methods that keep
-        large state on disk (pFedLA's per-client models) put it there."""
+        """Called with the run directory before round 1; per-client state
+        goes on disk there (pFedLA's models, LAQ's updates, the codec's references)."""
+        if self.codec is not None:
+            self.codec.references.attach(Path(run_dir) / "server-state")
 
     def write_artifacts(self, run_dir: Path, records: list[dict[str, Any]]) -> None:
         """Method-specific plots/files written at the end of a run (none here)."""
@@ -430,7 +440,7 @@ class LayerwiseStrategy:
                 node = message.metadata.src_node_id
                 if node in answered:  # one reply per node and round: a second one is never averaged in
                     raise ReplyRejected(node, "a second reply to the same round")
-                self.decode_reply(node, message)
+                self.decode_reply(server_round, node, message)
                 reply = self.validate(server_round, message)
                 self.check_identity(reply)
                 valid.append(reply)
@@ -440,12 +450,12 @@ class LayerwiseStrategy:
         valid = self.guard_update_norms(server_round, valid)
         return sorted(valid, key=lambda r: (r.node_id not in self.client_of, self.client_id(r.node_id), r.node_id))
 
-    def decode_reply(self, node: int, message: Message) -> None:
+    def decode_reply(self, server_round: int, node: int, message: Message) -> None:
         """Codec stage: settle the node's reference version, decode its layers in place."""
         if self.codec is None:
             return
         try:
-            self.codec.receive(self.client_id(node), message)
+            self.codec.receive(self.client_id(node), message, server_round)
         except ValueError as err:  # CodecError, or a dense array that does not decode
             raise ReplyRejected(node, f"codec: {err}") from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from logging import INFO
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from flwr.app import (
 )
 from flwr.common.logger import log
 
+from fedlayer.clientstore import ClientStates
 from fedlayer.compression import EncodedTensor, LAQCodec, innovation_norm_sq
 from fedlayer.compression.quantize import squared_distance
 from fedlayer.errors import ParameterError, require
@@ -147,7 +149,8 @@ class LAQStrategy(LayerwiseStrategy):
         self.batch_size = batch_size
         self.shapes = {key: tuple(value.shape) for key, value in self.global_state.items()}
         self.laq_codec = LAQCodec()
-        self.qhat: dict[int, State] = {}
+        #: client -> its last upload Qhat (on disk beyond the strategy's memory budget)
+        self.qhat = ClientStates("laq-qhat", self.state_budget_bytes)
         self.versions: dict[int, int] = {}
         self.history: list[float] = []  # ||theta^{k+1-d} - theta^{k-d}||^2, most recent first
         #: client -> the round of its last upload (the server's staleness clock)
@@ -157,6 +160,10 @@ class LAQStrategy(LayerwiseStrategy):
         self._record: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ hooks
+    def attach_run_dir(self, run_dir: Path) -> None:
+        super().attach_run_dir(run_dir)
+        self.qhat.attach(Path(run_dir) / "server-state")
+
     def drift(self) -> float:
         """``sum_{d=1..D} xi_d ||theta^{k+1-d} - theta^{k-d}||^2`` over the steps taken so far."""
         return self.xi / self.D * float(sum(self.history[: self.D]))
@@ -251,7 +258,7 @@ class LAQStrategy(LayerwiseStrategy):
                 continue
             if info["base"] == 0 and self.versions.get(client, 0) > 0:
                 record["resyncs"] += 1
-            self.qhat[client] = info["q"]
+            self.qhat.put(client, info["q"], server_round)
             self.versions[client] = info["base"] + 1
             self.last_upload[client] = server_round
             record["uploads"] += 1
@@ -278,16 +285,17 @@ class LAQStrategy(LayerwiseStrategy):
         """
         stale = [c for c in self.qhat if server_round - self.last_upload.get(c, 0) > self.tbar]
         for client in stale:
-            del self.qhat[client]
+            self.qhat.pop(client)
             self.versions[client] = 0
         return len(stale)
 
     def gradient_sum(self) -> State:
         """``grad = sum_m Qhat_m``, summed in partition order (zeros before any upload)."""
         grad = {key: np.zeros(shape, np.float32) for key, shape in self.shapes.items()}
-        for client in sorted(self.qhat):
+        for client in self.qhat.clients():
+            qhat = self.qhat[client]
             for key in grad:
-                grad[key] += self.qhat[client][key]
+                grad[key] += qhat[key]
         return grad
 
     def round_record(self, server_round: int) -> dict[str, Any]:
@@ -308,7 +316,7 @@ class LAQStrategy(LayerwiseStrategy):
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
-            "qhat": {str(client): dict(state) for client, state in self.qhat.items()},
+            "qhat": self.qhat.state_dict(),
             "versions": {str(client): version for client, version in self.versions.items()},
             "history": list(self.history),
             "last_upload": {str(client): r for client, r in self.last_upload.items()},
@@ -317,7 +325,7 @@ class LAQStrategy(LayerwiseStrategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.qhat = {int(client): {k: np.asarray(v, np.float32) for k, v in s.items()} for client, s in state["qhat"].items()}
+        self.qhat.load_state_dict(state["qhat"])
         self.versions = {int(client): int(version) for client, version in state["versions"].items()}
         self.history = [float(x) for x in state["history"]]
         self.last_upload = {int(client): int(r) for client, r in state["last_upload"].items()}

@@ -23,7 +23,7 @@ from fedlayer.workload import Workload, build_configured_model, initial_state
 #: ``LayerwiseStrategy`` arguments every strategy takes.
 BASE_ARGUMENTS = (
     "fraction_train", "min_train_nodes", "fraction_evaluate", "seed",
-    "aggregation_rule", "trim", "norm_factor", "up_bits", "down_bits",
+    "aggregation_rule", "trim", "norm_factor", "up_bits", "down_bits", "state_memory_mb",
 )
 #: Arguments filled from outside ``strategy.*``, and the field each one names in errors.
 BASE_FIELDS = {
@@ -36,6 +36,7 @@ BASE_FIELDS = {
     "norm_factor": "aggregation.norm_factor",
     "up_bits": "codec.up_bits",
     "down_bits": "codec.down_bits",
+    "state_memory_mb": "server_state.memory_mb",
     "num_clients": "federation.num_clients",
     "model": "model.name",
     "initial_state": "model.name",
@@ -63,6 +64,7 @@ def strategy_kwargs(cfg: DictConfig, model: LayeredModel) -> dict[str, Any]:
         "norm_factor": cfg.aggregation.norm_factor if cfg.aggregation.norm_guard else 0.0,
         "up_bits": cfg.codec.up_bits,
         "down_bits": cfg.codec.down_bits,
+        "state_memory_mb": cfg.server_state.memory_mb,
         "num_clients": int(federation.num_clients),
         "model": model,
     }

@@ -18,71 +18,15 @@ discards what the crashed round had already written.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from fedlayer.files import atomic_write, keep_newest
+from fedlayer.files import FileVersions, atomic_write
 from fedlayer.layers import ModelLayers, State
 
 STORE_DTYPE = np.dtype(np.float32)
-
-
-class FileVersions:
-    """One file per (client, version) under ``root``; an index says which version is current.
-
-    Writers get a path for a new version, write it (temp file + rename) and
-    ``commit`` it; readers ask for the current path. The ``keep`` newest
-    versions of a client stay on disk, so an older checkpoint (kept as a
-    fallback) still finds its files. Which versions are on disk is tracked in
-    memory (the folder is listed once, on restore), so a write costs no listing.
-    """
-
-    def __init__(self, root: Path, stem: str, suffix: str, keep: int = 3) -> None:
-        self.root = Path(root)
-        self.stem = stem
-        self.suffix = suffix
-        self.keep = keep
-        self.current: dict[int, int] = {}
-        self._on_disk: dict[int, list[int]] = {}
-        self._name = re.compile(rf"{re.escape(stem)}-(\d+)\.v(\d+){re.escape(suffix)}")
-
-    def _files(self) -> list[tuple[int, int]]:
-        """``(client, version)`` of every file on disk."""
-        if not self.root.exists():
-            return []
-        matches = (self._name.fullmatch(path.name) for path in self.root.iterdir())
-        return [(int(m.group(1)), int(m.group(2))) for m in matches if m]
-
-    def path(self, client: int, version: int) -> Path:
-        return self.root / f"{self.stem}-{client:05d}.v{version:06d}{self.suffix}"
-
-    def current_path(self, client: int) -> Path | None:
-        """The client's current file; None if it has none."""
-        version = self.current.get(client)
-        return None if version is None else self.path(client, version)
-
-    def commit(self, client: int, version: int) -> None:
-        """Make ``version`` current; drop versions beyond the ``keep`` newest."""
-        self.current[client] = version
-        kept = sorted({*self._on_disk.get(client, []), version})
-        keep_newest([self.path(client, v) for v in kept], self.keep)
-        self._on_disk[client] = kept[-self.keep :]
-
-    def state_dict(self) -> dict[str, int]:
-        return {str(client): version for client, version in self.current.items()}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restore the index; delete versions written after it (a crashed round's work)."""
-        self.current = {int(client): int(version) for client, version in state.items()}
-        self._on_disk = {}
-        for client, version in self._files():
-            if version > self.current.get(client, -1):
-                self.path(client, version).unlink(missing_ok=True)
-            else:
-                self._on_disk.setdefault(client, []).append(version)
 
 
 class ClientModelStore:

@@ -14,11 +14,11 @@ from flwr.app import MessageType
 from flwr.common.logger import log
 
 from fedlayer.errors import require
-from fedlayer.files import atomic_write
+from fedlayer.files import FileVersions, atomic_write
 from fedlayer.layers import State, select
 from fedlayer.methods.base import LayerwiseStrategy
 from fedlayer.methods.pfedla.hypernetwork import ClientHypernetwork, aggregation_weights
-from fedlayer.methods.pfedla.store import ClientModelStore, FileVersions
+from fedlayer.methods.pfedla.store import ClientModelStore
 from fedlayer.methods.replies import TrainReply
 
 
@@ -92,6 +92,7 @@ class PFedLAStrategy(LayerwiseStrategy):
 
     def attach_run_dir(self, run_dir: Path) -> None:
         """Keep client models and hypernetworks under ``run_dir/pfedla``."""
+        super().attach_run_dir(run_dir)
         self.workdir = Path(run_dir) / "pfedla"
         self.store = ClientModelStore(self.workdir / "models", self.layers, self.global_state)
         self.sent = ClientModelStore(self.workdir / "sent", self.layers, self.global_state)
@@ -328,8 +329,8 @@ class PFedLAStrategy(LayerwiseStrategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore; files a crashed later round wrote are discarded."""
-        super().load_state_dict(state)
         self.attach_run_dir(Path(state["workdir"]).parent)
+        super().load_state_dict(state)
         self.store.versions.load_state_dict(state["model_versions"])
         self.hn_files.load_state_dict(state["hypernetwork_versions"])
 
