@@ -181,3 +181,24 @@ def test_32_bits_is_todays_wire():
     (message,) = strategy.configure_train(1, [1])
     assert not any(key.startswith("codec") for key in message.content["config"]) and list(message.content) == ["config", "arrays"]
     assert states_equal({k: v.numpy() for k, v in message.content["arrays"].items()}, strategy.global_state)
+
+
+def test_a_round_below_min_replies_still_settles_the_codec_versions(tmp_path):
+    """Two of three clients fail in round 2 (min_replies=2): no aggregation, but the one
+    that replied committed its new reference, and the server knows it (no resync later)."""
+    from fedlayer.client.app import make_client_app
+    from fedlayer.server.loop import FederatedRun
+
+    cfg = compose_config([*COMMON, f"output_dir={tmp_path}", "run_name=run", "federation.num_clients=3",
+                          "federation.min_replies=2", "codec.up_bits=8", "codec.down_bits=8"])
+
+    class FailingGrid(InProcessGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            failing = any(m.metadata.message_type == "train" and int(m.content["config"]["server-round"]) == 2 for m in messages)
+            for p in (1, 2):  # a bad device in round 2 only
+                self.contexts[self.first_node_id + p].node_config["device"] = "tpu" if failing else "cpu"
+            return super().push_messages(messages)
+
+    summary = FederatedRun(cfg).run(FailingGrid(make_client_app(cfg), 3, node_config=lambda p: {"partition-id": p, "num-partitions": 3}))
+    assert summary["codec_resyncs"] == 0 and summary["rejected_replies"] == 2

@@ -33,6 +33,9 @@ from fedlayer.protocol import (
     METRICS,
 )
 
+#: The error a client answers with when it does not hold the version a download names.
+MISMATCH = "CodecMismatch"
+
 
 class ServerCodec:
     """References and versions per client id; encodes downloads, decodes uploads."""
@@ -92,10 +95,12 @@ class ServerCodec:
         if pending is None:
             return
         version, reference = pending
-        held = None
-        if not reply.has_error() and METRICS in reply.content.metric_records:
-            held = reply.content.metric_records[METRICS].get(CODEC_VERSION)
-        if held != version:  # it refused (lost its reference) or failed: resync it next time
+        if reply.has_error():  # a client commits only on success: it holds the old version...
+            if MISMATCH in str(reply.error.reason):  # ...unless it holds none the server knows
+                self.needs_resync.add(client)
+            return
+        metrics = reply.content.metric_records.get(METRICS)
+        if metrics is None or metrics.get(CODEC_VERSION) != version:
             self.needs_resync.add(client)
             return
         self.references.put(client, reference, server_round)

@@ -369,6 +369,18 @@ class LayerwiseStrategy:
             self.dropped_rounds.append(server_round)
         return weighted_mean([{**r.metrics, NUM_EXAMPLES: float(r.num_examples)} for r in valid])
 
+    def discard_train(self, server_round: int, replies: Iterable[Message]) -> None:
+        """Too few replies to aggregate: the model stays, error replies are counted, and
+        the codec learns which references the replying clients now hold (they committed them)."""
+        for message in replies:
+            node = message.metadata.src_node_id
+            try:
+                self.decode_reply(server_round, node, message)
+                if message.has_error():
+                    raise ReplyRejected(node, f"client error: {message.error.reason}")
+            except ReplyRejected as rejected:
+                self.reject(server_round, rejected)
+
     def configure_evaluate(self, server_round: int, node_ids: list[int]) -> list[Message]:
         """Federated evaluation of the model each node would use (optional)."""
         if self.fraction_evaluate <= 0.0:

@@ -169,6 +169,7 @@ class FederatedRun:
                 self.last_local_accuracy = float(train_metrics["local-test-accuracy"])
         else:
             log(INFO, "round %d: %d replies without error < min_replies; model unchanged", server_round, answered)
+            self.strategy.discard_train(server_round, replies)
             record["train"] = None
         record["rejected"] = len(self.strategy.rejections) - rejected_before
         record["update_dropped"] = server_round in self.strategy.dropped_rounds
