@@ -1,12 +1,18 @@
 """One-command starts for a deployment: ``fedlayer-server`` and ``fedlayer-client``.
 
-Both are thin wrappers that check their inputs, build the ``flower-superlink``
-/ ``flower-supernode`` command line and replace themselves with it (so signals
-reach Flower directly, e.g. as PID 1 in a container). Each option can also come
-from an environment variable (``FEDLAYER_*``), which is how the compose file
-configures them. ``--print-command`` prints the command instead of running it.
+Both are thin wrappers that check their inputs and build the
+``flower-superlink`` / ``flower-supernode`` command line. ``fedlayer-server``
+replaces itself with it (so signals reach Flower directly, e.g. as PID 1 in a
+container), by default through ``fedlayer.quiet_superlink``, which drops
+uvicorn's per-request access log (``--verbose`` keeps it). ``fedlayer-client``
+runs the SuperNode as its child, forwards SIGTERM to it, passes its output
+through, and when that output shows the SuperLink refusing the node's key or a
+failed TLS verification, ends with a one-line hint naming the fix. Each option
+can also come from an environment variable (``FEDLAYER_*``), which is how the
+compose file configures them. ``--print-command`` prints the command instead
+of running it.
 
-    fedlayer-server --certs certs --state state/superlink.db
+    fedlayer-server --certs certs --state state.db
     fedlayer-client --server fl.example.org:9092 --ca-cert certs/ca.crt \\
         --node-key certs/keys/sn0 --data ~/my-images --device auto
 
@@ -20,9 +26,13 @@ import argparse
 import os
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 FLEET_PORT = 9092  # SuperLink Fleet API (gRPC): SuperNodes connect here
 CONTROL_PORT = 8000  # SuperLink Control API + ServerApp runtime API (HTTP): `flwr` connects here
@@ -49,7 +59,7 @@ def _existing_file(path: str | None, option: str) -> Path:
     return p
 
 
-def _flower_command(name: str) -> str:
+def flower_command(name: str) -> str:
     """A Flower command next to this Python (its venv), else from PATH."""
     beside = Path(sys.executable).parent / name
     if beside.exists():
@@ -115,7 +125,7 @@ def client_command(args: argparse.Namespace) -> list[str]:
         node["state-dir"] = str(Path(args.state_dir).expanduser().resolve())
 
     command = [
-        _flower_command("flower-supernode"),
+        flower_command("flower-supernode"),
         "--superlink", args.server,
         "--port", str(args.port),
         "--node-config", " ".join(f"{k}={_toml_value(v)}" for k, v in node.items()),
@@ -139,11 +149,13 @@ def server_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--certs", default=_env("CERTS"), help="folder with ca.crt, server.pem, server.key (scripts/generate_certs.sh) [FEDLAYER_CERTS]")
     parser.add_argument("--state", default=_env("STATE"), help="SQLite file keeping registered nodes and runs across restarts (default: in memory) [FEDLAYER_STATE]")
-    parser.add_argument("--fleet-address", default=_env("FLEET_ADDRESS", f"0.0.0.0:{FLEET_PORT}"), help=f"where SuperNodes connect (default 0.0.0.0:{FLEET_PORT}) [FEDLAYER_FLEET_ADDRESS]")
+    parser.add_argument("--fleet-host", default=_env("FLEET_HOST", "0.0.0.0"), help="interface of the Fleet API, where SuperNodes connect (default 0.0.0.0: every interface; 127.0.0.1 keeps it on this machine) [FEDLAYER_FLEET_HOST]")
+    parser.add_argument("--fleet-port", type=int, default=int(_env("FLEET_PORT", str(FLEET_PORT)) or FLEET_PORT), help=f"port of the Fleet API (default {FLEET_PORT}) [FEDLAYER_FLEET_PORT]")
     parser.add_argument("--host", default=_env("CONTROL_HOST", "127.0.0.1"), help="interface of the Control/runtime HTTP API (default 127.0.0.1; 0.0.0.0 in a container) [FEDLAYER_CONTROL_HOST]")
     parser.add_argument("--port", type=int, default=int(_env("CONTROL_PORT", str(CONTROL_PORT)) or CONTROL_PORT), help=f"port of the Control/runtime HTTP API (default {CONTROL_PORT}) [FEDLAYER_CONTROL_PORT]")
     parser.add_argument("--no-node-auth", action="store_true", default=_env("NO_NODE_AUTH") == "1", help="accept any SuperNode that trusts the certificate (TLS stays on) [FEDLAYER_NO_NODE_AUTH=1]")
     parser.add_argument("--insecure", action="store_true", default=_env("INSECURE") == "1", help="LOCAL TESTS ONLY: plain text, no node authentication [FEDLAYER_INSECURE=1]")
+    parser.add_argument("--verbose", action="store_true", default=_env("VERBOSE") == "1", help="keep the SuperLink's per-request HTTP access log (off by default) [FEDLAYER_VERBOSE=1]")
     parser.add_argument("--print-command", action="store_true", help="print the flower-superlink command and exit")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flower-superlink options")
     return parser
@@ -151,9 +163,10 @@ def server_parser() -> argparse.ArgumentParser:
 
 def server_command(args: argparse.Namespace) -> list[str]:
     """The ``flower-superlink`` command line for parsed ``fedlayer-server`` arguments."""
+    superlink = [flower_command("flower-superlink")] if args.verbose else [sys.executable, "-m", "fedlayer.quiet_superlink"]
     command = [
-        _flower_command("flower-superlink"),
-        "--fleet-api-address", args.fleet_address,
+        *superlink,
+        "--fleet-api-address", f"{args.fleet_host}:{args.fleet_port}",
         "--host", args.host,
         "--port", str(args.port),
         # the image already holds fedlayer's dependencies; never pip-install at run time
@@ -184,26 +197,90 @@ def server_command(args: argparse.Namespace) -> list[str]:
 
 
 # ---------------------------------------------------------------- entry points
-def _launch(parser: argparse.ArgumentParser, build, argv: Sequence[str] | None) -> None:
-    args = parser.parse_args(argv)
+def _command_or_exit(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace], list[str]], args: argparse.Namespace) -> list[str] | None:
+    """The command to run, or None after ``--print-command`` printed it; a bad input exits 2."""
     try:
         command = build(args)
     except DeployError as err:
         parser.error(str(err))
     if args.print_command:
         print(shlex.join(command))
-        return
+        return None
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
     print(f"{parser.prog}: {shlex.join(command)}", file=sys.stderr, flush=True)
-    os.execvp(command[0], command)
+    return command
+
+
+def client_hint(line: str, node_key: str | None, ca_cert: str | None) -> str | None:
+    """What to do, in one line, when a SuperNode output line names a known cause; else None.
+
+    Flower reports both causes as "could not establish a connection", which
+    reads like a network fault; the line before names the real one.
+    """
+    if "Failed to activate SuperNode" in line:  # the SuperLink knows no node with this public key
+        key = f"{node_key}.pub" if node_key else "this node's public key"
+        return (f"the SuperLink refused this node: its key is not registered. On the operator machine run "
+                f"`flwr supernode register {key} <connection>` (or `scripts/generate_certs.sh -r <connection> {key}`), then start this client again")
+    if "CERTIFICATE_VERIFY_FAILED" in line:
+        return (f"the SuperLink's TLS certificate did not verify against --ca-cert {ca_cert}: "
+                "give the ca.crt that signed the SuperLink's server.pem (the same certs/ folder from scripts/generate_certs.sh)")
+    return None
+
+
+def _copy_lines(stream: IO[bytes], hint: Callable[[str], str | None], hints: list[str]) -> None:
+    """Copy ``stream`` to stderr, collecting the distinct hints its lines trigger."""
+    for raw in stream:
+        sys.stderr.buffer.write(raw)
+        sys.stderr.flush()
+        found = hint(raw.decode(errors="replace"))
+        if found and found not in hints:
+            hints.append(found)
+
+
+def supervise(command: Sequence[str], hint: Callable[[str], str | None], prog: str) -> int:
+    """Run ``command`` as a child, pass its stderr through, end with the hints it triggered.
+
+    Returns the child's exit status (128 + signal when a signal ended it).
+    SIGTERM (``docker stop``) is forwarded; SIGINT and SIGHUP from a terminal
+    reach the child directly (same process group), so here they only keep
+    this process alive until the child has ended. The copy is not read to its
+    end: the SuperNode leaves a ``flower-superexec`` behind that still holds
+    the pipe, so the child's exit ends the wait.
+    """
+    child = subprocess.Popen(list(command), stderr=subprocess.PIPE)
+    handlers = {
+        signal.SIGTERM: lambda signum, _frame: child.send_signal(signum),
+        signal.SIGINT: lambda _signum, _frame: None,
+        signal.SIGHUP: lambda _signum, _frame: None,
+    }
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    hints: list[str] = []
+    copier = threading.Thread(target=_copy_lines, args=(child.stderr, hint, hints), daemon=True)
+    copier.start()
+    try:
+        status = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    copier.join(timeout=2.0)  # the child's last lines
+    for found in hints:
+        print(f"{prog}: {found}", file=sys.stderr, flush=True)
+    return status if status >= 0 else 128 - status
 
 
 def client_main(argv: Sequence[str] | None = None) -> None:
     """``fedlayer-client``: start a SuperNode on this device."""
-    _launch(client_parser(), client_command, argv)
+    parser = client_parser()
+    args = parser.parse_args(argv)
+    command = _command_or_exit(parser, client_command, args)
+    if command is not None:
+        sys.exit(supervise(command, lambda line: client_hint(line, args.node_key, args.ca_cert), parser.prog))
 
 
 def server_main(argv: Sequence[str] | None = None) -> None:
-    """``fedlayer-server``: start the SuperLink."""
-    _launch(server_parser(), server_command, argv)
+    """``fedlayer-server``: start the SuperLink (this process becomes it)."""
+    parser = server_parser()
+    command = _command_or_exit(parser, server_command, parser.parse_args(argv))
+    if command is not None:
+        os.execvp(command[0], command)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +16,12 @@ import yaml
 from fedlayer.deploy import (
     DeployError,
     client_command,
+    client_hint,
     client_parser,
     server_command,
     server_parser,
 )
+from fedlayer.quiet_superlink import without_access_log
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -169,7 +174,8 @@ def test_client_command_rejects_bad_input(argv, problem, monkeypatch, tls_files)
 
 def test_server_command_defaults_to_tls_and_node_auth(tls_files, tmp_path):
     cmd = server_command(server_parser().parse_args(["--certs", str(tls_files), "--state", str(tmp_path / "state.db")]))
-    assert Path(cmd[0]).name == "flower-superlink"
+    assert cmd[1:3] == ["-m", "fedlayer.quiet_superlink"]  # flower-superlink without the access log
+    assert cmd[cmd.index("--fleet-api-address") + 1] == "0.0.0.0:9092"
     assert "--enable-supernode-auth" in cmd and "--insecure" not in cmd
     assert cmd[cmd.index("--ssl-certfile") + 1] == str(tls_files / "server.pem")
     assert cmd[cmd.index("--database") + 1] == str(tmp_path / "state.db")
@@ -178,3 +184,66 @@ def test_server_command_defaults_to_tls_and_node_auth(tls_files, tmp_path):
     assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
     with pytest.raises(DeployError, match="--certs is required"):
         server_command(server_parser().parse_args([]))
+
+
+def test_server_fleet_host_and_port_and_verbose(tls_files, monkeypatch):
+    monkeypatch.setenv("FEDLAYER_FLEET_HOST", "127.0.0.1")
+    monkeypatch.setenv("FEDLAYER_FLEET_PORT", "19092")
+    cmd = server_command(server_parser().parse_args(["--certs", str(tls_files)]))
+    assert cmd[cmd.index("--fleet-api-address") + 1] == "127.0.0.1:19092"
+    verbose = server_command(server_parser().parse_args(["--certs", str(tls_files), "--fleet-host", "10.0.0.5", "--verbose"]))
+    assert Path(verbose[0]).name == "flower-superlink"
+    assert verbose[verbose.index("--fleet-api-address") + 1] == "10.0.0.5:19092"
+
+
+def test_quiet_superlink_raises_only_the_access_logger():
+    from flwr.supercore.http_logging import get_uvicorn_log_config
+
+    flower = get_uvicorn_log_config(logging.INFO)
+    quiet = without_access_log(flower)
+    assert quiet["loggers"]["uvicorn.access"]["level"] == logging.WARNING
+    assert quiet["loggers"]["uvicorn.access"]["handlers"] == flower["loggers"]["uvicorn.access"]["handlers"]
+    assert {k: v for k, v in quiet["loggers"].items() if k != "uvicorn.access"} == {k: v for k, v in flower["loggers"].items() if k != "uvicorn.access"}
+    assert flower["loggers"]["uvicorn.access"]["level"] == logging.INFO  # Flower's own config untouched
+
+
+# What flower-supernode 1.39 prints for an unregistered key and for a server
+# certificate its --root-certificates did not sign (measured).
+UNREGISTERED = "[code: 2004] Failed to activate SuperNode."
+UNTRUSTED = ("I1202 01:21:18.729011   12670 ssl_transport_security.cc:2563] Handshake failed with error SSL_ERROR_SSL: "
+             "error:1000007d:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate")
+
+
+def test_client_hints_name_the_fix():
+    hint = client_hint(UNREGISTERED, "certs/keys/sn2", "certs/ca.crt")
+    assert "its key is not registered" in hint and "`flwr supernode register certs/keys/sn2.pub <connection>`" in hint
+    assert "scripts/generate_certs.sh -r <connection> certs/keys/sn2.pub" in hint
+    hint = client_hint(UNTRUSTED, "certs/keys/sn2", "/etc/fl/ca.crt")
+    assert "did not verify against --ca-cert /etc/fl/ca.crt" in hint
+    assert "\n" not in hint
+    assert client_hint("The SuperNode could not establish a connection to the SuperLink.", "k", "ca") is None
+
+
+def test_supervise_passes_output_and_status_through_and_ends_with_the_hint(capfd):
+    from fedlayer.deploy import supervise
+
+    child = f"import sys; sys.stderr.write({UNREGISTERED!r} + '\\nmore output\\n'); sys.exit(3)"
+    status = supervise([sys.executable, "-c", child], lambda line: client_hint(line, "certs/keys/sn2", "ca.crt"), "fedlayer-client")
+    assert status == 3
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert lines[:2] == [UNREGISTERED, "more output"]
+    assert lines[2].startswith("fedlayer-client: the SuperLink refused this node") and len(lines) == 3
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed (Debian: apt-get install docker-compose)")
+@pytest.mark.parametrize(("fleet_host", "published"), [(None, "0.0.0.0"), ("127.0.0.1", "127.0.0.1")])
+def test_compose_fleet_api_host_is_configurable(fleet_host, published, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLAYER_")}
+    if fleet_host:
+        env["FEDLAYER_FLEET_HOST"] = fleet_host
+    done = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60, check=True)
+    ports = yaml.safe_load(done.stdout)["services"]["superlink"]["ports"]
+    fleet = [p for p in ports if (p["target"] if isinstance(p, dict) else int(p.rsplit(":", 1)[1].split("/")[0])) == 9092]
+    assert len(fleet) == 1
+    host = fleet[0]["host_ip"] if isinstance(fleet[0], dict) else fleet[0].split(":")[0]
+    assert host == published

@@ -36,6 +36,8 @@ def exchange(
     messages = list(messages)
     if not messages:
         return []
+    if control:  # before the round's first train message: say what this exchange is
+        log(INFO, "round %d: identifying %d new nodes", server_round, len(messages))
     message_ids = [mid for mid in grid.push_messages(messages) if mid]
     pending = set(message_ids)
     replies: list[Message] = []
@@ -55,5 +57,5 @@ def exchange(
     if pending:
         log(WARNING, "round %d: %d of %d nodes did not reply within %.0f s", server_round, len(pending), len(message_ids), timeout)
     else:
-        log(INFO, "round %d: %d replies", server_round, len(replies))
+        log(INFO, "round %d: %d %s", server_round, len(replies), "nodes identified" if control else "replies")
     return replies

@@ -12,6 +12,11 @@ the team notes for the recipe):
 - FEDLAYER_CONTAINER_BUILD_ARGS adds environment-specific ``podman build``
   options (mounts of a local wheel folder, pip config or CA bundle, a
   TORCH_INDEX_URL build argument); nothing of that goes into the Dockerfile.
+  ``.ci/run`` sets it where a local CPU torch wheel exists: a build-only
+  pip.conf with ``find-links`` to it, so the CPU image gets the CPU wheel;
+- the image's size is printed with the timings; an arm64 build of the same
+  Dockerfile runs only where the machine emulates arm64 (binfmt + Debian's
+  qemu-user-static), else that test skips and says so.
 
 The compose project runs as in docs/deployment.md: TLS and node
 authentication on, keys registered with ``scripts/generate_certs.sh -r``,
@@ -83,32 +88,52 @@ def debian_mirror() -> str:
     pytest.skip("no Debian mirror configured for apt here; set FEDLAYER_DEBIAN_MIRROR")
 
 
-def ensure_base_image(env: dict[str, str]) -> None:
-    """A stand-in for python:3.11-slim from Debian packages, unless one exists."""
-    if subprocess.run(["podman", "image", "exists", BASE_IMAGE], env=env, check=False).returncode == 0:
+def ensure_base_image(env: dict[str, str], image: str = BASE_IMAGE, arch: str | None = None) -> None:
+    """A stand-in for python:3.11-slim from Debian packages, unless one exists.
+
+    ``arch`` (e.g. arm64) builds a foreign one; debootstrap then runs its
+    second stage under qemu-user-static emulation.
+    """
+    if subprocess.run(["podman", "image", "exists", image], env=env, check=False).returncode == 0:
         return
     if shutil.which("debootstrap") is None or os.geteuid() != 0:
-        pytest.skip(f"{BASE_IMAGE} missing and cannot be built here (needs root and debootstrap)")
+        pytest.skip(f"{image} missing and cannot be built here (needs root and debootstrap)")
+    arch_args = [f"--arch={arch}"] if arch else []
     with tempfile.TemporaryDirectory() as tmp:
         rootfs = Path(tmp) / "rootfs"
-        sh(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,python3-pip,ca-certificates",
-            "bookworm", str(rootfs), debian_mirror()], env, timeout=900)
+        sh(["debootstrap", *arch_args, "--variant=minbase", "--include=python3,python3-venv,python3-pip,ca-certificates",
+            "bookworm", str(rootfs), debian_mirror()], env, timeout=1800)
         (rootfs / "usr/lib/python3.11/EXTERNALLY-MANAGED").unlink(missing_ok=True)
         for link, target in (("usr/bin/python", "python3"), ("usr/bin/pip", "pip3")):
             (rootfs / link).unlink(missing_ok=True)
             (rootfs / link).symlink_to(target)
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE)
-        sh(["podman", "import", "--change", "ENV LANG=C.UTF-8",
+        sh(["podman", "import", *(["--arch", arch] if arch else []), "--change", "ENV LANG=C.UTF-8",
             "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "-", BASE_IMAGE], env, timeout=600, stdin=tar.stdout)
+            "-", image], env, timeout=600, stdin=tar.stdout)
         tar.wait()
 
 
-def build_image(env: dict[str, str]) -> None:
-    """``podman build`` of docker/Dockerfile (CPU flavour) with the environment's extra options."""
+def build_image(env: dict[str, str], image: str = IMAGE, platform: str | None = None, base: str = BASE_IMAGE) -> None:
+    """``podman build`` of docker/Dockerfile with FEDLAYER_CONTAINER_BUILD_ARGS added.
+
+    The Dockerfile's default flavour is CPU: torch from the CPU wheel index
+    unless TORCH_INDEX_URL names another. Whether a local CPU wheel is used
+    depends only on those extra options (``.ci/run``: a mounted pip.conf with
+    ``find-links``); the Dockerfile fails the build if the CPU flavour got a
+    CUDA torch.
+    """
     extra = shlex.split(os.environ.get("FEDLAYER_CONTAINER_BUILD_ARGS", ""))
-    sh(["podman", "build", "--pull=never", *extra, "-f", "docker/Dockerfile", "-t", IMAGE, "."],
+    platform_args = ["--platform", platform] if platform else []
+    sh(["podman", "build", "--pull=never", *platform_args, "--build-arg", f"PYTHON_IMAGE={base}", *extra,
+        "-f", "docker/Dockerfile", "-t", image, "."],
        env, timeout=1800, cwd=REPO_ROOT)
+
+
+def image_size(env: dict[str, str], image: str) -> str:
+    """The image's size as podman reports it, in GB."""
+    size = int(sh(["podman", "image", "inspect", image, "--format", "{{.Size}}"], env, timeout=60).stdout.strip())
+    return f"{size / 1e9:.2f} GB"
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +142,7 @@ def image() -> str:
     started = time.monotonic()
     ensure_base_image(env)
     build_image(env)
-    print(f"images ready in {time.monotonic() - started:.0f} s")
+    print(f"images ready in {time.monotonic() - started:.0f} s; {IMAGE}: {image_size(env, IMAGE)}")
     return IMAGE
 
 
@@ -136,6 +161,7 @@ def test_compose_superlink_and_two_supernodes_complete_a_round(image, tmp_path):
         **env,
         "FEDLAYER_IMAGE": image,
         "FEDLAYER_CERTS_DIR": str(certs),
+        "FEDLAYER_FLEET_HOST": "127.0.0.1",  # publish the Fleet API on loopback only
         "FEDLAYER_FLEET_PORT": str(deployment.fleet_port),
         "FEDLAYER_CONTROL_PORT": str(deployment.control_port),
     }
@@ -174,3 +200,23 @@ def test_compose_superlink_and_two_supernodes_complete_a_round(image, tmp_path):
         subprocess.run([*compose, "down", "-t", "2", "-v"], env=compose_env, capture_output=True, timeout=120, check=False, cwd=REPO_ROOT)
         timings["down"] = time.monotonic() - mark
         print("container test timings (s):", {k: round(v, 1) for k, v in timings.items()})
+
+
+ARM64_BASE_IMAGE = "localhost/python:3.11-slim-arm64"
+ARM64_IMAGE = "localhost/fedlayer:e2e-test-arm64"
+BINFMT_AARCH64 = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+
+
+def test_arm64_cpu_image_builds_and_imports():
+    """The same Dockerfile for edge boards (``--platform linux/arm64``), built under emulation."""
+    if not BINFMT_AARCH64.exists():
+        pytest.skip("arm64 image: this machine cannot run arm64 binaries (no binfmt entry qemu-aarch64; "
+                    "Debian: apt-get install qemu-user-static binfmt-support)")
+    env = podman_env()
+    started = time.monotonic()
+    ensure_base_image(env, ARM64_BASE_IMAGE, arch="arm64")
+    build_image(env, ARM64_IMAGE, platform="linux/arm64", base=ARM64_BASE_IMAGE)
+    probe = "import platform, torch, flwr, fedlayer.deploy; print(platform.machine(), torch.__version__, torch.version.cuda)"
+    done = sh(["podman", "run", "--rm", "--platform", "linux/arm64", ARM64_IMAGE, "python", "-c", probe], env, timeout=600)
+    print(f"arm64 image in {time.monotonic() - started:.0f} s; {ARM64_IMAGE}: {image_size(env, ARM64_IMAGE)}; {done.stdout.strip()}")
+    assert done.stdout.split()[0] == "aarch64" and done.stdout.split()[2] == "None"

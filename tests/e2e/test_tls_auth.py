@@ -97,11 +97,28 @@ def test_unregistered_key_is_refused(deployment, certs):
         "--ca-cert", str(certs / "ca.crt"), "--node-key", str(certs / "keys" / "sn2"),
         "--partition-id", "0", "--num-partitions", "2",
     )
-    assert intruder.wait_exit(60) not in (None, 0), deployment.logs_text()
+    assert intruder.wait_exit(120) not in (None, 0), deployment.logs_text()  # exits in ~10 s; slower under load
     assert "Failed to activate SuperNode" in intruder.log_text()
+    # fedlayer-client ends with what to do, naming the key to register
+    hint = intruder.log_text().strip().splitlines()[-1]
+    assert "fedlayer-client: the SuperLink refused this node: its key is not registered" in hint, intruder.log_text()
+    assert f"`flwr supernode register {certs / 'keys' / 'sn2.pub'} <connection>`" in hint
     superlink = deployment.processes[0]
     assert "No SuperNode found with the given public key" in superlink.log_text()
     assert len(registered_nodes(deployment)) == 1  # the intruder did not become a node
+
+
+def test_untrusted_server_certificate_names_the_ca_file(deployment, certs, tmp_path):
+    other = tmp_path / "other-ca"
+    subprocess.run(["bash", str(SCRIPT), "-o", str(other), "-n", "0"], check=True, capture_output=True)
+    client = start_client(
+        deployment, "wrong-ca",
+        "--ca-cert", str(other / "ca.crt"), "--node-key", str(certs / "keys" / "sn0"),
+        "--partition-id", "0", "--num-partitions", "2",
+    )
+    assert client.wait_exit(120) not in (None, 0), deployment.logs_text()
+    hint = client.log_text().strip().splitlines()[-1]
+    assert f"fedlayer-client: the SuperLink's TLS certificate did not verify against --ca-cert {other / 'ca.crt'}" in hint, client.log_text()
 
 
 def test_plain_text_is_refused(deployment, certs):
