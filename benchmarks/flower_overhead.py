@@ -44,7 +44,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from benchmarks.flower_baseline_app import BaselineConfig
+from benchmarks.processes import (
+    executable,
+    free_ports,
+    port_open,
+    process_tree,
+    signal_tree,
+)
 from fedlayer.server.rundir import RunDirectory
 
 REPO_ROOT = Path(__file__).absolute().parents[1]
@@ -172,78 +178,18 @@ def fedlayer_simulation(cfg: BaselineConfig, out: Path, name: str) -> SideResult
 
 
 # ------------------------------------------------------------------ deployment over loopback
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on 127.0.0.1 now."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def port_open(port: int) -> bool:
-    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def flower_command(name: str) -> str:
-    """A Flower command next to this Python (its venv), else from PATH."""
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else shutil.which(name) or name
-
-
-def _proc_stat(pid: int) -> tuple[int, int, int] | None:
-    """(parent pid, session id, start time) of a live process, from /proc."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return None if fields[0] == "Z" else (int(fields[1]), int(fields[3]), int(fields[19]))
-
-
-def process_tree(roots: set[int]) -> dict[int, int]:
-    """``{pid: start time}`` of ``roots`` and every live descendant.
-
-    Descendant: a child of a member, or a process in a root's session (one
-    whose parent already exited). The SuperLink and SuperNodes start their
-    ``flower-superexec`` in a session of its own, so killing the roots'
-    process groups would miss it and the ServerApp/ClientApp processes it starts.
-    """
-    table = {int(e): s for e in os.listdir("/proc") if e.isdigit() and (s := _proc_stat(int(e))) is not None}
-    found = {pid for pid in roots if pid in table}
-    grown = True
-    while grown:
-        new = {pid for pid, (ppid, sid, _) in table.items() if pid not in found and (ppid in found or sid in roots)}
-        found |= new
-        grown = bool(new)
-    return {pid: table[pid][2] for pid in found}
-
-
-def signal_tree(tree: dict[int, int], sig: int) -> None:
-    """Send ``sig`` to the processes of ``tree`` still running (same start time: no reused pids)."""
-    for pid, started in tree.items():
-        stat = _proc_stat(pid)
-        if stat is not None and stat[2] == started:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-
 class LoopbackDeployment:
-    """A SuperLink and two SuperNodes on 127.0.0.1 (plain text), FLWR_HOME in a temp folder."""
+    """A SuperLink and ``num_nodes`` SuperNodes on 127.0.0.1 (plain text), FLWR_HOME in a temp folder.
+
+    Node ``i`` gets node config ``partition-id=i num-partitions=<num_nodes>``;
+    the processes' output goes to ``<logs>/superlink.log`` and ``supernode-<i>.log``.
+    """
 
     connection = "bench"
 
     def __init__(self, logs: Path, num_nodes: int = 2) -> None:
         self.logs = logs
-        self.home = Path(tempfile.mkdtemp(prefix="flower-overhead-"))
+        self.home = Path(tempfile.mkdtemp(prefix="fedlayer-loopback-"))
         self.fleet_port, self.control_port = free_ports(2)
         self.env = {"FLWR_HOME": str(self.home / "flwr-home")}
         self.num_nodes = num_nodes
@@ -254,6 +200,16 @@ class LoopbackDeployment:
             f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\n'
             f'address = "127.0.0.1:{self.control_port}"\ninsecure = true\n'
         )
+
+    @property
+    def superlink_pid(self) -> int:
+        """Process id of the SuperLink (started first)."""
+        return self.processes[0].pid
+
+    @property
+    def supernode_pids(self) -> list[int]:
+        """Process ids of the SuperNodes."""
+        return [process.pid for process in self.processes[1:]]
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w", encoding="utf-8")  # noqa: SIM115 (closed in __exit__)
@@ -267,7 +223,7 @@ class LoopbackDeployment:
 
     def __enter__(self) -> LoopbackDeployment:
         superlink = self._start("superlink", [
-            flower_command("flower-superlink"), "--insecure", "--fleet-api-address", f"127.0.0.1:{self.fleet_port}",
+            executable("flower-superlink"), "--insecure", "--fleet-api-address", f"127.0.0.1:{self.fleet_port}",
             "--host", "127.0.0.1", "--port", str(self.control_port), "--disable-runtime-dependency-installation",
         ])
         deadline = time.monotonic() + 60
@@ -278,7 +234,7 @@ class LoopbackDeployment:
             time.sleep(0.2)
         for node, port in enumerate(free_ports(self.num_nodes)):
             self._start(f"supernode-{node}", [
-                flower_command("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.fleet_port}",
+                executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.fleet_port}",
                 "--port", str(port), "--node-config", f"partition-id={node} num-partitions={self.num_nodes}",
             ])
         return self
@@ -305,14 +261,14 @@ class LoopbackDeployment:
 
     def run_app(self, app: Path, log: Path, run_config: str = "", timeout: float = 1800) -> None:
         """``flwr run <app> --stream`` until the run ends; raise unless it completed."""
-        command = [flower_command("flwr"), "run", str(app), self.connection, "--stream"]
+        command = [executable("flwr"), "run", str(app), self.connection, "--stream"]
         lines = run_logged(command + (["--run-config", run_config] if run_config else []), log, self.env, timeout)
         match = re.search(r"Successfully started run (\d+)", "".join(line for _, line in lines))
         if match is None:
             raise RuntimeError(f"flwr run did not start a run; log: {log}")
         # `flwr run` exits 0 even when the ServerApp failed: ask the SuperLink.
         done = subprocess.run(
-            [flower_command("flwr"), "ls", "--run-id", match.group(1), self.connection, "--format", "json"],
+            [executable("flwr"), "ls", "--run-id", match.group(1), self.connection, "--format", "json"],
             capture_output=True, text=True, env={**os.environ, **FLOWER_ENV, **self.env}, check=False,
         )
         status = json.loads(done.stdout)["runs"][0]["status"] if done.returncode == 0 else done.stderr

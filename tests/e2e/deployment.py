@@ -12,7 +12,8 @@ the Control API plus the ServerApp runtime API (HTTP) on another; each
 SuperNode serves its ClientApps on its own ``--port``. The SuperLink and every
 SuperNode start a ``flower-superexec`` in a new session, which starts one
 ``flwr-serverapp`` / ``flwr-clientapp`` process per task; teardown finds all of
-them through ``/proc`` (parent links and session ids).
+them through ``/proc`` (parent links and session ids) with the helpers of
+``benchmarks/processes.py``, which the deployment benchmarks share.
 """
 
 from __future__ import annotations
@@ -21,17 +22,24 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from benchmarks.processes import (
+    alive,
+    executable,
+    free_ports,
+    port_open,
+    process_tree,
+    signal_tree,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,93 +52,6 @@ FLOWER_ENV = {
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
     "PYTHONUNBUFFERED": "1",
 }
-
-
-def executable(name: str) -> str:
-    """A Flower command next to this Python (its venv), else from PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise FileNotFoundError(f"{name} not found next to {sys.executable} or on PATH")
-    return found
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on 127.0.0.1 right now."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether something accepts TCP connections on ``host:port``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
-
-
-# ------------------------------------------------------------ process trees
-def _proc_stat(pid: int) -> tuple[int, int, int] | None:
-    """(parent pid, session id, start time) of a live process, from /proc."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may hold spaces
-    if fields[0] == "Z":  # a zombie has exited; only its parent can reap it
-        return None
-    return int(fields[1]), int(fields[3]), int(fields[19])
-
-
-def _process_table() -> dict[int, tuple[int, int, int]]:
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (stat := _proc_stat(int(entry))) is not None:
-            table[int(entry)] = stat
-    return table
-
-
-def process_tree(roots: Iterable[int]) -> dict[int, int]:
-    """Live processes started from ``roots``: ``{pid: start time}``.
-
-    A process belongs to the tree when its parent does or when it runs in the
-    session of one of the roots (the roots are started as session leaders).
-    Start times guard against signalling a reused pid later.
-    """
-    table = _process_table()
-    roots = set(roots)
-    found = {pid for pid in roots if pid in table}
-    changed = True
-    while changed:
-        changed = False
-        for pid, (ppid, sid, _) in table.items():
-            if pid not in found and (ppid in found or sid in roots):
-                found.add(pid)
-                changed = True
-    return {pid: table[pid][2] for pid in found}
-
-
-def _signal_tree(tree: Mapping[int, int], sig: int) -> None:
-    for pid, started in tree.items():
-        stat = _proc_stat(pid)
-        if stat is not None and stat[2] == started:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-
-def _alive(tree: Mapping[int, int]) -> dict[int, int]:
-    return {pid: t for pid, t in tree.items() if (s := _proc_stat(pid)) is not None and s[2] == t}
 
 
 # ------------------------------------------------------------ processes
@@ -379,12 +300,12 @@ class LocalDeployment:
         deadline = time.monotonic() + grace
         for process in self.processes:
             process.wait_exit(max(0.0, deadline - time.monotonic()))
-        tree = _alive({**tree, **process_tree(tree)})
-        _signal_tree(tree, signal.SIGTERM)
+        tree = alive({**tree, **process_tree(tree)})
+        signal_tree(tree, signal.SIGTERM)
         deadline = time.monotonic() + 2.0
-        while (tree := _alive(tree)) and time.monotonic() < deadline:
+        while (tree := alive(tree)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        _signal_tree(tree, signal.SIGKILL)
+        signal_tree(tree, signal.SIGKILL)
         for process in self.processes:
             if process.wait_exit(5.0) is None:
                 print(f"warning: {process.name} (pid {process.popen.pid}) did not exit", file=sys.stderr)

@@ -18,7 +18,7 @@ import pytest
 from fedlayer.server.checkpoint import CheckpointStore
 from fedlayer.server.rundir import RunDirectory
 
-from .deployment import ManagedProcess, _signal_tree, executable, process_tree
+from .deployment import ManagedProcess, executable, process_tree, signal_tree
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -57,7 +57,7 @@ def _wait_rounds(
 
 def _kill(process: ManagedProcess) -> None:
     """SIGKILL a process and everything it started (ClientApps, SuperExec)."""
-    _signal_tree(process_tree([process.popen.pid]), signal.SIGKILL)
+    signal_tree(process_tree([process.popen.pid]), signal.SIGKILL)
     process.wait_exit(10)
 
 

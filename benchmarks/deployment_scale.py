@@ -1,0 +1,301 @@
+"""How a real deployment's round time, memory and traffic grow with the number of SuperNodes.
+
+    python -m benchmarks.deployment_scale [--nodes 2 4 8 16] [--rounds 3] [--methods fedavg fedlama] [--out bench-out/deployment-scale]
+
+For every N in ``--nodes`` and every method, a fresh ``flower-superlink
+--insecure`` and N ``flower-supernode`` processes start on 127.0.0.1 (Flower's
+default settings, FLWR_HOME in a temp folder) and ``flwr run`` submits
+fedlayer's app: the ``linear`` model on ``digits``, all N clients trained
+every round, so training is negligible and what is measured is the
+deployment's own cost. Per run:
+
+- s/round: the mean of metrics.jsonl's ``seconds`` over rounds 2..R (round 1
+  also waits for the nodes and asks each its identity; it is kept as
+  ``round1_seconds``; with ``--rounds 1`` round 1 is all there is);
+- peak resident memory, sampled every ``--interval`` s: the SuperLink's
+  process tree (SuperLink, its SuperExec and the ServerApp), the
+  ``flwr-serverapp`` process alone, and all N SuperNodes' trees together
+  (with the ``flwr-clientapp`` processes they start, one per message);
+- bytes per round: the mean of metrics.jsonl's ``bytes_up + bytes_down``.
+
+The growth exponent of s/round in N is the slope of a least-squares line
+through (log N, log s/round), per method. Output in ``--out``:
+``results.json``, ``results.csv``, ``deployment_scale.png`` (s/round and memory
+against N, log-log), ``results.md`` (the table, also printed), ``logs/`` (every
+process's output) and ``runs/`` (fedlayer's run directories).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.flower_overhead import REPO_ROOT, LoopbackDeployment
+from benchmarks.processes import command_line, tree_rss
+from fedlayer.server.rundir import RunDirectory
+
+#: Strategy overrides per method (FedLAMA re-assigns intervals from round 2 on).
+METHODS: dict[str, list[str]] = {
+    "fedavg": [],
+    "fedlama": ["strategy.phi=2", "strategy.min_round_to_adjust=0"],
+    "laq": [],
+}
+MIB = 2**20
+
+
+@dataclass
+class Measurement:
+    """One run of one method on N SuperNodes."""
+
+    method: str
+    nodes: int
+    rounds: int
+    seconds_per_round: float
+    rounds_counted: list[int]
+    round1_seconds: float
+    superlink_peak_mib: float
+    serverapp_peak_mib: float
+    supernodes_peak_mib: float
+    bytes_per_round: float
+    traffic_ratio_vs_fedavg: float
+    run_wall_seconds: float
+    load_average_1min_after: float
+    run_dir: str
+
+
+# ------------------------------------------------------------------ watching a run
+def finished_rounds(metrics_path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a metrics.jsonl that may still be written to."""
+    if not metrics_path.exists():
+        return []
+    text = metrics_path.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line]
+
+
+class RunWatcher(threading.Thread):
+    """Samples the deployment's memory every ``interval`` s and prints the run's progress.
+
+    Peaks are of resident set sizes summed over a process tree; the ServerApp
+    is the ``flwr-serverapp`` process in the SuperLink's tree.
+    """
+
+    def __init__(self, deployment: LoopbackDeployment, run_dir: Path, label: str, rounds: int, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.deployment, self.label, self.rounds, self.interval = deployment, label, rounds, interval
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.peaks = {"superlink": 0, "serverapp": 0, "supernodes": 0}
+        self.started = time.monotonic()
+        self.rounds_seen = 0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        """Sample until stopped; look for finished rounds about once a second."""
+        ticks_per_check = max(1, round(1.0 / self.interval))
+        ticks = 0
+        while not self.stopped.wait(self.interval):
+            self.sample()
+            ticks += 1
+            if ticks % ticks_per_check == 0:
+                self.report_rounds()
+
+    def stop(self) -> dict[str, float]:
+        """Stop sampling (after one last sample); the peaks in MiB."""
+        self.stopped.set()
+        self.join()
+        self.sample()
+        return {name: peak / MIB for name, peak in self.peaks.items()}
+
+    def sample(self) -> None:
+        """One sample of the three memory figures."""
+        superlink = tree_rss([self.deployment.superlink_pid])
+        serverapp = sum(rss for pid, rss in superlink.items() if "flwr-serverapp" in command_line(pid))
+        if serverapp and not self.peaks["serverapp"]:
+            self.say(f"ServerApp started ({serverapp / MIB:.0f} MiB)")
+        supernodes = tree_rss(self.deployment.supernode_pids)
+        for name, value in (("superlink", sum(superlink.values())), ("serverapp", serverapp), ("supernodes", sum(supernodes.values()))):
+            self.peaks[name] = max(self.peaks[name], value)
+
+    def report_rounds(self) -> None:
+        """Print a line for every round that metrics.jsonl gained since the last look."""
+        for record in finished_rounds(self.metrics_path)[self.rounds_seen :]:
+            self.rounds_seen += 1
+            self.say(
+                f"round {record['round']}/{self.rounds}: {record['seconds']:.1f} s, "
+                f"{(record['bytes_up'] + record['bytes_down']) / 1e6:.2f} MB; peaks so far: SuperLink tree "
+                f"{self.peaks['superlink'] / MIB:.0f} MiB, SuperNodes {self.peaks['supernodes'] / MIB:.0f} MiB"
+            )
+
+    def say(self, text: str) -> None:
+        """A progress line with the run's label and elapsed time."""
+        print(f"  [{self.label}] {time.monotonic() - self.started:6.1f} s  {text}", flush=True)
+
+
+# ------------------------------------------------------------------ one run
+def run_config(method: str, nodes: int, rounds: int, run_dir: Path) -> str:
+    """``flwr run --run-config`` for fedlayer's app: linear on digits, all N nodes every round."""
+    overrides = [
+        f"federation.num_clients={nodes}", f"federation.rounds={rounds}", "federation.fraction_train=1.0",
+        "seed=0", "device=cpu", f"output_dir={run_dir.parent}", f"run_name={run_dir.name}", *METHODS[method],
+    ]
+    return f"strategy='{method}' dataset='digits' model='linear' overrides='{' '.join(overrides)}'"
+
+
+def measure(method: str, nodes: int, rounds: int, out: Path, interval: float, timeout: float) -> Measurement:
+    """Start a fresh deployment with ``nodes`` SuperNodes, run ``method`` on it, measure."""
+    label = f"{method}, {nodes} nodes"
+    run_dir = (out / "runs" / f"{method}-n{nodes}").resolve()
+    logs = out / "logs" / f"{method}-n{nodes}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    with LoopbackDeployment(logs, num_nodes=nodes) as deployment:
+        watcher = RunWatcher(deployment, run_dir, label, rounds, interval)
+        watcher.start()
+        try:
+            deployment.run_app(REPO_ROOT, logs / "flwr-run.log", run_config(method, nodes, rounds, run_dir), timeout)
+        finally:
+            peaks = watcher.stop()
+        wall = time.monotonic() - watcher.started
+    return summarise(method, nodes, rounds, run_dir, peaks, wall)
+
+
+def summarise(method: str, nodes: int, rounds: int, run_dir: Path, peaks: dict[str, float], wall: float) -> Measurement:
+    """A Measurement from the run directory and the sampled peaks."""
+    records = RunDirectory(run_dir).read_metrics()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    counted = [r for r in records if r["round"] >= 2] or records
+    return Measurement(
+        method=method, nodes=nodes, rounds=rounds,
+        seconds_per_round=float(np.mean([r["seconds"] for r in counted])),
+        rounds_counted=[r["round"] for r in counted],
+        round1_seconds=records[0]["seconds"],
+        superlink_peak_mib=peaks["superlink"], serverapp_peak_mib=peaks["serverapp"], supernodes_peak_mib=peaks["supernodes"],
+        bytes_per_round=float(np.mean([r["bytes_up"] + r["bytes_down"] for r in records])),
+        traffic_ratio_vs_fedavg=summary["traffic_ratio_vs_fedavg"],
+        run_wall_seconds=wall, load_average_1min_after=os.getloadavg()[0], run_dir=str(run_dir),
+    )
+
+
+# ------------------------------------------------------------------ results
+def growth_exponents(measurements: Sequence[Measurement]) -> dict[str, float]:
+    """Per method with at least two node counts: the slope of log(s/round) against log N."""
+    exponents = {}
+    for method in dict.fromkeys(m.method for m in measurements):
+        points = [(math.log(m.nodes), math.log(m.seconds_per_round)) for m in measurements if m.method == method]
+        if len({x for x, _ in points}) >= 2:
+            x, y = np.array(points).T
+            exponents[method] = float(np.polyfit(x, y, 1)[0])
+    return exponents
+
+
+def markdown(measurements: Sequence[Measurement], exponents: dict[str, float]) -> str:
+    """The results table and the growth exponents, as markdown."""
+    lines = [
+        "| method | N | s/round | round 1 s | SuperLink tree peak MiB | ServerApp peak MiB | SuperNodes peak MiB (all N) | MB/round | traffic vs FedAvg |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {m.method} | {m.nodes} | {m.seconds_per_round:.1f} | {m.round1_seconds:.1f} | {m.superlink_peak_mib:.0f} | "
+        f"{m.serverapp_peak_mib:.0f} | {m.supernodes_peak_mib:.0f} | {m.bytes_per_round / 1e6:.3f} | {m.traffic_ratio_vs_fedavg:.1%} |"
+        for m in measurements
+    ]
+    if exponents:
+        fitted = ", ".join(f"{method} {exponent:.2f}" for method, exponent in exponents.items())
+        lines += ["", f"Growth exponent of s/round in N (least squares, log-log): {fitted}."]
+    return "\n".join(lines)
+
+
+def plot(measurements: Sequence[Measurement], exponents: dict[str, float], path: Path) -> None:
+    """s/round (with the fitted power law) and peak memory against N, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for method in dict.fromkeys(m.method for m in measurements):
+        rows = [m for m in measurements if m.method == method]
+        nodes = np.array([m.nodes for m in rows], dtype=float)
+        seconds = np.array([m.seconds_per_round for m in rows])
+        line = time_ax.plot(nodes, seconds, "o-", label=method)[0]
+        if method in exponents:
+            scale = np.exp(np.mean(np.log(seconds) - exponents[method] * np.log(nodes)))
+            time_ax.plot(nodes, scale * nodes ** exponents[method], ":", color=line.get_color(), label=f"{method} fit: N^{exponents[method]:.2f}")
+        for field, style, name in (("superlink_peak_mib", "o-", "SuperLink tree"), ("serverapp_peak_mib", "s--", "ServerApp"), ("supernodes_peak_mib", "^:", "SuperNodes (all)")):
+            memory_ax.plot(nodes, [getattr(m, field) for m in rows], style, color=line.get_color(), label=f"{method}: {name}")
+    for ax, ylabel in ((time_ax, "seconds per round"), (memory_ax, "peak RSS (MiB)")):
+        ax.set(xscale="log", yscale="log", xlabel="SuperNodes (N)", ylabel=ylabel)
+        ax.set_xticks(sorted({m.nodes for m in measurements}))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    time_ax.set_title("round time (linear on digits, loopback)")
+    memory_ax.set_title("peak resident memory")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(out: Path, settings: dict[str, Any], measurements: Sequence[Measurement]) -> None:
+    """results.json, results.csv, results.md (the table) and the plot."""
+    exponents = growth_exponents(measurements)
+    rows = [dataclasses.asdict(m) for m in measurements]
+    (out / "results.json").write_text(json.dumps({"settings": settings, "measurements": rows, "growth_exponents": exponents}, indent=2))
+    with open(out / "results.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**row, "rounds_counted": " ".join(map(str, row["rounds_counted"]))} for row in rows)
+    (out / "results.md").write_text(markdown(measurements, exponents) + "\n")
+    plot(measurements, exponents, out / "deployment_scale.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, nargs="+", default=[2, 4, 8, 16], help="SuperNode counts to measure")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per run (round 1 is not counted when there are more)")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["fedavg", "fedlama"])
+    parser.add_argument("--interval", type=float, default=0.2, help="seconds between memory samples")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
+    parser.add_argument("--out", type=Path, default=Path("bench-out/deployment-scale"))
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or min(args.nodes) < 1 or args.interval <= 0:
+        parser.error("--rounds and --nodes must be >= 1 and --interval > 0")
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings.update(model="linear", dataset="digits", cpus=os.cpu_count(), started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    measurements: list[Measurement] = []
+    runs = [(nodes, method) for nodes in sorted(set(args.nodes)) for method in args.methods]
+    for index, (nodes, method) in enumerate(runs, 1):
+        print(f"[{index}/{len(runs)}] {method} on {nodes} SuperNodes, {args.rounds} rounds ...", flush=True)
+        m = measure(method, nodes, args.rounds, args.out, args.interval, args.timeout)
+        print(
+            f"[{index}/{len(runs)}] {method}, N={nodes}: {m.seconds_per_round:.1f} s/round, SuperLink tree "
+            f"{m.superlink_peak_mib:.0f} MiB, ServerApp {m.serverapp_peak_mib:.0f} MiB, "
+            f"{m.bytes_per_round / 1e6:.3f} MB/round ({m.run_wall_seconds:.0f} s in all)",
+            flush=True,
+        )
+        measurements.append(m)
+        write_results(args.out, settings, measurements)  # after every run: an interrupted sweep keeps what it measured
+    print((args.out / "results.md").read_text(), end="")
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
