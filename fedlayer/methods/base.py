@@ -479,13 +479,19 @@ class LayerwiseStrategy:
 
     def guard_update_norms(self, server_round: int, replies: list[TrainReply]) -> list[TrainReply]:
         """Refuse replies whose update of some tensor is over ``norm_factor`` x the round's median."""
-        if not self.norm_factor or len(replies) < 2:
+        if not self.norm_factor:
             return replies
-        norms = {r.node_id: update_norms(r, self.sent_value) for r in replies}
+        norms = {r.node_id: n for r in replies if (n := self.update_norms(r)) is not None}
+        if len(norms) < 2:
+            return replies
         refused = oversized_updates(norms, self.norm_factor)
         for node, reason in refused.items():
             self.reject(server_round, ReplyRejected(node, reason))
         return [r for r in replies if r.node_id not in refused]
+
+    def update_norms(self, reply: TrainReply) -> dict[str, float] | None:
+        """Per tensor, the norm of the reply's update against what its node was sent (None: no update)."""
+        return update_norms(reply, self.sent_value)
 
     def sent_value(self, node_id: int, key: str) -> np.ndarray | None:
         """What ``node_id`` was sent for ``key`` this round (else the global value; None if neither)."""

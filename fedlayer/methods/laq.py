@@ -29,7 +29,6 @@ from fedlayer.layers import (
     to_arrayrecord,
     torch_state_to_numpy,
 )
-from fedlayer.methods.aggregation import oversized_updates
 from fedlayer.methods.base import LayerwiseStrategy, NodePlan
 from fedlayer.methods.client import ClientRuntime, load_memory, server_round_of
 from fedlayer.methods.replies import ReplyRejected, TrainReply
@@ -228,23 +227,16 @@ class LAQStrategy(LayerwiseStrategy):
         reply.payload = {"client": client, "q": q, "base": base, "bits": bits, "error": update.quantization_error}
         return reply
 
-    def guard_update_norms(self, server_round: int, replies: list[TrainReply]) -> list[TrainReply]:
-        """The update-norm guard on the decoded innovations ``Q_m - Qhat_m`` of this round's uploads."""
-        uploads = [r for r in replies if r.payload["q"] is not None]
-        if not self.norm_factor or len(uploads) < 2:
-            return replies
-        norms = {}
-        for reply in uploads:
-            client, q = reply.payload["client"], reply.payload["q"]
-            previous = self.qhat.get(client) if reply.payload["base"] else None
-            norms[reply.node_id] = {
-                key: float(np.linalg.norm(q[key].astype(np.float64) - (0.0 if previous is None else previous[key])))
-                for key in q
-            }
-        refused = oversized_updates(norms, self.norm_factor)
-        for node, reason in refused.items():
-            self.reject(server_round, ReplyRejected(node, reason))
-        return [r for r in replies if r.node_id not in refused]
+    def update_norms(self, reply: TrainReply) -> dict[str, float] | None:
+        """The guard's norms: of the decoded innovation ``Q_m - Qhat_m`` (None for a skip)."""
+        q = reply.payload["q"]
+        if q is None:
+            return None
+        previous = self.qhat.get(reply.payload["client"]) if reply.payload["base"] else None
+        return {
+            key: float(np.linalg.norm(q[key].astype(np.float64) - (0.0 if previous is None else previous[key])))
+            for key in q
+        }
 
     def aggregate(self, server_round: int, replies: list[TrainReply]) -> State:
         """Replace the uploaders' ``Qhat_m``, re-sum, step ``theta -= alpha * grad``."""

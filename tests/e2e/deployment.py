@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+import pytest
 
 from benchmarks.processes import (
     alive,
@@ -42,6 +45,11 @@ from benchmarks.processes import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: Tests that generate certificates and keys with scripts/generate_certs.sh.
+needs_cert_tools = pytest.mark.skipif(
+    shutil.which("openssl") is None or shutil.which("ssh-keygen") is None,
+    reason="scripts/generate_certs.sh needs openssl and ssh-keygen",
+)
 
 #: Environment for every Flower process the tests start.
 FLOWER_ENV = {

@@ -10,7 +10,6 @@ unregistered key and a plain-text client are both turned away.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,16 +18,17 @@ import pytest
 
 from fedlayer.server.rundir import RunDirectory
 
-from .deployment import REPO_ROOT, LocalDeployment, ManagedProcess, TlsFiles, free_ports
+from .deployment import (
+    REPO_ROOT,
+    LocalDeployment,
+    ManagedProcess,
+    TlsFiles,
+    free_ports,
+    needs_cert_tools,
+)
 from .test_grpc_deployment import fedavg_run_config
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(
-        shutil.which("openssl") is None or shutil.which("ssh-keygen") is None,
-        reason="scripts/generate_certs.sh needs openssl and ssh-keygen",
-    ),
-]
+pytestmark = [pytest.mark.e2e, needs_cert_tools]
 
 SCRIPT = REPO_ROOT / "scripts" / "generate_certs.sh"
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -30,16 +29,11 @@ from .deployment import (
     LocalDeployment,
     ManagedProcess,
     free_ports,
+    needs_cert_tools,
     port_open,
 )
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(
-        shutil.which("openssl") is None or shutil.which("ssh-keygen") is None,
-        reason="scripts/generate_certs.sh needs openssl and ssh-keygen",
-    ),
-]
+pytestmark = [pytest.mark.e2e, needs_cert_tools]
 
 DOC = REPO_ROOT / "docs" / "deployment.md"
 BLOCK = re.compile(r"<!-- walkthrough: (?P<name>[\w-]+) -->\n```bash\n(?P<body>.*?)```", re.S)
