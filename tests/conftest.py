@@ -12,6 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedlayer.layers import State, to_arrayrecord
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 #: ``FEDLAYER_FUZZ=full`` runs property tests with their full example counts.
 FULL_FUZZ = os.environ.get("FEDLAYER_FUZZ") == "full"
 
@@ -19,8 +20,6 @@ FULL_FUZZ = os.environ.get("FEDLAYER_FUZZ") == "full"
 def fuzz_examples(full: int) -> int:
     """Examples of a property test: ``full`` under ``FEDLAYER_FUZZ=full``, else a tenth (at least 20)."""
     return full if FULL_FUZZ else max(full // 10, 20)
-
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups

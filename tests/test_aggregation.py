@@ -8,7 +8,7 @@ import pytest
 from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError, ParameterError
 from fedlayer.layers import copy_state, states_equal
-from fedlayer.methods.aggregation import trimmed_mean
+from fedlayer.methods.aggregation import oversized_updates, trimmed_mean
 from fedlayer.methods.base import LayerwiseStrategy
 from fedlayer.methods.laq import LAQStrategy
 from fedlayer.server.builder import build_strategy
@@ -83,6 +83,13 @@ def test_the_norm_guard_refuses_an_oversized_update(values):
     strategy.aggregate_train(1, [make_reply(n, h, 10) for n, h in zip(NODES, honest)] + [make_reply(55, attack, 10)])
     assert [r.node_id for r in strategy.rejections] == [55] and "median" in strategy.rejections[0].reason
     assert states_equal(strategy.global_state, expected.global_state)
+
+
+def test_the_guard_holds_with_as_many_oversized_updates_as_honest_ones():
+    """An even split: the lower median is an honest norm, so all three oversized updates are refused
+    (the midpoint median would sit halfway to the attackers and let them through)."""
+    norms = {node: {"w": 1.0 + 0.1 * node} for node in (1, 2, 3)} | {node: {"w": 1e6} for node in (4, 5, 6)}
+    assert sorted(oversized_updates(norms, factor=20)) == [4, 5, 6]
 
 
 def test_a_merged_model_that_is_not_finite_is_dropped_and_counted():

@@ -123,24 +123,40 @@ def update_norms(reply: TrainReply, reference: Callable[[int, str], np.ndarray |
     return norms
 
 
+def lower_median(values: list[float]) -> float:
+    """The ceil(n/2)-th smallest value: with n even, the lower of the two middle values."""
+    return float(sorted(values)[(len(values) - 1) // 2])
+
+
 def oversized_updates(norms: dict[int, dict[str, float]], factor: float) -> dict[int, str]:
     """Nodes whose update norm of some tensor exceeds ``factor`` x that tensor's median over the nodes.
 
     ``norms``: node id -> tensor key -> update norm (``update_norms``).
-    Returns node id -> reason. The median is taken over the nodes carrying
-    the tensor, so an honest majority bounds it; a median of 0 refuses any change.
+    Returns node id -> reason. The median is the lower median over the nodes
+    carrying the tensor, so it is an honest norm whenever oversized updates are
+    at most half of the tensor's carriers (an even split included); a median of
+    0 refuses any change. A refused node leaves every tensor's median and the
+    medians are taken again, so an attacker caught on one tensor no longer
+    shields another on a tensor few honest nodes carry (FedLP's kept layers).
     """
-    by_layer: dict[str, list[float]] = {}
-    for layer_norms in norms.values():
-        for name, value in layer_norms.items():
-            by_layer.setdefault(name, []).append(value)
-    medians = {name: float(np.median(values)) for name, values in by_layer.items()}
     refused: dict[int, str] = {}
-    for node, layer_norms in norms.items():
-        for name, value in layer_norms.items():
-            if value > factor * medians[name]:
-                refused[node] = (
-                    f"update of {name!r} has norm {value:.3g}, above {factor:g} x the round's median {medians[name]:.3g}"
-                )
-                break
-    return refused
+    while True:
+        by_layer: dict[str, list[float]] = {}
+        for node, layer_norms in norms.items():
+            if node not in refused:
+                for name, value in layer_norms.items():
+                    by_layer.setdefault(name, []).append(value)
+        medians = {name: lower_median(values) for name, values in by_layer.items()}
+        found = {}
+        for node, layer_norms in norms.items():
+            if node in refused:
+                continue
+            for name, value in layer_norms.items():
+                if value > factor * medians[name]:
+                    found[node] = (
+                        f"update of {name!r} has norm {value:.3g}, above {factor:g} x the round's median {medians[name]:.3g}"
+                    )
+                    break
+        if not found:
+            return refused
+        refused |= found
