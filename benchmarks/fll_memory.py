@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.harness import load_suite, run_suite
 from fedlayer.config import compose_config
 from fedlayer.device import resolve_device
 from fedlayer.methods.client import ClientRuntime
 from fedlayer.methods.fll import train_stage
-from fedlayer.models.staged import StagedModel, StageSpec
+from fedlayer.models.staged import STAGE_HEADS, StagedModel, StageSpec
 from fedlayer.server.rundir import RunDirectory
 from fedlayer.workload import build_configured_model, load_workload
 
@@ -45,54 +46,74 @@ MB = 1e6
 def step_peak(
     model_name: str, dataset: str, blocks_per_stage: int, stage: int, *, objective: str = "supervised",
     p_drop: float = 0.0, batch_size: int = 32, head_pool: int = 2, device: str = "cpu", temperature: float = 0.5,
+    checkpoint: bool = False, head: str = "linear",
 ) -> dict[str, float]:
-    """Peak memory of the first local step of ``stage`` (as a client measures it)."""
+    """Peak memory of the first local step of ``stage`` (as a client measures it), and
+    the step's floating-point operations (``flops``, counted by ``torch.utils.flop_counter``)."""
     cfg = compose_config([f"model={model_name}", f"dataset={dataset}", f"train.batch_size={batch_size}", "train.local_steps=1"])
     runtime = ClientRuntime(cfg=cfg, partition_id=0, num_partitions=5, data_path=None, device=resolve_device(device))
     model = runtime.new_model()
-    net = StagedModel(model, StageSpec(len(model.blocks), blocks_per_stage), head_pool, seed=0)
-    return train_stage(net, stage, runtime, seed=0, p_drop=p_drop, objective=objective, temperature=temperature)
+    net = StagedModel(model, StageSpec(len(model.blocks), blocks_per_stage), head_pool, seed=0, checkpoint=checkpoint, head=head)
+    with FlopCounterMode(display=False) as counter:
+        metrics = train_stage(net, stage, runtime, seed=0, p_drop=p_drop, objective=objective, temperature=temperature)
+    return {**metrics, "flops": float(counter.get_total_flops())}
 
 
 def end_to_end_peak(model_name: str, dataset: str, **kwargs: Any) -> dict[str, float]:
-    """One end-to-end step: a single stage with every block."""
-    return step_peak(model_name, dataset, 10**6, 0, **kwargs)
+    """One end-to-end step (what FedAvg's client does): a single stage with every block, nothing recomputed."""
+    return step_peak(model_name, dataset, 10**6, 0, **{**kwargs, "checkpoint": False})
 
 
-def stages_table(models: list[str], datasets: list[str], objectives: list[str], batch_size: int, device: str) -> tuple[str, list[dict[str, Any]]]:
-    """Per-stage peaks against end-to-end, as Markdown and rows."""
+def stages_table(
+    models: list[str], datasets: list[str], objectives: list[str], batch_size: int, device: str, head: str = "linear"
+) -> tuple[str, list[dict[str, Any]]]:
+    """Per-stage peaks (activations kept, and checkpointed) and step FLOPs against end-to-end, as Markdown and rows."""
     rows: list[dict[str, Any]] = []
     lines = [
-        f"# FLL peak training memory per stage (batch {batch_size}, device {device})",
+        f"# FLL peak training memory and FLOPs per stage (batch {batch_size}, device {device}, {head} stage heads)",
         "",
-        "| model | dataset | objective | stage (= block) | peak MB | end-to-end MB | reduction | CUDA peak MB | CUDA end-to-end MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "'kept': every activation kept for backward; 'checkpointed': `strategy.checkpoint_activations=true`"
+        " (the default). FLOPs: one local step, forward + backward + the frozen prefix's forward.",
+        "",
+        "| model | dataset | objective | stage (= block) | peak MB kept | peak MB checkpointed | end-to-end MB | reduction "
+        "| step MFLOPs | of end-to-end step | CUDA peak MB | CUDA end-to-end MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model_name in models:
         for dataset in datasets:
             for objective in objectives:
-                e2e = end_to_end_peak(model_name, dataset, objective=objective, batch_size=batch_size, device=device)
+                options = {"objective": objective, "batch_size": batch_size, "device": device, "head": head}
+                e2e = end_to_end_peak(model_name, dataset, **options)
                 cfg = compose_config([f"model={model_name}", f"dataset={dataset}"])
                 blocks = len(build_configured_model(cfg, load_workload(cfg, 5).client_data(0)[0]).blocks)
+                setting = []
                 for stage in range(blocks):
-                    peak = step_peak(model_name, dataset, 1, stage, objective=objective, batch_size=batch_size, device=device)
+                    kept = step_peak(model_name, dataset, 1, stage, **options)
+                    checkpointed = step_peak(model_name, dataset, 1, stage, checkpoint=True, **options)
                     row = {
-                        "model": model_name, "dataset": dataset, "objective": objective, "stage": stage,
-                        "peak": peak["peak-train-memory-bytes"], "end_to_end": e2e["peak-train-memory-bytes"],
-                        "cuda_peak": peak.get("cuda-peak-memory-bytes"), "cuda_end_to_end": e2e.get("cuda-peak-memory-bytes"),
+                        "model": model_name, "dataset": dataset, "objective": objective, "stage": stage, "head": head,
+                        "peak_kept": kept["peak-train-memory-bytes"], "peak": checkpointed["peak-train-memory-bytes"],
+                        "end_to_end": e2e["peak-train-memory-bytes"], "flops": checkpointed["flops"],
+                        "flops_kept": kept["flops"], "end_to_end_flops": e2e["flops"],
+                        "cuda_peak": checkpointed.get("cuda-peak-memory-bytes"), "cuda_end_to_end": e2e.get("cuda-peak-memory-bytes"),
                     }
-                    rows.append(row)
+                    setting.append(row)
                     cuda = (
                         f"{row['cuda_peak'] / MB:.2f} | {row['cuda_end_to_end'] / MB:.2f}" if row["cuda_peak"] is not None else "- | -"
                     )
                     lines.append(
-                        f"| {model_name} | {dataset} | {objective} | {stage} | {row['peak'] / MB:.2f} | "
-                        f"{row['end_to_end'] / MB:.2f} | {row['end_to_end'] / row['peak']:.1f}x | {cuda} |"
+                        f"| {model_name} | {dataset} | {objective} | {stage} | {row['peak_kept'] / MB:.2f} | {row['peak'] / MB:.2f} | "
+                        f"{row['end_to_end'] / MB:.2f} | {row['end_to_end'] / row['peak']:.1f}x | {row['flops'] / 1e6:.1f} | "
+                        f"{row['flops'] / row['end_to_end_flops']:.2f} | {cuda} |"
                     )
-                worst = max(r["peak"] for r in rows if r["model"] == model_name and r["dataset"] == dataset and r["objective"] == objective)
+                rows.extend(setting)
+                kept_worst = max(r["peak_kept"] for r in setting)
+                worst = max(r["peak"] for r in setting)
+                e2e_peak = e2e["peak-train-memory-bytes"]
                 lines.append(
-                    f"| {model_name} | {dataset} | {objective} | **run peak (max over stages)** | {worst / MB:.2f} | "
-                    f"{e2e['peak-train-memory-bytes'] / MB:.2f} | **{e2e['peak-train-memory-bytes'] / worst:.1f}x** | | |"
+                    f"| {model_name} | {dataset} | {objective} | **run peak (max over stages)** | {kept_worst / MB:.2f} "
+                    f"({e2e_peak / kept_worst:.1f}x) | {worst / MB:.2f} | {e2e_peak / MB:.2f} | **{e2e_peak / worst:.1f}x** | "
+                    f"{e2e['flops'] / 1e6:.1f} (end-to-end) | 1.00 | | |"
                 )
     return "\n".join(lines) + "\n", rows
 
@@ -152,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     stages.add_argument("--objectives", nargs="*", default=["supervised", "contrastive"])
     stages.add_argument("--batch-size", type=int, default=32)
     stages.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    stages.add_argument("--head", default="linear", choices=STAGE_HEADS, help="stage head kind")
     stages.add_argument("--out", type=Path, default=Path("bench-out/fll-memory"))
     suite = sub.add_parser("suite", help="run a suite and add the memory columns")
     suite.add_argument("suite", type=Path)
@@ -161,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.command == "stages":
-        text, rows = stages_table(args.models, args.datasets, args.objectives, args.batch_size, args.device)
+        text, rows = stages_table(args.models, args.datasets, args.objectives, args.batch_size, args.device, args.head)
         (args.out / "memory_stages.md").write_text(text)
         (args.out / "memory_stages.json").write_text(json.dumps(rows, indent=2))
         print(text)

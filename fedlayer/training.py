@@ -195,7 +195,7 @@ def recalibrate_batch_norm(
     for count, (x, _) in enumerate(minibatches(dataset, batch_size, rng, device)):
         if count >= RECALIBRATION_BATCHES:
             break
-        net.features(x, stage)
+        net.forward_stage(x, stage)  # the stage head too: a conv head has BatchNorm
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
 

@@ -212,6 +212,39 @@ def test_client_changes_and_returns_only_the_stage_layers():
     assert moved == set(stage1)
 
 
+@pytest.mark.parametrize(
+    ("stage", "peak_ratio"), [(1, 0.8), (4, 1.0)]  # a full-resolution block; a downsampling one (projection shortcut)
+)
+def test_checkpointed_stage_trains_bitwise_the_same_with_a_lower_peak(stage, peak_ratio):
+    """Activation checkpointing recomputes conv + BN outputs in backward: the trained
+    weights and BatchNorm running statistics are bitwise those of plain training."""
+    runtime = _runtime(TRAIN, "model=resnet20")
+    results = {}
+    for checkpoint in (False, True):
+        net = StagedModel(_resnet(), StageSpec(10, 1), 2, seed=0, checkpoint=checkpoint)
+        metrics = train_stage(net, stage, runtime, seed=3, p_drop=0.0, objective="supervised", temperature=0.5)
+        results[checkpoint] = (torch_state_to_numpy(net.state_dict()), metrics)
+    (plain, plain_metrics), (checkpointed, checkpointed_metrics) = results[False], results[True]
+    assert states_equal(plain, checkpointed)
+    assert checkpointed_metrics["train-loss"] == plain_metrics["train-loss"]
+    assert checkpointed_metrics["peak-train-memory-bytes"] < peak_ratio * plain_metrics["peak-train-memory-bytes"]
+
+
+def test_conv_stage_heads_are_trained_layers_of_their_stage():
+    model = _resnet()
+    net = StagedModel(model, StageSpec(10, 1), 2, seed=0, head="conv")
+    names = ModelLayers.from_state(torch_state_to_numpy(net.state_dict())).names
+    assert stage_layer_names(net.spec, names, 1) == ["blocks.1.conv1", "blocks.1.bn1", "blocks.1.conv2", "blocks.1.bn2",
+                                                     "stage_heads.1.conv", "stage_heads.1.bn", "stage_heads.1.fc"]
+    net.prepare(1)
+    logits = net.forward_stage(torch.randn(4, 1, 28, 28), 1)
+    assert logits.shape == (4, 10)
+    logits.sum().backward()
+    assert net.stage_heads[1].conv.weight.grad is not None and net.stage_heads[0].conv.weight.grad is None
+    # the head's convolution runs on the block output pooled to 8x8, whatever its size
+    assert net.stage_heads[1].size == (8, 8) and net.stage_heads[8].size == (7, 7)
+
+
 def test_frozen_blocks_run_without_autograd_graph():
     net = StagedModel(_resnet(), StageSpec(10, 1), 2, seed=0)
     stage = 4
@@ -357,6 +390,8 @@ def test_contrastive_objective():
         ("strategy.objective=byol", "strategy.objective"),
         ("strategy.stage_rule=never", "strategy.stage_rule"),
         ("strategy.head_pool=-1", "strategy.head_pool"),
+        ("strategy.stage_head=mlp", "strategy.stage_head"),
+        ("strategy.checkpoint_activations=maybe", "strategy.checkpoint_activations"),
         ("strategy.validation_fraction=0", "strategy.validation_fraction"),
         ("strategy.validation_fraction=1.0", "strategy.validation_fraction"),
     ],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import zlib
 from logging import INFO
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from fedlayer.methods.client import (
 from fedlayer.methods.replies import MAX_EXAMPLES, ReplyRejected, TrainReply
 from fedlayer.models import LayeredModel
 from fedlayer.models.staged import (
+    STAGE_HEADS,
     StagedModel,
     StageSpec,
     frozen_layer_names,
@@ -100,6 +101,12 @@ class FLLStrategy(LayerwiseStrategy):
         blocks gives one stage, i.e. end-to-end training.
     head_pool : int
         Stage heads see the block output average-pooled to this spatial size (0: flattened as is).
+    stage_head : str
+        ``linear`` or ``conv`` (one conv3x3 + BN + ReLU before the linear layer, ``ConvStageHead``).
+    checkpoint_activations : bool
+        Clients recompute the trained blocks' inner activations in backward
+        instead of keeping them: a lower memory peak, the same result, one more
+        forward pass of the trained blocks per step.
     p_drop : float
         Probability that a frozen, identity-compatible block is skipped in a local forward pass.
     objective : str
@@ -136,6 +143,8 @@ class FLLStrategy(LayerwiseStrategy):
         rounds_per_stage: int = 2,
         blocks_per_stage: int = 1,
         head_pool: int = 2,
+        stage_head: str = "linear",
+        checkpoint_activations: bool = True,
         p_drop: float = 0.0,
         objective: str = "supervised",
         temperature: float = 0.5,
@@ -150,6 +159,8 @@ class FLLStrategy(LayerwiseStrategy):
                             ("plateau_patience", plateau_patience), ("probe_epochs", probe_epochs)):
             require(isinstance(value, int) and value >= 1, name, "must be an integer >= 1", value)
         require(isinstance(head_pool, int) and head_pool >= 0, "head_pool", "must be an integer >= 0 (0: no pooling)", head_pool)
+        require(stage_head in STAGE_HEADS, "stage_head", f"must be one of {STAGE_HEADS}", stage_head)
+        require(isinstance(checkpoint_activations, bool), "checkpoint_activations", "must be true or false", checkpoint_activations)
         require(isinstance(p_drop, (int, float)) and 0.0 <= p_drop < 1.0, "p_drop", "must be in [0, 1)", p_drop)
         require(objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}", objective)
         require(isinstance(temperature, (int, float)) and temperature > 0.0, "temperature", "must be > 0", temperature)
@@ -159,11 +170,13 @@ class FLLStrategy(LayerwiseStrategy):
                 "validation_fraction", "must be in (0, 1)", validation_fraction)
         model.load_state_dict(numpy_to_torch_state(initial_state))
         self.spec = StageSpec(len(model.blocks), blocks_per_stage)
-        self.net = StagedModel(model, self.spec, head_pool, int(base.get("seed", 0)))
+        self.net = StagedModel(model, self.spec, head_pool, int(base.get("seed", 0)), head=stage_head)
         # Clients start the codec's references from the configured model, without the stage heads.
         super().__init__(torch_state_to_numpy(self.net.state_dict()), codec_reference=initial_state, **base)
         self.rounds_per_stage = rounds_per_stage
         self.head_pool = head_pool
+        self.stage_head = stage_head
+        self.checkpoint_activations = checkpoint_activations
         self.p_drop = p_drop
         self.objective = objective
         self.temperature = temperature
@@ -209,6 +222,8 @@ class FLLStrategy(LayerwiseStrategy):
             "fll-stage": self.stage,
             "fll-blocks-per-stage": self.spec.blocks_per_stage,
             "fll-head-pool": self.head_pool,
+            "fll-stage-head": self.stage_head,
+            "fll-checkpoint": self.checkpoint_activations,
             "fll-p-drop": self.p_drop,
             "fll-objective": self.objective,
             "fll-temperature": self.temperature,
@@ -363,22 +378,40 @@ def validation_accuracy(replies: list[TrainReply]) -> float | None:
 
 
 # --- client half ----------------------------------------------------------------
-def _stage_config(content: RecordDict) -> tuple[int, int, int, float, str, float]:
+class StageConfig(NamedTuple):
+    """What the server's ``stage_config`` tells a client."""
+
+    stage: int
+    blocks_per_stage: int
+    head_pool: int
+    stage_head: str
+    checkpoint: bool
+    p_drop: float
+    objective: str
+    temperature: float
+
+
+def stage_config_of(content: RecordDict) -> StageConfig:
     config = content[CONFIG]
-    return (
-        int(config["fll-stage"]),
-        int(config["fll-blocks-per-stage"]),
-        int(config["fll-head-pool"]),
-        float(config["fll-p-drop"]),
-        str(config["fll-objective"]),
-        float(config["fll-temperature"]),
+    return StageConfig(
+        stage=int(config["fll-stage"]),
+        blocks_per_stage=int(config["fll-blocks-per-stage"]),
+        head_pool=int(config["fll-head-pool"]),
+        stage_head=str(config["fll-stage-head"]),
+        checkpoint=bool(config["fll-checkpoint"]),
+        p_drop=float(config["fll-p-drop"]),
+        objective=str(config["fll-objective"]),
+        temperature=float(config["fll-temperature"]),
     )
 
 
-def staged_model(runtime: ClientRuntime, blocks_per_stage: int, pool: int) -> StagedModel:
+def staged_model(runtime: ClientRuntime, config: StageConfig) -> StagedModel:
     """A fresh staged model for this run (same initial values as the server's)."""
     model = runtime.new_model()
-    return StagedModel(model, StageSpec(len(model.blocks), blocks_per_stage), pool, int(runtime.cfg.seed))
+    spec = StageSpec(len(model.blocks), config.blocks_per_stage)
+    return StagedModel(
+        model, spec, config.head_pool, int(runtime.cfg.seed), checkpoint=config.checkpoint, head=config.stage_head
+    )
 
 
 def _node_state(net: StagedModel, content: RecordDict, context: Context, stage: int) -> State:
@@ -478,8 +511,9 @@ def fll_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> 
     held-out part of its training split, then trains on the rest.
     """
     config = content[CONFIG]
-    stage, blocks_per_stage, pool, p_drop, objective, temperature = _stage_config(content)
-    net = staged_model(runtime, blocks_per_stage, pool)
+    stage_config = stage_config_of(content)
+    stage, objective = stage_config.stage, stage_config.objective
+    net = staged_model(runtime, stage_config)
     net.load_state_dict(numpy_to_torch_state(_node_state(net, content, context, stage)))
     train = runtime.train_data
     metrics: dict[str, float] = {}
@@ -490,7 +524,9 @@ def fll_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> 
             net, stage, objective, train, validation, int(config[PROBE_EPOCHS]), holdout_seed, runtime.device
         )
     seed = runtime.round_seed(server_round_of(content))
-    metrics.update(train_stage(net, stage, runtime, seed, p_drop, objective, temperature, data=train))
+    metrics.update(
+        train_stage(net, stage, runtime, seed, stage_config.p_drop, objective, stage_config.temperature, data=train)
+    )
     state = torch_state_to_numpy(net.state_dict())
     keep_if_asked(content, context, state)
     if objective == "supervised":
@@ -502,8 +538,9 @@ def fll_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> 
 
 def fll_evaluate(runtime: ClientRuntime, content: RecordDict, context: Context) -> RecordDict:
     """Evaluate the received staged model at its stage on the local test split."""
-    stage, blocks_per_stage, pool, *_ = _stage_config(content)
-    net = staged_model(runtime, blocks_per_stage, pool)
+    stage_config = stage_config_of(content)
+    stage = stage_config.stage
+    net = staged_model(runtime, stage_config)
     net.load_state_dict(numpy_to_torch_state(_node_state(net, content, context, stage)))
     forward = lambda x: net.forward_stage(x, stage)  # noqa: E731
     return RecordDict({METRICS: MetricRecord(evaluate(net, runtime.test_data, runtime.device, forward=forward))})

@@ -23,6 +23,15 @@ class Block(nn.Module):
 
     is_identity_compatible: bool = False
 
+    def forward_checkpointed(self, x: Tensor) -> Tensor:
+        """``forward`` recomputing inner activations in backward instead of keeping them.
+
+        A block whose forward is a single segment keeps nothing it would not
+        recompute, so by default this is ``forward``; blocks with inner
+        segments override it (``BasicBlock``).
+        """
+        return self(x)
+
 
 def validate_input_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     """Return ``input_shape`` as a (C, H, W) tuple of positive ints or raise ValueError."""

@@ -50,8 +50,40 @@ def stage_features(x: Tensor, pool: int) -> Tensor:
     return torch.flatten(x, 1)
 
 
+#: Stage heads: ``linear`` on the pooled block output, or ``conv`` (``ConvStageHead``).
+STAGE_HEADS = ("linear", "conv")
+#: The conv head's convolution runs on the block output pooled to at most this size.
+CONV_HEAD_SIZE = 8
+
+
+class ConvStageHead(nn.Module):
+    """An auxiliary classifier with one convolution, as greedy layer-wise learning uses
+    (Belilovsky et al. 2019, https://arxiv.org/abs/1812.11446).
+
+    The block output is average-pooled to at most ``CONV_HEAD_SIZE`` x ``CONV_HEAD_SIZE``
+    first, so the head's activations stay small next to the block's; then
+    conv3x3 + BN + ReLU, pooling to ``pool`` x ``pool`` and a linear layer.
+    """
+
+    def __init__(self, shape: tuple[int, ...], pool: int, num_classes: int) -> None:
+        super().__init__()
+        if len(shape) != 3:
+            raise ValueError(f"a conv stage head needs a (C, H, W) block output, got {shape}")
+        channels, height, width = shape
+        self.size = (min(height, CONV_HEAD_SIZE), min(width, CONV_HEAD_SIZE))
+        self.pool = pool
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        features = stage_features(torch.zeros(1, channels, *self.size), pool).shape[1]
+        self.fc = nn.Linear(features, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn(self.conv(F.adaptive_avg_pool2d(x, self.size))))
+        return self.fc(stage_features(x, self.pool))
+
+
 class StagedModel(nn.Module):
-    """A ``LayeredModel``'s blocks and head plus one linear head per non-final stage.
+    """A ``LayeredModel``'s blocks and head plus one stage head per non-final stage.
 
     Parameters
     ----------
@@ -63,23 +95,37 @@ class StagedModel(nn.Module):
         Spatial size stage heads pool block outputs to (0: flatten as is).
     seed : int
         Seeds the stage heads' initialisation (server and clients agree).
+    checkpoint : bool
+        Trained blocks recompute their inner activations in backward
+        (``Block.forward_checkpointed``): a lower peak, the same result.
+    head : str
+        Kind of the stage heads (``STAGE_HEADS``).
     """
 
-    def __init__(self, model: LayeredModel, spec: StageSpec, pool: int, seed: int) -> None:
+    def __init__(
+        self, model: LayeredModel, spec: StageSpec, pool: int, seed: int, *, checkpoint: bool = False, head: str = "linear"
+    ) -> None:
         super().__init__()
         if spec.num_blocks != len(model.blocks):
             raise ValueError(f"spec has {spec.num_blocks} blocks, model {len(model.blocks)}")
+        if head not in STAGE_HEADS:
+            raise ValueError(f"head must be one of {STAGE_HEADS}, got {head!r}")
         self.blocks = model.blocks
         self.head = model.head
         self.spec = spec
         self.pool = pool
-        heads = []
+        self.checkpoint = checkpoint
+        self.head_kind = head
+        heads: list[nn.Module] = []
         with torch.random.fork_rng(devices=[]):  # leave the caller's stream (and CUDA's) alone
             torch.default_generator.manual_seed(seed)
             for stage in range(spec.num_stages - 1):
                 shape = model.block_output_shape(spec.blocks(stage)[-1] + 1)
-                features = stage_features(torch.zeros(1, *shape), pool).shape[1]
-                heads.append(nn.Linear(features, model.num_classes))
+                if head == "conv":
+                    heads.append(ConvStageHead(shape, pool, model.num_classes))
+                else:
+                    features = stage_features(torch.zeros(1, *shape), pool).shape[1]
+                    heads.append(nn.Linear(features, model.num_classes))
         self.stage_heads = nn.ModuleList(heads)
 
     def stage_head(self, stage: int) -> nn.Module:
@@ -119,7 +165,8 @@ class StagedModel(nn.Module):
                 if b not in skip:
                     x = self.blocks[b](x)
         for b in self.spec.blocks(stage):
-            x = self.blocks[b](x)
+            block = self.blocks[b]
+            x = block.forward_checkpointed(x) if self.checkpoint and torch.is_grad_enabled() else block(x)
         return x
 
     def forward_stage(self, x: Tensor, stage: int, skip: Collection[int] = ()) -> Tensor:
@@ -127,6 +174,8 @@ class StagedModel(nn.Module):
         z = self.features(x, stage, skip)
         if self.spec.is_last(stage):
             return self.head(torch.flatten(z, 1))
+        if self.head_kind == "conv":
+            return self.stage_heads[stage](z)
         return self.stage_heads[stage](stage_features(z, self.pool))
 
 
