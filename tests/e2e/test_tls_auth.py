@@ -3,8 +3,10 @@
 Certificates and keys come from ``scripts/generate_certs.sh``, keys are
 registered with its ``-r`` mode (``flwr supernode register``), the SuperLink
 runs with TLS and ``--enable-supernode-auth``, and clients start through the
-``fedlayer-client`` command. Registered nodes complete a round; a node with an
-unregistered key and a plain-text client are both turned away.
+``fedlayer-client`` command. A node with an unregistered key, a client that
+does not trust the server's certificate and a plain-text client are all turned
+away. Registered nodes completing a run is the walkthrough's test
+(``test_walkthrough.py``), which runs the same setup as docs/deployment.md has it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from fedlayer.server.rundir import RunDirectory
 
 from .deployment import (
     REPO_ROOT,
@@ -26,7 +27,6 @@ from .deployment import (
     free_ports,
     needs_cert_tools,
 )
-from .test_grpc_deployment import fedavg_run_config
 
 pytestmark = [pytest.mark.e2e, needs_cert_tools]
 
@@ -70,24 +70,6 @@ def start_client(deployment: LocalDeployment, name: str, *args: str) -> ManagedP
 def registered_nodes(deployment: LocalDeployment) -> list[dict]:
     done = deployment.flwr("supernode", "list", deployment.connection, "--format", "json")
     return json.loads(done.stdout)["nodes"]
-
-
-def test_registered_nodes_complete_a_round(deployment, certs, tmp_path):
-    register(deployment, certs, "sn0", "sn1")
-    assert len(registered_nodes(deployment)) == 2
-    for partition in range(2):
-        start_client(
-            deployment, f"client-{partition}",
-            "--ca-cert", str(certs / "ca.crt"), "--node-key", str(certs / "keys" / f"sn{partition}"),
-            "--partition-id", str(partition), "--num-partitions", "2", "--device", "auto",
-        )
-    _, done = deployment.run_app(fedavg_run_config(tmp_path / "runs", rounds=1), timeout=180)
-    assert done.returncode == 0, deployment.logs_text()
-    summary = json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())
-    assert summary["rounds"] == 1 and summary["final_accuracy"] is not None
-    (record,) = RunDirectory(tmp_path / "runs" / "run").read_metrics()
-    assert record["replies"] == 2 and record["rejected"] == 0
-    assert {node["status"] for node in registered_nodes(deployment)} == {"online"}
 
 
 def test_unregistered_key_is_refused(deployment, certs):
