@@ -125,6 +125,31 @@ def run_peak(run_dir: str) -> float | None:
     return max(peaks) if peaks else None
 
 
+def stage_step_flops(model_name: str, dataset: str, params: dict[str, Any], batch_size: int) -> list[float]:
+    """FLOPs of one local step of each stage of an FLL run with ``params`` (its strategy parameters)."""
+    options = {
+        "objective": params.get("objective", "supervised"), "batch_size": batch_size,
+        "head": params.get("stage_head", "linear"), "checkpoint": bool(params.get("checkpoint_activations", True)),
+        "head_pool": int(params.get("head_pool", 2)),
+    }
+    cfg = compose_config([f"model={model_name}", f"dataset={dataset}"])
+    blocks = len(build_configured_model(cfg, load_workload(cfg, 5).client_data(0)[0]).blocks)
+    spec = StageSpec(blocks, int(params.get("blocks_per_stage", 1)))
+    return [step_peak(model_name, dataset, spec.blocks_per_stage, stage, **options)["flops"] for stage in range(spec.num_stages)]
+
+
+def client_flops(run: dict[str, Any], step_flops: list[float]) -> float:
+    """Training FLOPs of all clients over a run: per round, replies x mean local steps x
+    the step FLOPs of the round's stage (``step_flops[0]`` for one-stage, end-to-end runs)."""
+    total = 0.0
+    for record in RunDirectory(Path(run["run_dir"])).read_metrics():
+        if "round" not in record or "train" not in record:
+            continue
+        stage = int(record.get("strategy", {}).get("stage", 0))
+        total += record["replies"] * record["train"].get("local-steps", 0.0) * step_flops[stage]
+    return total
+
+
 def memory_report(results: list[dict[str, Any]], batch_size: int, title: str) -> str:
     """Markdown: accuracy, memory and bytes of each run against FedAvg / end-to-end."""
     lines = [
@@ -135,12 +160,21 @@ def memory_report(results: list[dict[str, Any]], batch_size: int, title: str) ->
         " `fedlayer.memory`. 'end-to-end MB' is one end-to-end step of the same model, batch and"
         " objective measured the same way. 'acc' is central test accuracy (supervised) or linear-probe"
         " accuracy (contrastive); 'acc - base' compares with FedAvg (supervised) or with the one-stage,"
-        " end-to-end contrastive run `fll-ssl-e2e` of the same setting.",
+        " end-to-end contrastive run `fll-ssl-e2e` of the same setting. 'client FLOPs' is all"
+        " clients' training compute over the run (`client_flops`) against the FedAvg run's.",
         "",
-        "| setting | variant | acc | acc - base | peak train MB | end-to-end MB | memory reduction | total MB | total vs FedAvg run | s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | variant | acc | acc - base | peak train MB | end-to-end MB | memory reduction | client FLOPs vs FedAvg "
+        "| total MB | total vs FedAvg run | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     cache: dict[tuple[str, str, str], float] = {}
+    flops = {
+        id(r): client_flops(
+            r, stage_step_flops(r["model"], r["dataset"], r.get("strategy_params", {}), batch_size)
+            if r["strategy"] == "fll" else [end_to_end_peak(r["model"], r["dataset"], batch_size=batch_size)["flops"]]
+        )
+        for r in results
+    }
     for r in results:
         params = r.get("strategy_params", {})
         objective = params.get("objective", "supervised")
@@ -157,9 +191,10 @@ def memory_report(results: list[dict[str, Any]], batch_size: int, title: str) ->
         acc = r["final_accuracy"]
         delta = f"{(acc - base['final_accuracy']) * 100:+.2f} pt" if base else "-"
         ratio = f"{r['bytes_total'] / fedavg['bytes_total']:.1%}" if fedavg else "-"
+        compute = f"{flops[id(r)] / flops[id(fedavg)]:.2f}x" if fedavg else "-"
         lines.append(
             f"| {r['setting']} | {r['variant']} | {acc:.4f} | {delta} | {peak / MB:.2f} | {e2e / MB:.2f} | "
-            f"{e2e / peak:.1f}x | {r['bytes_total'] / MB:.1f} | {ratio} | {r['wall_seconds']:.0f} |"
+            f"{e2e / peak:.1f}x | {compute} | {r['bytes_total'] / MB:.1f} | {ratio} | {r['wall_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -179,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     suite.add_argument("suite", type=Path)
     suite.add_argument("--out", type=Path, default=Path("bench-out/fll"))
     suite.add_argument("--set", nargs="*", default=[], help="extra overrides for every run")
+    suite.add_argument("--keep", action="store_true", help="keep the runs already in <out>/results.json; run the rest")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -190,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     spec = load_suite(args.suite)
     spec["common"] = [*spec["common"], *args.set]
-    results = run_suite(spec, args.out)
+    results = run_suite(spec, args.out, keep=args.keep)
     batch = next((int(o.split("=")[1]) for o in spec["common"] if o.startswith("train.batch_size=")), 32)
     text = memory_report(results, batch, spec.get("title", "FLL benchmark"))
     (args.out / "memory.md").write_text(text)

@@ -20,7 +20,9 @@ from fedlayer.layers import (
 from fedlayer.memory import LiveTensorMeter, measure_step, resident_tensors
 from fedlayer.methods.client import ClientRuntime, load_local_model
 from fedlayer.methods.fll import (
+    MAX_STEP_FACTOR,
     OBJECTIVES,
+    STEP_FACTOR,
     FLLStrategy,
     client_validation_seed,
     fll_evaluate,
@@ -29,7 +31,7 @@ from fedlayer.methods.fll import (
     validation_split,
 )
 from fedlayer.models import build_model
-from fedlayer.models.staged import StagedModel, StageSpec, stage_layer_names
+from fedlayer.models.staged import StagedModel, StageSpec, stage_layer_names, stage_step_flops
 from fedlayer.server.builder import build_strategy
 from fedlayer.server.loop import central_evaluator
 from fedlayer.server.rundir import RunDirectory
@@ -245,6 +247,20 @@ def test_conv_stage_heads_are_trained_layers_of_their_stage():
     assert net.stage_heads[1].size == (8, 8) and net.stage_heads[8].size == (7, 7)
 
 
+def test_equal_flops_gives_cheap_early_stages_more_steps_up_to_the_cap():
+    strategy = _strategy("resnet20", stage_steps="equal_flops")
+    flops = stage_step_flops(strategy.net)
+    assert flops[:9] == sorted(flops[:9])  # a deeper stage runs a longer frozen prefix
+    factors = strategy.step_factors
+    assert factors[0] == MAX_STEP_FACTOR and factors[-1] == 1 and factors == sorted(factors, reverse=True)
+    assert strategy.plan(1, 7).config[STEP_FACTOR] == MAX_STEP_FACTOR
+    assert STEP_FACTOR not in _strategy("resnet20").plan(1, 7).config  # fixed: messages as before
+    runtime = _runtime(TRAIN, "model=resnet20")
+    net = StagedModel(_resnet(), StageSpec(10, 1), 2, seed=0)
+    metrics = train_stage(net, 1, runtime, seed=0, p_drop=0.0, objective="supervised", temperature=0.5, step_factor=3)
+    assert metrics["local-steps"] == 3 * runtime.cfg.train.local_steps
+
+
 def test_frozen_blocks_run_without_autograd_graph():
     net = StagedModel(_resnet(), StageSpec(10, 1), 2, seed=0)
     stage = 4
@@ -391,6 +407,7 @@ def test_contrastive_objective():
         ("strategy.stage_rule=never", "strategy.stage_rule"),
         ("strategy.head_pool=-1", "strategy.head_pool"),
         ("strategy.stage_head=mlp", "strategy.stage_head"),
+        ("strategy.stage_steps=more", "strategy.stage_steps"),
         ("strategy.checkpoint_activations=maybe", "strategy.checkpoint_activations"),
         ("strategy.validation_fraction=0", "strategy.validation_fraction"),
         ("strategy.validation_fraction=1.0", "strategy.validation_fraction"),

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from fedlayer.contrastive import augment_pair, nt_xent
@@ -46,12 +47,14 @@ from fedlayer.models.staged import (
     StageSpec,
     frozen_layer_names,
     stage_layer_names,
+    stage_step_flops,
 )
 from fedlayer.protocol import CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fedlayer.training import (
     Evaluator,
     evaluate,
     linear_probe,
+    num_local_steps,
     recalibrate_batch_norm,
     train_steps,
 )
@@ -59,6 +62,11 @@ from fedlayer.training import (
 #: Objectives: cross-entropy on labels, or SimCLR's NT-Xent on two views.
 OBJECTIVES = ("supervised", "contrastive")
 STAGE_RULES = ("fixed", "plateau")
+STAGE_STEPS = ("fixed", "equal_flops")
+#: ``stage_steps=equal_flops``: the most local steps a stage gets, as a multiple of the configured ones.
+MAX_STEP_FACTOR = 4
+#: Stage-config key: the multiple of the configured local steps to train (absent: 1).
+STEP_FACTOR = "fll-step-factor"
 #: Train-config key asking clients to hold out this fraction of their training split (plateau rule).
 VALIDATION_FRACTION = "fll-validation-fraction"
 #: Train-config key: epochs of the clients' validation linear probe (plateau rule; contrastive only).
@@ -103,6 +111,12 @@ class FLLStrategy(LayerwiseStrategy):
         Stage heads see the block output average-pooled to this spatial size (0: flattened as is).
     stage_head : str
         ``linear`` or ``conv`` (one conv3x3 + BN + ReLU before the linear layer, ``ConvStageHead``).
+    stage_steps : str
+        ``fixed``: every stage trains ``train.local_steps`` (or epochs) per round;
+        ``equal_flops``: a stage whose step is cheaper than the last stage's trains
+        proportionally more steps, up to ``MAX_STEP_FACTOR`` times as many
+        (``stage_step_flops``), so early stages get more training per round
+        at no more compute per round than the last stage.
     checkpoint_activations : bool
         Clients recompute the trained blocks' inner activations in backward
         instead of keeping them: a lower memory peak, the same result, one more
@@ -144,6 +158,7 @@ class FLLStrategy(LayerwiseStrategy):
         blocks_per_stage: int = 1,
         head_pool: int = 2,
         stage_head: str = "linear",
+        stage_steps: str = "fixed",
         checkpoint_activations: bool = True,
         p_drop: float = 0.0,
         objective: str = "supervised",
@@ -160,6 +175,7 @@ class FLLStrategy(LayerwiseStrategy):
             require(isinstance(value, int) and value >= 1, name, "must be an integer >= 1", value)
         require(isinstance(head_pool, int) and head_pool >= 0, "head_pool", "must be an integer >= 0 (0: no pooling)", head_pool)
         require(stage_head in STAGE_HEADS, "stage_head", f"must be one of {STAGE_HEADS}", stage_head)
+        require(stage_steps in STAGE_STEPS, "stage_steps", f"must be one of {STAGE_STEPS}", stage_steps)
         require(isinstance(checkpoint_activations, bool), "checkpoint_activations", "must be true or false", checkpoint_activations)
         require(isinstance(p_drop, (int, float)) and 0.0 <= p_drop < 1.0, "p_drop", "must be in [0, 1)", p_drop)
         require(objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}", objective)
@@ -176,6 +192,9 @@ class FLLStrategy(LayerwiseStrategy):
         self.rounds_per_stage = rounds_per_stage
         self.head_pool = head_pool
         self.stage_head = stage_head
+        self.stage_steps = stage_steps
+        #: per stage: how many times the configured local steps a client trains
+        self.step_factors = equal_flops_factors(stage_step_flops(self.net)) if stage_steps == "equal_flops" else None
         self.checkpoint_activations = checkpoint_activations
         self.p_drop = p_drop
         self.objective = objective
@@ -227,6 +246,7 @@ class FLLStrategy(LayerwiseStrategy):
             "fll-p-drop": self.p_drop,
             "fll-objective": self.objective,
             "fll-temperature": self.temperature,
+            **({STEP_FACTOR: self.step_factors[self.stage]} if self.step_factors else {}),
         }
 
     def validation_config(self) -> dict[str, ConfigValue]:
@@ -378,6 +398,12 @@ def validation_accuracy(replies: list[TrainReply]) -> float | None:
 
 
 # --- client half ----------------------------------------------------------------
+def equal_flops_factors(step_flops: list[float]) -> list[int]:
+    """Per stage, the local-step multiple that brings its round's compute up to the last
+    stage's: ``round(last / own)`` step FLOPs, between 1 and ``MAX_STEP_FACTOR``."""
+    return [min(MAX_STEP_FACTOR, max(1, round(step_flops[-1] / flops))) for flops in step_flops]
+
+
 class StageConfig(NamedTuple):
     """What the server's ``stage_config`` tells a client."""
 
@@ -389,6 +415,7 @@ class StageConfig(NamedTuple):
     p_drop: float
     objective: str
     temperature: float
+    step_factor: int
 
 
 def stage_config_of(content: RecordDict) -> StageConfig:
@@ -402,6 +429,7 @@ def stage_config_of(content: RecordDict) -> StageConfig:
         p_drop=float(config["fll-p-drop"]),
         objective=str(config["fll-objective"]),
         temperature=float(config["fll-temperature"]),
+        step_factor=int(config[STEP_FACTOR]) if STEP_FACTOR in config else 1,
     )
 
 
@@ -464,10 +492,10 @@ def validation_score(
 
 def train_stage(
     net: StagedModel, stage: int, runtime: ClientRuntime, seed: int, p_drop: float, objective: str, temperature: float,
-    data: ArrayDataset | None = None,
+    data: ArrayDataset | None = None, step_factor: int = 1,
 ) -> dict[str, float]:
     """One round of local training of ``stage`` on ``data`` (default: the runtime's
-    training split); the first step's memory is measured.
+    training split), ``step_factor`` times the configured steps; the first step's memory is measured.
 
     Returns ``train-loss``, ``local-steps``, ``dropped-blocks`` (mean skipped
     frozen blocks per step) and ``peak-train-memory-bytes`` (see ``memory``):
@@ -495,8 +523,11 @@ def train_stage(
         # The stage's head serves as SimCLR's projection head.
         return nt_xent(net.forward_stage(torch.cat([first, second]), stage, skip), temperature)
 
+    train = runtime.cfg.train
+    if step_factor != 1:
+        train = OmegaConf.merge(train, {"local_steps": step_factor * num_local_steps(train, len(data))})
     metrics = train_steps(
-        net, data, runtime.cfg.train, device, seed, params=params, batch_loss=batch_loss, rng=rng,
+        net, data, train, device, seed, params=params, batch_loss=batch_loss, rng=rng,
         measure=lambda step, x, y: measure_step(step, resident_tensors(running, x, y), device),
     )
     if p_drop > 0.0:
@@ -525,7 +556,10 @@ def fll_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> 
         )
     seed = runtime.round_seed(server_round_of(content))
     metrics.update(
-        train_stage(net, stage, runtime, seed, stage_config.p_drop, objective, stage_config.temperature, data=train)
+        train_stage(
+            net, stage, runtime, seed, stage_config.p_drop, objective, stage_config.temperature,
+            data=train, step_factor=stage_config.step_factor,
+        )
     )
     state = torch_state_to_numpy(net.state_dict())
     keep_if_asked(content, context, state)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from fedlayer.models.base import LayeredModel
 
@@ -112,6 +113,7 @@ class StagedModel(nn.Module):
             raise ValueError(f"head must be one of {STAGE_HEADS}, got {head!r}")
         self.blocks = model.blocks
         self.head = model.head
+        self.input_shape = model.input_shape
         self.spec = spec
         self.pool = pool
         self.checkpoint = checkpoint
@@ -171,12 +173,44 @@ class StagedModel(nn.Module):
 
     def forward_stage(self, x: Tensor, stage: int, skip: Collection[int] = ()) -> Tensor:
         """Logits of the stage's head on the stage's features."""
-        z = self.features(x, stage, skip)
+        return self.stage_logits(self.features(x, stage, skip), stage)
+
+    def stage_logits(self, z: Tensor, stage: int) -> Tensor:
+        """The stage head applied to the output ``z`` of the stage's last block."""
         if self.spec.is_last(stage):
             return self.head(torch.flatten(z, 1))
         if self.head_kind == "conv":
             return self.stage_heads[stage](z)
         return self.stage_heads[stage](stage_features(z, self.pool))
+
+
+@torch.no_grad()
+def stage_step_flops(net: StagedModel) -> list[float]:
+    """FLOPs of one training step of each stage, per example: the frozen prefix's
+    forward plus forward and backward (3 forwards) of the stage's blocks and head.
+
+    Counted by ``torch.utils.flop_counter`` (convolutions and matrix products)
+    on one example in eval mode, so nothing the model holds changes.
+    """
+    modes = [module.training for module in net.modules()]
+    net.eval()
+    x = torch.zeros(1, *net.input_shape, device=next(net.parameters()).device)
+    blocks, outputs = [], []
+    for block in net.blocks:
+        with FlopCounterMode(display=False) as counter:
+            x = block(x)
+        blocks.append(float(counter.get_total_flops()))
+        outputs.append(x)
+    steps = []
+    for stage in range(net.spec.num_stages):
+        trained = net.spec.blocks(stage)
+        with FlopCounterMode(display=False) as counter:
+            net.stage_logits(outputs[trained[-1]], stage)
+        prefix = sum(blocks[: trained.start])
+        steps.append(prefix + 3 * (sum(blocks[b] for b in trained) + float(counter.get_total_flops())))
+    for module, mode in zip(net.modules(), modes):
+        module.training = mode
+    return steps
 
 
 def stage_layer_names(spec: StageSpec, layer_names: list[str], stage: int) -> list[str]:
