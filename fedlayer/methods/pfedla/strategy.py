@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 from logging import INFO
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,12 @@ from fedlayer.methods.base import LayerwiseStrategy
 from fedlayer.methods.pfedla.hypernetwork import ClientHypernetwork, aggregation_weights
 from fedlayer.methods.pfedla.store import ClientModelStore
 from fedlayer.methods.replies import TrainReply
+
+
+#: Values of ``hn_step``: whose hypernetworks a round steps.
+HN_STEP = ("sampled", "all")
+#: ``hn_step="all"``: memory for one layer's ``-Delta`` slices of a group of unsampled clients.
+STORED_DELTA_GROUP_BYTES = 128 * 2**20
 
 
 class PFedLAStrategy(LayerwiseStrategy):
@@ -40,6 +47,10 @@ class PFedLAStrategy(LayerwiseStrategy):
     HeurpFedLA (``k > 0``): the ``k`` layers with the largest self-weight
     ``w_ii^l`` stay local (one-hot) and get no hypernetwork gradient.
 
+    With ``hn_step="all"`` every client that has trained at least once and is
+    not among the round's replies also gets a step 3, from its stored last
+    ``Delta_i`` (against the current hypernetwork and stored models).
+
     Parameters
     ----------
     initial_state : State
@@ -55,6 +66,11 @@ class PFedLAStrategy(LayerwiseStrategy):
     alpha_every : int
         Write the round's aggregation weights to ``pfedla/alpha/round-NNNNNN.npz``
         every this many rounds (0: never; the final weights are always written).
+    hn_step : str
+        Whose hypernetworks are stepped each round: ``"sampled"`` (the paper's
+        rule): the clients that replied; ``"all"``: those, plus every other
+        client that has trained before, from its stored last ``Delta``
+        (kept on disk under ``pfedla/delta``).
     **base
         ``LayerwiseStrategy`` arguments.
     """
@@ -73,12 +89,14 @@ class PFedLAStrategy(LayerwiseStrategy):
         hn_lr: float = 5e-3,
         k: int = 0,
         alpha_every: int = 10,
+        hn_step: str = "sampled",
         **base: Any,
     ) -> None:
         for name, value in (("num_clients", num_clients), ("embedding_dim", embedding_dim), ("hidden_dim", hidden_dim)):
             require(isinstance(value, int) and value >= 1, name, "must be a positive integer", value)
         require(isinstance(alpha_every, int) and alpha_every >= 0, "alpha_every", "must be an integer >= 0", alpha_every)
         require(isinstance(hn_lr, (int, float)) and math.isfinite(hn_lr) and hn_lr > 0, "hn_lr", "must be a positive number", hn_lr)
+        require(hn_step in HN_STEP, "hn_step", f"must be one of {list(HN_STEP)}", hn_step)
         super().__init__(initial_state, **base)
         require(isinstance(k, int) and 0 <= k <= len(self.layers), "k", f"must be in [0, {len(self.layers)}] (the model's layers)", k)
         self.num_clients = num_clients
@@ -87,6 +105,7 @@ class PFedLAStrategy(LayerwiseStrategy):
         self.hn_lr = hn_lr
         self.k = k
         self.alpha_every = alpha_every
+        self.hn_step = hn_step
         self.client_limit = num_clients
         self.start_round(0)
 
@@ -96,6 +115,8 @@ class PFedLAStrategy(LayerwiseStrategy):
         self.workdir = Path(run_dir) / "pfedla"
         self.store = ClientModelStore(self.workdir / "models", self.layers, self.global_state)
         self.sent = ClientModelStore(self.workdir / "sent", self.layers, self.global_state)
+        # hn_step="all": each client's last -Delta (float entries; 0 elsewhere), versioned by round
+        self.deltas = ClientModelStore(self.workdir / "delta", self.layers, self.global_state)
         self.hn_files = FileVersions(self.workdir, "hn", ".npz")
 
     def start_round(self, server_round: int) -> None:
@@ -104,6 +125,7 @@ class PFedLAStrategy(LayerwiseStrategy):
         self.round_local: dict[int, list[str]] = {}
         self.round_accuracy: dict[int, float] = {}
         self.round_delta_norm: dict[int, float] = {}
+        self.round_stored_steps = 0
 
     # -------------------------------------------------------- hypernetworks
     def hypernetwork(self, client: int) -> ClientHypernetwork:
@@ -192,28 +214,83 @@ class PFedLAStrategy(LayerwiseStrategy):
 
         All steps use the models stored before this round (the ones the
         personalised models were built from); the new models are written after.
-        The global model (used only for the central evaluation) is the
-        example-weighted mean of the trained models.
+        With ``hn_step="all"`` the other clients that have trained before are
+        stepped too, from their stored last ``Delta``. The global model (used
+        only for the central evaluation) is the example-weighted mean of the
+        trained models.
         """
+        replied = set()
         for reply in replies:
             client = self.client_of[reply.node_id]
+            replied.add(client)
             self.hypernetwork_step(client, self.store.flatten(reply.state), server_round)
             if "local-test-accuracy" in reply.metrics:
                 self.round_accuracy[client] = reply.metrics["local-test-accuracy"]
+        if self.hn_step == "all":
+            self.stored_delta_steps([c for c in self.deltas.clients() if c not in replied], server_round)
         for reply in replies:
             self.store.write(self.client_of[reply.node_id], self.store.flatten(reply.state), server_round)
         self.write_round_alpha(server_round)
         return super().aggregate(server_round, replies)
 
     def hypernetwork_step(self, client: int, trained: np.ndarray, version: int) -> None:
-        """One SGD step of ``(HN_i, v_i)`` from ``Delta_i = trained - thetabar_i``; saved to disk as ``version``."""
+        """One SGD step of ``(HN_i, v_i)`` from ``Delta_i = trained - thetabar_i``; saved to disk as ``version``.
+
+        With ``hn_step="all"``, ``-Delta_i`` is kept (as ``version``) for the rounds the client is not sampled.
+        """
+        minus_delta = np.concatenate([self.minus_delta_layer(client, trained, name) for name in self.layers.names])
+        if self.hn_step == "all":
+            self.deltas.write(client, minus_delta, version)
+        self.round_delta_norm[client] = math.sqrt(sum(float(part @ part) for part in self.layer_slices(minus_delta)))
+        self.apply_step(client, lambda name: self.layer_slice(minus_delta, name), version)
+
+    def stored_delta_steps(self, clients: list[int], version: int) -> None:
+        """``hn_step="all"``: one SGD step of each unsampled client's ``(HN_i, v_i)`` from its stored last ``Delta_i``.
+
+        The dot products with the stored models are formed for a group of
+        clients per pass over the store (each stored layer slice is read once
+        per group, not once per client); a group's ``-Delta`` slices of one
+        layer, in float64, stay within ``STORED_DELTA_GROUP_BYTES``.
+        """
+        largest = max(size for _, size in self.store.offsets.values())
+        group_size = max(1, STORED_DELTA_GROUP_BYTES // (8 * largest))
+        stored = self.store.clients()
+        for begin in range(0, len(clients), group_size):
+            group = clients[begin : begin + group_size]
+            dots = np.zeros((len(group), len(self.layers), self.num_clients))
+            for index, name in enumerate(self.layers.names):
+                minus_deltas = np.stack([self.deltas.read_layer(client, name) for client in group]).astype(np.float64)
+                for j, theta in self.store.iter_layer(stored, name):  # the others weigh 0
+                    dots[:, index, j] = minus_deltas @ theta.astype(np.float64)
+            for row, client in enumerate(group):
+                hn = self.hypernetwork(client)
+                self.apply_gradients(client, hn, self.gradients_from_dots(client, hn, dots[row]), version)
+                self.round_stored_steps += 1
+
+    def apply_step(self, client: int, minus_delta_layer: Callable[[str], np.ndarray], version: int) -> None:
+        """Step client ``client``'s hypernetwork along ``-Delta`` (given per layer); save it as ``version``."""
         hn = self.hypernetwork(client)
-        grads = self.hypernetwork_gradients(client, hn, trained)
+        self.apply_gradients(client, hn, self.gradients_along(client, hn, minus_delta_layer), version)
+
+    def apply_gradients(self, client: int, hn: ClientHypernetwork, grads: list[torch.Tensor | None], version: int) -> None:
+        """One SGD step of ``hn`` with lr ``hn_lr``; saved as the client's hypernetwork ``version``."""
         with torch.no_grad():
             for param, grad in zip(hn.parameters(), grads):
                 if grad is not None:
                     param -= self.hn_lr * grad
         self.save_hypernetwork(client, hn, version)
+
+    def minus_delta_layer(self, client: int, trained: np.ndarray, name: str) -> np.ndarray:
+        """``thetabar_i - theta_new`` of one layer, float entries only (integer counters are not learnt)."""
+        start, size = self.store.offsets[name]
+        return np.where(self.store.float_mask(name), self.sent.read_layer(client, name) - trained[start : start + size], 0.0)
+
+    def layer_slice(self, flat: np.ndarray, name: str) -> np.ndarray:
+        start, size = self.store.offsets[name]
+        return flat[start : start + size]
+
+    def layer_slices(self, flat: np.ndarray) -> list[np.ndarray]:
+        return [self.layer_slice(flat, name) for name in self.layers.names]
 
     def hypernetwork_gradients(
         self, client: int, hn: ClientHypernetwork, trained: np.ndarray
@@ -224,19 +301,34 @@ class PFedLAStrategy(LayerwiseStrategy):
         entries only (integer counters are not learnt). ``None`` for a
         parameter no gradient reaches (all-zero alpha, local layers).
         """
-        weights, local = self.weights(client, hn)
+        return self.gradients_along(client, hn, lambda name: self.minus_delta_layer(client, trained, name))
+
+    def gradients_along(
+        self, client: int, hn: ClientHypernetwork, minus_delta_layer: Callable[[str], np.ndarray]
+    ) -> list[torch.Tensor | None]:
+        """The hypernetwork gradient for ``-Delta_i`` given per layer by ``minus_delta_layer(name)``.
+
+        ``thetabar_i`` is linear in the weights, so this is the gradient of
+        ``sum_{l,j} w_ij^l <theta_j^l, -Delta_i^l>`` over the stored models
+        ``theta_j``, one stored layer slice at a time.
+        """
+        local = self.weights(client, hn)[1] if self.k else []
         dots = np.zeros((len(self.layers), self.num_clients))
-        delta_sq = 0.0
         for index, name in enumerate(self.layers.names):
-            start, size = self.store.offsets[name]
-            mask = self.store.float_mask(name)
-            minus_delta = np.where(mask, self.sent.read_layer(client, name) - trained[start : start + size], 0.0)
-            delta_sq += float(minus_delta @ minus_delta)
             if index in local:
                 continue
+            minus_delta = minus_delta_layer(name)
             for j, theta in self.store.iter_layer(self.store.clients(), name):  # the others weigh 0
                 dots[index, j] = float(theta.astype(np.float64) @ minus_delta)
-        self.round_delta_norm[client] = math.sqrt(delta_sq)
+        return self.gradients_from_dots(client, hn, dots)
+
+    def gradients_from_dots(self, client: int, hn: ClientHypernetwork, dots: np.ndarray) -> list[torch.Tensor | None]:
+        """The gradient of ``sum_{l,j} w_ij^l dots[l, j]`` w.r.t. ``hn``'s parameters.
+
+        ``None`` for a parameter no gradient reaches (all-zero alpha, local
+        layers: their rows are constant one-hot, so their dots do not matter).
+        """
+        weights, _ = self.weights(client, hn)
         surrogate = (weights * torch.from_numpy(dots).to(weights.dtype)).sum()
         params = list(hn.parameters())
         if not surrogate.requires_grad:
@@ -263,6 +355,8 @@ class PFedLAStrategy(LayerwiseStrategy):
                 name: float(np.mean([w[index, c] for c, w in self.round_weights.items()]))
                 for index, name in enumerate(self.layers.names)
             }
+        if self.hn_step == "all":
+            record["hn_steps_from_stored_delta"] = self.round_stored_steps
         if self.k:
             record["local_layers"] = {str(c): names for c, names in sorted(self.round_local.items())}
         return record
@@ -320,12 +414,15 @@ class PFedLAStrategy(LayerwiseStrategy):
         (that would hold all N in memory): they stay in versioned files in the
         run directory, and the checkpoint names the versions of its round.
         """
-        return {
+        state = {
             **super().state_dict(),
             "workdir": str(self.workdir),
             "model_versions": self.store.versions.state_dict(),
             "hypernetwork_versions": self.hn_files.state_dict(),
         }
+        if self.hn_step == "all":
+            state["delta_versions"] = self.deltas.versions.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore; files a crashed later round wrote are discarded."""
@@ -333,11 +430,13 @@ class PFedLAStrategy(LayerwiseStrategy):
         super().load_state_dict(state)
         self.store.versions.load_state_dict(state["model_versions"])
         self.hn_files.load_state_dict(state["hypernetwork_versions"])
+        if self.hn_step == "all":
+            self.deltas.versions.load_state_dict(state.get("delta_versions", {}))
 
     def summary(self) -> None:
         super().summary()
         log(
             INFO,
-            "\t└──> pFedLA: N=%d embedding=%d hidden=%d hn_lr=%g k=%d; store %s",
-            self.num_clients, self.embedding_dim, self.hidden_dim, self.hn_lr, self.k, self.workdir,
+            "\t└──> pFedLA: N=%d embedding=%d hidden=%d hn_lr=%g k=%d hn_step=%s; store %s",
+            self.num_clients, self.embedding_dim, self.hidden_dim, self.hn_lr, self.k, self.hn_step, self.workdir,
         )
