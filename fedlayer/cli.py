@@ -38,7 +38,7 @@ def simulate(overrides: Sequence[str]) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from fedlayer.client.app import make_client_app
-    from fedlayer.server.app import make_server_app
+    from fedlayer.server.app import make_server_app, summary_lines
 
     cfg = resolve_resume(compose_config(overrides))
     build_strategy(cfg, load_workload(cfg, int(cfg.federation.num_clients)))  # fail fast, before starting the engine
@@ -65,12 +65,8 @@ def simulate(overrides: Sequence[str]) -> dict[str, Any]:
     if not summary_path.exists():
         raise SimulationFailed(f"the simulation ended without writing {summary_path}; see the log above")
     summary = json.loads(summary_path.read_text())
-    print(f"fedlayer: run directory {summary['run_dir']}")
-    print(
-        f"fedlayer: final accuracy {summary['final_accuracy']:.4f}; traffic "
-        f"{summary['bytes_total'] / 1e6:.1f} MB = {summary['traffic_ratio_vs_fedavg']:.1%} of FedAvg's "
-        f"{summary['fedavg_bytes_total'] / 1e6:.1f} MB"
-    )
+    for line in summary_lines(summary):
+        print(line)
     return summary
 
 
