@@ -24,6 +24,7 @@ bytes against the FedAvg run of the same setting.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,13 @@ def run_peak(run_dir: str) -> float | None:
 
 def stage_step_flops(model_name: str, dataset: str, params: dict[str, Any], batch_size: int) -> list[float]:
     """FLOPs of one local step of each stage of an FLL run with ``params`` (its strategy parameters)."""
+    keys = ("objective", "stage_head", "checkpoint_activations", "head_pool", "blocks_per_stage")
+    return _stage_step_flops(model_name, dataset, tuple((key, params.get(key)) for key in keys), batch_size)
+
+
+@functools.cache
+def _stage_step_flops(model_name: str, dataset: str, params_items: tuple, batch_size: int) -> list[float]:
+    params = {key: value for key, value in params_items if value is not None}
     options = {
         "objective": params.get("objective", "supervised"), "batch_size": batch_size,
         "head": params.get("stage_head", "linear"), "checkpoint": bool(params.get("checkpoint_activations", True)),

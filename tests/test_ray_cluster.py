@@ -17,9 +17,13 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow]
 RUN = ["dataset=digits", "model=linear", "federation.num_clients=4", "train.local_steps=2", "run_name=run"]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster() -> Iterator[tuple]:
-    """A head and a worker node, one CPU each: one client actor on each."""
+    """A head and a worker node, one CPU each: one client actor on each.
+
+    Shared by the module's tests (starting a cluster takes a while); the
+    node-death test, last in the file, removes the worker.
+    """
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
