@@ -157,7 +157,7 @@ class LayerwiseStrategy:
         seed: int = 0,
         aggregation_rule: str = "mean",
         trim: float = 0.1,
-        norm_factor: float = 20.0,
+        norm_factor: float = 100.0,
         up_bits: int = DENSE,
         down_bits: int = DENSE,
         codec_reference: State | None = None,
