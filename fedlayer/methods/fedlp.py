@@ -13,6 +13,7 @@ from torch import nn
 
 from fedlayer.errors import ParameterError, require
 from fedlayer.layers import (
+    Layer,
     ModelLayers,
     State,
     copy_state,
@@ -44,6 +45,12 @@ from fedlayer.training import Evaluator, num_local_steps, step_flops, train_step
 
 HOMOGENEOUS = "homogeneous"
 HETEROGENEOUS = "heterogeneous"
+#: ``draw``: one keep/drop draw per pruning unit (a layer with its BatchNorm), or per tensor (the reference code)
+UNIT, TENSOR = "unit", "tensor"
+#: ``dropped``: a layer is averaged over the clients that kept it, or over every replier (droppers count unchanged)
+KEEPERS, DAMPED = "keepers", "damped"
+#: message config key telling the client that ``request`` names tensors (sent only with ``draw: tensor``)
+DRAW_KEY = "fedlp-draw"
 
 
 class FedLPStrategy(LayerwiseStrategy):
@@ -62,6 +69,12 @@ class FedLPStrategy(LayerwiseStrategy):
     exchanges blocks ``1..c_k`` and the level-``c_k`` head; each layer is
     averaged over the clients that hold it.
 
+    Three levers change steps 1 and 3 (issue #19; defaults are the paper's
+    algorithm as above, see docs/algorithms.md for what each measured):
+    ``draw`` (per unit or per tensor), ``dropped`` (average over the keepers, or
+    over every replier with a dropper counting its unchanged copy) and
+    ``server_momentum`` (FedAvgM-style momentum on each layer's averaged update).
+
     Parameters
     ----------
     initial_state : State
@@ -79,6 +92,18 @@ class FedLPStrategy(LayerwiseStrategy):
         Homogeneous: clients skip gradients of the layers they do not upload.
     level_preference : list[float] | None
         Heterogeneous: probability of each level 1..L (None: uniform).
+    draw : str
+        Homogeneous: ``unit`` (one draw per pruning unit) or ``tensor`` (one
+        draw per state-dict tensor, as the reference code; ``request`` then
+        names tensors).
+    dropped : str
+        Homogeneous: ``keepers`` (step 3 above) or ``damped``: each layer some
+        client kept is averaged over every replier, a client that dropped it
+        counting with the value it was sent.
+    server_momentum : float
+        ``beta`` in [0, 1): ``v <- beta v + (avg - W)``, ``W <- W + v`` for every
+        trained float parameter of the global model a reply carried this round
+        (BatchNorm statistics take the plain average; 0: off).
     **base
         ``LayerwiseStrategy`` arguments.
     """
@@ -95,13 +120,27 @@ class FedLPStrategy(LayerwiseStrategy):
         layer_p: list[str] | None = None,
         freeze_dropped: bool = False,
         level_preference: list[float] | None = None,
+        draw: str = UNIT,
+        dropped: str = KEEPERS,
+        server_momentum: float = 0.0,
         **base: Any,
     ) -> None:
         require(scheme in (HOMOGENEOUS, HETEROGENEOUS), "scheme", f"must be {HOMOGENEOUS} or {HETEROGENEOUS}", scheme)
         require(isinstance(p, (int, float)) and 0.0 <= p <= 1.0, "p", "must lie in [0, 1]", p)
+        require(draw in (UNIT, TENSOR), "draw", f"must be {UNIT} or {TENSOR}", draw)
+        require(draw == UNIT or scheme == HOMOGENEOUS, "draw", f"{TENSOR} applies to the {HOMOGENEOUS} scheme only", draw)
+        require(dropped in (KEEPERS, DAMPED), "dropped", f"must be {KEEPERS} or {DAMPED}", dropped)
+        require(dropped == KEEPERS or scheme == HOMOGENEOUS, "dropped", f"{DAMPED} applies to the {HOMOGENEOUS} scheme only", dropped)
+        require(
+            isinstance(server_momentum, (int, float)) and not isinstance(server_momentum, bool) and 0.0 <= server_momentum < 1.0,
+            "server_momentum", "must lie in [0, 1)", server_momentum,
+        )
         super().__init__(initial_state, **base)
         self.scheme = scheme
         self.freeze_dropped = freeze_dropped
+        self.draw = draw
+        self.dropped = dropped
+        self.server_momentum = float(server_momentum)
         rates = parse_layer_rates(layer_p)
         unknown = sorted(set(rates) - set(self.layers.names))
         require(not unknown, "layer_p", f"unknown layers {unknown}; layers are {self.layers.names}", layer_p)
@@ -122,6 +161,12 @@ class FedLPStrategy(LayerwiseStrategy):
                 self.level_heads.update(init_level_head(model, level, self.seed))
         self.head_layers = ModelLayers.from_state(self.level_heads)
         self.all_layers = ModelLayers([*self.layers, *self.head_layers])
+        #: what a homogeneous client keeps or drops: layers (units of them), or single tensors
+        self.kept_layers = tensor_layers(self.layers) if draw == TENSOR else self.layers
+        #: global-model keys server momentum moves: the model's parameters (not BatchNorm statistics)
+        self.momentum_keys = frozenset(name for name, _ in model.named_parameters()) & frozenset(self.global_state)
+        #: server momentum's velocity per key (empty until a round updates the key)
+        self.velocity: State = {}
         #: client id -> depth level learned from its replies
         self.node_levels: dict[int, int] = {}
         self.round_info: dict[int, dict[str, Any]] = {}
@@ -142,9 +187,15 @@ class FedLPStrategy(LayerwiseStrategy):
         """Homogeneous: the layers a client keeps this round (seeded per round and client).
 
         One draw per pruning unit (see ``pruning_units``) with the rate of the
-        unit's first layer.
+        unit's first layer. With ``draw: tensor``, the kept tensors (state-dict
+        keys) instead: one draw per tensor, with the rate of its unit.
         """
         rng = np.random.default_rng([self.seed, server_round, client])
+        if self.draw == TENSOR:
+            rate = {n: self.keep_rate[unit[0]] for unit in self.units for n in unit}
+            keys = self.layers.keys
+            draws = rng.random(len(keys))
+            return [k for k, u in zip(keys, draws) if u < rate[self.layers.layer_of(k)]]
         draws = rng.random(len(self.units))
         return [n for unit, u in zip(self.units, draws) if u < self.keep_rate[unit[0]] for n in unit]
 
@@ -152,7 +203,9 @@ class FedLPStrategy(LayerwiseStrategy):
     def plan(self, server_round: int, node_id: int) -> NodePlan:
         if self.scheme == HOMOGENEOUS:
             keep = self.keep_mask(server_round, self.client_id(node_id))
-            config = {"fedlp-scheme": HOMOGENEOUS, "freeze-dropped": self.freeze_dropped}
+            config: dict[str, Any] = {"fedlp-scheme": HOMOGENEOUS, "freeze-dropped": self.freeze_dropped}
+            if self.draw == TENSOR:  # only then, so the default messages stay as they were
+                config[DRAW_KEY] = TENSOR
             return NodePlan(send=self.layers.names, request=keep, config=config)
         level = self.level_of(self.client_id(node_id))
         names = self.level_layers(level)
@@ -167,12 +220,12 @@ class FedLPStrategy(LayerwiseStrategy):
         return state
 
     def validate(self, server_round: int, message: Message) -> TrainReply:
-        if self.scheme == HOMOGENEOUS:
-            return super().validate(server_round, message)
         node_id = message.metadata.src_node_id
         plan = self.plans.get(node_id)
         if plan is None:
             raise ReplyRejected(node_id, "reply from a node that was not asked to train")
+        if self.scheme == HOMOGENEOUS:  # exactly the kept layers (or tensors)
+            return validate_train_reply(message, self.kept_layers, allowed=plan.request, required=plan.request)
         planned = int(plan.config["depth-level"])
         reply = validate_train_reply(message, self.all_layers, allowed=plan.request, required=None)
         level = reply.metrics.get("depth-level")
@@ -186,16 +239,19 @@ class FedLPStrategy(LayerwiseStrategy):
         return reply
 
     def aggregate(self, server_round: int, replies: list[TrainReply]) -> State:
-        update = self.average_layers(replies, self.all_layers.names, self.all_layers)
         info: dict[str, Any] = {
             "train_flops": sum(r.metrics.get("train-flops", 0.0) for r in replies),
             "fedavg_train_flops": sum(r.metrics.get("train-flops-full", 0.0) for r in replies),
         }
         if self.scheme == HOMOGENEOUS:
-            kept = [len(r.layer_names) / len(self.layers) for r in replies]
+            units = self.kept_layers
+            averaged = replies if self.dropped == KEEPERS else self.damped_replies(replies)
+            update = self.average_layers(averaged, units.names, units)
+            kept = [len(r.layer_names) / len(units) for r in replies]
             info["kept_layer_fraction"] = float(np.mean(kept))
-            info["layers_kept_by_nobody"] = [n for n in self.layers.names if all(n not in r.layer_names for r in replies)]
+            info["layers_kept_by_nobody"] = [n for n in units.names if all(n not in r.layer_names for r in replies)]
         else:
+            update = self.average_layers(replies, self.all_layers.names, self.all_layers)
             for reply in replies:
                 self.node_levels[self.client_id(reply.node_id)] = int(reply.metrics["depth-level"])
             levels = [int(r.metrics["depth-level"]) for r in replies]
@@ -204,7 +260,44 @@ class FedLPStrategy(LayerwiseStrategy):
             self.level_heads.update({k: np.array(v, dtype=self.level_heads[k].dtype) for k, v in heads.items()})
             update = {k: v for k, v in update.items() if k not in heads}
         self.round_info[server_round] = info
-        return update
+        return self.with_momentum(update) if self.server_momentum else update
+
+    def damped_replies(self, replies: list[TrainReply]) -> list[TrainReply]:
+        """``dropped: damped``: every reply filled up with what its node was sent for
+        the units it dropped, for each unit some reply kept (a unit nobody kept stays absent,
+        so it stays exactly as it was)."""
+        units = self.kept_layers
+        kept = {n for r in replies for n in r.layer_names}
+        filled = []
+        for reply in replies:
+            state = dict(reply.state)
+            for name in kept - reply.layer_names:
+                for key in units[name].keys:
+                    value = self.sent_value(reply.node_id, key)
+                    assert value is not None  # every model key has a global value
+                    state[key] = value
+            filled.append(TrainReply(reply.node_id, state, set(kept), reply.num_examples, reply.metrics, reply.payload))
+        return filled
+
+    def with_momentum(self, update: State) -> State:
+        """Server momentum on the averaged update of the model's parameters (FedAvgM with server lr 1):
+        ``v <- beta v + (avg - W)``, new value ``W + v``. A key no reply carried keeps its value and
+        its velocity; BatchNorm statistics and level heads take the plain average. An update that is
+        not finite is returned as it is (the round is dropped) and the velocity stays."""
+        moved = dict(update)
+        velocity: State = {}
+        for key in (k for k in update if k in self.momentum_keys):
+            current = self.global_state[key]
+            step = np.asarray(update[key], dtype=current.dtype) - current
+            old = self.velocity.get(key)
+            if old is None:  # a key's first update: the plain average (v = avg - W)
+                velocity[key] = step
+                continue
+            velocity[key] = (self.server_momentum * old + step).astype(current.dtype)
+            moved[key] = current + velocity[key]
+        if all(np.isfinite(v).all() for v in moved.values() if np.issubdtype(np.asarray(v).dtype, np.floating)):
+            self.velocity.update(velocity)
+        return moved
 
     def round_record(self, server_round: int) -> dict[str, Any]:
         info = dict(self.round_info.get(server_round, {}))
@@ -245,6 +338,7 @@ class FedLPStrategy(LayerwiseStrategy):
             "node_levels": {str(k): v for k, v in self.node_levels.items()},
             "level_heads": copy_state(self.level_heads),
             "round_info": {str(k): v for k, v in self.round_info.items()},
+            "velocity": copy_state(self.velocity),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -252,6 +346,7 @@ class FedLPStrategy(LayerwiseStrategy):
         self.node_levels = {int(k): int(v) for k, v in state["node_levels"].items()}
         self.level_heads = copy_state(state["level_heads"])
         self.round_info = {int(k): v for k, v in state["round_info"].items()}
+        self.velocity = copy_state(state.get("velocity", {}))  # checkpoints from before server momentum have none
 
 
 # --- pruning units and rates ---------------------------------------------------------
@@ -288,6 +383,15 @@ def pruning_units(layers: ModelLayers) -> list[list[str]]:
         else:
             units.append([layer.name])
     return units
+
+
+def tensor_layers(layers: ModelLayers) -> ModelLayers:
+    """``layers`` with every tensor a layer of its own, named by its key (``draw: tensor``)."""
+    return ModelLayers(
+        Layer(name=key, keys=(key,), shapes=(shape,), dtypes=(dtype,))
+        for layer in layers
+        for key, shape, dtype in zip(layer.keys, layer.shapes, layer.dtypes)
+    )
 
 
 # --- client half ----------------------------------------------------------------
@@ -340,11 +444,12 @@ def fedlp_train(runtime: ClientRuntime, content: RecordDict, context: Context) -
     metrics: dict[str, float] = {}
     returned_head: str | None = None
 
+    by_tensor = str(config.get(DRAW_KEY, UNIT)) == TENSOR  # request names tensors, not layers
     if str(config["fedlp-scheme"]) == HOMOGENEOUS:
         net: nn.Module = model
         if bool(config["freeze-dropped"]):
             for key, param in model.named_parameters():
-                param.requires_grad_(runtime.layers.layer_of(key) in request)
+                param.requires_grad_((key if by_tensor else runtime.layers.layer_of(key)) in request)
         upload = request
     else:
         depth = len(model.blocks)
@@ -361,7 +466,7 @@ def fedlp_train(runtime: ClientRuntime, content: RecordDict, context: Context) -
     keep_if_asked(content, context, state)
     metrics.update(runtime.reply_metrics(net))
     reply = RecordDict({"metrics": MetricRecord(metrics)})
-    arrays = select(state, runtime.layers, upload)
+    arrays = {k: state[k] for k in upload} if by_tensor else select(state, runtime.layers, upload)
     if returned_head is not None and isinstance(net, DepthNet):
         arrays.update({f"{returned_head}.{k}": v for k, v in torch_state_to_numpy(net.head.state_dict()).items()})
     if arrays:
