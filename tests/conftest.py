@@ -6,10 +6,13 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedlayer.layers import State, to_arrayrecord
+from fedlayer.config import compose_config
+from fedlayer.layers import State, to_arrayrecord, torch_state_to_numpy
+from fedlayer.methods.client import ClientRuntime
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -71,3 +74,20 @@ def small_state(seed: int = 0) -> State:
         "head.fc.weight": rng.standard_normal((3, 16)).astype(np.float32),
         "head.fc.bias": rng.standard_normal(3).astype(np.float32),
     }
+
+
+#: FedLP's unit-test setting: the cnn (two blocks) on digits, three clients.
+FEDLP_OVERRIDES = ["strategy=fedlp", "dataset=digits", "model=cnn", "train.local_steps=2", "federation.num_clients=3"]
+
+
+@pytest.fixture(scope="module")
+def fedlp_runtime() -> ClientRuntime:
+    """Partition 0's client runtime in FedLP's unit-test setting."""
+    cfg = compose_config(FEDLP_OVERRIDES)
+    return ClientRuntime(cfg=cfg, partition_id=0, num_partitions=3, data_path=None, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def fedlp_initial(fedlp_runtime: ClientRuntime) -> State:
+    """The initial model of FedLP's unit-test setting."""
+    return torch_state_to_numpy(fedlp_runtime.new_model().state_dict())

@@ -4,14 +4,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
 from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError, ParameterError
-from fedlayer.layers import from_arrayrecord, select, states_equal, torch_state_to_numpy
+from fedlayer.layers import from_arrayrecord, select, states_equal
 from fedlayer.methods.base import NodePlan
-from fedlayer.methods.client import ClientRuntime, load_local_model, standard_train
+from fedlayer.methods.client import load_local_model, standard_train
 from fedlayer.methods.fedavg import FedAvgStrategy
 from fedlayer.methods.fedlp import FedLPStrategy, fedlp_train, pruning_units
 from fedlayer.models import build_model
@@ -20,26 +19,12 @@ from fedlayer.server.builder import build_strategy
 from fedlayer.server.loop import central_evaluator
 from fedlayer.server.rundir import RunDirectory
 from fedlayer.workload import load_workload
-from tests.conftest import make_reply, small_state
+from tests.conftest import FEDLP_OVERRIDES, make_reply, small_state
 from tests.inprocess import run_in_process
 
-OVERRIDES = ["strategy=fedlp", "dataset=digits", "model=cnn", "train.local_steps=2", "federation.num_clients=3"]
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    cfg = compose_config(OVERRIDES)
-    return ClientRuntime(cfg=cfg, partition_id=0, num_partitions=3, data_path=None, device=torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def initial(runtime):
-    return torch_state_to_numpy(runtime.new_model().state_dict())
-
-
-def _fedlp(initial, runtime, **kwargs):
+def _fedlp(fedlp_initial, fedlp_runtime, **kwargs):
     """FedLP over the configured model (cnn: two blocks)."""
-    return FedLPStrategy(initial, model=runtime.new_model(), **kwargs)
+    return FedLPStrategy(fedlp_initial, model=fedlp_runtime.new_model(), **kwargs)
 
 
 def _build(overrides):
@@ -53,8 +38,8 @@ def _simulate(tmp_path, *overrides):
     return run_in_process(compose_config([f"output_dir={tmp_path}", "run_name=run", *overrides]))[1]
 
 
-def _heads(runtime):
-    model = runtime.new_model()
+def _heads(fedlp_runtime):
+    model = fedlp_runtime.new_model()
     heads = {}
     for level in range(1, len(model.blocks)):
         heads.update(init_level_head(model, level, 0))
@@ -67,9 +52,9 @@ def _train_message(strategy, node, server_round=1):
     return message
 
 
-def _client_reply(runtime, handler, message, node_config=None):
+def _client_reply(fedlp_runtime, handler, message, node_config=None):
     context = Context(run_id=1, node_id=1, node_config=node_config or {}, state=RecordDict(), run_config={})
-    content = handler(runtime, message.content, context)
+    content = handler(fedlp_runtime, message.content, context)
     return Message(content, reply_to=message)
 
 
@@ -79,35 +64,35 @@ def _noisy(state, seed):
 
 
 # ------------------------------------------------------------- homogeneous
-def test_p_one_requests_every_layer_and_aggregates_like_fedavg(runtime, initial):
-    fedlp = _fedlp(initial, runtime, p=1.0, seed=3, freeze_dropped=True)
-    fedavg = FedAvgStrategy(initial)
+def test_p_one_requests_every_layer_and_aggregates_like_fedavg(fedlp_runtime, fedlp_initial):
+    fedlp = _fedlp(fedlp_initial, fedlp_runtime, p=1.0, seed=3, freeze_dropped=True)
+    fedavg = FedAvgStrategy(fedlp_initial)
     nodes = (11, 12, 13)
     fedlp.plans = {n: fedlp.plan(1, n) for n in nodes}
     fedavg.plans = {n: fedavg.plan(1, n) for n in nodes}
     assert all(plan.request == fedlp.layers.names for plan in fedlp.plans.values())
-    replies = [make_reply(n, _noisy(initial, n), num_examples=10 * n) for n in nodes]
+    replies = [make_reply(n, _noisy(fedlp_initial, n), num_examples=10 * n) for n in nodes]
     fedlp.aggregate_train(1, replies)
     fedavg.aggregate_train(1, replies)
     assert states_equal(fedlp.global_state, fedavg.global_state)
 
 
-def test_p_one_client_trains_exactly_like_fedavg(runtime, initial):
-    fedlp, fedavg = _fedlp(initial, runtime, p=1.0, freeze_dropped=True), FedAvgStrategy(initial)
+def test_p_one_client_trains_exactly_like_fedavg(fedlp_runtime, fedlp_initial):
+    fedlp, fedavg = _fedlp(fedlp_initial, fedlp_runtime, p=1.0, freeze_dropped=True), FedAvgStrategy(fedlp_initial)
     fedlp.plans, fedavg.plans = {5: fedlp.plan(1, 5)}, {5: fedavg.plan(1, 5)}
-    ours = _client_reply(runtime, fedlp_train, _train_message(fedlp, 5))
-    theirs = _client_reply(runtime, standard_train, _train_message(fedavg, 5))
+    ours = _client_reply(fedlp_runtime, fedlp_train, _train_message(fedlp, 5))
+    theirs = _client_reply(fedlp_runtime, standard_train, _train_message(fedavg, 5))
     assert states_equal(from_arrayrecord(ours.content["arrays"]), from_arrayrecord(theirs.content["arrays"]))
     metrics = ours.content["metrics"]
     assert metrics["train-flops"] == metrics["train-flops-full"] > 0
 
 
-def test_keep_rate_matches_p_and_is_reproducible(runtime, initial):
-    strategy = _fedlp(initial, runtime, p=0.3, seed=1)
+def test_keep_rate_matches_p_and_is_reproducible(fedlp_runtime, fedlp_initial):
+    strategy = _fedlp(fedlp_initial, fedlp_runtime, p=0.3, seed=1)
     draws = [strategy.keep_mask(r, n) for r in range(1, 101) for n in range(10)]
     rate = sum(len(d) for d in draws) / (len(draws) * len(strategy.layers))
     assert abs(rate - 0.3) < 0.03
-    assert _fedlp(initial, runtime, p=0.3, seed=1).keep_mask(7, 3) == strategy.keep_mask(7, 3)
+    assert _fedlp(fedlp_initial, fedlp_runtime, p=0.3, seed=1).keep_mask(7, 3) == strategy.keep_mask(7, 3)
 
 
 def test_batchnorm_is_kept_or_dropped_with_the_layer_it_normalises():
@@ -120,11 +105,11 @@ def test_batchnorm_is_kept_or_dropped_with_the_layer_it_normalises():
                                              frozenset({"blocks.0.conv", "blocks.0.bn", "head.fc"})}
 
 
-def test_dropped_layers_are_not_uploaded_and_get_no_gradient(runtime, initial):
-    strategy = _fedlp(initial, runtime, layer_p=["blocks.0.conv=0.0", "head.fc2=0.0"], p=1.0, freeze_dropped=True)
+def test_dropped_layers_are_not_uploaded_and_get_no_gradient(fedlp_runtime, fedlp_initial):
+    strategy = _fedlp(fedlp_initial, fedlp_runtime, layer_p=["blocks.0.conv=0.0", "head.fc2=0.0"], p=1.0, freeze_dropped=True)
     strategy.plans = {4: strategy.plan(1, 4)}
     message = _train_message(strategy, 4)
-    reply = _client_reply(runtime, fedlp_train, message)
+    reply = _client_reply(fedlp_runtime, fedlp_train, message)
     sent = from_arrayrecord(reply.content["arrays"])
     assert strategy.layers.layers_in(sent) == ["blocks.1.conv", "head.fc1"]
     # frozen layers: the client's kept model still holds the downloaded values
@@ -134,36 +119,36 @@ def test_dropped_layers_are_not_uploaded_and_get_no_gradient(runtime, initial):
     strategy.aggregate_train(1, [reply])
     assert not strategy.rejections
     for key in strategy.layers.keys_of(["blocks.0.conv", "head.fc2"]):
-        assert np.array_equal(strategy.global_state[key], initial[key])
-    assert not np.array_equal(strategy.global_state["head.fc1.weight"], initial["head.fc1.weight"])
+        assert np.array_equal(strategy.global_state[key], fedlp_initial[key])
+    assert not np.array_equal(strategy.global_state["head.fc1.weight"], fedlp_initial["head.fc1.weight"])
 
 
-def test_freeze_dropped_false_trains_every_layer_but_uploads_kept_ones(runtime, initial):
-    strategy = _fedlp(initial, runtime, layer_p=["head.fc2=0.0"], p=1.0, freeze_dropped=False)
+def test_freeze_dropped_false_trains_every_layer_but_uploads_kept_ones(fedlp_runtime, fedlp_initial):
+    strategy = _fedlp(fedlp_initial, fedlp_runtime, layer_p=["head.fc2=0.0"], p=1.0, freeze_dropped=False)
     strategy.plans = {4: strategy.plan(1, 4)}
-    reply = _client_reply(runtime, fedlp_train, _train_message(strategy, 4))
+    reply = _client_reply(fedlp_runtime, fedlp_train, _train_message(strategy, 4))
     assert "head.fc2.weight" not in reply.content["arrays"]
     metrics = reply.content["metrics"]
     assert metrics["train-flops"] == metrics["train-flops-full"]
 
 
-def test_reply_carrying_a_dropped_layer_is_rejected(runtime, initial):
-    strategy = _fedlp(initial, runtime, layer_p=["head.fc2=0.0"], p=1.0)
+def test_reply_carrying_a_dropped_layer_is_rejected(fedlp_runtime, fedlp_initial):
+    strategy = _fedlp(fedlp_initial, fedlp_runtime, layer_p=["head.fc2=0.0"], p=1.0)
     strategy.plans = {1: strategy.plan(1, 1)}
-    metrics = strategy.aggregate_train(1, [make_reply(1, _noisy(initial, 1))])
+    metrics = strategy.aggregate_train(1, [make_reply(1, _noisy(fedlp_initial, 1))])
     assert metrics is None and "not requested" in strategy.rejections[0].reason
-    assert states_equal(strategy.global_state, initial)
+    assert states_equal(strategy.global_state, fedlp_initial)
 
 
-def test_bad_config_names_the_field(runtime, initial):
+def test_bad_config_names_the_field(fedlp_runtime, fedlp_initial):
     with pytest.raises(ConfigError, match="strategy.p"):
-        _build([*OVERRIDES, "strategy.p=1.5"])
+        _build([*FEDLP_OVERRIDES, "strategy.p=1.5"])
     with pytest.raises(ConfigError, match="strategy.layer_p"):
-        _build([*OVERRIDES, "strategy.layer_p=['head.fc2=2']"])
+        _build([*FEDLP_OVERRIDES, "strategy.layer_p=['head.fc2=2']"])
     with pytest.raises(ConfigError, match="strategy.layer_p"):
-        _build([*OVERRIDES, "strategy.layer_p=['head.fc2']"])
+        _build([*FEDLP_OVERRIDES, "strategy.layer_p=['head.fc2']"])
     with pytest.raises(ConfigError, match="strategy.scheme"):
-        _build([*OVERRIDES, "strategy.scheme=deep"])
+        _build([*FEDLP_OVERRIDES, "strategy.scheme=deep"])
     # a BatchNorm is kept or dropped with its conv: a rate of its own would be ignored
     with pytest.raises(ConfigError, match=r"strategy.layer_p.*blocks.0.bn1.*blocks.0.conv1"):
         _build(["strategy=fedlp", "dataset=digits", "model=cnn6", "dataset.image_size=32", "strategy.layer_p=['blocks.0.bn1=0.3']"])
@@ -171,16 +156,16 @@ def test_bad_config_names_the_field(runtime, initial):
                    "strategy.layer_p=['blocks.0.conv1=0.3']"]).keep_rate["blocks.0.conv1"] == 0.3
     # the constructor names its own argument
     with pytest.raises(ParameterError, match="layer_p") as err:
-        _fedlp(initial, runtime, layer_p=["nope=0.0"])
+        _fedlp(fedlp_initial, fedlp_runtime, layer_p=["nope=0.0"])
     assert err.value.name == "layer_p"
     with pytest.raises(ParameterError, match="level_preference") as err:
-        _fedlp(initial, runtime, level_preference=[0.5, 0.2, 0.3])
+        _fedlp(fedlp_initial, fedlp_runtime, level_preference=[0.5, 0.2, 0.3])
     assert err.value.name == "level_preference"
 
 
 @pytest.mark.slow
 def test_layer_with_p_zero_never_travels_up_nor_changes(tmp_path):
-    _simulate(tmp_path, *OVERRIDES, "federation.rounds=3", "strategy.p=0.6", "strategy.freeze_dropped=true",
+    _simulate(tmp_path, *FEDLP_OVERRIDES, "federation.rounds=3", "strategy.p=0.6", "strategy.freeze_dropped=true",
               "strategy.layer_p=['head.fc2=0.0']")
     records = RunDirectory(tmp_path / "run").read_metrics()
     assert all("head.fc2" not in r["layer_bytes_up"] for r in records)
@@ -192,110 +177,110 @@ def test_layer_with_p_zero_never_travels_up_nor_changes(tmp_path):
 
 
 # ---------------------------------------------------------- heterogeneous
-def _hetero(initial, runtime, **kwargs):
-    return _fedlp(initial, runtime, scheme="heterogeneous", **kwargs)  # heads initialised from the model and seed
+def _hetero(fedlp_initial, fedlp_runtime, **kwargs):
+    return _fedlp(fedlp_initial, fedlp_runtime, scheme="heterogeneous", **kwargs)  # heads initialised from the model and seed
 
 
-def test_level_c_messages_carry_only_its_layers_both_ways(runtime, initial):
-    strategy = _hetero(initial, runtime, level_preference=[1.0, 0.0])
-    assert states_equal(strategy.level_heads, _heads(runtime))  # the heads clients initialise (seed 0)
+def test_level_c_messages_carry_only_its_layers_both_ways(fedlp_runtime, fedlp_initial):
+    strategy = _hetero(fedlp_initial, fedlp_runtime, level_preference=[1.0, 0.0])
+    assert states_equal(strategy.level_heads, _heads(fedlp_runtime))  # the heads clients initialise (seed 0)
     strategy.plans = {2: strategy.plan(1, 2)}
     down = _train_message(strategy, 2)
     expected_keys = {*strategy.layers.keys_of(["blocks.0.conv"]), "level-heads.1.weight", "level-heads.1.bias"}
     assert set(down.content["arrays"].keys()) == expected_keys
-    reply = _client_reply(runtime, fedlp_train, down)
+    reply = _client_reply(fedlp_runtime, fedlp_train, down)
     assert set(reply.content["arrays"].keys()) == expected_keys
     assert reply.content["metrics"]["train-flops"] < reply.content["metrics"]["train-flops-full"]
     strategy.aggregate_train(1, [reply])
     assert not strategy.rejections
     assert states_equal(select(strategy.global_state, strategy.layers, ["blocks.1.conv", "head.fc1", "head.fc2"]),
-                        select(initial, strategy.layers, ["blocks.1.conv", "head.fc1", "head.fc2"]))
-    assert not np.array_equal(strategy.level_heads["level-heads.1.weight"], _heads(runtime)["level-heads.1.weight"])
+                        select(fedlp_initial, strategy.layers, ["blocks.1.conv", "head.fc1", "head.fc2"]))
+    assert not np.array_equal(strategy.level_heads["level-heads.1.weight"], _heads(fedlp_runtime)["level-heads.1.weight"])
 
 
-def test_full_depth_messages_carry_the_model_and_no_level_head(runtime, initial):
-    strategy = _hetero(initial, runtime, level_preference=[0.0, 1.0])
+def test_full_depth_messages_carry_the_model_and_no_level_head(fedlp_runtime, fedlp_initial):
+    strategy = _hetero(fedlp_initial, fedlp_runtime, level_preference=[0.0, 1.0])
     strategy.plans = {2: strategy.plan(1, 2)}
     down = _train_message(strategy, 2)
-    reply = _client_reply(runtime, fedlp_train, down)
-    assert set(down.content["arrays"].keys()) == set(reply.content["arrays"].keys()) == set(initial)
+    reply = _client_reply(fedlp_runtime, fedlp_train, down)
+    assert set(down.content["arrays"].keys()) == set(reply.content["arrays"].keys()) == set(fedlp_initial)
 
 
-def test_a_capped_node_returns_no_head_it_was_not_sent_and_the_server_learns_its_level(runtime, initial):
+def test_a_capped_node_returns_no_head_it_was_not_sent_and_the_server_learns_its_level(fedlp_runtime, fedlp_initial):
     """Planned at level 2, capped at 1: the level-1 head was not sent, so the node trains
     its block under a fresh head but returns the block only; the shared head stays."""
-    strategy = _hetero(initial, runtime, level_preference=[0.0, 1.0])
+    strategy = _hetero(fedlp_initial, fedlp_runtime, level_preference=[0.0, 1.0])
     strategy.plans = {2: strategy.plan(1, 2)}
-    reply = _client_reply(runtime, fedlp_train, _train_message(strategy, 2), node_config={"depth-level": 1})
+    reply = _client_reply(fedlp_runtime, fedlp_train, _train_message(strategy, 2), node_config={"depth-level": 1})
     assert {k.rsplit(".", 1)[0] for k in reply.content["arrays"].keys()} == {"blocks.0.conv"}
     assert reply.content["metrics"]["depth-level"] == 1
     heads_before = {k: v.copy() for k, v in strategy.level_heads.items()}
     strategy.aggregate_train(1, [reply])
     assert not strategy.rejections and strategy.level_of(2) == 1
     assert states_equal(strategy.level_heads, heads_before)
-    assert not np.array_equal(strategy.global_state["blocks.0.conv.weight"], initial["blocks.0.conv.weight"])
+    assert not np.array_equal(strategy.global_state["blocks.0.conv.weight"], fedlp_initial["blocks.0.conv.weight"])
     # the next round sends the level-1 head, which then comes back trained and is averaged in
     strategy.plans = {2: strategy.plan(2, 2)}
     assert strategy.plans[2].send == strategy.plans[2].request == ["blocks.0.conv", "level-heads.1"]
-    reply = _client_reply(runtime, fedlp_train, _train_message(strategy, 2, server_round=2), node_config={"depth-level": 1})
+    reply = _client_reply(fedlp_runtime, fedlp_train, _train_message(strategy, 2, server_round=2), node_config={"depth-level": 1})
     strategy.aggregate_train(2, [reply])
     assert not strategy.rejections
     assert not np.array_equal(strategy.level_heads["level-heads.1.weight"], heads_before["level-heads.1.weight"])
 
 
-def test_a_level_head_the_node_was_not_sent_is_refused(runtime, initial):
+def test_a_level_head_the_node_was_not_sent_is_refused(fedlp_runtime, fedlp_initial):
     """A reply at a lower level than planned carrying that level's head (which the
     node cannot have received) is refused: the head would be a fresh one."""
-    strategy = _hetero(initial, runtime, level_preference=[0.0, 1.0])
+    strategy = _hetero(fedlp_initial, fedlp_runtime, level_preference=[0.0, 1.0])
     strategy.plans = {2: strategy.plan(1, 2)}
-    fresh = _heads(runtime)
-    state = {**select(_noisy(initial, 1), strategy.layers, ["blocks.0.conv"]), **_noisy(fresh, 2)}
+    fresh = _heads(fedlp_runtime)
+    state = {**select(_noisy(fedlp_initial, 1), strategy.layers, ["blocks.0.conv"]), **_noisy(fresh, 2)}
     heads_before = {k: v.copy() for k, v in strategy.level_heads.items()}
     assert strategy.aggregate_train(1, [make_reply(2, state, metrics={"depth-level": 1})]) is None
     assert len(strategy.rejections) == 1 and "level-heads.1" in strategy.rejections[0].reason
-    assert states_equal(strategy.level_heads, heads_before) and states_equal(strategy.global_state, initial)
+    assert states_equal(strategy.level_heads, heads_before) and states_equal(strategy.global_state, fedlp_initial)
     assert strategy.level_of(2) == 2
 
 
 @pytest.mark.parametrize("scheme", ["homogeneous", "heterogeneous"])
-def test_fedlp_clients_keep_their_model_only_when_the_server_says_so(runtime, initial, scheme):
+def test_fedlp_clients_keep_their_model_only_when_the_server_says_so(fedlp_runtime, fedlp_initial, scheme):
     """FedLP sends every layer a node trains each round, so it asks nodes to keep nothing."""
-    strategy = _fedlp(initial, runtime, scheme=scheme, level_preference=[1.0, 0.0])
+    strategy = _fedlp(fedlp_initial, fedlp_runtime, scheme=scheme, level_preference=[1.0, 0.0])
     assert not strategy.client_keeps_model
     strategy.plans = {3: strategy.plan(1, 3)}
     message = _train_message(strategy, 3)
     assert message.content["config"]["keep-model"] is False
     context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
-    fedlp_train(runtime, message.content, context)
+    fedlp_train(fedlp_runtime, message.content, context)
     assert load_local_model(context) is None
     message.content["config"]["keep-model"] = True
-    fedlp_train(runtime, message.content, context)
+    fedlp_train(fedlp_runtime, message.content, context)
     assert load_local_model(context) is not None
 
 
-def test_reply_with_layers_beyond_its_level_is_rejected(runtime, initial):
-    strategy = _hetero(initial, runtime, level_preference=[1.0, 0.0])
+def test_reply_with_layers_beyond_its_level_is_rejected(fedlp_runtime, fedlp_initial):
+    strategy = _hetero(fedlp_initial, fedlp_runtime, level_preference=[1.0, 0.0])
     strategy.plans = {1: strategy.plan(1, 1)}
-    state = {**select(_noisy(initial, 1), strategy.layers, ["blocks.0.conv", "blocks.1.conv"]), **_heads(runtime)}
+    state = {**select(_noisy(fedlp_initial, 1), strategy.layers, ["blocks.0.conv", "blocks.1.conv"]), **_heads(fedlp_runtime)}
     state = {k: v for k, v in state.items() if not k.startswith("level-heads.2")}
     metrics = strategy.aggregate_train(1, [make_reply(1, state, metrics={"depth-level": 1})])
     assert metrics is None and len(strategy.rejections) == 1
-    assert states_equal(strategy.global_state, initial)
+    assert states_equal(strategy.global_state, fedlp_initial)
 
 
-def test_each_layer_is_averaged_over_its_holders(runtime, initial):
+def test_each_layer_is_averaged_over_its_holders(fedlp_runtime, fedlp_initial):
     """Hand-made: node 1 at level 1 (30 examples), nodes 2 and 3 at level 2 (10 and 20)."""
-    strategy = _hetero(initial, runtime)
+    strategy = _hetero(fedlp_initial, fedlp_runtime)
     strategy.plans = {
         1: NodePlan(send=strategy.level_layers(1), request=strategy.level_layers(1), config={"depth-level": 1}),
         2: NodePlan(send=strategy.level_layers(2), request=strategy.level_layers(2), config={"depth-level": 2}),
         3: NodePlan(send=strategy.level_layers(2), request=strategy.level_layers(2), config={"depth-level": 2}),
     }
-    heads = _heads(runtime)
+    heads = _heads(fedlp_runtime)
 
     def filled(value, names):
         layers = strategy.all_layers
-        source = {**initial, **heads}
+        source = {**fedlp_initial, **heads}
         return {k: np.full_like(source[k], value) for k in layers.keys_of(names)}
 
     replies = [
@@ -313,27 +298,27 @@ def test_each_layer_is_averaged_over_its_holders(runtime, initial):
     assert strategy.round_record(1)["level_counts"] == {"1": 1, "2": 2}
 
 
-def test_levels_are_stable_per_node_and_follow_the_preference(runtime, initial):
-    strategy = _hetero(initial, runtime, level_preference=[0.25, 0.75], seed=4)
+def test_levels_are_stable_per_node_and_follow_the_preference(fedlp_runtime, fedlp_initial):
+    strategy = _hetero(fedlp_initial, fedlp_runtime, level_preference=[0.25, 0.75], seed=4)
     levels = [strategy.level_of(n) for n in range(400)]
     assert levels == [strategy.level_of(n) for n in range(400)]
     assert abs(levels.count(2) / 400 - 0.75) < 0.07
 
 
-def test_central_evaluation_reports_every_depth(runtime, initial):
-    strategy = _hetero(initial, runtime)
-    result = strategy.evaluate_central(central_evaluator(runtime.cfg, runtime.test_data))
+def test_central_evaluation_reports_every_depth(fedlp_runtime, fedlp_initial):
+    strategy = _hetero(fedlp_initial, fedlp_runtime)
+    result = strategy.evaluate_central(central_evaluator(fedlp_runtime.cfg, fedlp_runtime.test_data))
     assert {"accuracy", "accuracy-depth-1", "accuracy-depth-2"} <= result.keys()
     assert result["accuracy-depth-2"] == result["accuracy"]
     assert 0.0 <= result["accuracy-depth-1"] <= 1.0
 
 
-def test_checkpoint_round_trip(runtime, initial):
-    strategy = _hetero(initial, runtime)
+def test_checkpoint_round_trip(fedlp_runtime, fedlp_initial):
+    strategy = _hetero(fedlp_initial, fedlp_runtime)
     strategy.node_levels = {7: 1}
     strategy.level_heads["level-heads.1.bias"][:] = 3.0
     state = strategy.state_dict()
-    fresh = _hetero(initial, runtime)
+    fresh = _hetero(fedlp_initial, fedlp_runtime)
     fresh.load_state_dict(state)
     assert fresh.level_of(7) == 1 and np.all(fresh.level_heads["level-heads.1.bias"] == 3.0)
     assert isinstance(state["level_heads"]["level-heads.1.bias"], np.ndarray)

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
 from benchmarks.fedlp_report import main as report_main
@@ -12,28 +11,13 @@ from fedlayer.config import compose_config, resolve_resume
 from fedlayer.errors import ConfigError, ParameterError
 from fedlayer.layers import from_arrayrecord, states_equal, torch_state_to_numpy
 from fedlayer.methods.base import NodePlan
-from fedlayer.methods.client import ClientRuntime
 from fedlayer.methods.fedlp import DRAW_KEY, FedLPStrategy, fedlp_train
 from fedlayer.models import build_model
 from fedlayer.server.builder import build_strategy
 from fedlayer.workload import load_workload
-from tests.conftest import make_reply
+from tests.conftest import FEDLP_OVERRIDES, make_reply
 from tests.inprocess import FIRST_NODE_ID, SimulatedCrash, run_in_process
 from tests.test_resume import assert_same_run
-
-OVERRIDES = ["strategy=fedlp", "dataset=digits", "model=cnn", "train.local_steps=2", "federation.num_clients=3"]
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    cfg = compose_config(OVERRIDES)
-    return ClientRuntime(cfg=cfg, partition_id=0, num_partitions=3, data_path=None, device=torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def initial(runtime):
-    return torch_state_to_numpy(runtime.new_model().state_dict())
-
 
 @pytest.fixture(scope="module")
 def cnn6():
@@ -42,14 +26,14 @@ def cnn6():
     return model, torch_state_to_numpy(model.state_dict())
 
 
-def _fedlp(initial, runtime, **kwargs):
-    return FedLPStrategy(initial, model=runtime.new_model(), **kwargs)
+def _fedlp(fedlp_initial, fedlp_runtime, **kwargs):
+    return FedLPStrategy(fedlp_initial, model=fedlp_runtime.new_model(), **kwargs)
 
 
-def _reply_to(runtime, strategy, node, server_round=1):
+def _reply_to(fedlp_runtime, strategy, node, server_round=1):
     (message,) = strategy.build_messages(server_round, {node: strategy.plans[node]}, MessageType.TRAIN)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    return message, Message(fedlp_train(runtime, message.content, context), reply_to=message)
+    return message, Message(fedlp_train(fedlp_runtime, message.content, context), reply_to=message)
 
 
 def _filled(state, keys, value):
@@ -57,18 +41,18 @@ def _filled(state, keys, value):
 
 
 # ------------------------------------------------------------------ defaults
-def test_defaults_are_the_paper_and_add_nothing_to_the_messages(runtime, initial):
-    strategy = _fedlp(initial, runtime)
+def test_defaults_are_the_paper_and_add_nothing_to_the_messages(fedlp_runtime, fedlp_initial):
+    strategy = _fedlp(fedlp_initial, fedlp_runtime)
     assert (strategy.draw, strategy.dropped, strategy.server_momentum) == ("unit", "keepers", 0.0)
     plan = strategy.plan(1, 3)
     assert DRAW_KEY not in plan.config and set(plan.request) <= set(strategy.layers.names)
-    cfg = compose_config(OVERRIDES)
+    cfg = compose_config(FEDLP_OVERRIDES)
     assert (cfg.strategy.draw, cfg.strategy.dropped, cfg.strategy.server_momentum) == ("unit", "keepers", 0.0)
 
 
-def test_bad_lever_values_name_the_field(runtime, initial):
+def test_bad_lever_values_name_the_field(fedlp_runtime, fedlp_initial):
     def build(*extra):
-        cfg = compose_config([*OVERRIDES, *extra])
+        cfg = compose_config([*FEDLP_OVERRIDES, *extra])
         return build_strategy(cfg, load_workload(cfg, 3))
 
     for override, field in [
@@ -82,7 +66,7 @@ def test_bad_lever_values_name_the_field(runtime, initial):
     with pytest.raises(ConfigError, match="strategy.draw.*homogeneous"):
         build("strategy.scheme=heterogeneous", "strategy.draw=tensor")
     with pytest.raises(ParameterError) as err:
-        _fedlp(initial, runtime, server_momentum=True)
+        _fedlp(fedlp_initial, fedlp_runtime, server_momentum=True)
     assert err.value.name == "server_momentum"
 
 
@@ -105,40 +89,40 @@ def test_tensor_draw_keeps_and_drops_tensors_independently(cnn6):
     assert tensor.keep_mask(7, 3) == FedLPStrategy(state, model=model, p=0.5, seed=2, draw="tensor").keep_mask(7, 3)
 
 
-def test_tensor_draw_uploads_exactly_the_kept_tensors_and_averages_each_over_its_holders(runtime, initial):
-    strategy = _fedlp(initial, runtime, p=0.5, draw="tensor", seed=5)
+def test_tensor_draw_uploads_exactly_the_kept_tensors_and_averages_each_over_its_holders(fedlp_runtime, fedlp_initial):
+    strategy = _fedlp(fedlp_initial, fedlp_runtime, p=0.5, draw="tensor", seed=5)
     keep = ["blocks.0.conv.weight", "head.fc2.bias"]  # a conv's weight without its bias
     strategy.plans = {4: NodePlan(send=strategy.layers.names, request=keep, config=strategy.plan(1, 4).config)}
-    message, reply = _reply_to(runtime, strategy, 4)
+    message, reply = _reply_to(fedlp_runtime, strategy, 4)
     assert message.content["config"][DRAW_KEY] == "tensor"
     assert sorted(from_arrayrecord(reply.content["arrays"])) == sorted(keep)
     strategy.aggregate_train(1, [reply])
     assert not strategy.rejections
     sent = from_arrayrecord(reply.content["arrays"])
-    for key in initial:
-        expected = sent[key] if key in keep else initial[key]
+    for key in fedlp_initial:
+        expected = sent[key] if key in keep else fedlp_initial[key]
         assert np.array_equal(strategy.global_state[key], expected), key
     assert "blocks.0.conv.bias" in strategy.round_record(1)["layers_kept_by_nobody"]
 
 
-def test_tensor_draw_refuses_a_whole_layer_when_one_tensor_was_asked_for(runtime, initial):
-    strategy = _fedlp(initial, runtime, draw="tensor")
+def test_tensor_draw_refuses_a_whole_layer_when_one_tensor_was_asked_for(fedlp_runtime, fedlp_initial):
+    strategy = _fedlp(fedlp_initial, fedlp_runtime, draw="tensor")
     strategy.plans = {1: NodePlan(send=strategy.layers.names, request=["head.fc2.weight"])}
-    whole = {k: initial[k] for k in ("head.fc2.weight", "head.fc2.bias")}
+    whole = {k: fedlp_initial[k] for k in ("head.fc2.weight", "head.fc2.bias")}
     assert strategy.aggregate_train(1, [make_reply(1, whole)]) is None
     assert "not requested" in strategy.rejections[0].reason
-    assert states_equal(strategy.global_state, initial)
+    assert states_equal(strategy.global_state, fedlp_initial)
 
 
 # ------------------------------------------------------------- damped average
-def test_damped_average_counts_droppers_with_the_value_they_were_sent(runtime, initial):
+def test_damped_average_counts_droppers_with_the_value_they_were_sent(fedlp_runtime, fedlp_initial):
     """Hand-made: nodes 1 and 3 keep head.fc2 (value 1 and 5; 30 and 20 examples), node 2 drops it
     (10 examples); nobody keeps blocks.0.conv."""
     fc2 = ["head.fc2.weight", "head.fc2.bias"]
     others = ["blocks.1.conv", "head.fc1"]
 
     def run(dropped):
-        strategy = _fedlp(initial, runtime, dropped=dropped)
+        strategy = _fedlp(fedlp_initial, fedlp_runtime, dropped=dropped)
         strategy.plans = {
             1: NodePlan(send=strategy.layers.names, request=["head.fc2", *others]),
             2: NodePlan(send=strategy.layers.names, request=others),
@@ -146,22 +130,22 @@ def test_damped_average_counts_droppers_with_the_value_they_were_sent(runtime, i
         }
         body = strategy.layers.keys_of(others)
         replies = [
-            make_reply(1, {**_filled(initial, fc2, 1.0), **_filled(initial, body, 0.1)}, 30),
-            make_reply(2, _filled(initial, body, 0.2), 10),
-            make_reply(3, {**_filled(initial, fc2, 5.0), **_filled(initial, body, 0.3)}, 20),
+            make_reply(1, {**_filled(fedlp_initial, fc2, 1.0), **_filled(fedlp_initial, body, 0.1)}, 30),
+            make_reply(2, _filled(fedlp_initial, body, 0.2), 10),
+            make_reply(3, {**_filled(fedlp_initial, fc2, 5.0), **_filled(fedlp_initial, body, 0.3)}, 20),
         ]
         strategy.aggregate_train(1, replies)
         assert not strategy.rejections
         return strategy.global_state
 
     damped, keepers = run("damped"), run("keepers")
-    sent = initial["head.fc2.weight"]
+    sent = fedlp_initial["head.fc2.weight"]
     assert np.allclose(damped["head.fc2.weight"], (30 * 1.0 + 10 * sent + 20 * 5.0) / 60)
     assert np.allclose(keepers["head.fc2.weight"], (30 * 1.0 + 20 * 5.0) / 50)
     # a layer every replier kept is the plain mean either way; one nobody kept stays bit for bit
     assert np.allclose(damped["head.fc1.weight"], (30 * 0.1 + 10 * 0.2 + 20 * 0.3) / 60)
     for key in ("blocks.0.conv.weight", "blocks.0.conv.bias"):
-        assert np.array_equal(damped[key], initial[key])
+        assert np.array_equal(damped[key], fedlp_initial[key])
 
 
 # ------------------------------------------------------------ server momentum
@@ -192,37 +176,37 @@ def test_server_momentum_is_applied_from_the_second_round_and_spares_batchnorm_s
     assert "blocks.0.bn1.weight" in strategy.momentum_keys
 
 
-def test_server_momentum_keeps_layers_nobody_kept_and_their_velocity(runtime, initial):
-    strategy = _fedlp(initial, runtime, server_momentum=0.9)
+def test_server_momentum_keeps_layers_nobody_kept_and_their_velocity(fedlp_runtime, fedlp_initial):
+    strategy = _fedlp(fedlp_initial, fedlp_runtime, server_momentum=0.9)
     names = strategy.layers.names
     strategy.plans = {1: NodePlan(send=names, request=names)}
-    strategy.aggregate_train(1, [make_reply(1, _filled(initial, initial, 1.0))])
+    strategy.aggregate_train(1, [make_reply(1, _filled(fedlp_initial, fedlp_initial, 1.0))])
     velocity = strategy.velocity["head.fc2.weight"].copy()
     after_one = dict(strategy.global_state)
     strategy.plans = {1: NodePlan(send=names, request=["head.fc1"])}
-    strategy.aggregate_train(2, [make_reply(1, _filled(initial, strategy.layers.keys_of(["head.fc1"]), 3.0))])
+    strategy.aggregate_train(2, [make_reply(1, _filled(fedlp_initial, strategy.layers.keys_of(["head.fc1"]), 3.0))])
     assert np.array_equal(strategy.global_state["head.fc2.weight"], after_one["head.fc2.weight"])
     assert np.array_equal(strategy.velocity["head.fc2.weight"], velocity)
     assert not np.array_equal(strategy.global_state["head.fc1.weight"], after_one["head.fc1.weight"])
 
 
-def test_server_momentum_state_round_trips_through_a_checkpoint(runtime, initial):
+def test_server_momentum_state_round_trips_through_a_checkpoint(fedlp_runtime, fedlp_initial):
     def two_rounds(strategy, restore=False):
         _momentum_round(strategy, 1, 1.0)
         if restore:
-            fresh = _fedlp(initial, runtime, server_momentum=0.7)
+            fresh = _fedlp(fedlp_initial, fedlp_runtime, server_momentum=0.7)
             fresh.load_state_dict(strategy.state_dict())
             fresh.global_state = dict(strategy.global_state)
             strategy = fresh
         _momentum_round(strategy, 2, 2.0)
         return strategy.global_state
 
-    straight = two_rounds(_fedlp(initial, runtime, server_momentum=0.7))
-    resumed = two_rounds(_fedlp(initial, runtime, server_momentum=0.7), restore=True)
+    straight = two_rounds(_fedlp(fedlp_initial, fedlp_runtime, server_momentum=0.7))
+    resumed = two_rounds(_fedlp(fedlp_initial, fedlp_runtime, server_momentum=0.7), restore=True)
     assert states_equal(straight, resumed)
-    state = _fedlp(initial, runtime).state_dict()
+    state = _fedlp(fedlp_initial, fedlp_runtime).state_dict()
     del state["velocity"]  # a checkpoint written before server momentum existed
-    _fedlp(initial, runtime).load_state_dict(state)
+    _fedlp(fedlp_initial, fedlp_runtime).load_state_dict(state)
 
 
 def test_levers_together_resume_exactly_after_a_crash(tmp_path):
