@@ -126,14 +126,14 @@ def run_peak(run_dir: str) -> float | None:
     return max(peaks) if peaks else None
 
 
-def stage_step_flops(model_name: str, dataset: str, params: dict[str, Any], batch_size: int) -> list[float]:
+def measured_stage_step_flops(model_name: str, dataset: str, params: dict[str, Any], batch_size: int) -> list[float]:
     """FLOPs of one local step of each stage of an FLL run with ``params`` (its strategy parameters)."""
     keys = ("objective", "stage_head", "checkpoint_activations", "head_pool", "blocks_per_stage")
-    return _stage_step_flops(model_name, dataset, tuple((key, params.get(key)) for key in keys), batch_size)
+    return _measured_stage_step_flops(model_name, dataset, tuple((key, params.get(key)) for key in keys), batch_size)
 
 
 @functools.cache
-def _stage_step_flops(model_name: str, dataset: str, params_items: tuple, batch_size: int) -> list[float]:
+def _measured_stage_step_flops(model_name: str, dataset: str, params_items: tuple, batch_size: int) -> list[float]:
     params = {key: value for key, value in params_items if value is not None}
     options = {
         "objective": params.get("objective", "supervised"), "batch_size": batch_size,
@@ -178,7 +178,7 @@ def memory_report(results: list[dict[str, Any]], batch_size: int, title: str) ->
     cache: dict[tuple[str, str, str], float] = {}
     flops = {
         id(r): client_flops(
-            r, stage_step_flops(r["model"], r["dataset"], r.get("strategy_params", {}), batch_size)
+            r, measured_stage_step_flops(r["model"], r["dataset"], r.get("strategy_params", {}), batch_size)
             if r["strategy"] == "fll" else [end_to_end_peak(r["model"], r["dataset"], batch_size=batch_size)["flops"]]
         )
         for r in results
