@@ -7,11 +7,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from benchmarks.faults import make_reply as make_reply  # the tests' reply builder lives with the fault builders
 from fedlayer.config import compose_config
-from fedlayer.layers import State, to_arrayrecord, torch_state_to_numpy
+from fedlayer.layers import State, torch_state_to_numpy
 from fedlayer.methods.client import ClientRuntime
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -44,23 +44,6 @@ def _task_identity() -> None:
     TaskIdentity.run_id = 1
     TaskIdentity.node_id = 0
     TaskIdentity.task_id = 1
-
-
-def make_reply(
-    node_id: int,
-    state: State | None,
-    num_examples: int = 10,
-    metrics: dict[str, float] | None = None,
-    payload: dict | None = None,
-) -> Message:
-    """A reply from ``node_id`` to a train message, as the server would pull it."""
-    sent = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node_id, message_type=MessageType.TRAIN)
-    content = RecordDict({"metrics": MetricRecord({"num-examples": num_examples, **(metrics or {})})})
-    if state is not None:
-        content["arrays"] = to_arrayrecord(state)
-    if payload is not None:
-        content["payload"] = ConfigRecord(payload)
-    return Message(content, reply_to=sent)
 
 
 def small_state(seed: int = 0) -> State:

@@ -11,6 +11,10 @@ import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
+from benchmarks.faults import LAQ_MALFORMED as MALFORMED
+from benchmarks.faults import laq_reply as _reply
+from benchmarks.faults import laq_state as _state
+from benchmarks.faults import laq_upload as _upload
 from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError, ParameterError
 from fedlayer.layers import from_arrayrecord, states_equal, torch_state_to_numpy
@@ -25,8 +29,7 @@ from fedlayer.methods.laq import (
     laq_train,
     lazy_decision,
 )
-from fedlayer.proto.fedlayer.compressed.v1 import update_pb2
-from fedlayer.proto.wire import FORMAT_VERSION, encode_update
+from fedlayer.proto.wire import encode_update
 from fedlayer.server.builder import build_strategy
 from fedlayer.server.rundir import RunDirectory
 from fedlayer.traffic.size import message_bytes, payload_bytes
@@ -38,33 +41,11 @@ from tests.inprocess import run_in_process
 NODES = (11, 22, 33)
 
 
-def _state(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "blocks.0.conv.weight": rng.standard_normal((4, 1, 3, 3)).astype(np.float32),
-        "blocks.0.conv.bias": rng.standard_normal(4).astype(np.float32),
-        "head.fc.weight": rng.standard_normal((3, 16)).astype(np.float32),
-        "head.fc.bias": rng.standard_normal(3).astype(np.float32),
-    }
-
-
 def _strategy(**kwargs) -> LAQStrategy:
     strategy = LAQStrategy(_state(0), num_clients=3, **{"alpha": 0.1, "bits": 8, **kwargs})
     strategy.client_of = {node: pid for pid, node in enumerate(NODES)}  # what the identity query learns
     strategy.plans = {node: strategy.plan(1, node) for node in NODES}
     return strategy
-
-
-def _upload(g, qhat=None, bits=8, base=0):
-    """Encoded payload of an upload of ``g`` quantized around ``qhat`` (zeros by default)."""
-    qhat = qhat or {k: np.zeros_like(v) for k, v in g.items()}
-    decision = lazy_decision(g, qhat, bits=bits, ehat=0.0, clock=0, tbar=100, drift=0.0, drift_scale=1.0, force=True)
-    data = encode_update(decision.tensors, skip=False, clock=0, quantization_error=decision.error)
-    return {UPDATE_KEY: data, BASE_KEY: base}, decision.q
-
-
-def _reply(node, pid, payload, state=None):
-    return make_reply(node, state, metrics={"partition-id": pid}, payload=payload)
 
 
 def _snapshot(strategy):
@@ -179,35 +160,6 @@ def test_innovation_is_decoded_against_the_last_upload():
     assert states_equal(strategy.qhat[0], q3) and strategy.versions[0] == 1
     assert strategy.round_record(4)["resyncs"] == 1
     assert all(np.array_equal(strategy.gradient_sum()[k], q3[k]) for k in q3)
-
-
-def _raw_update(mutate):
-    """A serialised CompressedUpdate of a valid upload, changed by ``mutate`` (bypasses encode checks)."""
-    payload, _ = _upload(_state(1))
-    msg = update_pb2.CompressedUpdate.FromString(payload[UPDATE_KEY])
-    mutate(msg)
-    return msg.SerializeToString()
-
-
-def _set(field, value, index=0):
-    return lambda msg: setattr(msg.tensors[index], field, value)
-
-
-MALFORMED = {
-    "random-bytes": lambda good: b"\xff\x00garbage" * 7,
-    "truncated": lambda good: good[: len(good) // 2],
-    "corrupt": lambda good: good[:3] + bytes(b ^ 0xA5 for b in good[3:40]) + good[40:],
-    "bits-0": lambda good: _raw_update(_set("bits", 0)),
-    "bits-9": lambda good: _raw_update(_set("bits", 9)),
-    "packed-length": lambda good: _raw_update(_set("packed_codes", b"\x01\x02")),
-    "radius-nan": lambda good: _raw_update(_set("radius", float("nan"))),
-    "radius-inf": lambda good: _raw_update(_set("radius", float("inf"))),
-    "wrong-name": lambda good: _raw_update(_set("name", "head.fc.evil")),
-    "wrong-shape": lambda good: _raw_update(lambda m: (m.tensors[0].ClearField("shape"), m.tensors[0].shape.extend([36]))),
-    "missing-tensor": lambda good: _raw_update(lambda m: m.tensors.pop()),
-    "version-2": lambda good: _raw_update(lambda m: setattr(m, "format_version", FORMAT_VERSION + 1)),
-    "skip-with-tensors": lambda good: _raw_update(lambda m: setattr(m, "skip", True)),
-}
 
 
 @pytest.mark.parametrize("kind", sorted(MALFORMED))

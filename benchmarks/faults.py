@@ -1,0 +1,384 @@
+"""Faulty training replies, built as a client would send them: shared by the fault tests and benchmarks.
+
+Nothing here attacks a real run: each builder returns a Flower ``Message``
+that a strategy's ``aggregate_train`` takes as a pulled reply. Used by
+``tests/test_fuzz_replies.py``, ``tests/test_mixed_replies.py``,
+``tests/test_laq.py`` and ``benchmarks/fault_matrix.py``.
+
+Faults of a dense strategy (one that receives whole layers):
+
+- ``duplicate``: an honest reply pulled twice;
+- ``huge``: every float tensor filled with 3e38 (finite, near float32's maximum);
+- ``scaled``: ``sent + 1e6 * (trained - sent)`` for every float tensor;
+- ``mislabelled``: an honest update claiming the next client's partition id;
+- ``BREAKS``: malformed replies (wrong names, shapes, dtypes, NaN/Inf, corrupt,
+  truncated or random array bytes, absurd sizes and example counts, no metrics).
+
+LAQ's replies are compressed innovations in a payload, not layers; its
+builders (``laq_*``) make valid uploads and ``LAQ_MALFORMED`` breaks their
+encoding.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from omegaconf import DictConfig
+
+from fedlayer.config import compose_config
+from fedlayer.layers import State, copy_state, select, to_arrayrecord
+from fedlayer.methods.base import LayerwiseStrategy
+from fedlayer.methods.laq import BASE_KEY, UPDATE_KEY, lazy_decision
+from fedlayer.proto.fedlayer.compressed.v1 import update_pb2
+from fedlayer.proto.wire import FORMAT_VERSION, encode_update
+from fedlayer.server.builder import build_strategy
+from fedlayer.workload import Workload, load_workload
+
+#: Malformed dense replies, one way of breaking a valid reply each.
+BREAKS = [
+    "rename", "unknown-key", "shape", "dtype", "nan", "inf", "corrupt-bytes",
+    "truncated-bytes", "random-bytes", "huge-examples", "zero-examples", "no-metrics", "huge-shape",
+]  # fmt: skip
+#: Every fault of a dense strategy's reply.
+DENSE_FAULTS = ["duplicate", "huge", "scaled", "mislabelled", *BREAKS]
+
+
+# ------------------------------------------------------------------ replies
+def make_reply(
+    node_id: int,
+    state: State | None,
+    num_examples: int = 10,
+    metrics: dict[str, float] | None = None,
+    payload: dict | None = None,
+) -> Message:
+    """A reply from ``node_id`` to a train message, as the server would pull it."""
+    sent = Message(
+        RecordDict({"config": ConfigRecord({"x": 1})}),
+        dst_node_id=node_id,
+        message_type=MessageType.TRAIN,
+    )
+    content = RecordDict(
+        {"metrics": MetricRecord({"num-examples": num_examples, **(metrics or {})})}
+    )
+    if state is not None:
+        content["arrays"] = to_arrayrecord(state)
+    if payload is not None:
+        content["payload"] = ConfigRecord(payload)
+    return Message(content, reply_to=sent)
+
+
+@functools.lru_cache(maxsize=None)
+def unit_setting(name: str, num_clients: int) -> tuple[DictConfig, Workload]:
+    """The unit-test setting of strategy ``name``: the cnn on digits, ``num_clients`` clients."""
+    cfg = compose_config(
+        [
+            f"strategy={name}",
+            "dataset=digits",
+            "model=cnn",
+            f"federation.num_clients={num_clients}",
+        ]
+    )
+    return cfg, load_workload(cfg, num_clients)
+
+
+def round_one_strategy(
+    name: str, run_dir: Path, nodes: Sequence[int]
+) -> LayerwiseStrategy:
+    """A fresh strategy of the unit setting in round 1, every node identified (client id = its index) and asked to train."""
+    cfg, workload = unit_setting(name, len(nodes))
+    strategy = build_strategy(cfg, workload)
+    strategy.attach_run_dir(run_dir)
+    strategy.client_of = {
+        node: i for i, node in enumerate(nodes)
+    }  # what the identity query would learn
+    strategy.configure_train(1, list(nodes))
+    return strategy
+
+
+def honest_state(strategy: LayerwiseStrategy, node: int, seed: int) -> State:
+    """What ``node`` was sent for its requested layers, moved by a small random step (empty if it was asked for none)."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for name in strategy.plans[node].request:
+        for key in (
+            strategy.layers[name].keys
+            if name in strategy.layers
+            else strategy.all_layers[name].keys
+        ):
+            sent = strategy.sent_value(node, key)
+            value = sent.copy()
+            if np.issubdtype(value.dtype, np.floating):
+                value = value + rng.normal(0, 0.01, value.shape).astype(value.dtype)
+            state[key] = value
+    return state
+
+
+def train_reply(
+    strategy: LayerwiseStrategy,
+    node: int,
+    state: State,
+    examples: int,
+    partition: int | None = None,
+) -> Message:
+    """``node``'s reply carrying ``state`` (no arrays if empty), naming its registered partition id unless ``partition``."""
+    partition = strategy.client_of[node] if partition is None else partition
+    return make_reply(
+        node, state if state else None, examples, metrics={"partition-id": partition}
+    )
+
+
+def faulty_reply(
+    strategy: LayerwiseStrategy,
+    node: int,
+    kind: str,
+    honest_replies: dict[int, Message],
+    seed: int,
+    data: bytes,
+) -> Message:
+    """A faulty reply of ``kind`` (one of ``DENSE_FAULTS``) from ``node``.
+
+    ``duplicate`` repeats ``honest_replies[node]``; ``data`` feeds the breaks
+    that take arbitrary bytes (``random-bytes``, the NaN/Inf position).
+    """
+    if kind == "duplicate":
+        return honest_replies[node]  # the same reply pulled twice
+    if kind in ("huge", "scaled"):
+        # a method that asks for nothing (local-only) is sent the whole model unasked
+        state = honest_state(strategy, node, seed) or copy_state(strategy.global_state)
+        for key, value in state.items():
+            if np.issubdtype(value.dtype, np.floating):
+                sent = strategy.sent_value(node, key)
+                state[key] = (
+                    np.full_like(value, 3e38)
+                    if kind == "huge"
+                    else (sent + (value - sent) * 1e6).astype(value.dtype)
+                )
+        return train_reply(strategy, node, state, 10)
+    if kind == "mislabelled":
+        other = (strategy.client_of[node] + 1) % len(strategy.client_of)
+        return train_reply(
+            strategy, node, honest_state(strategy, node, seed), 10, partition=other
+        )
+    return broken_reply(strategy, node, kind, data)
+
+
+def good_state(strategy: LayerwiseStrategy, node: int) -> State:
+    """The global model's values of the layers ``node`` was asked for, plus 0.01 (the whole model if it was asked for none)."""
+    # A strategy that asks for nothing (local-only) must refuse any arrays at all.
+    requested = strategy.plans[node].request or strategy.layers.names
+    state = copy_state(select(strategy.global_state, strategy.layers, requested))
+    for key, value in state.items():
+        if np.issubdtype(value.dtype, np.floating):
+            state[key] = value + np.float32(0.01)
+    return state
+
+
+def broken_reply(
+    strategy: LayerwiseStrategy, node: int, kind: str, data: bytes
+) -> Message:
+    """``good_state``'s reply from ``node``, broken one way (``kind``, one of ``BREAKS``)."""
+    state = good_state(strategy, node)
+    key = next(k for k, v in state.items() if v.dtype == np.float32 and v.size > 1)
+    examples = 10
+    if kind == "rename":
+        state["renamed." + key] = state.pop(key)
+    elif kind == "unknown-key":
+        state["evil.weight"] = np.zeros(3, np.float32)
+    elif kind == "shape":
+        state[key] = state[key].reshape(-1)[:-1]
+    elif kind == "dtype":
+        state[key] = state[key].astype(np.float64)
+    elif kind in ("nan", "inf"):
+        state[key] = state[key].copy()
+        state[key].flat[len(data) % state[key].size] = (
+            np.nan if kind == "nan" else -np.inf
+        )
+    elif kind == "huge-examples":
+        examples = 10**15
+    elif kind == "zero-examples":
+        examples = 0
+    reply = make_reply(node, state, examples)
+    if kind == "no-metrics":
+        content = RecordDict({"arrays": reply.content["arrays"]})
+        reply = Message(
+            content,
+            reply_to=Message(
+                RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN
+            ),
+        )
+    if kind in ("corrupt-bytes", "truncated-bytes", "random-bytes", "huge-shape"):
+        arrays = reply.content["arrays"]
+        good = arrays[key]
+        if kind == "corrupt-bytes":
+            payload = bytes(b ^ 0x5A for b in good.data[:64]) + good.data[64:]
+            shape = tuple(good.shape)
+        elif kind == "truncated-bytes":
+            payload, shape = good.data[: len(good.data) // 2], tuple(good.shape)
+        elif kind == "random-bytes":
+            payload, shape = data, tuple(good.shape)
+        else:
+            payload, shape = good.data, (2**31, 2**31)
+        items = {
+            k: (
+                Array(dtype=good.dtype, shape=shape, stype=good.stype, data=payload)
+                if k == key
+                else v
+            )
+            for k, v in arrays.items()
+        }
+        reply.content["arrays"] = ArrayRecord(items)
+    return reply
+
+
+# ------------------------------------------------------------------ LAQ
+#: The small parameter-only model LAQ's unit tests use (no BatchNorm buffers).
+LAQ_SHAPES: dict[str, tuple[int, ...]] = {
+    "blocks.0.conv.weight": (4, 1, 3, 3),
+    "blocks.0.conv.bias": (4,),
+    "head.fc.weight": (3, 16),
+    "head.fc.bias": (3,),
+}
+
+
+def laq_state(seed: int = 0, shapes: dict[str, tuple[int, ...]] | None = None) -> State:
+    """Standard-normal float32 tensors of ``shapes`` (``LAQ_SHAPES`` by default), drawn in order from ``seed``."""
+    rng = np.random.default_rng(seed)
+    return {
+        key: rng.standard_normal(shape).astype(np.float32)
+        for key, shape in (shapes or LAQ_SHAPES).items()
+    }
+
+
+def laq_upload(
+    g: State, qhat: State | None = None, bits: int = 8, base: int = 0
+) -> tuple[dict, State]:
+    """Encoded payload of an upload of ``g`` quantized around ``qhat`` (zeros by default), and the quantized ``Q``."""
+    qhat = qhat or {k: np.zeros_like(v) for k, v in g.items()}
+    decision = lazy_decision(
+        g,
+        qhat,
+        bits=bits,
+        ehat=0.0,
+        clock=0,
+        tbar=100,
+        drift=0.0,
+        drift_scale=1.0,
+        force=True,
+    )
+    data = encode_update(
+        decision.tensors, skip=False, clock=0, quantization_error=decision.error
+    )
+    return {UPDATE_KEY: data, BASE_KEY: base}, decision.q
+
+
+def laq_reply(
+    node: int, pid: float, payload: dict, state: State | None = None
+) -> Message:
+    """A LAQ reply from ``node`` naming partition id ``pid``, the upload in its payload (and ``state`` as dense arrays)."""
+    return make_reply(node, state, metrics={"partition-id": pid}, payload=payload)
+
+
+def _raw_update(
+    good: bytes, mutate: Callable[[update_pb2.CompressedUpdate], object]
+) -> bytes:
+    """The serialised CompressedUpdate ``good``, changed by ``mutate`` (bypasses the encoder's checks)."""
+    msg = update_pb2.CompressedUpdate.FromString(good)
+    mutate(msg)
+    return msg.SerializeToString()
+
+
+def _set(field: str, value: object, index: int = 0) -> Callable[[bytes], bytes]:
+    return lambda good: _raw_update(
+        good, lambda msg: setattr(msg.tensors[index], field, value)
+    )
+
+
+def _flatten_first(msg: update_pb2.CompressedUpdate) -> None:
+    shape = list(msg.tensors[0].shape)
+    msg.tensors[0].ClearField("shape")
+    msg.tensors[0].shape.extend([math.prod(shape)])  # the right size, the wrong shape
+
+
+#: Ways of breaking a valid encoded LAQ update (bytes -> bytes).
+LAQ_MALFORMED: dict[str, Callable[[bytes], bytes]] = {
+    "random-bytes": lambda good: b"\xff\x00garbage" * 7,
+    "truncated": lambda good: good[: len(good) // 2],
+    "corrupt": lambda good: good[:3] + bytes(b ^ 0xA5 for b in good[3:40]) + good[40:],
+    "bits-0": _set("bits", 0),
+    "bits-9": _set("bits", 9),
+    "packed-length": _set("packed_codes", b"\x01\x02"),
+    "radius-nan": _set("radius", float("nan")),
+    "radius-inf": _set("radius", float("inf")),
+    "wrong-name": _set("name", "head.fc.evil"),
+    "wrong-shape": lambda good: _raw_update(good, _flatten_first),
+    "missing-tensor": lambda good: _raw_update(good, lambda m: m.tensors.pop()),
+    "version-2": lambda good: _raw_update(
+        good, lambda m: setattr(m, "format_version", FORMAT_VERSION + 1)
+    ),
+    "skip-with-tensors": lambda good: _raw_update(
+        good, lambda m: setattr(m, "skip", True)
+    ),
+}
+#: Every fault of a LAQ reply.
+LAQ_FAULTS = ["duplicate", "huge", "scaled", "mislabelled", *sorted(LAQ_MALFORMED)]
+
+
+def laq_faulty_reply(
+    kind: str,
+    node: int,
+    pid: int,
+    *,
+    honest: Message,
+    seed: int,
+    num_clients: int,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> Message:
+    """A faulty LAQ reply of ``kind`` (one of ``LAQ_FAULTS``) from ``node`` (partition ``pid``).
+
+    ``duplicate`` returns ``honest`` again; the others upload ``laq_state`` of
+    a seed derived from ``seed``: filled with 3e38 (``huge``), times 1e6
+    (``scaled``), under the next partition id (``mislabelled``), or with its
+    encoding broken by ``LAQ_MALFORMED[kind]``.
+    """
+    if kind == "duplicate":
+        return honest
+    if kind == "huge":
+        return laq_reply(
+            node,
+            pid,
+            laq_upload(
+                {
+                    k: np.full_like(v, 3e38)
+                    for k, v in laq_state(seed + 40, shapes).items()
+                }
+            )[0],
+        )
+    if kind == "scaled":
+        return laq_reply(
+            node,
+            pid,
+            laq_upload({k: v * 1e6 for k, v in laq_state(seed + 50, shapes).items()})[
+                0
+            ],
+        )
+    if kind == "mislabelled":
+        return laq_reply(
+            node, (pid + 1) % num_clients, laq_upload(laq_state(seed + 60, shapes))[0]
+        )
+    good = laq_upload(laq_state(seed + 70, shapes))[0]
+    return laq_reply(
+        node, pid, {UPDATE_KEY: LAQ_MALFORMED[kind](good[UPDATE_KEY]), BASE_KEY: 0}
+    )
