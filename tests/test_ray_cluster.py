@@ -50,6 +50,7 @@ def test_a_simulation_joins_the_cluster_and_runs_on_both_nodes(tmp_path: Path, t
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["final_accuracy"] is not None and summary["rejected_replies"] == 0
     assert len(summary["ray_nodes"]) == 2  # clients ran on both Ray nodes
+    print("hosts:", summary["hosts"], "ray nodes:", summary["ray_nodes"])  # shown by pytest -rP
     assert sorted(c for clients in summary["hosts"].values() for c in clients) == [0, 1, 2, 3]
 
 
