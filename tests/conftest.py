@@ -28,14 +28,11 @@ def fuzz_examples(full: int) -> int:
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that start real Flower processes run one at a time per kind (``--dist loadgroup``):
-    deployments on one xdist worker, simulation-engine runs on one, unit tests beside them.
-    Deployments marked ``waits`` (they sit out heartbeats and round timeouts, the CPU idle)
-    form a group of their own, so their waits overlap the other groups' work."""
+    deployments on one xdist worker, simulation-engine runs on one, unit tests beside them."""
     for item in items:
         for kind in ("e2e", "engine"):
             if item.get_closest_marker(kind):
-                group = f"{kind}-waits" if item.get_closest_marker("waits") else kind
-                item.add_marker(pytest.mark.xdist_group(group))
+                item.add_marker(pytest.mark.xdist_group(kind))
 
 
 @pytest.fixture(autouse=True, scope="session")

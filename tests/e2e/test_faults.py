@@ -20,7 +20,7 @@ from fedlayer.server.rundir import RunDirectory
 
 from .deployment import ManagedProcess, executable, process_tree, signal_tree
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.waits]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _run_config(

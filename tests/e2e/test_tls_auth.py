@@ -28,7 +28,7 @@ from .deployment import (
     needs_cert_tools,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.waits, needs_cert_tools]  # refusals wait out retries
+pytestmark = [pytest.mark.e2e, needs_cert_tools]
 
 SCRIPT = REPO_ROOT / "scripts" / "generate_certs.sh"
 
