@@ -17,7 +17,7 @@ from fedlayer.traffic.size import measure_message
 from fedlayer.workload import load_workload
 from tests.inprocess import InProcessGrid, run_in_process
 
-COMMON = ["dataset=mnist5k", "model=cnn", "federation.num_clients=4", "federation.rounds=3",
+COMMON = ["dataset=digits", "model=cnn", "federation.num_clients=4", "federation.rounds=3",
           "train.local_steps=5", "evaluation.max_examples=300"]
 
 
@@ -96,7 +96,7 @@ def test_every_method_with_16_bits_both_ways_matches_dense_to_float16_precision(
     (Over more rounds the clients train from slightly different models and
     the gap grows as training amplifies it; 3 rounds of FedAvg: about 1e-4.)
     """
-    extra = {"fedlama": ["strategy.phi=2", "strategy.min_round_to_adjust=0"], "laq": ["model=linear"]}.get(strategy, [])
+    extra = {"fedlama": ["strategy.phi=2", "strategy.min_round_to_adjust=0"]}.get(strategy, [])
     dense_run, dense = _run(f"strategy={strategy}", *extra, "federation.rounds=1")
     coded_run, coded = _run(f"strategy={strategy}", *extra, "federation.rounds=1", "codec.up_bits=16", "codec.down_bits=16")
     assert coded["rejected_replies"] == 0 and coded["codec_resyncs"] == 0
@@ -107,8 +107,6 @@ def test_every_method_with_16_bits_both_ways_matches_dense_to_float16_precision(
         gap = np.abs(value - coded_run.strategy.global_state[key]).max()
         update = np.abs(value - initial[key]).max()
         assert gap <= 2**-10 * update + 1e-7, (key, gap, update)
-    # FLL's stage heads are not in the model both ends start from: their first trip is dense
-    assert coded["bytes_down"] < (0.9 if strategy == "fll" else 0.55) * dense["bytes_down"]
     # FLL's stage heads are not in the model both ends start from: their first trip is dense
     share = 0.9 if strategy == "fll" else 0.55
     assert coded["bytes_down"] < share * dense["bytes_down"]
@@ -145,7 +143,7 @@ class ForgetfulGrid(InProcessGrid):
 
 def test_a_client_that_lost_its_reference_gets_a_dense_resync_then_continues_compressed(tmp_path):
     cfg = compose_config([*COMMON, f"output_dir={tmp_path}", "run_name=run", "federation.rounds=5",
-                          "codec.up_bits=4", "codec.down_bits=4"])
+                          "train.local_steps=10", "codec.up_bits=4", "codec.down_bits=4"])
     from fedlayer.client.app import make_client_app
     from fedlayer.server.loop import FederatedRun
     from fedlayer.server.rundir import RunDirectory
