@@ -327,7 +327,7 @@ def _sim(tmp_path: Path, name: str, *overrides: str) -> tuple[dict, list[dict]]:
 
 @pytest.mark.slow
 def test_simulation_phi1_equals_fedavg(tmp_path):
-    common = ["dataset=mnist5k", "federation.num_clients=4", "federation.rounds=3", "train.local_steps=5"]
+    common = ["dataset=digits", "federation.num_clients=4", "federation.rounds=3", "train.local_steps=5"]
     fedavg, _ = _sim(tmp_path, "avg", "strategy=fedavg", *common)
     phi1, _ = _sim(tmp_path, "phi1", "strategy=fedlama", "strategy.phi=1", *common)
     assert phi1["final_accuracy"] == fedavg["final_accuracy"]
@@ -338,7 +338,7 @@ def test_simulation_phi1_equals_fedavg(tmp_path):
 def test_simulation_phi2_keeps_long_layers_on_the_devices(tmp_path):
     summary, records = _sim(
         tmp_path, "phi2", "strategy=fedlama", "strategy.phi=2", "strategy.min_round_to_adjust=0",
-        "dataset=mnist5k", "federation.num_clients=4", "federation.rounds=4", "train.local_steps=5",
+        "dataset=digits", "federation.num_clients=4", "federation.rounds=4", "train.local_steps=5",
     )
     intervals = records[2]["strategy"]["intervals"]
     long = {name for name, interval in intervals.items() if interval == 2}
