@@ -423,7 +423,7 @@ def test_bad_config_names_the_field(override, field):
 @pytest.mark.slow
 def test_fll_simulation_sends_frozen_blocks_once_and_records_memory(tmp_path):
     summary = _simulate(
-        tmp_path, "strategy=fll", "strategy.rounds_per_stage=1", "model=cnn", "dataset=mnist5k",
+        tmp_path, "strategy=fll", "strategy.rounds_per_stage=1", "model=cnn", "dataset=digits",
         "federation.num_clients=3", "federation.rounds=3", "train.local_steps=3",
     )
     records = RunDirectory(tmp_path / "run").read_metrics()
@@ -441,7 +441,7 @@ def test_fll_simulation_sends_frozen_blocks_once_and_records_memory(tmp_path):
 @pytest.mark.slow
 def test_fll_plateau_simulation_validates_on_held_out_training_data(tmp_path):
     _simulate(
-        tmp_path, "strategy=fll", "strategy.stage_rule=plateau", "model=cnn", "dataset=mnist5k",
+        tmp_path, "strategy=fll", "strategy.stage_rule=plateau", "model=cnn", "dataset=digits",
         "federation.num_clients=3", "federation.rounds=3", "train.local_steps=3",
     )
     records = RunDirectory(tmp_path / "run").read_metrics()

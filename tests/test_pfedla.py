@@ -229,7 +229,7 @@ def test_pfedla_in_flower_simulation(tmp_path):
 
     cfg = compose_config([
         f"output_dir={tmp_path}", "run_name=run",
-        "strategy=pfedla", "dataset=mnist5k", "federation.num_clients=3", "federation.rounds=2",
+        "strategy=pfedla", "dataset=digits", "federation.num_clients=3", "federation.rounds=2",
         "dataset.partition.scheme=pathological", "dataset.partition.classes_per_client=2", "train.local_steps=3",
         "strategy.alpha_every=2",
     ])
