@@ -98,20 +98,20 @@ def test_superlink_restart_with_database_keeps_nodes_and_run_resumes(local_deplo
     for p in range(2):
         deployment.start_supernode({"partition-id": p, "num-partitions": 2, "state-dir": str(tmp_path / f"node-{p}")})
     run_dir = tmp_path / "runs" / "restart"
-    runner = _start_run(deployment, _run_config(run_dir, rounds=4, num_clients=2, min_available=2))
+    runner = _start_run(deployment, _run_config(run_dir, rounds=3, num_clients=2, min_available=2))
     _wait_rounds(run_dir, 2, deployment)
     _kill(superlink)
     runner.wait_exit(30)
     deployment.start_superlink()  # same ports, same database; the SuperNodes reconnect by themselves
     # A SuperNode may first pull a message of the killed run from the database and spend up to a
     # minute before Flower drops it as "not in RUNNING status"; the round timeout must cover that.
-    resumed_config = _run_config(run_dir, rounds=4, num_clients=2, min_available=2, extra=f"resume={run_dir}", round_timeout=180)
+    resumed_config = _run_config(run_dir, rounds=3, num_clients=2, min_available=2, extra=f"resume={run_dir}", round_timeout=180)
     resumed = _start_run(deployment, resumed_config)
     assert resumed.wait_exit(300) == 0, deployment.logs_text()
 
     records = _rounds_done(run_dir)
-    assert [r["round"] for r in records] == [1, 2, 3, 4]  # nothing lost, nothing twice
+    assert [r["round"] for r in records] == [1, 2, 3]  # nothing lost, nothing twice
     assert all(r["replies"] == 2 for r in records), records  # both nodes served after the restart
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rounds"] == 4 and summary["final_accuracy"] is not None
-    assert CheckpointStore(run_dir).latest().round == 4
+    assert summary["rounds"] == 3 and summary["final_accuracy"] is not None
+    assert CheckpointStore(run_dir).latest().round == 3
