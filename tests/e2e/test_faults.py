@@ -83,7 +83,8 @@ def test_supernode_killed_mid_run_then_rejoins(local_deployment, tmp_path):
     records = _rounds_done(run_dir)
     assert [r["round"] for r in records] == list(range(1, 6))
     assert min(r["replies"] for r in records[1:]) == 2, records  # it was missed while dead
-    assert records[-1]["replies"] == 3, records  # and it is back for the last round
+    missed = min(i for i, r in enumerate(records) if r["replies"] == 2)
+    assert any(r["replies"] == 3 for r in records[missed + 1:]), records  # and it is back in a later round
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_accuracy"] > first[0]["accuracy"]
     ledger = CheckpointStore(run_dir).latest().ledger_state
