@@ -323,3 +323,14 @@ class LocalDeployment:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def fedavg_run_config(output_dir: Path, rounds: int = 2) -> str:
+    """A ``--run-config`` for a short FedAvg run on mnist5k with two nodes."""
+    overrides = [
+        "federation.num_clients=2", f"federation.rounds={rounds}", "federation.min_train_nodes=2",
+        # a few local steps keep the run short; learning still shows
+        "train.local_steps=20", "evaluation.max_examples=500",
+        f"output_dir={output_dir}", "run_name=run",
+    ]
+    return f"strategy='fedavg' dataset='mnist5k' overrides='{' '.join(overrides)}'"

@@ -46,8 +46,7 @@ from pathlib import Path
 
 import pytest
 
-from .deployment import REPO_ROOT, LocalDeployment, TlsFiles, port_open
-from .test_grpc_deployment import fedavg_run_config
+from .deployment import REPO_ROOT, LocalDeployment, TlsFiles, fedavg_run_config, port_open
 
 pytestmark = pytest.mark.containers
 
