@@ -6,7 +6,7 @@ For each strategy (every method in ``fedlayer.methods.METHODS``) in the unit
 setting of the fault tests (the cnn on digits, 7 clients, round 1 with every
 node identified and sampled: ``benchmarks.faults.round_one_strategy``) and
 each fault (``benchmarks.faults``: ``DENSE_FAULTS``, and for LAQ also the
-broken encodings of ``LAQ_FAULTS``), two identical fresh strategies run one
+broken encodings of ``LAQ_MALFORMED``), two identical fresh strategies run one
 round of the real ``aggregate_train``:
 
 - *mixed*: the honest replies of nodes 0..3 plus one faulty reply (first in
@@ -44,7 +44,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from benchmarks.faults import (
     DENSE_FAULTS,
-    LAQ_FAULTS,
+    LAQ_MALFORMED,
+    REPLY_FAULTS,
+    ROUND_NODES,
     faulty_reply,
     honest_state,
     laq_faulty_reply,
@@ -58,8 +60,6 @@ from fedlayer.layers import states_equal
 from fedlayer.methods import METHODS
 from fedlayer.methods.base import LayerwiseStrategy, all_finite
 
-#: The nodes of the setting; client id = index.
-NODES = [101, 202, 303, 404, 505, 606, 707]
 #: How many of them reply honestly; the faulty reply comes from the next one.
 HONEST = 4
 COMMAND = "python -m benchmarks.fault_matrix --out bench-out/fault-matrix"
@@ -95,10 +95,7 @@ def faults_of(strategy: str) -> list[str]:
     """The faults tried against ``strategy``: the dense ones, and LAQ's broken encodings for LAQ."""
     if strategy != "laq":
         return list(DENSE_FAULTS)
-    return [
-        *DENSE_FAULTS,
-        *(f"laq:{kind}" for kind in LAQ_FAULTS if kind not in DENSE_FAULTS),
-    ]
+    return [*DENSE_FAULTS, *(f"laq:{kind}" for kind in sorted(LAQ_MALFORMED))]
 
 
 def same(a: Any, b: Any) -> bool:
@@ -137,7 +134,7 @@ def client_models(strategy: LayerwiseStrategy) -> list[dict[str, np.ndarray]]:
     """The model each node would be sent next (evaluation: no bookkeeping is written)."""
     return [
         strategy.node_state(node, strategy.layers.names, MessageType.EVALUATE)
-        for node in NODES
+        for node in ROUND_NODES
     ]
 
 
@@ -145,19 +142,14 @@ def _replies(
     name: str, fault: str, mixed: LayerwiseStrategy, seed: int
 ) -> tuple[list[Message], Message]:
     """The honest replies (built against ``mixed``; ``alone`` sent the same) and the faulty one."""
-    faulty_node = NODES[HONEST]
+    faulty_node = ROUND_NODES[HONEST]
     if name == "laq":
         shapes = mixed.shapes
         honest = [
             laq_reply(node, pid, laq_upload(laq_state(seed + pid, shapes))[0])
-            for pid, node in enumerate(NODES[:HONEST])
+            for pid, node in enumerate(ROUND_NODES[:HONEST])
         ]
-        if fault.startswith("laq:") or fault in (
-            "duplicate",
-            "huge",
-            "scaled",
-            "mislabelled",
-        ):
+        if fault.startswith("laq:") or fault in REPLY_FAULTS:
             kind = fault.removeprefix("laq:")
             bad = laq_faulty_reply(
                 kind,
@@ -165,24 +157,24 @@ def _replies(
                 HONEST,
                 honest=honest[0],
                 seed=seed + 100,
-                num_clients=len(NODES),
+                num_clients=len(ROUND_NODES),
                 shapes=shapes,
             )
             return honest, bad
     else:
         honest = [
             train_reply(mixed, node, honest_state(mixed, node, seed + i), 10 + i)
-            for i, node in enumerate(NODES[:HONEST])
+            for i, node in enumerate(ROUND_NODES[:HONEST])
         ]
     by_node = {message.metadata.src_node_id: message for message in honest}
-    node = NODES[0] if fault == "duplicate" else faulty_node
+    node = ROUND_NODES[0] if fault == "duplicate" else faulty_node
     return honest, faulty_reply(mixed, node, fault, by_node, seed + 100, DATA)
 
 
 def run_case(name: str, fault: str, workdir: Path, seed: int = 0) -> Case:
     """One round with the honest replies plus ``fault`` against one with the honest replies alone."""
-    mixed = round_one_strategy(name, workdir / "mixed", NODES)
-    alone = round_one_strategy(name, workdir / "alone", NODES)
+    mixed = round_one_strategy(name, workdir / "mixed", ROUND_NODES)
+    alone = round_one_strategy(name, workdir / "alone", ROUND_NODES)
     honest, bad = _replies(name, fault, mixed, seed)
     mixed.aggregate_train(
         1, [bad, *honest]
@@ -290,7 +282,7 @@ def write(cases: Sequence[Case], out: Path) -> str:
     rows = [asdict(c) for c in cases]
     (out / "results.json").write_text(
         json.dumps(
-            {"command": COMMAND, "nodes": NODES, "honest": HONEST, "cases": rows},
+            {"command": COMMAND, "nodes": ROUND_NODES, "honest": HONEST, "cases": rows},
             indent=2,
         )
         + "\n"

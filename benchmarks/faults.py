@@ -47,13 +47,17 @@ from fedlayer.proto.wire import FORMAT_VERSION, encode_update
 from fedlayer.server.builder import build_strategy
 from fedlayer.workload import Workload, load_workload
 
+#: The node ids of a round with honest and faulty replies (client id = index).
+ROUND_NODES = [101, 202, 303, 404, 505, 606, 707]
 #: Malformed dense replies, one way of breaking a valid reply each.
 BREAKS = [
     "rename", "unknown-key", "shape", "dtype", "nan", "inf", "corrupt-bytes",
     "truncated-bytes", "random-bytes", "huge-examples", "zero-examples", "no-metrics", "huge-shape",
 ]  # fmt: skip
+#: Faults of a well-formed reply: repeated, oversized, or under another client's id.
+REPLY_FAULTS = ["duplicate", "huge", "scaled", "mislabelled"]
 #: Every fault of a dense strategy's reply.
-DENSE_FAULTS = ["duplicate", "huge", "scaled", "mislabelled", *BREAKS]
+DENSE_FAULTS = [*REPLY_FAULTS, *BREAKS]
 
 
 # ------------------------------------------------------------------ replies
@@ -332,8 +336,6 @@ LAQ_MALFORMED: dict[str, Callable[[bytes], bytes]] = {
         good, lambda m: setattr(m, "skip", True)
     ),
 }
-#: Every fault of a LAQ reply.
-LAQ_FAULTS = ["duplicate", "huge", "scaled", "mislabelled", *sorted(LAQ_MALFORMED)]
 
 
 def laq_faulty_reply(
@@ -346,7 +348,7 @@ def laq_faulty_reply(
     num_clients: int,
     shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> Message:
-    """A faulty LAQ reply of ``kind`` (one of ``LAQ_FAULTS``) from ``node`` (partition ``pid``).
+    """A faulty LAQ reply of ``kind`` (one of ``REPLY_FAULTS``, or a key of ``LAQ_MALFORMED``) from ``node`` (partition ``pid``).
 
     ``duplicate`` returns ``honest`` again; the others upload ``laq_state`` of
     a seed derived from ``seed``: filled with 3e38 (``huge``), times 1e6

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from benchmarks.faults import (
     DENSE_FAULTS,
     LAQ_MALFORMED,
+    ROUND_NODES,
     faulty_reply,
     honest_state,
     laq_faulty_reply,
@@ -33,7 +34,6 @@ from fedlayer.methods.laq import LAQStrategy
 from tests.conftest import fuzz_examples
 from tests.test_fuzz_replies import DENSE
 
-NODES = [101, 202, 303, 404, 505, 606, 707]
 
 
 @pytest.mark.parametrize("name", DENSE)
@@ -47,10 +47,10 @@ NODES = [101, 202, 303, 404, 505, 606, 707]
 )
 @example(honest=3, faults=["scaled", "huge", "scaled"], seed=0, order=random.Random(0), data=b"")  # an even split
 def test_faulty_replies_leave_the_model_of_the_honest_ones(name, honest, faults, seed, order, data, tmp_path_factory):
-    mixed = round_one_strategy(name, tmp_path_factory.mktemp(name), NODES)
-    alone = round_one_strategy(name, tmp_path_factory.mktemp(name), NODES)
-    honest_nodes = NODES[:honest]
-    faulty_nodes = NODES[honest:]
+    mixed = round_one_strategy(name, tmp_path_factory.mktemp(name), ROUND_NODES)
+    alone = round_one_strategy(name, tmp_path_factory.mktemp(name), ROUND_NODES)
+    honest_nodes = ROUND_NODES[:honest]
+    faulty_nodes = ROUND_NODES[honest:]
     honest_replies = {
         node: train_reply(mixed, node, honest_state(mixed, node, seed + i), 10 + i)
         for i, node in enumerate(honest_nodes)
@@ -76,7 +76,7 @@ def test_faulty_replies_leave_the_model_of_the_honest_ones(name, honest, faults,
     assert states_equal(mixed.global_state, alone.global_state), faults
     assert alone.rejections == []
     assert len(mixed.rejections) == len(bad), [r.reason for r in mixed.rejections]
-    if mixed.plans[NODES[0]].request:  # the honest replies did move the model
+    if mixed.plans[ROUND_NODES[0]].request:  # the honest replies did move the model
         assert not states_equal(mixed.global_state, before)
 
 
