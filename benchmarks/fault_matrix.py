@@ -5,9 +5,14 @@
 For each strategy (every method in ``fedlayer.methods.METHODS``) in the unit
 setting of the fault tests (the cnn on digits, 7 clients, round 1 with every
 node identified and sampled: ``benchmarks.faults.round_one_strategy``) and
-each fault (``benchmarks.faults``: ``DENSE_FAULTS``, and for LAQ also the
-broken encodings of ``LAQ_MALFORMED``), two identical fresh strategies run one
-round of the real ``aggregate_train``:
+each fault (``benchmarks.faults``: ``DENSE_FAULTS``; ``ANSWER_FAULTS``, honest
+content answering another message than the node's train message of the round:
+the round before's, the next round's, another node's, an evaluate message or an
+identity query; ``CODEC_FAULTS``, run with ``codec.up_bits=4``: 2, 8, 16 bits,
+dense or another reference version; for LAQ also the broken encodings of
+``LAQ_MALFORMED`` and an upload at 8 bits instead of the configured 4), two
+identical fresh strategies run one round of the real ``aggregate_train``
+(round 2 for the stale reply, after a round 1 of honest replies):
 
 - *mixed*: the honest replies of nodes 0..3 plus one faulty reply (first in
   pull order; a duplicate repeats node 0's reply, the others come from node 4);
@@ -20,6 +25,15 @@ one, whether every client's next model (``node_state``: personalised for
 pFedLA) and the method's checkpointed state (``state_dict``) are equal too.
 A model is *corrupted* when any of these differs or is not finite. A faulty
 reply that is not refused but leaves everything equal counts as *handled*.
+
+Few carriers (``SOLE_FAULTS``, ``SOLE_CARRIER_FAULTS``): the faulty reply is
+the round's only one (*alone* gets none), or, for FedLP, the only one carrying
+some layer, oversized there only (*alone* gets the replies of the nodes that
+did not keep the layer). And for every fault a third fresh strategy gets the
+faulty reply as its round's only reply (*lone*): the round must be refused (or
+dropped) and change nothing, the method's state (``state_dict``, the notes of
+``REFUSAL_STATE`` aside), the global and client models and every file under
+its run directory alike: the *state changed by a refused round* column.
 
 Output in ``<out>``: ``results.json`` (every case), ``results.csv`` and
 ``results.md`` (a table per fault, a table per strategy, totals), also printed.
@@ -43,20 +57,34 @@ from flwr.app import Message, MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
 from benchmarks.faults import (
+    ANSWER_FAULTS,
+    CODEC_FAULTS,
+    CODEC_SETTING,
     DENSE_FAULTS,
+    LAQ_BITS_FAULT,
     LAQ_MALFORMED,
     REPLY_FAULTS,
     ROUND_NODES,
+    SOLE_CARRIER_FAULTS,
+    SOLE_FAULTS,
+    codec_faulty_reply,
     faulty_reply,
+    honest_reply,
     honest_state,
+    identity_query_to,
     laq_faulty_reply,
     laq_reply,
     laq_state,
     laq_upload,
+    oversized,
+    push,
+    readdressed,
     round_one_strategy,
+    sent_message,
+    sole_carrier,
     train_reply,
 )
-from fedlayer.layers import states_equal
+from fedlayer.layers import copy_state, states_equal
 from fedlayer.methods import METHODS
 from fedlayer.methods.base import LayerwiseStrategy, all_finite
 
@@ -89,13 +117,17 @@ class Case:
     corrupted: bool
     handled: bool  # not refused, yet nothing differs
     reason: str  # why it was refused (the first refusal)
+    lone_changed: str = ""  # what a round with the faulty reply alone changed ("accepted": it was not refused)
 
 
 def faults_of(strategy: str) -> list[str]:
-    """The faults tried against ``strategy``: the dense ones, and LAQ's broken encodings for LAQ."""
+    """The faults tried against ``strategy``: the dense ones, replies answering another message than
+    the node's train message of the round, and the codec's other encodings (with ``CODEC_SETTING``);
+    for LAQ, whose uplink is its own encoding, its broken encodings and another bit width instead."""
+    sparse = [*SOLE_FAULTS, *(SOLE_CARRIER_FAULTS if strategy == "fedlp" else [])]
     if strategy != "laq":
-        return list(DENSE_FAULTS)
-    return [*DENSE_FAULTS, *(f"laq:{kind}" for kind in sorted(LAQ_MALFORMED))]
+        return [*DENSE_FAULTS, *ANSWER_FAULTS, *CODEC_FAULTS, *sparse]
+    return [*DENSE_FAULTS, *(f"laq:{kind}" for kind in sorted(LAQ_MALFORMED)), *ANSWER_FAULTS, LAQ_BITS_FAULT, *sparse]
 
 
 def same(a: Any, b: Any) -> bool:
@@ -138,48 +170,169 @@ def client_models(strategy: LayerwiseStrategy) -> list[dict[str, np.ndarray]]:
     ]
 
 
+def _honest(name: str, strategy: LayerwiseStrategy, seed: int) -> list[Message]:
+    """The honest replies of the first ``HONEST`` nodes to ``strategy`` (each strategy gets its own:
+    the codec decodes a reply in place)."""
+    return [honest_reply(strategy, node, i, seed) for i, node in enumerate(ROUND_NODES[:HONEST])]
+
+
 def _replies(
-    name: str, fault: str, mixed: LayerwiseStrategy, seed: int
+    name: str, fault: str, mixed: LayerwiseStrategy, seed: int, workdir: Path, earlier: Message | None = None
 ) -> tuple[list[Message], Message]:
-    """The honest replies (built against ``mixed``; ``alone`` sent the same) and the faulty one."""
+    """The honest replies to ``mixed`` and the faulty one (``earlier``: the faulty node's reply of the round before)."""
     faulty_node = ROUND_NODES[HONEST]
-    if name == "laq":
-        shapes = mixed.shapes
-        honest = [
-            laq_reply(node, pid, laq_upload(laq_state(seed + pid, shapes))[0])
-            for pid, node in enumerate(ROUND_NODES[:HONEST])
-        ]
-        if fault.startswith("laq:") or fault in REPLY_FAULTS:
-            kind = fault.removeprefix("laq:")
-            bad = laq_faulty_reply(
-                kind,
-                faulty_node,
-                HONEST,
-                honest=honest[0],
-                seed=seed + 100,
-                num_clients=len(ROUND_NODES),
-                shapes=shapes,
-            )
-            return honest, bad
-    else:
-        honest = [
-            train_reply(mixed, node, honest_state(mixed, node, seed + i), 10 + i)
-            for i, node in enumerate(ROUND_NODES[:HONEST])
-        ]
+    honest = _honest(name, mixed, seed)
+    if fault in ANSWER_FAULTS:
+        own = honest_reply(mixed, faulty_node, HONEST, seed + 100)
+        return honest, _misaddressed(name, fault, own, mixed, seed, workdir, earlier)
+    if fault in CODEC_FAULTS:
+        return honest, codec_faulty_reply(mixed, faulty_node, fault, seed + 100)
+    if fault == LAQ_BITS_FAULT:
+        assert mixed.bits != 8, "the LAQ bit-width fault needs a strategy configured for other than 8 bits"
+        upload = laq_upload(laq_state(seed + 100, mixed.shapes), bits=8)[0]
+        return honest, laq_reply(faulty_node, HONEST, upload, to=mixed)
+    if name == "laq" and (fault.startswith("laq:") or fault in REPLY_FAULTS):
+        bad = laq_faulty_reply(
+            fault.removeprefix("laq:"),
+            faulty_node,
+            HONEST,
+            honest=honest[0],
+            seed=seed + 100,
+            num_clients=len(ROUND_NODES),
+            shapes=mixed.shapes,
+            to=mixed,
+            bits=mixed.bits,
+        )
+        return honest, bad
     by_node = {message.metadata.src_node_id: message for message in honest}
     node = ROUND_NODES[0] if fault == "duplicate" else faulty_node
     return honest, faulty_reply(mixed, node, fault, by_node, seed + 100, DATA)
 
 
+def _misaddressed(
+    name: str, fault: str, own: Message, mixed: LayerwiseStrategy, seed: int, workdir: Path, earlier: Message | None
+) -> Message:
+    """The faulty node's honest content ``own`` as a reply to another message than its train message of this round."""
+    node = ROUND_NODES[HONEST]
+    if fault == "stale":
+        assert earlier is not None, "a stale reply needs the round before"
+        return earlier
+    if fault == "other-node":
+        return readdressed(own, sent_message(mixed, ROUND_NODES[0]), node)
+    if fault == "query-reply":
+        return readdressed(own, identity_query_to(mixed, node), node)
+    twin = round_one_strategy(name, workdir / "twin", ROUND_NODES)  # the same run, sending what mixed would
+    if fault == "evaluate-reply":
+        twin.fraction_evaluate = 1.0
+        evaluate = {m.metadata.dst_node_id: m for m in push(twin.configure_evaluate(1, list(ROUND_NODES)))}
+        return readdressed(own, evaluate[node], node)
+    twin.aggregate_train(1, _honest(name, twin, seed))  # future: the message this node gets next round
+    twin.configure_train(2, list(ROUND_NODES))
+    return readdressed(own, sent_message(twin, node), node)
+
+
 def run_case(name: str, fault: str, workdir: Path, seed: int = 0) -> Case:
     """One round with the honest replies plus ``fault`` against one with the honest replies alone."""
+    if fault in SOLE_FAULTS or fault in SOLE_CARRIER_FAULTS:
+        return run_sparse_case(name, fault, workdir, seed)
+    overrides = CODEC_SETTING if fault in CODEC_FAULTS else ()
+    mixed = round_one_strategy(name, workdir / "mixed", ROUND_NODES, overrides)
+    alone = round_one_strategy(name, workdir / "alone", ROUND_NODES, overrides)
+    server_round, earlier = 1, None
+    if fault == "stale":  # round 1 goes by without the faulty node's reply, which comes in round 2
+        earlier = honest_reply(mixed, ROUND_NODES[HONEST], HONEST, seed + 100)
+        for strategy in (mixed, alone):
+            strategy.aggregate_train(1, _honest(name, strategy, seed))
+            strategy.configure_train(2, list(ROUND_NODES))
+        server_round = 2
+    honest, bad = _replies(name, fault, mixed, seed, workdir, earlier)
+    mixed.aggregate_train(
+        server_round, [bad, *honest]
+    )  # the fault first: it is pulled before the honest ones
+    alone.aggregate_train(server_round, _honest(name, alone, seed))
+    return compare(name, fault, mixed, alone, workdir, seed)
+
+
+def run_sparse_case(name: str, fault: str, workdir: Path, seed: int = 0) -> Case:
+    """``SOLE_FAULTS``: the faulty reply is the round's only one; ``SOLE_CARRIER_FAULTS`` (FedLP):
+    the only one carrying some layer, among the honest replies of the nodes that did not keep it."""
     mixed = round_one_strategy(name, workdir / "mixed", ROUND_NODES)
     alone = round_one_strategy(name, workdir / "alone", ROUND_NODES)
-    honest, bad = _replies(name, fault, mixed, seed)
-    mixed.aggregate_train(
-        1, [bad, *honest]
-    )  # the fault first: it is pulled before the honest ones
-    alone.aggregate_train(1, honest)
+    if fault in SOLE_FAULTS:
+        mixed.aggregate_train(1, [_sparse_fault(name, fault, mixed, seed)])
+        return compare(name, fault, mixed, alone, workdir, seed)
+    _, _, others = sole_carrier(mixed, ROUND_NODES)
+    honest = {s: [train_reply(s, n, honest_state(s, n, seed + i), 10 + i) for i, n in enumerate(others)] for s in (mixed, alone)}
+    mixed.aggregate_train(1, [_sparse_fault(name, fault, mixed, seed), *honest[mixed]])
+    alone.aggregate_train(1, honest[alone])
+    return compare(name, fault, mixed, alone, workdir, seed)
+
+
+def _sparse_fault(name: str, fault: str, strategy: LayerwiseStrategy, seed: int) -> Message:
+    """The faulty reply of a ``SOLE_FAULTS`` or ``SOLE_CARRIER_FAULTS`` case."""
+    kind = fault.rsplit("-", 1)[1]
+    if fault in SOLE_CARRIER_FAULTS:
+        layer, node, _ = sole_carrier(strategy, ROUND_NODES)
+        state = oversized(strategy, node, honest_state(strategy, node, seed + 100), strategy.layers[layer].keys, kind)
+        return train_reply(strategy, node, state, 10)
+    node = ROUND_NODES[HONEST]
+    if name == "laq":
+        return laq_faulty_reply(
+            kind, node, HONEST, honest=None, seed=seed + 100, num_clients=len(ROUND_NODES),  # type: ignore[arg-type]
+            shapes=strategy.shapes, to=strategy, bits=strategy.bits,
+        )
+    return faulty_reply(strategy, node, kind, {}, seed + 100, DATA)
+
+
+def files(run_dir: Path) -> dict[str, bytes]:
+    """Every file under ``run_dir`` (pFedLA's models, LAQ's updates, the codec's references), by relative path."""
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def lone_round(name: str, fault: str, workdir: Path, seed: int = 0) -> str:
+    """What a round whose only reply is ``fault``'s changed: "" (nothing), "accepted" (the reply was
+    neither refused nor its round dropped), else the parts that differ from before the round.
+    A duplicate alone is an honest reply: nothing to try."""
+    if fault == "duplicate":
+        return ""
+    run_dir = workdir / "lone"
+    lone = round_one_strategy(name, run_dir, ROUND_NODES, CODEC_SETTING if fault in CODEC_FAULTS else ())
+    server_round, earlier = 1, None
+    if fault == "stale":
+        earlier = honest_reply(lone, ROUND_NODES[HONEST], HONEST, seed + 100)
+        lone.aggregate_train(1, _honest(name, lone, seed))
+        lone.configure_train(2, list(ROUND_NODES))
+        server_round = 2
+    if fault in SOLE_FAULTS or fault in SOLE_CARRIER_FAULTS:
+        bad = _sparse_fault(name, fault, lone, seed)
+    else:
+        bad = _replies(name, fault, lone, seed, workdir / "lone-faults", earlier)[1]
+
+    def method_state() -> dict[str, Any]:
+        state = lone.state_dict()
+        for key in ("dropped_rounds", *REFUSAL_STATE.get(name, ())):
+            state.pop(key, None)
+        return state
+
+    before = (copy_state(lone.global_state), method_state(), client_models(lone), files(run_dir))
+    dropped_before = list(lone.dropped_rounds)
+    lone.aggregate_train(server_round, [bad])
+    if not lone.rejections and lone.dropped_rounds == dropped_before:
+        return "accepted"
+    after = (lone.global_state, method_state(), client_models(lone), files(run_dir))
+    changed = []
+    if not states_equal(before[0], after[0]):
+        changed.append("global model")
+    changed += [f"state {key!r}" for key in sorted(before[1].keys() | after[1].keys()) if not same(before[1].get(key), after[1].get(key))]
+    if not all(states_equal(a, b) for a, b in zip(before[2], after[2])):
+        changed.append("client models")
+    if before[3] != after[3]:
+        changed.append("files")
+    return ", ".join(changed)
+
+
+def compare(name: str, fault: str, mixed: LayerwiseStrategy, alone: LayerwiseStrategy, workdir: Path, seed: int) -> Case:
+    """The ``Case`` of a fault: ``mixed`` (with the faulty reply) against ``alone`` (without), and its ``lone_round``."""
     finite = all_finite(mixed.global_state)
     global_equal = states_equal(mixed.global_state, alone.global_state)
     clients_equal = all(
@@ -215,6 +368,7 @@ def run_case(name: str, fault: str, workdir: Path, seed: int = 0) -> Case:
         corrupted=corrupted,
         handled=rejected == 0 and not corrupted,
         reason=mixed.rejections[0].reason if mixed.rejections else "",
+        lone_changed=lone_round(name, fault, workdir, seed),
     )
 
 
@@ -236,19 +390,19 @@ def _ensure_task_identity() -> None:
 
 
 def _cells(rows: Sequence[Case]) -> str:
-    """The "rejected/handled" and "models corrupted" cells of ``rows``."""
+    """The "rejected/handled", "models corrupted" and "state changed by a refused round" cells of ``rows``."""
     rejected, handled = sum(c.rejected for c in rows), sum(c.handled for c in rows)
     outcome = f"{rejected}/{sum(c.faulty for c in rows)} rejected"
     if handled:
         outcome += f", {handled} handled"
-    return f"{outcome} | {sum(c.corrupted for c in rows)}"
+    return f"{outcome} | {sum(c.corrupted for c in rows)} | {sum(bool(c.lone_changed) for c in rows)}"
 
 
 def table(cases: Sequence[Case], command: str = COMMAND) -> str:
     """The markdown report: a row per fault, a row per strategy, and the totals."""
     lines = [
-        "| fault or input | strategies tried | rejected/handled | models corrupted (goal 0) | command |",
-        "|---|---|---|---|---|",
+        "| fault or input | strategies tried | rejected/handled | models corrupted (goal 0) | state changed by a refused round (goal 0) | command |",
+        "|---|---|---|---|---|---|",
     ]
     for fault in dict.fromkeys(c.fault for c in cases):
         rows = [c for c in cases if c.fault == fault]
@@ -258,8 +412,8 @@ def table(cases: Sequence[Case], command: str = COMMAND) -> str:
         )
     lines += [
         "",
-        "| strategy | faults tried | rejected/handled | models corrupted (goal 0) |",
-        "|---|---|---|---|",
+        "| strategy | faults tried | rejected/handled | models corrupted (goal 0) | state changed by a refused round (goal 0) |",
+        "|---|---|---|---|---|",
     ]
     for name in dict.fromkeys(c.strategy for c in cases):
         rows = [c for c in cases if c.strategy == name]
@@ -268,7 +422,7 @@ def table(cases: Sequence[Case], command: str = COMMAND) -> str:
     bad = [
         c
         for c in cases
-        if c.corrupted or c.honest_rejected or c.rejected + c.handled != c.faulty
+        if c.corrupted or c.lone_changed or c.honest_rejected or c.rejected + c.handled != c.faulty
     ]
     if bad:
         lines += ["", "Cases that missed the goal:", ""]
@@ -316,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = run_matrix(names, Path(workdir), args.seed)
     report = write(cases, args.out)
     print(report)
-    return 1 if any(c.corrupted for c in cases) else 0
+    return 1 if any(c.corrupted or c.lone_changed for c in cases) else 0
 
 
 if __name__ == "__main__":

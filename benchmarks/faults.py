@@ -17,13 +17,21 @@ Faults of a dense strategy (one that receives whole layers):
 LAQ's replies are compressed innovations in a payload, not layers; its
 builders (``laq_*``) make valid uploads and ``LAQ_MALFORMED`` breaks their
 encoding.
+
+A reply answers a message: ``make_reply(..., to=strategy)`` answers the train
+message the strategy sent the node this round (``sent_message``, given an id
+by ``push`` as a grid would). ``ANSWER_FAULTS`` carry honest content in a reply
+to another message; ``CODEC_FAULTS`` (``codec_reply``: the real client half of
+the codec) are encoded otherwise than ``codec.up_bits`` says.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +39,25 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
+    Context,
     Message,
     MessageType,
     MetricRecord,
     RecordDict,
 )
+from flwr.common.serde import message_from_proto, message_to_proto
 from omegaconf import DictConfig
 
+from fedlayer.codec.client import close_upload, open_download
 from fedlayer.config import compose_config
 from fedlayer.layers import State, copy_state, select, to_arrayrecord
-from fedlayer.methods.base import LayerwiseStrategy
+from fedlayer.methods.base import LayerwiseStrategy, NodePlan
 from fedlayer.methods.laq import BASE_KEY, UPDATE_KEY, lazy_decision
+from fedlayer.methods.outbox import Outbox
+from fedlayer.methods.replies import identity_query
 from fedlayer.proto.fedlayer.compressed.v1 import update_pb2
 from fedlayer.proto.wire import FORMAT_VERSION, encode_update
+from fedlayer.protocol import CODEC_VERSION
 from fedlayer.server.builder import build_strategy
 from fedlayer.workload import Workload, load_workload
 
@@ -61,19 +75,76 @@ DENSE_FAULTS = [*REPLY_FAULTS, *BREAKS]
 
 
 # ------------------------------------------------------------------ replies
+#: Message ids ``push`` hands out, in order (so that reports repeat from run to run).
+_MESSAGE_IDS = itertools.count(1)
+
+
+def push(messages: Iterable[Message]) -> list[Message]:
+    """Give each message that has none an id of its own, as a grid does when it pushes it; returns them.
+
+    (Flower's ``InMemoryGrid`` sets a uuid4 on the pushed ``Message`` itself; these are uuids
+    of a counter, as ``tests.inprocess`` hands out.) Each strategy's messages get their own
+    ids, so a reply answers one strategy's message, never an identical twin's.
+    """
+    messages = list(messages)
+    for message in messages:
+        if not message.metadata.message_id:
+            message.metadata.__dict__["_message_id"] = str(uuid.UUID(int=next(_MESSAGE_IDS)))
+    return messages
+
+
+def sent_message(strategy: LayerwiseStrategy, node_id: int, message_type: str = MessageType.TRAIN) -> Message:
+    """The message ``strategy`` sent ``node_id`` in this round's exchange of ``message_type``, pushed.
+
+    (Pushed here if the test did not push the round's messages itself, as the round loop would have.)
+    """
+    outbox = {
+        MessageType.TRAIN: strategy.outbox,
+        MessageType.EVALUATE: strategy.evaluate_outbox,
+        MessageType.QUERY: strategy.query_outbox,
+    }[message_type]
+    message = outbox.message(node_id)
+    if message is None:
+        raise LookupError(f"{type(strategy).__name__} sent node {node_id} no {message_type} message this round")
+    push(outbox.by_node.values())
+    return message
+
+
+def send_plans(strategy: LayerwiseStrategy, server_round: int, plans: dict[int, NodePlan]) -> dict[int, Message]:
+    """What ``configure_train`` sends for hand-made ``plans`` (instead of sampled, planned ones):
+    the train messages by node, recorded as the round's and pushed."""
+    strategy.plans = plans
+    strategy.sent_states = {}
+    messages = push(strategy.build_messages(server_round, plans, MessageType.TRAIN))
+    strategy.outbox = Outbox.of(server_round, MessageType.TRAIN, messages)
+    return {message.metadata.dst_node_id: message for message in messages}
+
+
 def make_reply(
     node_id: int,
     state: State | None,
     num_examples: int = 10,
     metrics: dict[str, float] | None = None,
     payload: dict | None = None,
+    *,
+    to: LayerwiseStrategy | Message | None = None,
 ) -> Message:
-    """A reply from ``node_id`` to a train message, as the server would pull it."""
-    sent = Message(
-        RecordDict({"config": ConfigRecord({"x": 1})}),
-        dst_node_id=node_id,
-        message_type=MessageType.TRAIN,
-    )
+    """A reply from ``node_id`` to a train message, as the server would pull it.
+
+    ``to``: the strategy whose train message to ``node_id`` this round it
+    answers (``sent_message``), or the message itself; None: a message no
+    strategy sent (for checks of a reply's content alone).
+    """
+    if isinstance(to, LayerwiseStrategy):
+        sent = sent_message(to, node_id)
+    elif isinstance(to, Message):
+        sent = to
+    else:
+        sent = Message(
+            RecordDict({"config": ConfigRecord({"x": 1})}),
+            dst_node_id=node_id,
+            message_type=MessageType.TRAIN,
+        )
     content = RecordDict(
         {"metrics": MetricRecord({"num-examples": num_examples, **(metrics or {})})}
     )
@@ -85,24 +156,26 @@ def make_reply(
 
 
 @functools.lru_cache(maxsize=None)
-def unit_setting(name: str, num_clients: int) -> tuple[DictConfig, Workload]:
-    """The unit-test setting of strategy ``name``: the cnn on digits, ``num_clients`` clients."""
+def unit_setting(name: str, num_clients: int, overrides: tuple[str, ...] = ()) -> tuple[DictConfig, Workload]:
+    """The unit-test setting of strategy ``name``: the cnn on digits, ``num_clients`` clients (and ``overrides``)."""
     cfg = compose_config(
         [
             f"strategy={name}",
             "dataset=digits",
             "model=cnn",
             f"federation.num_clients={num_clients}",
+            *overrides,
         ]
     )
     return cfg, load_workload(cfg, num_clients)
 
 
 def round_one_strategy(
-    name: str, run_dir: Path, nodes: Sequence[int]
+    name: str, run_dir: Path, nodes: Sequence[int], overrides: tuple[str, ...] = ()
 ) -> LayerwiseStrategy:
-    """A fresh strategy of the unit setting in round 1, every node identified (client id = its index) and asked to train."""
-    cfg, workload = unit_setting(name, len(nodes))
+    """A fresh strategy of the unit setting (with ``overrides``) in round 1, every node identified
+    (client id = its index) and asked to train."""
+    cfg, workload = unit_setting(name, len(nodes), tuple(overrides))
     strategy = build_strategy(cfg, workload)
     strategy.attach_run_dir(run_dir)
     strategy.client_of = {
@@ -140,7 +213,7 @@ def train_reply(
     """``node``'s reply carrying ``state`` (no arrays if empty), naming its registered partition id unless ``partition``."""
     partition = strategy.client_of[node] if partition is None else partition
     return make_reply(
-        node, state if state else None, examples, metrics={"partition-id": partition}
+        node, state if state else None, examples, metrics={"partition-id": partition}, to=strategy
     )
 
 
@@ -214,15 +287,10 @@ def broken_reply(
         examples = 10**15
     elif kind == "zero-examples":
         examples = 0
-    reply = make_reply(node, state, examples)
+    reply = make_reply(node, state, examples, to=strategy)
     if kind == "no-metrics":
         content = RecordDict({"arrays": reply.content["arrays"]})
-        reply = Message(
-            content,
-            reply_to=Message(
-                RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN
-            ),
-        )
+        reply = Message(content, reply_to=sent_message(strategy, node))
     if kind in ("corrupt-bytes", "truncated-bytes", "random-bytes", "huge-shape"):
         arrays = reply.content["arrays"]
         good = arrays[key]
@@ -289,10 +357,11 @@ def laq_upload(
 
 
 def laq_reply(
-    node: int, pid: float, payload: dict, state: State | None = None
+    node: int, pid: float, payload: dict, state: State | None = None, *, to: LayerwiseStrategy | None = None
 ) -> Message:
-    """A LAQ reply from ``node`` naming partition id ``pid``, the upload in its payload (and ``state`` as dense arrays)."""
-    return make_reply(node, state, metrics={"partition-id": pid}, payload=payload)
+    """A LAQ reply from ``node`` naming partition id ``pid``, the upload in its payload (and ``state`` as dense arrays),
+    to ``to``'s train message (``make_reply``)."""
+    return make_reply(node, state, metrics={"partition-id": pid}, payload=payload, to=to)
 
 
 def _raw_update(
@@ -347,8 +416,11 @@ def laq_faulty_reply(
     seed: int,
     num_clients: int,
     shapes: dict[str, tuple[int, ...]] | None = None,
+    to: LayerwiseStrategy | None = None,
+    bits: int = 8,
 ) -> Message:
-    """A faulty LAQ reply of ``kind`` (one of ``REPLY_FAULTS``, or a key of ``LAQ_MALFORMED``) from ``node`` (partition ``pid``).
+    """A faulty LAQ reply of ``kind`` (one of ``REPLY_FAULTS``, or a key of ``LAQ_MALFORMED``) from ``node`` (partition ``pid``),
+    to ``to``'s train message, quantised at ``bits`` (the strategy's).
 
     ``duplicate`` returns ``honest`` again; the others upload ``laq_state`` of
     a seed derived from ``seed``: filled with 3e38 (``huge``), times 1e6
@@ -358,29 +430,124 @@ def laq_faulty_reply(
     if kind == "duplicate":
         return honest
     if kind == "huge":
-        return laq_reply(
-            node,
-            pid,
-            laq_upload(
-                {
-                    k: np.full_like(v, 3e38)
-                    for k, v in laq_state(seed + 40, shapes).items()
-                }
-            )[0],
-        )
+        g = {k: np.full_like(v, 3e38) for k, v in laq_state(seed + 40, shapes).items()}
+        return laq_reply(node, pid, laq_upload(g, bits=bits)[0], to=to)
     if kind == "scaled":
-        return laq_reply(
-            node,
-            pid,
-            laq_upload({k: v * 1e6 for k, v in laq_state(seed + 50, shapes).items()})[
-                0
-            ],
-        )
+        g = {k: v * 1e6 for k, v in laq_state(seed + 50, shapes).items()}
+        return laq_reply(node, pid, laq_upload(g, bits=bits)[0], to=to)
     if kind == "mislabelled":
-        return laq_reply(
-            node, (pid + 1) % num_clients, laq_upload(laq_state(seed + 60, shapes))[0]
-        )
-    good = laq_upload(laq_state(seed + 70, shapes))[0]
-    return laq_reply(
-        node, pid, {UPDATE_KEY: LAQ_MALFORMED[kind](good[UPDATE_KEY]), BASE_KEY: 0}
+        return laq_reply(node, (pid + 1) % num_clients, laq_upload(laq_state(seed + 60, shapes), bits=bits)[0], to=to)
+    good = laq_upload(laq_state(seed + 70, shapes), bits=bits)[0]
+    return laq_reply(node, pid, {UPDATE_KEY: LAQ_MALFORMED[kind](good[UPDATE_KEY]), BASE_KEY: 0}, to=to)
+
+
+# ------------------------------------------------------------------ what a reply answers, and how it is encoded
+#: Honest training content in a reply that does not answer this round's train message to its node:
+#: last round's message (``stale``), next round's (``future``), another node's (``other-node``),
+#: the node's evaluate message or an identity query (``evaluate-reply``, ``query-reply``).
+ANSWER_FAULTS = ["stale", "future", "other-node", "evaluate-reply", "query-reply"]
+#: Replies encoded other than ``CODEC_SETTING`` says: another bit width, dense, another reference version.
+CODEC_FAULTS = ["codec-2-bits", "codec-8-bits", "codec-16-bits", "codec-dense", "codec-version"]
+#: The codec every ``CODEC_FAULTS`` case runs with.
+CODEC_SETTING = ("codec.up_bits=4", "codec.down_bits=4")
+#: A LAQ upload quantised at 8 bits, the strategy configured for 4.
+LAQ_BITS_FAULT = "laq:bits-8"
+#: The bits each codec fault encodes at (None: dense).
+CODEC_FAULT_BITS: dict[str, int | None] = {"codec-2-bits": 2, "codec-8-bits": 8, "codec-16-bits": 16, "codec-dense": None}
+
+
+def readdressed(reply: Message, answers: Message, src_node_id: int) -> Message:
+    """``reply``'s content as a reply to ``answers`` from ``src_node_id`` (whoever ``answers`` went to), as pulled."""
+    moved = Message(reply.content, reply_to=answers)
+    if src_node_id == answers.metadata.dst_node_id:
+        return moved
+    proto = message_to_proto(moved)
+    proto.metadata.src_node_id = src_node_id
+    return message_from_proto(proto)
+
+
+def identity_query_to(strategy: LayerwiseStrategy, node_id: int) -> Message:
+    """An identity query to ``node_id``, pushed (what the server asks a node it has not identified)."""
+    (query,) = push([identity_query(strategy.method, node_id)])
+    return query
+
+
+def codec_reply(
+    strategy: LayerwiseStrategy,
+    node: int,
+    state: State,
+    examples: int = 10,
+    *,
+    up_bits: int | None | str = "configured",
+    version_offset: int = 0,
+) -> Message:
+    """``node``'s reply carrying ``state``, encoded by the real client half of the codec (a node that held nothing).
+
+    ``up_bits``: encode at these bits (None: dense) instead of the configured
+    ``codec-up-bits``; ``version_offset``: state the reference version the client now holds plus this.
+    """
+    assert strategy.codec is not None, "codec_reply needs a strategy with the codec stage on"
+    sent = sent_message(strategy, node)
+    context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+    _, session = open_download(sent.content, context, lambda: copy_state(strategy.codec.initial), train=True)
+    assert session is not None
+    if up_bits != "configured":
+        session.up_bits = up_bits
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({"num-examples": examples, "partition-id": strategy.client_of[node]}),
+            "arrays": to_arrayrecord(state),
+        }
     )
+    reply = close_upload(content, session, context)
+    if version_offset:
+        reply["metrics"] = MetricRecord({**dict(reply["metrics"].items()), CODEC_VERSION: session.version + version_offset})
+    return Message(reply, reply_to=sent)
+
+
+def codec_faulty_reply(strategy: LayerwiseStrategy, node: int, kind: str, seed: int) -> Message:
+    """``node``'s honest update encoded as ``kind`` (one of ``CODEC_FAULTS``) says, against the configured codec."""
+    state = honest_state(strategy, node, seed) or copy_state(strategy.global_state)
+    if kind == "codec-version":
+        return codec_reply(strategy, node, state, version_offset=1)
+    return codec_reply(strategy, node, state, up_bits=CODEC_FAULT_BITS[kind])
+
+
+# ------------------------------------------------------------------ too few carriers to compare
+#: The round's only reply, its update 3e38 (``huge``) or x1e6 (``scaled``): no median to compare it with.
+SOLE_FAULTS = ["sole-huge", "sole-scaled"]
+#: FedLP: the only replying node that kept some layer sends that layer huge or scaled (its other layers honest).
+SOLE_CARRIER_FAULTS = ["sole-carrier-huge", "sole-carrier-scaled"]
+
+
+def sole_carrier(strategy: LayerwiseStrategy, nodes: Sequence[int]) -> tuple[str, int, list[int]]:
+    """A layer that exactly one of ``nodes`` was asked to return, that node, and the nodes not asked for it."""
+    asked = {node: set(strategy.plans[node].request) for node in nodes}
+    for name in strategy.layers.names:
+        carriers = [node for node in nodes if name in asked[node]]
+        if carriers and len(carriers) < len(nodes):
+            return name, carriers[0], [node for node in nodes if name not in asked[node]]
+    raise LookupError("every layer is asked of all nodes or of none")
+
+
+def oversized(strategy: LayerwiseStrategy, node: int, state: State, keys: Iterable[str], kind: str) -> State:
+    """``state`` with the float tensors ``keys`` 3e38 (``kind`` ``huge``) or ``sent + 1e6 x (value - sent)`` (``scaled``)."""
+    state = dict(state)
+    for key in keys:
+        value = state[key]
+        if np.issubdtype(value.dtype, np.floating):
+            sent = strategy.sent_value(node, key)
+            state[key] = np.full_like(value, 3e38) if kind == "huge" else (sent + (value - sent) * 1e6).astype(value.dtype)
+    return state
+
+
+def honest_reply(strategy: LayerwiseStrategy, node: int, index: int, seed: int) -> Message:
+    """``node``'s honest reply to ``strategy``'s train message of this round, as the ``index``-th
+    node of the round (LAQ: an upload at its bits; encoded when the codec is on)."""
+    if strategy.method == "laq":
+        upload = laq_upload(laq_state(seed + index, strategy.shapes), bits=strategy.bits)[0]
+        return laq_reply(node, index, upload, to=strategy)
+    state = honest_state(strategy, node, seed + index)
+    if strategy.codec is not None:
+        return codec_reply(strategy, node, state, 10 + index)
+    return train_reply(strategy, node, state, 10 + index)

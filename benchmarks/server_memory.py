@@ -55,6 +55,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from benchmarks.faults import push
 from fedlayer.codec.tensors import encode_state
 from fedlayer.layers import (
     State,
@@ -188,7 +189,7 @@ def dense_reply(strategy: LayerwiseStrategy, sent: Message, rng: np.random.Gener
 def run_round(strategy: LayerwiseStrategy, server_round: int, clients: list[int], reply: ReplyFn,
               rng: np.random.Generator) -> None:
     """One round through ``configure_train``/``aggregate_train``: ``clients`` are the connected ones (all train)."""
-    messages = strategy.configure_train(server_round, [NODE_OFFSET + c for c in clients])
+    messages = push(strategy.configure_train(server_round, [NODE_OFFSET + c for c in clients]))  # as a grid gives them ids
     replies = [reply(strategy, sent, rng) for sent in messages]
     del messages
     strategy.aggregate_train(server_round, replies)

@@ -13,12 +13,13 @@ which gives the same tree without Hydra's import and defaults machinery.
 
 from __future__ import annotations
 
+import importlib.util
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedlayer.errors import ConfigError
@@ -132,7 +133,7 @@ def _load_option(group: str, option: str) -> DictConfig:
 
 def _field_in(message: str) -> str:
     for token in message.replace("'", " ").split():
-        if "." in token and token.split(".")[0] in GROUPS + ("train", "evaluation", "aggregation", "codec", "simulation", "server_state"):
+        if "." in token and token.split(".")[0] in GROUPS + ("train", "evaluation", "aggregation", "codec", "simulation", "server_state", "identity", "logging"):
             return token.rstrip(":,")
     return "overrides"
 
@@ -154,6 +155,14 @@ _RULES: list[Rule] = [
     ("simulation.ray_address", lambda v: v is None or (isinstance(v, str) and (v == "auto" or ":" in v)), "must be null, auto or host:port"),
     ("simulation.client_cpus", lambda v: isinstance(v, (int, float)) and v > 0, "must be > 0"),
     ("simulation.client_gpus", lambda v: isinstance(v, (int, float)) and v >= 0, "must be >= 0"),
+    ("identity.bind", lambda v: v in ("auto", "key", "none"), "must be auto, key or none"),
+    ("identity.release", lambda v: isinstance(v, ListConfig) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in v),
+     "must be a list of client ids (integers >= 0)"),
+    ("logging.tensorboard", lambda v: isinstance(v, bool), "must be true or false"),
+    ("logging.mlflow", lambda v: isinstance(v, bool), "must be true or false"),
+    ("logging.mlflow", lambda v: not v or importlib.util.find_spec("mlflow") is not None,
+     "needs MLflow, which is not installed: pip install 'fedlayer[mlflow]'"),
+    ("logging.mlflow_uri", lambda v: v is None or (isinstance(v, str) and v != ""), "must be null or a tracking URI"),
     ("evaluation.every", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
     ("evaluation.max_examples", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0"),
     ("dataset.partition.scheme", lambda v: v in ("iid", "dirichlet", "pathological"), "must be iid, dirichlet or pathological"),
@@ -167,6 +176,7 @@ _RULES: list[Rule] = [
     ("federation.fraction_train", lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "must be in (0, 1]"),
     ("federation.min_train_nodes", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
     ("federation.min_available_nodes", lambda v: v is None or (isinstance(v, int) and v >= 1), "must be null or an integer >= 1"),
+    ("federation.wait_timeout", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "must be > 0 seconds"),
     ("federation.fraction_evaluate", lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "must be in [0, 1]"),
     ("federation.round_timeout", lambda v: isinstance(v, (int, float)) and v > 0, "must be > 0 seconds"),
     ("federation.min_replies", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
@@ -195,7 +205,8 @@ def validate_config(cfg: DictConfig) -> None:
 def resolve_resume(cfg: DictConfig) -> DictConfig:
     """For ``resume=<run dir>``: that run's saved config, pointing at its directory.
 
-    Only ``federation.rounds`` is taken from the new command line (to extend a run).
+    Only ``federation.rounds`` (to extend a run) and ``identity.release`` are
+    taken from the new command line.
     """
     if not cfg.resume:
         return cfg
@@ -209,5 +220,11 @@ def resolve_resume(cfg: DictConfig) -> DictConfig:
     saved.output_dir = str(run_dir.parent)
     saved.run_name = run_dir.name
     saved.federation.rounds = max(int(cfg.federation.rounds), int(saved.federation.rounds))
+    saved.identity = OmegaConf.merge(saved.get("identity", cfg.identity), {"release": cfg.identity.release})
+    for key, value in cfg.federation.items():  # federation fields added since that run started
+        if key not in saved.federation:
+            saved.federation[key] = value
+    if "logging" not in saved:  # a run started before the logging section
+        saved.logging = cfg.logging
     validate_config(saved)
     return saved

@@ -283,4 +283,6 @@ def server_main(argv: Sequence[str] | None = None) -> None:
     parser = server_parser()
     command = _command_or_exit(parser, server_command, parser.parse_args(argv))
     if command is not None:
+        # the ServerApp processes inherit it: identity.bind=auto binds client ids to node keys
+        os.environ["FEDLAYER_NODE_AUTH"] = "1" if "--enable-supernode-auth" in command else "0"
         os.execvp(command[0], command)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 
@@ -31,6 +33,33 @@ def keep_newest(paths: Sequence[Path], keep: int) -> list[Path]:
     for old in paths[: max(len(paths) - keep, 0)]:
         old.unlink(missing_ok=True)
     return list(paths[max(len(paths) - keep, 0) :])
+
+
+#: While set (``deferred_pruning``): the (files, client) pairs whose old versions wait to be pruned.
+_DEFERRED: ContextVar[list[tuple[FileVersions, int]] | None] = ContextVar("fedlayer_deferred_pruning", default=None)
+
+
+@contextmanager
+def deferred_pruning() -> Iterator[list[tuple[FileVersions, int]]]:
+    """Within the block ``FileVersions.commit`` deletes no old version; it lists what it would prune.
+
+    A server round that may still be rolled back runs in it, so that rolling
+    back (restoring the version index, which deletes the newer files) leaves
+    exactly the files the round started with. Once the round is committed,
+    ``prune`` the list.
+    """
+    pending: list[tuple[FileVersions, int]] = []
+    token = _DEFERRED.set(pending)
+    try:
+        yield pending
+    finally:
+        _DEFERRED.reset(token)
+
+
+def prune(pending: list[tuple[FileVersions, int]]) -> None:
+    """Do the pruning a ``deferred_pruning`` block put off."""
+    for files, client in dict.fromkeys(pending):
+        files.prune(client)
 
 
 class FileVersions:
@@ -68,9 +97,18 @@ class FileVersions:
         return None if version is None else self.path(client, version)
 
     def commit(self, client: int, version: int) -> None:
-        """Make ``version`` current; drop versions beyond the ``keep`` newest."""
+        """Make ``version`` current; drop versions beyond the ``keep`` newest (later, in ``deferred_pruning``)."""
         self.current[client] = version
-        kept = sorted({*self._on_disk.get(client, []), version})
+        self._on_disk[client] = sorted({*self._on_disk.get(client, []), version})
+        deferred = _DEFERRED.get()
+        if deferred is None:
+            self.prune(client)
+        else:
+            deferred.append((self, client))
+
+    def prune(self, client: int) -> None:
+        """Delete the client's versions beyond the ``keep`` newest."""
+        kept = self._on_disk.get(client, [])
         keep_newest([self.path(client, v) for v in kept], self.keep)
         self._on_disk[client] = kept[-self.keep :]
 

@@ -40,3 +40,6 @@ NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
 #: The identity answer of a node whose node config has no ``partition-id``.
 NO_PARTITION = -1
+#: The first client id the server assigns (to nodes without a ``partition-id``);
+#: partition ids lie below it, so the two never meet.
+ASSIGNED_BASE = 1_000_000

@@ -16,6 +16,7 @@ from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -43,7 +44,9 @@ class InProcessGrid(Grid):
     """Nodes ``0..num_nodes-1`` (partition ids) served by ``client_app`` in process.
 
     ``node_config(partition)`` gives each node's node config; ``dropped``
-    node ids never answer (their messages time out like a dead SuperNode's).
+    node ids never answer (their messages time out like a dead SuperNode's);
+    ``leave_after`` maps node ids to a round: the node answers that round's
+    training message, then disconnects (it is no longer listed, and never answers).
     ``crash_at=(round, n)`` raises ``SimulatedCrash`` (the server dies) when the
     ``n+1``-th training message of that round is pushed, after the first ``n``
     were served: clients have trained (and saved state) for a round the server
@@ -55,6 +58,7 @@ class InProcessGrid(Grid):
     node_config: Callable[[int], dict] = field(default=lambda p: {})
     run_config: dict = field(default_factory=dict)
     dropped: set[int] = field(default_factory=set)
+    leave_after: dict[int, int] = field(default_factory=dict)
     first_node_id: int = FIRST_NODE_ID
     crash_at: tuple[int, int] | None = None
 
@@ -74,6 +78,7 @@ class InProcessGrid(Grid):
         self._replies: dict[str, Message] = {}
         self._count = 0
         self._served: dict[int, int] = {}
+        self.gone: set[int] = set()
 
     # Grid's abstract interface ------------------------------------------------
     @property
@@ -90,7 +95,7 @@ class InProcessGrid(Grid):
         raise NotImplementedError
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
+        return [node for node in self.contexts if node not in self.gone]
 
     def _next_id(self) -> str:
         self._count += 1
@@ -104,13 +109,15 @@ class InProcessGrid(Grid):
             ids.append(message_id)
             node = message.metadata.dst_node_id
             self._maybe_crash(message)
-            if node in self.dropped or node not in self.contexts:
+            if node in self.dropped or node in self.gone or node not in self.contexts:
                 continue
             received = wire_copy(message)
             try:
                 reply = self.client_app(received, self.contexts[node])
-            except Exception as err:  # the engine turns a ClientApp exception into an error reply
-                reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=received)
+            except Exception as err:  # as a SuperNode reports a ClientApp exception (flwr/supernode/runtime/run_clientapp.py)
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(type(err)) + ":<'" + str(err) + "'>"), reply_to=received)
+            if message.metadata.message_type == "train" and self.leave_after.get(node) == int(received.content["config"]["server-round"]):
+                self.gone.add(node)
             reply.metadata.__dict__["_message_id"] = self._next_id()
             self._replies[message_id] = wire_copy(reply)
         return ids

@@ -49,7 +49,7 @@ def test_one_attacker_among_five_moves_the_model_no_further_than_the_honest_spre
     start = copy_state(strategy.global_state)
     honest = [_moved(strategy, seed) for seed in range(4)]
     attack = {k: (start[k] + (v - start[k]) * 1e6).astype(v.dtype) for k, v in _moved(strategy, 99).items()}
-    replies = [make_reply(node, state, 10) for node, state in zip(NODES, [*honest, attack])]
+    replies = [make_reply(node, state, 10, to=strategy) for node, state in zip(NODES, [*honest, attack])]
     strategy.aggregate_train(1, replies)
     assert strategy.rejections == []
     for key, value in strategy.global_state.items():
@@ -64,7 +64,7 @@ def test_the_mean_rule_without_the_guard_is_moved_by_the_attacker():
     strategy = _strategy(norm_factor=0)
     start = copy_state(strategy.global_state)
     attack = {k: (start[k] + (v - start[k]) * 1e6).astype(v.dtype) for k, v in _moved(strategy, 99).items()}
-    strategy.aggregate_train(1, [make_reply(n, _moved(strategy, i), 10) for i, n in enumerate(NODES[:4])] + [make_reply(55, attack, 10)])
+    strategy.aggregate_train(1, [make_reply(n, _moved(strategy, i), 10, to=strategy) for i, n in enumerate(NODES[:4])] + [make_reply(55, attack, 10, to=strategy)])
     key = "blocks.0.conv.weight"
     assert np.abs(strategy.global_state[key] - start[key]).max() > 1e4
 
@@ -79,8 +79,8 @@ def test_the_norm_guard_refuses_an_oversized_update(values):
     else:
         attack = {k: (start[k] + (v - start[k]) * 1e6).astype(v.dtype) for k, v in _moved(strategy, 7, 0.01).items()}
     expected = _strategy()
-    expected.aggregate_train(1, [make_reply(n, h, 10) for n, h in zip(NODES, honest)])
-    strategy.aggregate_train(1, [make_reply(n, h, 10) for n, h in zip(NODES, honest)] + [make_reply(55, attack, 10)])
+    expected.aggregate_train(1, [make_reply(n, h, 10, to=expected) for n, h in zip(NODES, honest)])
+    strategy.aggregate_train(1, [make_reply(n, h, 10, to=strategy) for n, h in zip(NODES, honest)] + [make_reply(55, attack, 10, to=strategy)])
     assert [r.node_id for r in strategy.rejections] == [55] and "median" in strategy.rejections[0].reason
     assert states_equal(strategy.global_state, expected.global_state)
 
@@ -100,12 +100,12 @@ def test_a_merged_model_that_is_not_finite_is_dropped_and_counted():
     from tests.test_laq import NODES as LAQ_NODES
     from tests.test_laq import _reply, _state, _upload
 
-    strategy = LAQStrategy(_state(0), num_clients=3, alpha=1.0, norm_factor=0)
+    strategy = LAQStrategy(_state(0), num_clients=3, alpha=1.0, norm_factor=0, bits=8)
     strategy.client_of = {node: pid for pid, node in enumerate(LAQ_NODES)}
-    strategy.plans = {node: strategy.plan(1, node) for node in LAQ_NODES}
+    strategy.configure_train(1, LAQ_NODES)
     before = copy_state(strategy.global_state)
     huge, _ = _upload({k: np.full_like(v, 3e38) for k, v in before.items()})
-    metrics = strategy.aggregate_train(1, [_reply(11, 0, huge), _reply(22, 1, huge)])
+    metrics = strategy.aggregate_train(1, [_reply(11, 0, huge, to=strategy), _reply(22, 1, huge, to=strategy)])
     assert metrics is not None and strategy.dropped_rounds == [1]
     assert states_equal(strategy.global_state, before)
 
@@ -114,12 +114,12 @@ def test_laq_guards_the_norm_of_the_innovations():
     from tests.test_laq import NODES as LAQ_NODES
     from tests.test_laq import _reply, _state, _upload
 
-    strategy = LAQStrategy(_state(0), num_clients=3, alpha=0.1)
+    strategy = LAQStrategy(_state(0), num_clients=3, alpha=0.1, bits=8)
     strategy.client_of = {node: pid for pid, node in enumerate(LAQ_NODES)}
-    strategy.plans = {node: strategy.plan(1, node) for node in LAQ_NODES}
+    strategy.configure_train(1, LAQ_NODES)
     honest = [_upload(_state(seed))[0] for seed in (1, 2)]
     attack, _ = _upload({k: v * 1e6 for k, v in _state(3).items()})
-    strategy.aggregate_train(1, [_reply(11, 0, honest[0]), _reply(22, 1, honest[1]), _reply(33, 2, attack)])
+    strategy.aggregate_train(1, [_reply(11, 0, honest[0], to=strategy), _reply(22, 1, honest[1], to=strategy), _reply(33, 2, attack, to=strategy)])
     assert [r.node_id for r in strategy.rejections] == [33] and sorted(strategy.qhat) == [0, 1]
 
 

@@ -13,7 +13,7 @@ import fedlayer
 
 ROOT = Path(fedlayer.__file__).parent
 #: Layer of each top-level part of the package; a module may import its own layer and those below.
-LAYERS = {"methods": 1, "server": 2, "client": 2, "cli": 3, "deploy": 3, "submit": 3}
+LAYERS = {"methods": 1, "server": 2, "client": 2, "cli": 3, "deploy": 3, "submit": 3, "report": 3}
 
 
 def module_name(path: Path) -> str:

@@ -86,7 +86,8 @@ def _runtime(cfg_overrides: list[str], state_dir) -> tuple[ClientRuntime, NodeSt
 
 
 def _train_content(strategy, server_round: int, node: int = 7) -> RecordDict:
-    """The content of the train message ``strategy`` sends ``node`` in ``server_round``."""
+    """The content of the train message ``strategy`` sends ``node`` (identified as client 3) in ``server_round``."""
+    strategy.client_of[node] = 3
     (message,) = strategy.build_messages(server_round, {node: strategy.plan(server_round, node)}, MessageType.TRAIN)
     return message.content
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 
+from benchmarks.faults import push, sent_message
 from fedlayer.client.app import make_client_app
 from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError
@@ -46,7 +47,9 @@ ALL = ["blocks.0.conv", "blocks.0.bn", "head.fc"]
 
 
 def _messages(strategy, server_round, node_ids):
-    return {m.metadata.dst_node_id: m for m in strategy.configure_train(server_round, list(node_ids))}
+    """Round ``server_round``'s train messages by node, pushed (the nodes identified: client id = node id)."""
+    strategy.client_of.update({node: node for node in node_ids})
+    return {m.metadata.dst_node_id: m for m in push(strategy.configure_train(server_round, list(node_ids)))}
 
 
 def _arrays(message):
@@ -115,7 +118,7 @@ def test_layer_of_buffers_only_is_averaged_every_round_and_never_measured():
     assert lama.sizes["blocks.1.norm"] == 0
     for server_round in (1, 2):
         _messages(lama, server_round, [1, 2, 3])
-        replies = _replies(lama.plans, lama.global_state, lama.layers, server_round)
+        replies = _replies(lama, server_round)
         lama.aggregate_train(server_round, replies)
         states = [(from_arrayrecord(r.content["arrays"]), r.content["metrics"]["num-examples"]) for r in replies]
         mean = sum(s["blocks.1.norm.running_mean"] * n for s, n in states) / sum(n for _, n in states)
@@ -127,12 +130,16 @@ def test_layer_of_buffers_only_is_averaged_every_round_and_never_measured():
 
 
 # ------------------------------------------------------------------ phi = 1 is FedAvg
-def _replies(plans, global_state, layers, server_round):
+def _replies(strategy, server_round):
+    """Every planned node's reply to ``strategy``: its requested layers of the global model, moved at random."""
     replies = []
-    for node, plan in plans.items():
+    for node, plan in strategy.plans.items():
         rng = np.random.default_rng(1000 * server_round + node)
-        state = {k: (v + rng.standard_normal(v.shape).astype(v.dtype)) if v.dtype == np.float32 else v + node for k, v in global_state.items()}
-        replies.append(make_reply(node, select(state, layers, plan.request), num_examples=7 + 5 * node))
+        state = {
+            k: (v + rng.standard_normal(v.shape).astype(v.dtype)) if v.dtype == np.float32 else v + node
+            for k, v in strategy.global_state.items()
+        }
+        replies.append(make_reply(node, select(state, strategy.layers, plan.request), num_examples=7 + 5 * node, to=strategy))
     return replies
 
 
@@ -145,9 +152,8 @@ def test_phi_one_reproduces_fedavg_bitwise():
         sent_a, sent_b = _messages(fedavg, server_round, grid), _messages(lama, server_round, grid)
         assert sent_a.keys() == sent_b.keys()  # same cohort each round
         assert all(_arrays(sent_b[n]) == set(lama.layers.keys) for n in sent_b)
-        replies = _replies(lama.plans, lama.global_state, lama.layers, server_round)
-        fedavg.aggregate_train(server_round, replies)
-        lama.aggregate_train(server_round, replies)
+        fedavg.aggregate_train(server_round, _replies(fedavg, server_round))
+        lama.aggregate_train(server_round, _replies(lama, server_round))
         assert states_equal(fedavg.global_state, lama.global_state)
         assert lama.round_record(server_round)["synced"] == ALL
     assert set(lama.intervals.values()) == {1}
@@ -170,7 +176,7 @@ def _lama_after_first_block(tau_prime=10):
                 k: (v + np.float32(sign * offsets[lama.layers.layer_of(k)])) if v.dtype == np.float32 else v
                 for k, v in lama.global_state.items()
             }
-            replies.append(make_reply(node, state, num_examples=10))
+            replies.append(make_reply(node, state, num_examples=10, to=lama))
         lama.aggregate_train(server_round, replies)
     return lama, grid, cohorts
 
@@ -204,9 +210,9 @@ def test_not_due_layer_is_absent_both_ways_and_in_the_ledger():
     before = {k: v.copy() for k, v in lama.global_state.items()}
     nodes = sorted(sent)
     # A reply carrying a layer that is not due is rejected and changes nothing.
-    lama.aggregate_train(3, [make_reply(nodes[0], select(lama.global_state, lama.layers, ALL))])
+    lama.aggregate_train(3, [make_reply(nodes[0], select(lama.global_state, lama.layers, ALL), to=lama)])
     assert states_equal(lama.global_state, before) and "not requested" in lama.rejections[-1].reason
-    replies = [make_reply(n, select({k: v + 1 for k, v in lama.global_state.items()}, lama.layers, ["blocks.0.bn"])) for n in nodes]
+    replies = [make_reply(n, select({k: v + 1 for k, v in lama.global_state.items()}, lama.layers, ["blocks.0.bn"]), to=lama) for n in nodes]
     for reply in replies:
         ledger.record_up(3, reply)
     lama.aggregate_train(3, replies)
@@ -258,9 +264,9 @@ def test_config_checks_name_the_field():
         assert err.value.field == field
 
 
-def _error_reply(node: int) -> Message:
-    """What the server pulls when a node's ClientApp raised."""
-    sent = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+def _error_reply(node: int, strategy=None) -> Message:
+    """What the server pulls when a node's ClientApp raised (answering ``strategy``'s train message to it, if given)."""
+    sent = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN) if strategy is None else sent_message(strategy, node)
     return Message(Error(code=0, reason="RuntimeError: FedLAMA: this node holds no model of its own"), reply_to=sent)
 
 
@@ -271,8 +277,8 @@ def test_a_node_whose_reply_is_refused_gets_every_layer_next_time():
 
     def train_round(server_round, refused=()):
         sent = _messages(lama, server_round, [1, 2, 3])
-        replies = [r for r in _replies(lama.plans, lama.global_state, lama.layers, server_round) if r.metadata.src_node_id not in refused]
-        lama.aggregate_train(server_round, replies + [_error_reply(node) for node in refused])
+        replies = [r for r in _replies(lama, server_round) if r.metadata.src_node_id not in refused]
+        lama.aggregate_train(server_round, replies + [_error_reply(node, lama) for node in refused])
         return {node: _arrays(message) for node, message in sent.items()}
 
     assert train_round(1) == {1: every, 2: every, 3: every}  # block start
@@ -292,6 +298,7 @@ def test_client_keeps_unsynchronised_layer_across_rounds():
     initial = torch_state_to_numpy(runtime.new_model().state_dict())
     lama = FedLAMAStrategy(initial, phi=2, tau_prime=2)
     lama.intervals["head.fc1"] = 2
+    lama.client_of = {7: 0}  # identified as the runtime's partition
     context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
     fc1 = runtime.layers.keys_of(["head.fc1"])
 
@@ -397,3 +404,17 @@ def test_restarted_client_refuses_then_gets_every_layer_and_never_trains_initial
     assert all(r["rejected"] == 0 for i, r in enumerate(records) if i != 4)
     # no node ever trained without a full model of its own or from the server
     assert all(kept or whole for _, _, kept, whole, refused in client.calls if not refused)
+
+
+def test_a_refused_reply_from_a_node_not_asked_to_train_changes_no_resend_set():
+    """Issue 24, item 8: an unknown or unsampled sender never joins the resend set (it would stay for good)."""
+    lama = FedLAMAStrategy(small_state(0), phi=4, tau_prime=1, fraction_train=0.5, min_train_nodes=1, seed=0)
+    lama.client_of = {1: 0, 2: 1}
+    (sent,) = lama.configure_train(1, [1, 2])
+    asked = sent.metadata.dst_node_id
+    other = 3 - asked
+    crashed = Message(Error(code=2, reason="RuntimeError: no model of its own"), reply_to=sent_message(lama, asked))
+    replies = [_error_reply(999), _error_reply(other), crashed]
+    lama.aggregate_train(1, replies)
+    assert len(lama.rejections) == 3
+    assert lama.resend == {lama.client_of[asked]}  # only the node asked to train, by its client id

@@ -4,8 +4,9 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, RecordDict
 
+from benchmarks.faults import send_plans, sent_message
 from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError, ParameterError
 from fedlayer.layers import from_arrayrecord, select, states_equal
@@ -46,10 +47,15 @@ def _heads(fedlp_runtime):
     return heads
 
 
-def _train_message(strategy, node, server_round=1):
-    """The message the strategy would push to ``node`` (after configure_train's planning)."""
-    (message,) = strategy.build_messages(server_round, {node: strategy.plans[node]}, MessageType.TRAIN)
-    return message
+def _configure(strategy, nodes, server_round=1):
+    """``configure_train`` for ``nodes`` (identified: client id = their index), as the round loop calls it."""
+    strategy.client_of.update({node: i for i, node in enumerate(nodes)})
+    strategy.configure_train(server_round, list(nodes))
+
+
+def _train_message(strategy, node):
+    """The message the strategy pushed to ``node`` this round (``_configure`` first)."""
+    return sent_message(strategy, node)
 
 
 def _client_reply(fedlp_runtime, handler, message, node_config=None):
@@ -68,18 +74,18 @@ def test_p_one_requests_every_layer_and_aggregates_like_fedavg(fedlp_runtime, fe
     fedlp = _fedlp(fedlp_initial, fedlp_runtime, p=1.0, seed=3, freeze_dropped=True)
     fedavg = FedAvgStrategy(fedlp_initial)
     nodes = (11, 12, 13)
-    fedlp.plans = {n: fedlp.plan(1, n) for n in nodes}
-    fedavg.plans = {n: fedavg.plan(1, n) for n in nodes}
+    _configure(fedlp, nodes)
+    _configure(fedavg, nodes)
     assert all(plan.request == fedlp.layers.names for plan in fedlp.plans.values())
-    replies = [make_reply(n, _noisy(fedlp_initial, n), num_examples=10 * n) for n in nodes]
-    fedlp.aggregate_train(1, replies)
-    fedavg.aggregate_train(1, replies)
+    for strategy in (fedlp, fedavg):
+        strategy.aggregate_train(1, [make_reply(n, _noisy(fedlp_initial, n), num_examples=10 * n, to=strategy) for n in nodes])
     assert states_equal(fedlp.global_state, fedavg.global_state)
 
 
 def test_p_one_client_trains_exactly_like_fedavg(fedlp_runtime, fedlp_initial):
     fedlp, fedavg = _fedlp(fedlp_initial, fedlp_runtime, p=1.0, freeze_dropped=True), FedAvgStrategy(fedlp_initial)
-    fedlp.plans, fedavg.plans = {5: fedlp.plan(1, 5)}, {5: fedavg.plan(1, 5)}
+    _configure(fedlp, [5])
+    _configure(fedavg, [5])
     ours = _client_reply(fedlp_runtime, fedlp_train, _train_message(fedlp, 5))
     theirs = _client_reply(fedlp_runtime, standard_train, _train_message(fedavg, 5))
     assert states_equal(from_arrayrecord(ours.content["arrays"]), from_arrayrecord(theirs.content["arrays"]))
@@ -107,7 +113,7 @@ def test_batchnorm_is_kept_or_dropped_with_the_layer_it_normalises():
 
 def test_dropped_layers_are_not_uploaded_and_get_no_gradient(fedlp_runtime, fedlp_initial):
     strategy = _fedlp(fedlp_initial, fedlp_runtime, layer_p=["blocks.0.conv=0.0", "head.fc2=0.0"], p=1.0, freeze_dropped=True)
-    strategy.plans = {4: strategy.plan(1, 4)}
+    _configure(strategy, [4], 1)
     message = _train_message(strategy, 4)
     reply = _client_reply(fedlp_runtime, fedlp_train, message)
     sent = from_arrayrecord(reply.content["arrays"])
@@ -125,7 +131,7 @@ def test_dropped_layers_are_not_uploaded_and_get_no_gradient(fedlp_runtime, fedl
 
 def test_freeze_dropped_false_trains_every_layer_but_uploads_kept_ones(fedlp_runtime, fedlp_initial):
     strategy = _fedlp(fedlp_initial, fedlp_runtime, layer_p=["head.fc2=0.0"], p=1.0, freeze_dropped=False)
-    strategy.plans = {4: strategy.plan(1, 4)}
+    _configure(strategy, [4], 1)
     reply = _client_reply(fedlp_runtime, fedlp_train, _train_message(strategy, 4))
     assert "head.fc2.weight" not in reply.content["arrays"]
     metrics = reply.content["metrics"]
@@ -134,8 +140,8 @@ def test_freeze_dropped_false_trains_every_layer_but_uploads_kept_ones(fedlp_run
 
 def test_reply_carrying_a_dropped_layer_is_rejected(fedlp_runtime, fedlp_initial):
     strategy = _fedlp(fedlp_initial, fedlp_runtime, layer_p=["head.fc2=0.0"], p=1.0)
-    strategy.plans = {1: strategy.plan(1, 1)}
-    metrics = strategy.aggregate_train(1, [make_reply(1, _noisy(fedlp_initial, 1))])
+    _configure(strategy, [1], 1)
+    metrics = strategy.aggregate_train(1, [make_reply(1, _noisy(fedlp_initial, 1), to=strategy)])
     assert metrics is None and "not requested" in strategy.rejections[0].reason
     assert states_equal(strategy.global_state, fedlp_initial)
 
@@ -184,7 +190,7 @@ def _hetero(fedlp_initial, fedlp_runtime, **kwargs):
 def test_level_c_messages_carry_only_its_layers_both_ways(fedlp_runtime, fedlp_initial):
     strategy = _hetero(fedlp_initial, fedlp_runtime, level_preference=[1.0, 0.0])
     assert states_equal(strategy.level_heads, _heads(fedlp_runtime))  # the heads clients initialise (seed 0)
-    strategy.plans = {2: strategy.plan(1, 2)}
+    _configure(strategy, [2], 1)
     down = _train_message(strategy, 2)
     expected_keys = {*strategy.layers.keys_of(["blocks.0.conv"]), "level-heads.1.weight", "level-heads.1.bias"}
     assert set(down.content["arrays"].keys()) == expected_keys
@@ -200,7 +206,7 @@ def test_level_c_messages_carry_only_its_layers_both_ways(fedlp_runtime, fedlp_i
 
 def test_full_depth_messages_carry_the_model_and_no_level_head(fedlp_runtime, fedlp_initial):
     strategy = _hetero(fedlp_initial, fedlp_runtime, level_preference=[0.0, 1.0])
-    strategy.plans = {2: strategy.plan(1, 2)}
+    _configure(strategy, [2], 1)
     down = _train_message(strategy, 2)
     reply = _client_reply(fedlp_runtime, fedlp_train, down)
     assert set(down.content["arrays"].keys()) == set(reply.content["arrays"].keys()) == set(fedlp_initial)
@@ -210,19 +216,19 @@ def test_a_capped_node_returns_no_head_it_was_not_sent_and_the_server_learns_its
     """Planned at level 2, capped at 1: the level-1 head was not sent, so the node trains
     its block under a fresh head but returns the block only; the shared head stays."""
     strategy = _hetero(fedlp_initial, fedlp_runtime, level_preference=[0.0, 1.0])
-    strategy.plans = {2: strategy.plan(1, 2)}
+    _configure(strategy, [2], 1)
     reply = _client_reply(fedlp_runtime, fedlp_train, _train_message(strategy, 2), node_config={"depth-level": 1})
     assert {k.rsplit(".", 1)[0] for k in reply.content["arrays"].keys()} == {"blocks.0.conv"}
     assert reply.content["metrics"]["depth-level"] == 1
     heads_before = {k: v.copy() for k, v in strategy.level_heads.items()}
     strategy.aggregate_train(1, [reply])
-    assert not strategy.rejections and strategy.level_of(2) == 1
+    assert not strategy.rejections and strategy.level_of(strategy.client_id(2)) == 1
     assert states_equal(strategy.level_heads, heads_before)
     assert not np.array_equal(strategy.global_state["blocks.0.conv.weight"], fedlp_initial["blocks.0.conv.weight"])
     # the next round sends the level-1 head, which then comes back trained and is averaged in
-    strategy.plans = {2: strategy.plan(2, 2)}
+    _configure(strategy, [2], 2)
     assert strategy.plans[2].send == strategy.plans[2].request == ["blocks.0.conv", "level-heads.1"]
-    reply = _client_reply(fedlp_runtime, fedlp_train, _train_message(strategy, 2, server_round=2), node_config={"depth-level": 1})
+    reply = _client_reply(fedlp_runtime, fedlp_train, _train_message(strategy, 2), node_config={"depth-level": 1})
     strategy.aggregate_train(2, [reply])
     assert not strategy.rejections
     assert not np.array_equal(strategy.level_heads["level-heads.1.weight"], heads_before["level-heads.1.weight"])
@@ -232,11 +238,11 @@ def test_a_level_head_the_node_was_not_sent_is_refused(fedlp_runtime, fedlp_init
     """A reply at a lower level than planned carrying that level's head (which the
     node cannot have received) is refused: the head would be a fresh one."""
     strategy = _hetero(fedlp_initial, fedlp_runtime, level_preference=[0.0, 1.0])
-    strategy.plans = {2: strategy.plan(1, 2)}
+    _configure(strategy, [2], 1)
     fresh = _heads(fedlp_runtime)
     state = {**select(_noisy(fedlp_initial, 1), strategy.layers, ["blocks.0.conv"]), **_noisy(fresh, 2)}
     heads_before = {k: v.copy() for k, v in strategy.level_heads.items()}
-    assert strategy.aggregate_train(1, [make_reply(2, state, metrics={"depth-level": 1})]) is None
+    assert strategy.aggregate_train(1, [make_reply(2, state, metrics={"depth-level": 1}, to=strategy)]) is None
     assert len(strategy.rejections) == 1 and "level-heads.1" in strategy.rejections[0].reason
     assert states_equal(strategy.level_heads, heads_before) and states_equal(strategy.global_state, fedlp_initial)
     assert strategy.level_of(2) == 2
@@ -247,7 +253,7 @@ def test_fedlp_clients_keep_their_model_only_when_the_server_says_so(fedlp_runti
     """FedLP sends every layer a node trains each round, so it asks nodes to keep nothing."""
     strategy = _fedlp(fedlp_initial, fedlp_runtime, scheme=scheme, level_preference=[1.0, 0.0])
     assert not strategy.client_keeps_model
-    strategy.plans = {3: strategy.plan(1, 3)}
+    _configure(strategy, [3], 1)
     message = _train_message(strategy, 3)
     assert message.content["config"]["keep-model"] is False
     context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
@@ -260,22 +266,26 @@ def test_fedlp_clients_keep_their_model_only_when_the_server_says_so(fedlp_runti
 
 def test_reply_with_layers_beyond_its_level_is_rejected(fedlp_runtime, fedlp_initial):
     strategy = _hetero(fedlp_initial, fedlp_runtime, level_preference=[1.0, 0.0])
-    strategy.plans = {1: strategy.plan(1, 1)}
+    _configure(strategy, [1], 1)
     state = {**select(_noisy(fedlp_initial, 1), strategy.layers, ["blocks.0.conv", "blocks.1.conv"]), **_heads(fedlp_runtime)}
     state = {k: v for k, v in state.items() if not k.startswith("level-heads.2")}
-    metrics = strategy.aggregate_train(1, [make_reply(1, state, metrics={"depth-level": 1})])
+    metrics = strategy.aggregate_train(1, [make_reply(1, state, metrics={"depth-level": 1}, to=strategy)])
     assert metrics is None and len(strategy.rejections) == 1
     assert states_equal(strategy.global_state, fedlp_initial)
 
 
 def test_each_layer_is_averaged_over_its_holders(fedlp_runtime, fedlp_initial):
-    """Hand-made: node 1 at level 1 (30 examples), nodes 2 and 3 at level 2 (10 and 20)."""
-    strategy = _hetero(fedlp_initial, fedlp_runtime)
-    strategy.plans = {
+    """Hand-made: node 1 at level 1 (30 examples), nodes 2 and 3 at level 2 (10 and 20).
+
+    The layers are filled with constants, far from the model's scale: the norm guard (which would
+    refuse such a merged model) is off, this is about the arithmetic."""
+    strategy = _hetero(fedlp_initial, fedlp_runtime, norm_factor=0)
+    strategy.client_of = {1: 1, 2: 2, 3: 3}
+    send_plans(strategy, 1, {
         1: NodePlan(send=strategy.level_layers(1), request=strategy.level_layers(1), config={"depth-level": 1}),
         2: NodePlan(send=strategy.level_layers(2), request=strategy.level_layers(2), config={"depth-level": 2}),
         3: NodePlan(send=strategy.level_layers(2), request=strategy.level_layers(2), config={"depth-level": 2}),
-    }
+    })
     heads = _heads(fedlp_runtime)
 
     def filled(value, names):
@@ -284,9 +294,9 @@ def test_each_layer_is_averaged_over_its_holders(fedlp_runtime, fedlp_initial):
         return {k: np.full_like(source[k], value) for k in layers.keys_of(names)}
 
     replies = [
-        make_reply(1, filled(1.0, strategy.level_layers(1)), 30, {"depth-level": 1}),
-        make_reply(2, filled(2.0, strategy.level_layers(2)), 10, {"depth-level": 2}),
-        make_reply(3, filled(5.0, strategy.level_layers(2)), 20, {"depth-level": 2}),
+        make_reply(1, filled(1.0, strategy.level_layers(1)), 30, {"depth-level": 1}, to=strategy),
+        make_reply(2, filled(2.0, strategy.level_layers(2)), 10, {"depth-level": 2}, to=strategy),
+        make_reply(3, filled(5.0, strategy.level_layers(2)), 20, {"depth-level": 2}, to=strategy),
     ]
     strategy.aggregate_train(1, replies)
     assert not strategy.rejections
@@ -323,3 +333,20 @@ def test_checkpoint_round_trip(fedlp_runtime, fedlp_initial):
     assert fresh.level_of(7) == 1 and np.all(fresh.level_heads["level-heads.1.bias"] == 3.0)
     assert isinstance(state["level_heads"]["level-heads.1.bias"], np.ndarray)
     assert level_head_name(1) == "level-heads.1"
+
+
+def test_a_bad_flop_count_is_refused_and_never_sticks_in_the_totals(fedlp_runtime, fedlp_initial):
+    """Issue 24, item 7: one NaN (or absurd) ``train-flops`` would keep the run's total NaN for good."""
+    fedlp = _fedlp(fedlp_initial, fedlp_runtime, p=1.0, seed=3)
+    fedlp.client_of = {11: 0, 12: 1}
+    totals = []
+    for server_round, bad in ((1, float("nan")), (2, 1e308)):
+        fedlp.configure_train(server_round, [11, 12])
+        replies = [
+            make_reply(node, _noisy(fedlp_initial, node), metrics={"train-flops": flops, "train-flops-full": 100.0}, to=fedlp)
+            for node, flops in ((11, bad), (12, 50.0))
+        ]
+        fedlp.aggregate_train(server_round, replies)
+        totals.append(fedlp.round_record(server_round)["total_train_flops"])
+    assert totals == [50.0, 100.0]
+    assert [r.node_id for r in fedlp.rejections] == [11, 11] and "train-flops" in fedlp.rejections[0].reason

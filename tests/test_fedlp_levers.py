@@ -4,8 +4,9 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, RecordDict
 
+from benchmarks.faults import send_plans
 from benchmarks.fedlp_report import main as report_main
 from fedlayer.config import compose_config, resolve_resume
 from fedlayer.errors import ConfigError, ParameterError
@@ -30,8 +31,9 @@ def _fedlp(fedlp_initial, fedlp_runtime, **kwargs):
     return FedLPStrategy(fedlp_initial, model=fedlp_runtime.new_model(), **kwargs)
 
 
-def _reply_to(fedlp_runtime, strategy, node, server_round=1):
-    (message,) = strategy.build_messages(server_round, {node: strategy.plans[node]}, MessageType.TRAIN)
+def _reply_to(fedlp_runtime, strategy, node, plan, server_round=1):
+    """``node``'s real reply to the train message of ``plan`` (identify ``node`` as client 0, the runtime's partition)."""
+    message = send_plans(strategy, server_round, {node: plan})[node]
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     return message, Message(fedlp_train(fedlp_runtime, message.content, context), reply_to=message)
 
@@ -44,6 +46,7 @@ def _filled(state, keys, value):
 def test_defaults_are_the_paper_and_add_nothing_to_the_messages(fedlp_runtime, fedlp_initial):
     strategy = _fedlp(fedlp_initial, fedlp_runtime)
     assert (strategy.draw, strategy.dropped, strategy.server_momentum) == ("unit", "keepers", 0.0)
+    strategy.client_of = {3: 0}
     plan = strategy.plan(1, 3)
     assert DRAW_KEY not in plan.config and set(plan.request) <= set(strategy.layers.names)
     cfg = compose_config(FEDLP_OVERRIDES)
@@ -92,8 +95,8 @@ def test_tensor_draw_keeps_and_drops_tensors_independently(cnn6):
 def test_tensor_draw_uploads_exactly_the_kept_tensors_and_averages_each_over_its_holders(fedlp_runtime, fedlp_initial):
     strategy = _fedlp(fedlp_initial, fedlp_runtime, p=0.5, draw="tensor", seed=5)
     keep = ["blocks.0.conv.weight", "head.fc2.bias"]  # a conv's weight without its bias
-    strategy.plans = {4: NodePlan(send=strategy.layers.names, request=keep, config=strategy.plan(1, 4).config)}
-    message, reply = _reply_to(fedlp_runtime, strategy, 4)
+    strategy.client_of = {4: 0}
+    message, reply = _reply_to(fedlp_runtime, strategy, 4, NodePlan(send=strategy.layers.names, request=keep, config=strategy.plan(1, 4).config))
     assert message.content["config"][DRAW_KEY] == "tensor"
     assert sorted(from_arrayrecord(reply.content["arrays"])) == sorted(keep)
     strategy.aggregate_train(1, [reply])
@@ -107,9 +110,10 @@ def test_tensor_draw_uploads_exactly_the_kept_tensors_and_averages_each_over_its
 
 def test_tensor_draw_refuses_a_whole_layer_when_one_tensor_was_asked_for(fedlp_runtime, fedlp_initial):
     strategy = _fedlp(fedlp_initial, fedlp_runtime, draw="tensor")
-    strategy.plans = {1: NodePlan(send=strategy.layers.names, request=["head.fc2.weight"])}
+    strategy.client_of = {1: 0}
+    send_plans(strategy, 1, {1: NodePlan(send=strategy.layers.names, request=["head.fc2.weight"])})
     whole = {k: fedlp_initial[k] for k in ("head.fc2.weight", "head.fc2.bias")}
-    assert strategy.aggregate_train(1, [make_reply(1, whole)]) is None
+    assert strategy.aggregate_train(1, [make_reply(1, whole, to=strategy)]) is None
     assert "not requested" in strategy.rejections[0].reason
     assert states_equal(strategy.global_state, fedlp_initial)
 
@@ -123,16 +127,17 @@ def test_damped_average_counts_droppers_with_the_value_they_were_sent(fedlp_runt
 
     def run(dropped):
         strategy = _fedlp(fedlp_initial, fedlp_runtime, dropped=dropped)
-        strategy.plans = {
+        strategy.client_of = {1: 0, 2: 1, 3: 2}
+        send_plans(strategy, 1, {
             1: NodePlan(send=strategy.layers.names, request=["head.fc2", *others]),
             2: NodePlan(send=strategy.layers.names, request=others),
             3: NodePlan(send=strategy.layers.names, request=["head.fc2", *others]),
-        }
+        })
         body = strategy.layers.keys_of(others)
         replies = [
-            make_reply(1, {**_filled(fedlp_initial, fc2, 1.0), **_filled(fedlp_initial, body, 0.1)}, 30),
-            make_reply(2, _filled(fedlp_initial, body, 0.2), 10),
-            make_reply(3, {**_filled(fedlp_initial, fc2, 5.0), **_filled(fedlp_initial, body, 0.3)}, 20),
+            make_reply(1, {**_filled(fedlp_initial, fc2, 1.0), **_filled(fedlp_initial, body, 0.1)}, 30, to=strategy),
+            make_reply(2, _filled(fedlp_initial, body, 0.2), 10, to=strategy),
+            make_reply(3, {**_filled(fedlp_initial, fc2, 5.0), **_filled(fedlp_initial, body, 0.3)}, 20, to=strategy),
         ]
         strategy.aggregate_train(1, replies)
         assert not strategy.rejections
@@ -151,9 +156,10 @@ def test_damped_average_counts_droppers_with_the_value_they_were_sent(fedlp_runt
 # ------------------------------------------------------------ server momentum
 def _momentum_round(strategy, server_round, value, nodes=(1, 2)):
     names = strategy.layers.names
-    strategy.plans = {n: NodePlan(send=names, request=names) for n in nodes}
+    strategy.client_of.update({n: i for i, n in enumerate(nodes)})
+    send_plans(strategy, server_round, {n: NodePlan(send=names, request=names) for n in nodes})
     floats = [k for k, v in strategy.global_state.items() if np.issubdtype(v.dtype, np.floating)]
-    replies = [make_reply(n, {**strategy.global_state, **_filled(strategy.global_state, floats, value)}) for n in nodes]
+    replies = [make_reply(n, {**strategy.global_state, **_filled(strategy.global_state, floats, value)}, to=strategy) for n in nodes]
     strategy.aggregate_train(server_round, replies)
     assert not strategy.rejections
 
@@ -179,12 +185,13 @@ def test_server_momentum_is_applied_from_the_second_round_and_spares_batchnorm_s
 def test_server_momentum_keeps_layers_nobody_kept_and_their_velocity(fedlp_runtime, fedlp_initial):
     strategy = _fedlp(fedlp_initial, fedlp_runtime, server_momentum=0.9)
     names = strategy.layers.names
-    strategy.plans = {1: NodePlan(send=names, request=names)}
-    strategy.aggregate_train(1, [make_reply(1, _filled(fedlp_initial, fedlp_initial, 1.0))])
+    strategy.client_of = {1: 0}
+    send_plans(strategy, 1, {1: NodePlan(send=names, request=names)})
+    strategy.aggregate_train(1, [make_reply(1, _filled(fedlp_initial, fedlp_initial, 1.0), to=strategy)])
     velocity = strategy.velocity["head.fc2.weight"].copy()
     after_one = dict(strategy.global_state)
-    strategy.plans = {1: NodePlan(send=names, request=["head.fc1"])}
-    strategy.aggregate_train(2, [make_reply(1, _filled(fedlp_initial, strategy.layers.keys_of(["head.fc1"]), 3.0))])
+    send_plans(strategy, 2, {1: NodePlan(send=names, request=["head.fc1"])})
+    strategy.aggregate_train(2, [make_reply(1, _filled(fedlp_initial, strategy.layers.keys_of(["head.fc1"]), 3.0), to=strategy)])
     assert np.array_equal(strategy.global_state["head.fc2.weight"], after_one["head.fc2.weight"])
     assert np.array_equal(strategy.velocity["head.fc2.weight"], velocity)
     assert not np.array_equal(strategy.global_state["head.fc1.weight"], after_one["head.fc1.weight"])

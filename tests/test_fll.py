@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 
+from benchmarks.faults import push
 from fedlayer.config import compose_config
 from fedlayer.contrastive import augment_pair, nt_xent
 from fedlayer.errors import ConfigError
@@ -33,10 +34,12 @@ from fedlayer.methods.fll import (
 from fedlayer.models import build_model
 from fedlayer.models.staged import StagedModel, StageSpec, stage_layer_names, stage_step_flops
 from fedlayer.server.builder import build_strategy
-from fedlayer.server.loop import central_evaluator
+from fedlayer.server.loop import FederatedRun, central_evaluator
 from fedlayer.server.rundir import RunDirectory
+from fedlayer.traffic.size import trained_model_bytes
 from fedlayer.training import evaluate, linear_probe
 from fedlayer.workload import load_workload
+from tests.conftest import make_reply
 from tests.inprocess import run_in_process
 
 #: What ``train_stage`` tests train with (on top of ``_runtime``'s ``train.local_steps=2``).
@@ -50,7 +53,9 @@ def _resnet(seed=0):
 def _strategy(model_name="cnn", **kwargs):
     model = build_model(model_name, input_shape=(1, 28, 28), num_classes=10, seed=0)
     state = torch_state_to_numpy(model.state_dict())
-    return FLLStrategy(state, model=model, min_train_nodes=1, **kwargs)
+    strategy = FLLStrategy(state, model=model, min_train_nodes=1, **kwargs)
+    strategy.client_of = {7: 0, 11: 1, 12: 2, 3: 3}  # the nodes the tests use, identified (7: the runtime's partition)
+    return strategy
 
 
 def _runtime(*overrides):
@@ -71,9 +76,9 @@ def _simulate(tmp_path, *overrides):
 
 
 def _reply_to(sent: Message, content: RecordDict) -> Message:
-    """``content`` as the reply of the node ``sent`` went to."""
-    request = Message(sent.content, dst_node_id=sent.metadata.dst_node_id, message_type=MessageType.TRAIN)
-    return Message(content, reply_to=request)
+    """``content`` as the reply of the node ``sent`` went to (``sent`` pushed first, as the round loop does)."""
+    push([sent])
+    return Message(content, reply_to=sent)
 
 
 def test_stage_spec_groups_blocks_and_one_stage_is_end_to_end():
@@ -170,13 +175,13 @@ def test_a_node_that_lost_its_frozen_blocks_refuses_and_gets_them_again():
     strategy.aggregate_train(1, [_reply_to(first, fll_train(runtime, first.content, context))])
     (second,) = strategy.configure_train(2, nodes)
     strategy.aggregate_train(2, [_reply_to(second, fll_train(runtime, second.content, context))])
-    assert strategy.delivered == {7: {"blocks.0.conv"}}
+    assert strategy.delivered == {0: {"blocks.0.conv"}}  # by client id
     (third,) = strategy.configure_train(3, nodes)
     assert "blocks.0.conv" not in strategy.plans[7].send
     restarted = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})  # state lost
     with pytest.raises(RuntimeError, match=r"no copy of the frozen layers \['blocks.0.conv'\]"):
         fll_train(runtime, third.content, restarted)
-    error = Message(Error(code=0, reason="ClientApp raised: no copy of the frozen layers"), reply_to=third)
+    error = Message(Error(code=0, reason="ClientApp raised: no copy of the frozen layers"), reply_to=push([third])[0])
     before = {k: v.copy() for k, v in strategy.global_state.items()}
     strategy.aggregate_train(3, [error])
     assert states_equal(strategy.global_state, before) and strategy.delivered == {}
@@ -587,3 +592,32 @@ def test_federated_evaluation_scores_the_current_stage():
     strategy.net.load_state_dict({k: torch.from_numpy(v) for k, v in strategy.global_state.items()})
     expected = evaluate(strategy.net, runtime.test_data, torch.device("cpu"), forward=lambda x: strategy.net.forward_stage(x, 0))
     assert result["accuracy"] == pytest.approx(expected["accuracy"]) and result["num-examples"] == len(runtime.test_data)
+
+
+def test_an_absurd_memory_peak_is_refused_and_a_round_without_replies_reports_none():
+    """Issue 24, items 7-8: the run's peak is a maximum, so a reported 1e308 would stay it for good."""
+    strategy = _strategy("cnn", rounds_per_stage=5)
+    strategy.client_of = {11: 0, 12: 1}
+
+    def answer(node, peak):
+        state = select(strategy.global_state, strategy.layers, strategy.plans[node].request)
+        return make_reply(node, state, metrics={"peak-train-memory-bytes": peak}, to=strategy)
+
+    strategy.configure_train(1, [11, 12])
+    strategy.aggregate_train(1, [answer(11, 1e308), answer(12, 300.0)])
+    assert [r.node_id for r in strategy.rejections] == [11] and "peak-train-memory-bytes" in strategy.rejections[0].reason
+    record = strategy.round_record(1)
+    assert record["peak-train-memory-bytes"] == record["peak-train-memory-bytes-run"] == 300.0
+    strategy.configure_train(2, [11, 12])
+    strategy.aggregate_train(2, [answer(11, float("nan"))])  # no accepted reply this round
+    record = strategy.round_record(2)
+    assert "peak-train-memory-bytes" not in record and record["peak-train-memory-bytes-run"] == 300.0
+
+
+def test_fedavg_equivalent_is_the_configured_model_without_stage_heads(tmp_path):
+    """Issue 24, item 8: FedAvg would send the configured model, not FLL's stage heads too."""
+    cfg = compose_config(["strategy=fll", "dataset=mnist5k", "model=cnn", f"output_dir={tmp_path}"])
+    run = FederatedRun(cfg)
+    model = {k: v for k, v in run.strategy.global_state.items() if not k.startswith("stage_heads.")}
+    assert len(model) < len(run.strategy.global_state)
+    assert run.ledger.full_model_bytes == trained_model_bytes(model) < trained_model_bytes(run.strategy.global_state)

@@ -42,8 +42,7 @@ def _prepared(name: str, tmp_path):
     strategy = build_strategy(cfg, workload)
     strategy.attach_run_dir(tmp_path)
     strategy.client_of = {node: i for i, node in enumerate(NODES)}  # what the identity query would learn
-    chosen = strategy.sample_nodes(1, NODES)
-    strategy.plans = {node: strategy.plan(1, node) for node in chosen}
+    strategy.configure_train(1, NODES)
     return strategy
 
 
@@ -72,6 +71,7 @@ def test_run_goes_on_after_bad_replies(name, tmp_path):
             node,
             good_state(strategy, node) if strategy.plans[node].request else None,
             10,
+            to=strategy,
         )
         for node in nodes[1:]
     ]

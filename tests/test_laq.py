@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, RecordDict
 
 from benchmarks.faults import LAQ_MALFORMED as MALFORMED
 from benchmarks.faults import laq_reply as _reply
 from benchmarks.faults import laq_state as _state
 from benchmarks.faults import laq_upload as _upload
+from benchmarks.faults import push
 from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError, ParameterError
 from fedlayer.layers import from_arrayrecord, states_equal, torch_state_to_numpy
@@ -44,7 +45,7 @@ NODES = (11, 22, 33)
 def _strategy(**kwargs) -> LAQStrategy:
     strategy = LAQStrategy(_state(0), num_clients=3, **{"alpha": 0.1, "bits": 8, **kwargs})
     strategy.client_of = {node: pid for pid, node in enumerate(NODES)}  # what the identity query learns
-    strategy.plans = {node: strategy.plan(1, node) for node in NODES}
+    strategy.configure_train(1, list(NODES))
     return strategy
 
 
@@ -117,7 +118,7 @@ def test_uploads_and_skips_step_the_model_with_the_stale_sum():
     theta0 = copy.deepcopy(strategy.global_state)
     p1, q1 = _upload(_state(1))
     p2, q2 = _upload(_state(2))
-    strategy.aggregate_train(1, [_reply(11, 0, p1), _reply(22, 1, p2)])
+    strategy.aggregate_train(1, [_reply(11, 0, p1, to=strategy), _reply(22, 1, p2, to=strategy)])
     for key in theta0:
         expected = theta0[key] - np.float32(0.1) * (q1[key] + q2[key])
         assert np.allclose(strategy.global_state[key], expected, atol=1e-6)
@@ -129,7 +130,8 @@ def test_uploads_and_skips_step_the_model_with_the_stale_sum():
     # round 2: both skip; the server still steps with grad = Q1 + Q2
     skip = {UPDATE_KEY: encode_update([], skip=True, clock=0, quantization_error=0.0), BASE_KEY: 1}
     theta1 = copy.deepcopy(strategy.global_state)
-    strategy.aggregate_train(2, [_reply(11, 0, skip), _reply(22, 1, skip)])
+    strategy.configure_train(2, list(NODES))
+    strategy.aggregate_train(2, [_reply(11, 0, skip, to=strategy), _reply(22, 1, skip, to=strategy)])
     assert strategy.round_record(2)["skips"] == 2 and strategy.round_record(2)["uploads"] == 0
     for key in theta1:
         assert np.allclose(strategy.global_state[key], theta1[key] - np.float32(0.1) * (q1[key] + q2[key]), atol=1e-6)
@@ -145,18 +147,21 @@ def test_uploads_and_skips_step_the_model_with_the_stale_sum():
 def test_innovation_is_decoded_against_the_last_upload():
     strategy = _strategy(bits=4)
     p1, q1 = _upload(_state(1), bits=4)
-    strategy.aggregate_train(1, [_reply(11, 0, p1)])
+    strategy.aggregate_train(1, [_reply(11, 0, p1, to=strategy)])
     p2, q2 = _upload(_state(5), qhat=q1, bits=4, base=1)
-    strategy.aggregate_train(2, [_reply(11, 0, p2)])
+    strategy.configure_train(2, list(NODES))
+    strategy.aggregate_train(2, [_reply(11, 0, p2, to=strategy)])
     assert states_equal(strategy.qhat[0], q2) and strategy.versions[0] == 2
     # a stale base is refused; base 0 (a client that lost its Qhat) replaces Qhat
     stale, _ = _upload(_state(6), qhat=q1, bits=4, base=1)
     before = _snapshot(strategy)
-    strategy.aggregate_train(3, [_reply(11, 0, stale)])
+    strategy.configure_train(3, list(NODES))
+    strategy.aggregate_train(3, [_reply(11, 0, stale, to=strategy)])
     _same(before, _snapshot(strategy))
     assert "version 1" in strategy.rejections[-1].reason
     fresh, q3 = _upload(_state(7), bits=4, base=0)
-    strategy.aggregate_train(4, [_reply(11, 0, fresh)])
+    strategy.configure_train(4, list(NODES))
+    strategy.aggregate_train(4, [_reply(11, 0, fresh, to=strategy)])
     assert states_equal(strategy.qhat[0], q3) and strategy.versions[0] == 1
     assert strategy.round_record(4)["resyncs"] == 1
     assert all(np.array_equal(strategy.gradient_sum()[k], q3[k]) for k in q3)
@@ -166,16 +171,18 @@ def test_innovation_is_decoded_against_the_last_upload():
 def test_malformed_payload_is_rejected_and_leaves_state_unchanged(kind):
     strategy = _strategy()
     good, _ = _upload(_state(1))
-    strategy.aggregate_train(1, [_reply(11, 0, good)])  # some state to protect
+    strategy.aggregate_train(1, [_reply(11, 0, good, to=strategy)])  # some state to protect
     before = _snapshot(strategy)
     bad = {UPDATE_KEY: MALFORMED[kind](good[UPDATE_KEY]), BASE_KEY: 0}
-    metrics = strategy.aggregate_train(2, [_reply(22, 1, bad)])
+    strategy.configure_train(2, list(NODES))
+    metrics = strategy.aggregate_train(2, [_reply(22, 1, bad, to=strategy)])
     assert metrics is None and len(strategy.rejections) == 1
     assert strategy.rejections[0].node_id == 22 and "malformed LAQ update" in strategy.rejections[0].reason
     _same(before, _snapshot(strategy))
     # the run goes on: a good reply is still accepted
     again, _ = _upload(_state(2))
-    strategy.aggregate_train(3, [_reply(22, 1, again)])
+    strategy.configure_train(3, list(NODES))
+    strategy.aggregate_train(3, [_reply(22, 1, again, to=strategy)])
     assert strategy.versions[1] == 1 and len(strategy.rejections) == 1
 
 
@@ -186,17 +193,17 @@ def test_bad_reply_envelope_is_rejected(kind):
     strategy = _strategy()
     good, _ = _upload(_state(1))
     replies = {
-        "no-payload": make_reply(11, None, metrics={"partition-id": 0}),
-        "not-bytes": _reply(11, 0, {UPDATE_KEY: "text", BASE_KEY: 0}),
-        "bad-base": _reply(11, 0, {UPDATE_KEY: good[UPDATE_KEY], BASE_KEY: -1}),
-        "pid-range": _reply(11, 3, good),
-        "pid-nan": _reply(11, float("nan"), good),
+        "no-payload": make_reply(11, None, metrics={"partition-id": 0}, to=strategy),
+        "not-bytes": _reply(11, 0, {UPDATE_KEY: "text", BASE_KEY: 0}, to=strategy),
+        "bad-base": _reply(11, 0, {UPDATE_KEY: good[UPDATE_KEY], BASE_KEY: -1}, to=strategy),
+        "pid-range": _reply(11, 3, good, to=strategy),
+        "pid-nan": _reply(11, float("nan"), good, to=strategy),
         "unregistered": make_reply(44, None, payload=good),
-        "dense-arrays": _reply(11, 0, good, state=_state(1)),
+        "dense-arrays": _reply(11, 0, good, state=_state(1), to=strategy),
     }
     before = _snapshot(strategy)
     if kind == "duplicate-pid":
-        strategy.aggregate_train(1, [_reply(11, 0, good), _reply(22, 0, good)])
+        strategy.aggregate_train(1, [_reply(11, 0, good, to=strategy), _reply(22, 0, good, to=strategy)])
         assert len(strategy.rejections) == 1 and strategy.rejections[0].node_id in NODES
         assert strategy.round_record(1)["uploads"] == 1
         return
@@ -209,9 +216,10 @@ def test_updates_are_keyed_by_the_registered_client_not_the_reply():
     strategy = _strategy()
     strategy.client_of = {11: 2, 22: 0, 33: 1}
     good, q = _upload(_state(1))
-    strategy.aggregate_train(1, [make_reply(11, None, payload=good)])  # no partition-id in the reply
+    strategy.aggregate_train(1, [make_reply(11, None, payload=good, to=strategy)])  # no partition-id in the reply
     assert strategy.rejections == [] and sorted(strategy.qhat) == [2] and states_equal(strategy.qhat[2], q)
-    strategy.aggregate_train(2, [_reply(22, 2, good)])  # claims client 2, registered as 0: refused
+    strategy.configure_train(2, list(NODES))
+    strategy.aggregate_train(2, [_reply(22, 2, good, to=strategy)])  # claims client 2, registered as 0: refused
     assert len(strategy.rejections) == 1 and "registered client 0" in strategy.rejections[0].reason
     assert sorted(strategy.qhat) == [2] and strategy.client_limit == 3
 
@@ -220,16 +228,16 @@ def test_an_unsampled_clients_update_is_dropped_after_tbar_rounds():
     """Partial participation: the server's clock drops a stored update no one refreshed for tbar rounds."""
     strategy = _strategy(tbar=2)
     good, q = _upload(_state(1))
-    strategy.aggregate_train(1, [_reply(11, 0, good), _reply(22, 1, good)])
+    strategy.aggregate_train(1, [_reply(11, 0, good, to=strategy), _reply(22, 1, good, to=strategy)])
     for server_round in (2, 3):  # client 0 is not sampled; client 1 keeps uploading
-        strategy.plans = {22: strategy.plan(server_round, 22)}
+        strategy.configure_train(server_round, [22])
         fresh, _ = _upload(_state(server_round), qhat=strategy.qhat[1], base=strategy.versions[1])
-        strategy.aggregate_train(server_round, [_reply(22, 1, fresh)])
+        strategy.aggregate_train(server_round, [_reply(22, 1, fresh, to=strategy)])
         assert 0 in strategy.qhat and strategy.round_record(server_round)["stale_dropped"] == 0
-    strategy.plans = {22: strategy.plan(4, 22)}
+    strategy.configure_train(4, [22])
     fresh, _ = _upload(_state(4), qhat=strategy.qhat[1], base=strategy.versions[1])
     theta = copy.deepcopy(strategy.global_state)
-    strategy.aggregate_train(4, [_reply(22, 1, fresh)])
+    strategy.aggregate_train(4, [_reply(22, 1, fresh, to=strategy)])
     assert 0 not in strategy.qhat and strategy.round_record(4)["stale_dropped"] == 1
     for key in theta:  # round 4 steps with client 1's update alone
         assert np.allclose(strategy.global_state[key], theta[key] - np.float32(0.1) * strategy.qhat[1][key], atol=1e-6)
@@ -239,15 +247,17 @@ def test_an_unsampled_clients_update_is_dropped_after_tbar_rounds():
 def test_state_dict_round_trip_resumes_identically():
     a = _strategy(bits=4)
     p1, q1 = _upload(_state(1), bits=4)
-    a.aggregate_train(1, [_reply(11, 0, p1)])
+    a.aggregate_train(1, [_reply(11, 0, p1, to=a)])
     p2, _ = _upload(_state(2), qhat=q1, bits=4, base=1)
-    a.aggregate_train(2, [_reply(11, 0, p2)])
+    a.configure_train(2, list(NODES))
+    a.aggregate_train(2, [_reply(11, 0, p2, to=a)])
     b = _strategy(bits=4)
     b.global_state = copy.deepcopy(a.global_state)
     b.load_state_dict(copy.deepcopy(a.state_dict()))
     skip = {UPDATE_KEY: encode_update([], skip=True, clock=1, quantization_error=0.0), BASE_KEY: 2}
     for strategy in (a, b):
-        strategy.aggregate_train(3, [_reply(11, 0, skip)])
+        strategy.configure_train(3, list(NODES))
+        strategy.aggregate_train(3, [_reply(11, 0, skip, to=strategy)])
     assert states_equal(a.global_state, b.global_state) and a.history == b.history
     assert a.plan(4, 11).config["laq-drift"] == b.plan(4, 11).config["laq-drift"]
 
@@ -292,10 +302,10 @@ def _clients(mode: str, *extra: str):
 
 
 def _round(strategy, runtimes, contexts, server_round, drop=()):
-    strategy.plans = {node: strategy.plan(server_round, node) for node in NODES}
+    messages = {m.metadata.dst_node_id: m for m in push(strategy.configure_train(server_round, list(NODES)))}
     replies = []
     for node, runtime, context in zip(NODES, runtimes, contexts):
-        (sent,) = strategy.build_messages(server_round, {node: strategy.plans[node]}, MessageType.TRAIN)
+        sent = messages[node]
         content = METHODS["laq"].train(runtime, sent.content, context)
         if node not in drop:
             replies.append(Message(content, reply_to=sent))
@@ -396,3 +406,26 @@ def test_simulation_three_rounds_three_clients(tmp_path: Path):
     # 4-bit codes: the uplink is a small fraction of FedAvg's dense float32 uplink
     assert summary["bytes_up"] < 0.25 * summary["fedavg_bytes_up"]
     assert summary["bytes_down"] <= 1.01 * summary["fedavg_bytes_down"]
+
+
+def test_a_returning_clients_resync_is_measured_like_the_other_uploads():
+    """Issue 24, item 8: the norm guard compared a resync's full ``Q`` with the others' small
+    innovations ``Q - Qhat``, so a client returning without its version was refused every round."""
+    strategy = _strategy()
+    (p1, q1), (p2, q2) = _upload(_state(1)), _upload(_state(2))
+    strategy.aggregate_train(1, [_reply(11, 0, p1, to=strategy), _reply(22, 1, p2, to=strategy)])
+    strategy.configure_train(2, list(NODES))
+    near = lambda q, seed: {k: v + np.float32(1e-3) * _state(seed)[k] for k, v in q.items()}  # noqa: E731
+    small1, _ = _upload(near(q1, 7), qhat=q1, base=1)
+    small2, _ = _upload(near(q2, 8), qhat=q2, base=1)
+    resync, q3 = _upload(_state(3))  # client 2's first upload (or one after its stored update was dropped)
+    strategy.aggregate_train(2, [_reply(11, 0, small1, to=strategy), _reply(22, 1, small2, to=strategy), _reply(33, 2, resync, to=strategy)])
+    assert strategy.rejections == [] and strategy.round_record(2)["uploads"] == 3
+    assert states_equal(strategy.qhat[2], q3)
+    # an outsized upload is still refused
+    strategy.configure_train(3, list(NODES))
+    uploads = [_upload(_state(5 + c), qhat=strategy.qhat[c], base=strategy.versions[c])[0] for c in (0, 1)]
+    huge, _ = _upload({k: 1e4 * v for k, v in _state(4).items()}, qhat=q3, base=strategy.versions[2])
+    strategy.aggregate_train(3, [_reply(11, 0, uploads[0], to=strategy), _reply(22, 1, uploads[1], to=strategy),
+                                 _reply(33, 2, huge, to=strategy)])
+    assert [r.node_id for r in strategy.rejections] == [33]

@@ -70,7 +70,7 @@ def test_faulty_replies_leave_the_model_of_the_honest_ones(name, honest, faults,
 
     before = copy_state(mixed.global_state)
     mixed.aggregate_train(1, replies)
-    alone.aggregate_train(1, list(honest_replies.values()))
+    alone.aggregate_train(1, [train_reply(alone, node, honest_state(alone, node, seed + i), 10 + i) for i, node in enumerate(honest_nodes)])
 
     assert all_finite(mixed.global_state)
     assert states_equal(mixed.global_state, alone.global_state), faults
@@ -93,22 +93,22 @@ def test_laq_faulty_replies_leave_the_model_of_the_honest_ones(honest, faults, s
     nodes = [11, 22, 33, 44, 55, 66, 77]
 
     def strategy():
-        laq = LAQStrategy(laq_state(0), num_clients=len(nodes), alpha=0.1)
+        laq = LAQStrategy(laq_state(0), num_clients=len(nodes), alpha=0.1, bits=8)
         laq.client_of = {node: pid for pid, node in enumerate(nodes)}
         laq.configure_train(1, nodes)
         return laq
 
     mixed, alone = strategy(), strategy()
-    honest_replies = {node: laq_reply(node, pid, laq_upload(laq_state(seed + pid))[0]) for pid, node in enumerate(nodes[:honest])}
+    honest_replies = {node: laq_reply(node, pid, laq_upload(laq_state(seed + pid))[0], to=mixed) for pid, node in enumerate(nodes[:honest])}
     bad = []
     for i, kind in enumerate(faults):
         node, pid = nodes[honest + i % (len(nodes) - honest)], honest + i % (len(nodes) - honest)
         duplicated = honest_replies[nodes[i % honest]]
-        bad.append(laq_faulty_reply(kind, node, pid, honest=duplicated, seed=seed + i, num_clients=len(nodes)))
+        bad.append(laq_faulty_reply(kind, node, pid, honest=duplicated, seed=seed + i, num_clients=len(nodes), to=mixed))
     replies = [*honest_replies.values(), *bad]
     order.shuffle(replies)
     mixed.aggregate_train(1, replies)
-    alone.aggregate_train(1, list(honest_replies.values()))
+    alone.aggregate_train(1, [laq_reply(node, pid, laq_upload(laq_state(seed + pid))[0], to=alone) for pid, node in enumerate(nodes[:honest])])
     assert all_finite(mixed.global_state) and states_equal(mixed.global_state, alone.global_state)
     assert sorted(mixed.qhat) == sorted(alone.qhat) == list(range(honest))
     assert len(mixed.rejections) == len(bad) and alone.rejections == []

@@ -5,6 +5,7 @@ import pytest
 import torch
 from flwr.app import MessageType
 
+from benchmarks.faults import send_plans
 from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError, ParameterError
 from fedlayer.layers import copy_state, select, states_equal, torch_state_to_numpy
@@ -179,33 +180,37 @@ def _files(strategy):
 
 def test_bad_replies_are_rejected_and_touch_nothing(tmp_path):
     strategy = _strategy(tmp_path)
-    strategy.plans = {100 + c: NodePlan(send=strategy.layers.names, request=strategy.layers.names) for c in range(N)}
-    for c in range(N):
-        _sent(strategy, c)
+    plans = {100 + c: NodePlan(send=strategy.layers.names, request=strategy.layers.names) for c in range(N)}
+    send_plans(strategy, 1, plans)
     before = _files(strategy)
     global_before = copy_state(strategy.global_state)
     poisoned = small_state(5)
     poisoned["head.fc.weight"][0, 0] = np.inf
-    impostor = make_reply(101, small_state(6), metrics={"partition-id": 2})  # node of client 1 claims client 2
-    metrics = strategy.aggregate_train(1, [make_reply(100, poisoned), impostor])
+    impostor = make_reply(101, small_state(6), metrics={"partition-id": 2}, to=strategy)  # node of client 1 claims client 2
+    metrics = strategy.aggregate_train(1, [make_reply(100, poisoned, to=strategy), impostor])
     assert metrics is None and len(strategy.rejections) == 2
     assert states_equal(strategy.global_state, global_before)  # no new global model
     assert "registered client 1" in strategy.rejections[1].reason
     assert _files(strategy) == before
     # a good reply updates exactly its client's model and hypernetwork
-    strategy.aggregate_train(2, [make_reply(102, small_state(6), metrics={"partition-id": 2, "local-test-accuracy": 0.5})])
+    send_plans(strategy, 2, plans)
+    strategy.aggregate_train(2, [make_reply(102, small_state(6), metrics={"partition-id": 2, "local-test-accuracy": 0.5}, to=strategy)])
     after = _files(strategy)
     assert {name for name in after if after[name] != before.get(name)} == {"client-00002.v000002.f32", "hn-00002.v000002.npz"}
     assert strategy.round_record(2)["personal_accuracy"]["mean"] == 0.5
 
 
-def test_state_dict_round_trip_keeps_the_store(tmp_path):
-    strategy = _strategy(tmp_path)
+def test_state_dict_round_trip_keeps_the_store_in_a_moved_run_directory(tmp_path):
+    strategy = _strategy(tmp_path / "before")
+    state, sent = strategy.state_dict(), _sent(strategy, 2)
+    (tmp_path / "before").rename(tmp_path / "after")  # the run directory moved between crash and resume
     restored = PFedLAStrategy(small_state(0), num_clients=N, embedding_dim=8, hidden_dim=16, seed=1)
-    restored.load_state_dict(strategy.state_dict())
-    assert restored.workdir == strategy.workdir
+    restored.attach_run_dir(tmp_path / "after")  # as the round loop does before restoring
+    restored.load_state_dict(state)
+    assert restored.workdir == tmp_path / "after" / "pfedla"
     restored.client_of = dict(strategy.client_of)  # node ids are relearned in every run
-    assert states_equal(_sent(restored, 2), _sent(strategy, 2))
+    assert states_equal(_sent(restored, 2), sent)
+    assert not (tmp_path / "before").exists()
 
 
 def test_config_checks_name_the_field():
@@ -251,14 +256,17 @@ def test_pfedla_in_flower_simulation(tmp_path):
 
 def test_resume_reads_the_checkpointed_round_and_discards_later_files(tmp_path):
     strategy = _strategy(tmp_path)
-    strategy.plans = {100 + c: NodePlan(send=strategy.layers.names, request=strategy.layers.names) for c in range(N)}
-    strategy.aggregate_train(1, [make_reply(100, small_state(6), metrics={"partition-id": 0})])
+    plans = {100 + c: NodePlan(send=strategy.layers.names, request=strategy.layers.names) for c in range(N)}
+    send_plans(strategy, 1, plans)
+    strategy.aggregate_train(1, [make_reply(100, small_state(6), metrics={"partition-id": 0}, to=strategy)])
     checkpoint = strategy.state_dict()
     expected = _sent(strategy, 0)
-    strategy.aggregate_train(2, [make_reply(100, small_state(7), metrics={"partition-id": 0})])  # then the server dies
+    send_plans(strategy, 2, plans)
+    strategy.aggregate_train(2, [make_reply(100, small_state(7), metrics={"partition-id": 0}, to=strategy)])  # then the server dies
     assert not states_equal(_sent(strategy, 0), expected)
 
     resumed = PFedLAStrategy(small_state(0), num_clients=N, embedding_dim=8, hidden_dim=16, seed=1)
+    resumed.attach_run_dir(tmp_path)  # as the round loop does before restoring
     resumed.load_state_dict(checkpoint)
     resumed.client_of = dict(strategy.client_of)
     assert states_equal(_sent(resumed, 0), expected)

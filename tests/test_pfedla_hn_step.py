@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.faults import send_plans
 from fedlayer.config import compose_config, resolve_resume
 from fedlayer.errors import ConfigError, ParameterError
 from fedlayer.methods.base import NodePlan
@@ -23,8 +24,8 @@ def _params(strategy, client):
 def _round(strategy, server_round, clients, seed):
     """Clients ``clients`` reply with trained models ``small_state(seed + c)``."""
     strategy.start_round(server_round)
-    strategy.plans = {100 + c: NodePlan(send=strategy.layers.names, request=strategy.layers.names) for c in range(N)}
-    replies = [make_reply(100 + c, small_state(seed + c), metrics={"partition-id": c}) for c in clients]
+    send_plans(strategy, server_round, {100 + c: NodePlan(send=strategy.layers.names, request=strategy.layers.names) for c in range(N)})
+    replies = [make_reply(100 + c, small_state(seed + c), metrics={"partition-id": c}, to=strategy) for c in clients]
     assert strategy.aggregate_train(server_round, replies) is not None
 
 
@@ -80,6 +81,7 @@ def test_restore_under_all_repeats_a_round_exactly(tmp_path):
     _round(strategy, 4, [2], seed=50)  # the server dies during (after) round 4: its files must go
 
     resumed = PFedLAStrategy(small_state(0), num_clients=N, embedding_dim=8, hidden_dim=16, seed=1, hn_lr=1e-2, hn_step="all")
+    resumed.attach_run_dir(tmp_path)  # as the round loop does before restoring
     resumed.load_state_dict(checkpoint)
     resumed.client_of = dict(strategy.client_of)
     assert not list(tmp_path.rglob("*.v000003.*")) and not list(tmp_path.rglob("*.v000004.*"))

@@ -48,6 +48,10 @@ def test_fedavg_mnist5k_three_rounds(tmp_path):
     assert abs(summary["client_reported_up"] - summary["bytes_up"]) < 0.001 * summary["bytes_up"]
     assert set(records[0]["layer_bytes_up"]) == {"blocks.0.conv", "blocks.1.conv", "head.fc1", "head.fc2"}
     assert (tmp_path / "run" / "accuracy.png").stat().st_size > 1000
+    # the ServerApp in the engine wrote TensorBoard events and the client health
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    clients = (tmp_path / "run" / "clients.csv").read_text().splitlines()
+    assert len(clients) == 6 and all(line.split(",")[2:4] == ["3", "3"] for line in clients[1:])
 
 
 @pytest.mark.engine

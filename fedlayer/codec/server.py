@@ -10,7 +10,8 @@ Every train download carries the version of the reference it is encoded
 against; the client refuses one it does not hold (it lost its state). The
 server then sends that client a **dense resync** next time: the whole
 reference, dense, in ``CODEC_REFERENCE``, counted by the ledger. A client
-holds the new version only once it replied (``receive``); a download that
+holds the new version only once it replied (``receive``); the server takes
+it on only with the round that accepts the reply (``commit``). A download that
 was never answered is forgotten, so both ends stay at the old version.
 Federated-evaluation downloads are encoded against the reference and change nothing.
 """
@@ -22,7 +23,13 @@ from typing import Any
 from flwr.app import ArrayRecord, Message
 
 from fedlayer.clientstore import ClientStates
-from fedlayer.codec.tensors import DENSE, decode_state, encode_state
+from fedlayer.codec.tensors import (
+    DENSE,
+    CodecError,
+    check_encoding,
+    decode_state,
+    encode_state,
+)
 from fedlayer.layers import State, copy_state, to_arrayrecord
 from fedlayer.protocol import (
     ARRAYS,
@@ -49,6 +56,8 @@ class ServerCodec:
         self.versions: dict[int, int] = {}
         #: client -> (version, reference) it holds once it answers this round's download
         self.pending: dict[int, tuple[int, State]] = {}
+        #: client -> (version, reference) its reply says it now holds, committed with the round (``commit``)
+        self.received: dict[int, tuple[int, State]] = {}
         #: clients whose next train download is a dense resync
         self.needs_resync: set[int] = set()
 
@@ -62,6 +71,7 @@ class ServerCodec:
     def start_round(self) -> None:
         """Forget downloads of earlier rounds that were never answered."""
         self.pending = {}
+        self.received = {}
 
     def download(self, client: int, state: State, train: bool) -> tuple[dict[str, Any], dict[str, ArrayRecord], State]:
         """Config entries, records and the state the client will hold, for sending ``state`` to ``client``."""
@@ -89,25 +99,46 @@ class ServerCodec:
     def receive(self, client: int, reply: Message, server_round: int) -> None:
         """Settle the client's download version from its reply, and decode its layers in place.
 
-        Raises ``CodecError`` (a ``ValueError``) for layers that do not decode.
+        Raises ``CodecError`` (a ``ValueError``), leaving the codec's state as
+        it was, for a reply that no download awaits, that names another
+        reference version than the one this round's download leads to, that
+        is encoded other than ``up_bits`` says, or whose layers do not decode.
         """
         pending = self.pending.pop(client, None)
-        if pending is None:
-            return
-        version, reference = pending
         if reply.has_error():  # a client commits only on success: it holds the old version...
-            if MISMATCH in str(reply.error.reason):  # ...unless it holds none the server knows
+            if pending is not None and MISMATCH in str(reply.error.reason):  # ...unless it holds none the server knows
                 self.needs_resync.add(client)
             return
+        if pending is None:
+            raise CodecError("no train download to this client awaits a reply (answered already?)")
+        version, reference = pending
         metrics = reply.content.metric_records.get(METRICS)
-        if metrics is None or metrics.get(CODEC_VERSION) != version:
-            self.needs_resync.add(client)
-            return
-        self.references.put(client, reference, server_round)
-        self.versions[client] = version
-        self.needs_resync.discard(client)
-        if self.up_bits != DENSE and ARRAYS in reply.content.array_records:
-            reply.content[ARRAYS] = to_arrayrecord(decode_state(reply.content[ARRAYS], reference))
+        stated = metrics.get(CODEC_VERSION) if metrics is not None else None
+        if stated != version:
+            raise CodecError(f"reply names reference version {stated}, the server has version {version} pending for this client")
+        decoded = None
+        if ARRAYS in reply.content.array_records:
+            check_encoding(reply.content[ARRAYS], reference, self.up_bits, "up_bits")
+            if self.up_bits != DENSE:
+                decoded = decode_state(reply.content[ARRAYS], reference)
+        self.received[client] = (version, reference)
+        if decoded is not None:
+            reply.content[ARRAYS] = to_arrayrecord(decoded)
+
+    def commit(self, clients: list[int], server_round: int) -> None:
+        """The new references of ``clients``, received this round, become current.
+
+        Called once the round is committed, for the clients whose replies it
+        accepted: a refused reply or a dropped round leaves the references and
+        versions as they were (a client that did commit its new version is then
+        refused the next download as out of step and resynchronised).
+        """
+        for client in clients:
+            if client in self.received:
+                version, reference = self.received.pop(client)
+                self.references.put(client, reference, server_round)
+                self.versions[client] = version
+                self.needs_resync.discard(client)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -121,3 +152,4 @@ class ServerCodec:
         self.versions = {int(c): int(v) for c, v in state["versions"].items()}
         self.needs_resync = {int(c) for c in state["needs_resync"]}
         self.pending = {}
+        self.received = {}

@@ -32,6 +32,10 @@ CODEC_STYPE = "fedlayer.delta.v1"
 BITS = (32, 16, 8, 4, 2)
 DENSE = 32
 _RADIUS = struct.Struct("<f")
+#: Bits per value of each encoded ``dtype``.
+_ENCODED_BITS = {"f16": 16, "q8": 8, "q4": 4, "q2": 2}
+#: Below this a difference fits float16 with any error-feedback residual (float16's max, less one float16 step).
+_FLOAT16_DENSE = float(np.finfo(np.float16).max) - 32.0
 
 
 class CodecError(ValueError):
@@ -68,7 +72,7 @@ def decode_tensor(array: Array, reference: np.ndarray) -> np.ndarray:
             raise CodecError(f"f16 data is {len(array.data)} bytes, expected {2 * count}")
         diff = np.frombuffer(array.data, dtype=np.float16).reshape(reference.shape)
         return reference + diff.astype(np.float32)
-    bits = {"q8": 8, "q4": 4, "q2": 2}.get(array.dtype)
+    bits = _ENCODED_BITS.get(array.dtype)
     if bits is None:
         raise CodecError(f"unknown encoding {array.dtype!r}")
     expected = _RADIUS.size + packed_nbytes(count, bits)
@@ -79,6 +83,54 @@ def decode_tensor(array: Array, reference: np.ndarray) -> np.ndarray:
         raise CodecError(f"radius must be finite and >= 0, got {radius}")
     codes = unpack_codes(array.data[_RADIUS.size :], bits, count).reshape(reference.shape)
     return dequantize(QuantizedTensor(codes, radius, bits), reference)
+
+
+def encoded_bits(array: Array) -> int:
+    """The bits per value ``array`` travels at: ``DENSE`` for a plain array; ``CodecError`` for an unknown encoding."""
+    if array.stype != CODEC_STYPE:
+        return DENSE
+    bits = _ENCODED_BITS.get(array.dtype)
+    if bits is None:
+        raise CodecError(f"unknown encoding {array.dtype!r}")
+    return bits
+
+
+def check_encoding(record: ArrayRecord, reference: State, bits: int, setting: str) -> None:
+    """``CodecError`` unless every tensor of ``record`` travels as a sender configured for ``bits`` sends it.
+
+    Such a sender (``encode_state``) encodes every float32 tensor that has a
+    reference of its shape at ``bits``; the others, and at 16 bits a difference
+    that overflows float16, travel dense. ``setting`` names the configured field
+    in the message (``up_bits``).
+    """
+    for key, array in record.items():
+        sent = encoded_bits(array)
+        if sent == bits:
+            continue
+        if sent != DENSE:
+            raise CodecError(f"reply encoded at {sent} bits ({key}), configured {setting}={bits}")
+        ref = reference.get(key)
+        if array.dtype != "float32" or ref is None or tuple(array.shape) != tuple(ref.shape):
+            continue  # not encodable: dense is what any sender sends
+        if bits == 16 and _overflows_float16(array, ref):
+            continue
+        raise CodecError(f"reply sends {key} dense (32 bits), configured {setting}={bits}")
+
+
+def _overflows_float16(array: Array, reference: np.ndarray) -> bool:
+    """Whether a dense tensor's difference from ``reference`` may not fit float16 (why a 16-bit sender sends it dense).
+
+    The sender tested the difference plus its error-feedback residual, at most
+    half a float16 step (16 near the top of the range): within that of the
+    limit, either may have overflowed.
+    """
+    try:
+        value = array.numpy()
+    except Exception as err:  # corrupt bytes raise many kinds of errors
+        raise CodecError(f"dense array does not decode: {err}") from None
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = np.abs(np.subtract(value, reference, dtype=np.float32))
+    return not (diff < _FLOAT16_DENSE).all()  # NaN counts as overflow: validation refuses it later
 
 
 def encodable(value: np.ndarray, reference: State, key: str) -> bool:

@@ -11,13 +11,17 @@ configured rule (``aggregation.rule``):
 The robust rules are unweighted: a client claiming many examples must not
 buy more influence. ``oversized_updates`` is the guard every strategy runs
 before any rule: a reply whose update of some tensor is far larger than the
-round's median update of that tensor is refused.
+round's median update of that tensor is refused. A tensor only one reply
+carries has no median to compare with: ``unexpected_updates`` bounds its
+update by what the strategy expects of that tensor instead, and
+``unexpected_change`` bounds how far the merged model moves each tensor.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -160,3 +164,59 @@ def oversized_updates(norms: dict[int, dict[str, float]], factor: float) -> dict
         if not found:
             return refused
         refused |= found
+
+
+def l2_norm(value: np.ndarray) -> float:
+    """The L2 norm of ``value``, in float64 (finite for values near the float32 limit)."""
+    flat = np.asarray(value, dtype=np.float64).ravel()
+    return math.sqrt(float(np.dot(flat, flat)))
+
+
+def rms(state: Mapping[str, np.ndarray]) -> float:
+    """Root mean square of the float entries of ``state``: the typical size of one value."""
+    floats = [v for v in state.values() if np.issubdtype(v.dtype, np.floating)]
+    count = sum(v.size for v in floats)
+    return math.sqrt(sum(l2_norm(v) ** 2 for v in floats) / count) if count else 0.0
+
+
+def tensor_scale(value: np.ndarray, model_rms: float) -> float:
+    """How large a tensor is: its norm, at least that of a tensor of its size at the model's RMS
+    (so a tensor that starts at zero, a BatchNorm bias, still has a scale)."""
+    return max(l2_norm(value), model_rms * math.sqrt(value.size))
+
+
+def unexpected_updates(
+    norms: dict[int, dict[str, float]], expected: Callable[[int, str], float], factor: float
+) -> dict[int, str]:
+    """Nodes whose update of a tensor that no other node carries is above ``factor`` x ``expected(node, key)``.
+
+    ``norms`` as for ``oversized_updates``. With one carrier there is no
+    median to compare with (one reply in the round, or a layer only one node
+    kept or holds), so the strategy says what an update of that tensor may
+    measure. Returns node id -> reason.
+    """
+    carriers = Counter(key for layer_norms in norms.values() for key in layer_norms)
+    refused: dict[int, str] = {}
+    for node, layer_norms in norms.items():
+        for key, value in layer_norms.items():
+            if carriers[key] == 1 and not value <= factor * (scale := expected(node, key)):
+                refused[node] = (
+                    f"update of {key!r} has norm {value:.3g}, above {factor:g} x its expected size {scale:.3g} "
+                    "(no other reply carries it)"
+                )
+                break
+    return refused
+
+
+def unexpected_change(current: Mapping[str, np.ndarray], merged: Mapping[str, np.ndarray], factor: float) -> str | None:
+    """Why ``merged`` must not replace ``current``: a float tensor moved by more than ``factor`` x its
+    ``tensor_scale`` (None: every tensor stays within it). Tensors ``merged`` shares with ``current`` are skipped."""
+    model_rms = rms(current)
+    for key, new in merged.items():
+        old = current[key]
+        if new is old or not np.issubdtype(old.dtype, np.floating):
+            continue
+        change = l2_norm(np.asarray(new, dtype=np.float64) - old)
+        if not change <= factor * (scale := tensor_scale(old, model_rms)):
+            return f"it moves {key!r} by {change:.3g}, above {factor:g} x the tensor's size {scale:.3g}"
+    return None

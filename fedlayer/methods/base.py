@@ -12,12 +12,19 @@ hooks, never those calls:
 - ``node_state``    the tensors a node receives (personalised methods);
 - ``validate``      method checks on top of the reply validation;
 - ``aggregate``     new values for some layers, from validated replies;
-- ``round_record``, ``write_artifacts``, ``state_dict``/``load_state_dict``.
+- ``round_record``, ``fedavg_state``, ``write_artifacts``, ``state_dict``/``load_state_dict``.
+
+A round commits all or nothing (``commit_or_drop``): ``aggregate`` may change
+the method's state as its algorithm says, and if the merged model is then
+refused, ``load_state_dict`` restores the ``state_dict`` taken before it. So
+everything a method keeps between rounds belongs in ``state_dict`` (exact
+resume needs that anyway), and per-client files go through ``FileVersions``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -30,6 +37,7 @@ from flwr.common.logger import log
 from fedlayer.codec.server import ServerCodec
 from fedlayer.codec.tensors import BITS, DENSE
 from fedlayer.errors import require
+from fedlayer.files import deferred_pruning, prune
 from fedlayer.layers import (
     ModelLayers,
     State,
@@ -41,25 +49,33 @@ from fedlayer.layers import (
 from fedlayer.methods.aggregation import (
     RULES,
     aggregate_layers,
+    lower_median,
     oversized_updates,
+    rms,
+    tensor_scale,
+    unexpected_change,
+    unexpected_updates,
     update_norms,
 )
+from fedlayer.methods.identity import ClientBindings, check_slot, free_client_id, slot_of
+from fedlayer.methods.outbox import Outbox
 from fedlayer.methods.replies import (
     ReplyRejected,
     TrainReply,
     client_order,
     identity_query,
     parse_identity,
+    validate_evaluate_reply,
     validate_train_reply,
 )
 from fedlayer.protocol import (
     ARRAYS,
+    ASSIGNED_BASE,
     CLIENT_ID,
     CODEC_VERSION,
     CONFIG,
     KEEP_MODEL,
     METHOD,
-    METRICS,
     NUM_EXAMPLES,
     PARTITION_ID,
     PAYLOAD,
@@ -69,6 +85,8 @@ from fedlayer.protocol import (
 from fedlayer.training import Evaluator
 
 ConfigValue = int | float | str | bool | bytes | list[int] | list[float] | list[str] | list[bool]
+#: Committed rounds of update norms each tensor's ``norm_history`` keeps.
+NORM_HISTORY = 10
 
 
 @dataclass
@@ -194,16 +212,26 @@ class LayerwiseStrategy:
         self.evaluation_rng = np.random.default_rng([seed, 1])
         self.plans: dict[int, NodePlan] = {}
         self.rejections: list[Rejection] = []
-        #: rounds whose merged model was not finite (their update was dropped)
+        #: rounds whose merged model was refused (not finite, or a tensor moved absurdly far): nothing of them was kept
         self.dropped_rounds: list[int] = []
+        #: tensor key -> per committed round that updated it, the lower median of its accepted update norms (newest last)
+        self.norm_history: dict[str, list[float]] = {}
+        #: node id -> its accepted reply's update norms this round (committed into ``norm_history`` with the round)
+        self.round_norms: dict[int, dict[str, float]] = {}
         #: node id -> what it was sent for training this round (the norm guard's reference)
         self.sent_states: dict[int, State] = {}
+        #: this round's training and evaluation messages, and the last identity queries: what a reply must answer
+        self.outbox = Outbox(0, MessageType.TRAIN)
+        self.evaluate_outbox = Outbox(0, MessageType.EVALUATE)
+        self.query_outbox = Outbox(None, MessageType.QUERY)
         #: node id -> client id (see ``replies``); relearned in every run
         self.client_of: dict[int, int] = {}
-        #: client ids must be partition ids below this (methods with a slot per client)
+        #: methods with a slot per client: this many slots (see ``methods.identity``)
         self.client_limit: int | None = None
-        #: client ids the server assigned to nodes without a partition id (told to them in every message)
+        #: client ids the server assigned to nodes without a partition id (told to them in every message; checkpointed)
         self.assigned: set[int] = set()
+        #: client id -> the key of the node that claimed it (``identity.bind``; checkpointed)
+        self.bindings = ClientBindings()
 
     # ------------------------------------------------------------------ hooks
     def start_round(self, server_round: int) -> None:
@@ -222,8 +250,17 @@ class LayerwiseStrategy:
         return client_order((ordered[i] for i in chosen), self.client_of)
 
     def client_id(self, node_id: int) -> int:
-        """The node's stable client id (its node id while it has not been identified)."""
-        return self.client_of.get(node_id, node_id)
+        """The node's stable client id; an unidentified node has none (``KeyError``): it is
+        never sampled and its replies are refused before any state is touched."""
+        return self.client_of[node_id]
+
+    def slot(self, node_id: int) -> int:
+        """The node's per-client slot (methods with a slot per client: ``client_limit``, ``methods.identity``)."""
+        return slot_of(self.client_id(node_id))
+
+    def identified(self, node_ids: Iterable[int]) -> list[int]:
+        """The nodes among ``node_ids`` whose client id is known."""
+        return [node for node in node_ids if node in self.client_of]
 
     def plan(self, server_round: int, node_id: int) -> NodePlan:
         """What a node gets and returns; FedAvg: the whole model both ways."""
@@ -265,6 +302,11 @@ class LayerwiseStrategy:
         """Extra per-round numbers for ``metrics.jsonl``."""
         return {}
 
+    def fedavg_state(self) -> State:
+        """The model FedAvg would exchange: the unit of the byte ledger's FedAvg equivalent
+        (methods whose global state holds more than the configured model override)."""
+        return self.global_state
+
     def attach_run_dir(self, run_dir: Path) -> None:
         """Called with the run directory before round 1; per-client state
         goes on disk there (pFedLA's models, LAQ's updates, the codec's references)."""
@@ -280,7 +322,9 @@ class LayerwiseStrategy:
             "rng": self.rng.bit_generator.state,
             "evaluation_rng": self.evaluation_rng.bit_generator.state,
             "dropped_rounds": list(self.dropped_rounds),
+            "norm_history": {key: list(norms) for key, norms in self.norm_history.items()},
             "codec": None if self.codec is None else self.codec.state_dict(),
+            "identity": {"assigned": sorted(self.assigned), "bindings": self.bindings.state_dict()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -288,8 +332,12 @@ class LayerwiseStrategy:
         self.rng.bit_generator.state = state["rng"]
         self.evaluation_rng.bit_generator.state = state["evaluation_rng"]
         self.dropped_rounds = [int(r) for r in state["dropped_rounds"]]
+        self.norm_history = {key: [float(n) for n in norms] for key, norms in state.get("norm_history", {}).items()}
         if self.codec is not None:
             self.codec.load_state_dict(state["codec"])
+        identity = state.get("identity", {"assigned": [], "bindings": {}})  # checkpoints before bindings had none
+        self.assigned = {int(c) for c in identity["assigned"]}
+        self.bindings.load_state_dict(identity["bindings"])
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
@@ -302,41 +350,57 @@ class LayerwiseStrategy:
 
     # ------------------------------------------------------------- identity
     def identity_queries(self, node_ids: Iterable[int]) -> list[Message]:
-        """QUERY messages for the nodes whose client id is not known yet."""
-        return [identity_query(self.method, node) for node in node_ids if node not in self.client_of]
+        """QUERY messages for the nodes whose client id is not known yet (kept: replies must answer them)."""
+        queries = [identity_query(self.method, node) for node in node_ids if node not in self.client_of]
+        self.query_outbox = Outbox.of(None, MessageType.QUERY, queries)
+        return queries
 
-    def register_identities(self, server_round: int, replies: Iterable[Message], connected: list[int]) -> None:
-        """Learn client ids from query replies; a bad answer is logged and counted."""
+    def register_identities(
+        self, server_round: int, replies: Iterable[Message], connected: list[int], keys: Mapping[int, str] | None = None
+    ) -> None:
+        """Learn client ids from query replies; a bad answer, or a claim its binding refuses, is logged and counted.
+
+        ``keys``: node id -> the key the SuperLink registered for the node
+        (``identity.bind``; see ``methods.identity``). A node that asks for an
+        assigned id gets the one its key is bound to, else a free one.
+        """
+        keys = keys or {}
         for reply in replies:
             try:
-                node, client, assigned = parse_identity(reply, self.client_of, connected, self.client_limit)
+                self.query_outbox.check(server_round, reply)
+                node, client, _ = parse_identity(reply, self.client_of, connected, self.client_limit)
+                key = keys.get(node)
+                if client is None:
+                    client = self.bindings.client_of_key(key)
                 if client is None:
                     client = self.free_client_id(node, connected)
+                check_slot(node, client, self.taken_client_ids() - {client}, self.client_limit)
+                self.bindings.check(node, client, key)
             except ReplyRejected as rejected:
                 self.reject(server_round, rejected)
                 continue
+            self.bindings.bind(client, key)
             for gone in [n for n, c in self.client_of.items() if c == client and n != node]:
                 del self.client_of[gone]
             self.client_of[node] = client
-            if assigned:
+            if client >= ASSIGNED_BASE:
                 self.assigned.add(client)
-            else:
-                self.assigned.discard(client)
 
     def free_client_id(self, node: int, connected: list[int]) -> int:
-        """A client id for a node without one: the smallest never held, else one a departed node held.
+        """A new server-assigned client id (``ASSIGNED_BASE`` and up; a slot's for methods with one per client)."""
+        live = {c for n, c in self.client_of.items() if n in set(connected)}
+        return free_client_id(node, self.taken_client_ids(), live, set(self.bindings.keys), self.client_limit)
 
-        Within ``[0, client_limit)`` for methods with a slot per client.
-        """
-        live = set(connected)
-        held = set(self.client_of.values())
-        held_live = {c for n, c in self.client_of.items() if n in live}
-        limit = self.client_limit if self.client_limit is not None else len(held) + 1
-        for taken in (held, held_live):
-            free = next((c for c in range(limit) if c not in taken), None)
-            if free is not None:
-                return free
-        raise ReplyRejected(node, f"no free client id: all {limit} client slots are held by connected nodes")
+    def taken_client_ids(self) -> set[int]:
+        """Client ids held, assigned or bound in this run."""
+        return set(self.client_of.values()) | self.assigned | set(self.bindings.keys)
+
+    def release_bindings(self, clients: Iterable[int]) -> None:
+        """Release the bindings of ``clients`` (``identity.release``): the next node to claim one binds it."""
+        clients = list(clients)
+        released = self.bindings.release(clients)
+        unbound = sorted(set(clients) - set(released))
+        log(INFO, "identity: released the bindings of client ids %s%s", released, f" ({unbound} were not bound)" if unbound else "")
 
     def reject(self, server_round: int, rejected: ReplyRejected) -> None:
         """Log and count a refused reply."""
@@ -345,60 +409,106 @@ class LayerwiseStrategy:
 
     # ------------------------------------------------------------ the round
     def configure_train(self, server_round: int, node_ids: list[int]) -> list[Message]:
-        """Per-node training messages for this round's sample of ``node_ids``."""
+        """Per-node training messages for this round's sample of ``node_ids`` (identified ones only)."""
         self.start_round(server_round)
+        node_ids = self.identified(node_ids)
         chosen = self.sample_nodes(server_round, node_ids)
         self.plans = {node: self.plan(server_round, node) for node in chosen}
         self.sent_states = {}
         if self.codec is not None:
             self.codec.start_round()
         log(INFO, "configure_train: %d of %d nodes", len(chosen), len(node_ids))
-        return self.build_messages(server_round, self.plans, MessageType.TRAIN)
+        messages = self.build_messages(server_round, self.plans, MessageType.TRAIN)
+        self.outbox = Outbox.of(server_round, MessageType.TRAIN, messages)
+        return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> dict[str, float] | None:
-        """Validate, aggregate layer by layer, merge into the global model; the replies' mean metrics."""
+    def aggregate_train(self, server_round: int, replies: Iterable[Message], *, min_replies: int = 1) -> dict[str, float] | None:
+        """Validate, aggregate layer by layer, merge into the global model; the replies' mean metrics.
+
+        None, with the model and the method's state unchanged, when fewer than
+        ``min_replies`` replies are accepted (``federation.min_replies``).
+        """
         valid = self.accept_replies(server_round, replies)
-        if not valid:
-            log(WARNING, "round %d: no valid replies; global model unchanged", server_round)
+        if len(valid) < min_replies:
+            log(WARNING, "round %d: %d accepted replies < min_replies=%d; global model unchanged", server_round, len(valid), min_replies)
+            if self.codec is not None:  # the accepted clients hold the references they were sent
+                self.codec.commit([self.client_id(r.node_id) for r in valid], server_round)
             return None
-        merged = merge(self.global_state, self.aggregate(server_round, valid))
-        if all_finite(merged):
-            self.global_state = merged
-        else:
-            log(WARNING, "round %d: the aggregated model is not finite; its update is dropped", server_round)
-            self.dropped_rounds.append(server_round)
+        self.commit_or_drop(server_round, valid)
         return weighted_mean([{**r.metrics, NUM_EXAMPLES: float(r.num_examples)} for r in valid])
 
-    def discard_train(self, server_round: int, replies: Iterable[Message]) -> None:
-        """Too few replies to aggregate: the model stays, error replies are counted, and
-        the codec learns which references the replying clients now hold (they committed them)."""
-        for message in replies:
-            node = message.metadata.src_node_id
-            try:
-                self.decode_reply(server_round, node, message)
-                if message.has_error():
-                    raise ReplyRejected(node, f"client error: {message.error.reason}")
-            except ReplyRejected as rejected:
-                self.reject(server_round, rejected)
+    def commit_or_drop(self, server_round: int, valid: list[TrainReply]) -> None:
+        """A round commits all or nothing: compute, check, then commit.
+
+        The method aggregates (changing its own state as its algorithm says);
+        then the merged model is checked (``merged_model_problem``). If it
+        passes, it becomes the global model and the round's codec references
+        and update norms are committed; if not, the method's state is restored
+        from the snapshot taken before (``state_dict``, the state a resumed run
+        continues from, so it is complete) and the files the round wrote are
+        removed again (old versions are pruned only once a round commits).
+        """
+        before = self.state_dict()
+        with deferred_pruning() as written:
+            merged = merge(self.global_state, self.aggregate(server_round, valid))
+            problem = self.merged_model_problem(merged)
+        if problem is not None:
+            log(WARNING, "round %d: the aggregated model is refused (%s); the round is dropped", server_round, problem)
+            self.load_state_dict(before)
+            self.dropped_rounds.append(server_round)
+            return
+        self.global_state = merged
+        if self.codec is not None:
+            self.codec.commit([self.client_id(r.node_id) for r in valid], server_round)
+        self.note_update_norms([self.round_norms[r.node_id] for r in valid if r.node_id in self.round_norms])
+        prune(written)
+
+    def merged_model_problem(self, merged: State) -> str | None:
+        """Why ``merged`` must not replace the global model (None: it may): a value that is
+        not finite, or, with the norm guard on, a tensor moved by more than ``norm_factor``
+        x its size (``aggregation.unexpected_change``)."""
+        if not all_finite(merged):
+            return "it is not finite"
+        return unexpected_change(self.global_state, merged, self.norm_factor) if self.norm_factor else None
+
+    def note_update_norms(self, accepted: list[dict[str, float]]) -> None:
+        """A committed round's update norms into ``norm_history``: per tensor, the lower
+        median over the accepted replies carrying it; the newest ``NORM_HISTORY`` rounds are kept."""
+        by_key: dict[str, list[float]] = {}
+        for norms in accepted:
+            for key, value in norms.items():
+                by_key.setdefault(key, []).append(value)
+        for key, values in by_key.items():
+            self.norm_history[key] = [*self.norm_history.get(key, []), lower_median(values)][-NORM_HISTORY:]
 
     def configure_evaluate(self, server_round: int, node_ids: list[int]) -> list[Message]:
         """Federated evaluation of the model each node would use (optional)."""
         if self.fraction_evaluate <= 0.0:
             return []
-        ordered = client_order(node_ids, self.client_of)
+        ordered = client_order(self.identified(node_ids), self.client_of)
+        if not ordered:
+            return []
         count = max(1, int(len(ordered) * self.fraction_evaluate))
         chosen = client_order((ordered[i] for i in self.evaluation_rng.choice(len(ordered), count, replace=False)), self.client_of)
         plans = {node: NodePlan(send=self.layers.names, request=[]) for node in chosen}
-        return self.build_messages(server_round, plans, MessageType.EVALUATE)
+        messages = self.build_messages(server_round, plans, MessageType.EVALUATE)
+        self.evaluate_outbox = Outbox.of(server_round, MessageType.EVALUATE, messages)
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> dict[str, float] | None:
-        """Example-weighted mean of the clients' evaluation metrics."""
+        """Example-weighted mean of the accepted evaluation replies' metrics (``validate_evaluate_reply``);
+        a refused reply is logged and counted like a training one."""
         metrics = []
+        answered: set[int] = set()
         for message in replies:
-            if message.has_error() or METRICS not in message.content.metric_records:
-                continue
-            record = message.content.metric_records[METRICS]
-            metrics.append({k: float(v) for k, v in record.items() if isinstance(v, (int, float))})
+            try:  # it answers this round's evaluate message to its node, once
+                self.evaluate_outbox.check(server_round, message)
+                if message.metadata.src_node_id in answered:
+                    raise ReplyRejected(message.metadata.src_node_id, "a second evaluate reply to the same round")
+                answered.add(message.metadata.src_node_id)
+                metrics.append(validate_evaluate_reply(message))
+            except ReplyRejected as rejected:
+                self.reject(server_round, rejected)
         return weighted_mean(metrics) if metrics else None
 
     # ------------------------------------------------------- message plumbing
@@ -450,6 +560,8 @@ class LayerwiseStrategy:
         for message in replies:
             try:
                 node = message.metadata.src_node_id
+                self.require_identified(node)
+                self.outbox.check(server_round, message)  # it answers this round's train message to this node
                 if node in answered:  # one reply per node and round: a second one is never averaged in
                     raise ReplyRejected(node, "a second reply to the same round")
                 self.decode_reply(server_round, node, message)
@@ -461,6 +573,11 @@ class LayerwiseStrategy:
                 self.reject(server_round, rejected)
         valid = self.guard_update_norms(server_round, valid)
         return sorted(valid, key=lambda r: (r.node_id not in self.client_of, self.client_id(r.node_id), r.node_id))
+
+    def require_identified(self, node: int) -> None:
+        """Refuse a reply from a node whose client id is not registered (none of its state exists)."""
+        if node not in self.client_of:
+            raise ReplyRejected(node, "reply from a node whose client id is not registered")
 
     def decode_reply(self, server_round: int, node: int, message: Message) -> None:
         """Codec stage: settle the node's reference version, decode its layers in place."""
@@ -478,16 +595,28 @@ class LayerwiseStrategy:
             raise ReplyRejected(reply.node_id, f"{PARTITION_ID} {claimed:g} != registered client {self.client_of[reply.node_id]}")
 
     def guard_update_norms(self, server_round: int, replies: list[TrainReply]) -> list[TrainReply]:
-        """Refuse replies whose update of some tensor is over ``norm_factor`` x the round's median."""
+        """Refuse replies whose update of some tensor is over ``norm_factor`` x the round's median,
+        or, for a tensor no other reply carries, over ``norm_factor`` x its ``expected_update_norm``."""
+        self.round_norms = {}
         if not self.norm_factor:
             return replies
         norms = {r.node_id: n for r in replies if (n := self.update_norms(r)) is not None}
-        if len(norms) < 2:
-            return replies
         refused = oversized_updates(norms, self.norm_factor)
+        kept = {node: n for node, n in norms.items() if node not in refused}
+        model_rms = functools.cache(lambda: rms(self.global_state))  # only if some tensor has a sole carrier
+        refused |= unexpected_updates(kept, lambda node, key: self.expected_update_norm(node, key, model_rms()), self.norm_factor)
         for node, reason in refused.items():
             self.reject(server_round, ReplyRejected(node, reason))
+        self.round_norms = {node: n for node, n in norms.items() if node not in refused}
         return [r for r in replies if r.node_id not in refused]
+
+    def expected_update_norm(self, node_id: int, key: str, model_rms: float) -> float:
+        """How large an update of ``key`` may be expected to be when no other reply carries it:
+        the largest of the last ``NORM_HISTORY`` committed rounds' median update norms of ``key``,
+        or the tensor's own size (``tensor_scale`` of what the node was sent), whichever is larger."""
+        sent = self.sent_value(node_id, key)
+        own = 0.0 if sent is None else tensor_scale(sent, model_rms)
+        return max([own, *self.norm_history.get(key, [])])
 
     def update_norms(self, reply: TrainReply) -> dict[str, float] | None:
         """Per tensor, the norm of the reply's update against what its node was sent (None: no update)."""

@@ -137,12 +137,15 @@ class FedLAMAStrategy(LayerwiseStrategy):
 
     # ---------------------------------------------------------- aggregation
     def validate(self, server_round: int, message: Message) -> TrainReply:
-        """Base checks; a node whose reply is refused may hold no model of its own
-        (it restarted without its state folder), so it is sent every layer the next time."""
+        """Base checks; a node asked to train whose reply is refused may hold no model of its
+        own (it restarted without its state folder), so it is sent every layer the next time.
+        A node not asked this round (an unknown or stray sender) changes nothing."""
         try:
             return super().validate(server_round, message)
         except ReplyRejected:
-            self.resend.add(self.client_id(message.metadata.src_node_id))
+            node = message.metadata.src_node_id
+            if node in self.plans:
+                self.resend.add(self.client_id(node))
             raise
 
     def aggregate(self, server_round: int, replies: list[TrainReply]) -> State:

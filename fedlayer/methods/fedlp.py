@@ -30,7 +30,7 @@ from fedlayer.methods.client import (
     requested_layers,
     server_round_of,
 )
-from fedlayer.methods.replies import ReplyRejected, TrainReply, validate_train_reply
+from fedlayer.methods.replies import ReplyRejected, TrainReply, check_metric, validate_train_reply
 from fedlayer.models import LayeredModel
 from fedlayer.models.depth import (
     LEVEL_HEAD_PREFIX,
@@ -51,6 +51,10 @@ UNIT, TENSOR = "unit", "tensor"
 KEEPERS, DAMPED = "keepers", "damped"
 #: message config key telling the client that ``request`` names tensors (sent only with ``draw: tensor``)
 DRAW_KEY = "fedlp-draw"
+#: Reply metrics summed into the run's FLOP totals, and the most one reply may report (one absurd
+#: or non-finite value would stay in the totals for good).
+FLOP_METRICS = ("train-flops", "train-flops-full")
+MAX_TRAIN_FLOPS = 1e21
 
 
 class FedLPStrategy(LayerwiseStrategy):
@@ -225,9 +229,9 @@ class FedLPStrategy(LayerwiseStrategy):
         if plan is None:
             raise ReplyRejected(node_id, "reply from a node that was not asked to train")
         if self.scheme == HOMOGENEOUS:  # exactly the kept layers (or tensors)
-            return validate_train_reply(message, self.kept_layers, allowed=plan.request, required=plan.request)
+            return check_flops(validate_train_reply(message, self.kept_layers, allowed=plan.request, required=plan.request))
         planned = int(plan.config["depth-level"])
-        reply = validate_train_reply(message, self.all_layers, allowed=plan.request, required=None)
+        reply = check_flops(validate_train_reply(message, self.all_layers, allowed=plan.request, required=None))
         level = reply.metrics.get("depth-level")
         if level is None or level != int(level) or not 1 <= level <= planned:
             raise ReplyRejected(node_id, f"depth-level must be an integer in 1..{planned}, got {level}")
@@ -347,6 +351,13 @@ class FedLPStrategy(LayerwiseStrategy):
         self.level_heads = copy_state(state["level_heads"])
         self.round_info = {int(k): v for k, v in state["round_info"].items()}
         self.velocity = copy_state(state.get("velocity", {}))  # checkpoints from before server momentum have none
+
+
+def check_flops(reply: TrainReply) -> TrainReply:
+    """The reply, if the FLOP counts it reports lie in ``[0, MAX_TRAIN_FLOPS]``; else ``ReplyRejected``."""
+    for key in FLOP_METRICS:
+        check_metric(reply.metrics, reply.node_id, key, MAX_TRAIN_FLOPS)
+    return reply
 
 
 # --- pruning units and rates ---------------------------------------------------------

@@ -39,7 +39,7 @@ from fedlayer.methods.client import (
     requested_layers,
     server_round_of,
 )
-from fedlayer.methods.replies import MAX_EXAMPLES, ReplyRejected, TrainReply
+from fedlayer.methods.replies import MAX_EXAMPLES, ReplyRejected, TrainReply, check_metric
 from fedlayer.models import LayeredModel
 from fedlayer.models.staged import (
     STAGE_HEADS,
@@ -74,6 +74,10 @@ PROBE_EPOCHS = "fll-probe-epochs"
 #: Reply metrics: the received model's score on the held-out examples, and their count.
 VAL_ACCURACY = "val-accuracy"
 VAL_EXAMPLES = "val-examples"
+#: Reply metrics: memory peaks of local training (``fedlayer.memory``), and the most one may report
+#: (1 PiB): the run's peak is a maximum, so one absurd value would stay it for good.
+MEMORY_METRICS = ("peak-train-memory-bytes", "cuda-peak-memory-bytes")
+MAX_MEMORY_BYTES = float(2**50)
 
 
 class FLLStrategy(LayerwiseStrategy):
@@ -189,6 +193,8 @@ class FLLStrategy(LayerwiseStrategy):
         self.net = StagedModel(model, self.spec, head_pool, int(base.get("seed", 0)), head=stage_head)
         # Clients start the codec's references from the configured model, without the stage heads.
         super().__init__(torch_state_to_numpy(self.net.state_dict()), codec_reference=initial_state, **base)
+        #: the configured model's keys (FedAvg would exchange these: no stage heads)
+        self.model_keys = list(initial_state)
         self.rounds_per_stage = rounds_per_stage
         self.head_pool = head_pool
         self.stage_head = stage_head
@@ -269,6 +275,7 @@ class FLLStrategy(LayerwiseStrategy):
     def start_round(self, server_round: int) -> None:
         self._advance_stage(server_round)
         self.round_validation = None
+        self.round_peak = {}  # a round without accepted replies reports no peak
 
     def plan(self, server_round: int, node_id: int) -> NodePlan:
         """The stage's layers both ways, plus frozen blocks the node does not hold yet."""
@@ -289,6 +296,8 @@ class FLLStrategy(LayerwiseStrategy):
         them the next time (it refuses to train without them)."""
         try:
             reply = super().validate(server_round, message)
+            for key in MEMORY_METRICS:
+                check_metric(reply.metrics, reply.node_id, key, MAX_MEMORY_BYTES)
             if self.stage_rule == "plateau":
                 check_validation_metrics(reply)
             return reply
@@ -304,7 +313,7 @@ class FLLStrategy(LayerwiseStrategy):
             self.delivered.setdefault(self.client_id(reply.node_id), set()).update(sent)
         self.round_peak = {
             key: max(r.metrics[key] for r in replies if key in r.metrics)
-            for key in ("peak-train-memory-bytes", "cuda-peak-memory-bytes")
+            for key in MEMORY_METRICS
             if any(key in r.metrics for r in replies)
         }
         self.run_peak = max(self.run_peak, self.round_peak.get("peak-train-memory-bytes", 0.0))
@@ -332,6 +341,10 @@ class FLLStrategy(LayerwiseStrategy):
             )
             result["linear-probe-accuracy"] = result["accuracy"]
         return {**result, "stage": float(self.stage)}
+
+    def fedavg_state(self) -> State:
+        """The configured model: FedAvg has no stage heads."""
+        return {key: self.global_state[key] for key in self.model_keys}
 
     def round_record(self, server_round: int) -> dict[str, Any]:
         validation = (

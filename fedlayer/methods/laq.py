@@ -208,6 +208,9 @@ class LAQStrategy(LayerwiseStrategy):
             update = decode_update(data, expected=self.shapes)
         except WireFormatError as err:
             raise ReplyRejected(node, f"malformed LAQ update: {err}") from None
+        other = next((t for t in update.tensors if t.bits != self.bits), None)
+        if other is not None:  # the wire allows 1..8 bits; this run's contract is ``bits``
+            raise ReplyRejected(node, f"LAQ update encoded at {other.bits} bits ({other.name}), configured bits={self.bits}")
         q: State | None = None
         bits = 0
         if not update.skip:
@@ -228,15 +231,14 @@ class LAQStrategy(LayerwiseStrategy):
         return reply
 
     def update_norms(self, reply: TrainReply) -> dict[str, float] | None:
-        """The guard's norms: of the decoded innovation ``Q_m - Qhat_m`` (None for a skip)."""
+        """The guard's norms: of the decoded ``Q_m``, the term of ``sum_m Qhat_m`` the upload
+        becomes (None for a skip). An innovation ``Q_m - Qhat_m`` is small next to a
+        resync's ``Q_m`` (its base is zero), so comparing the two would refuse a returning
+        client every round; every upload's ``Q_m`` is a gradient estimate of the same size."""
         q = reply.payload["q"]
         if q is None:
             return None
-        previous = self.qhat.get(reply.payload["client"]) if reply.payload["base"] else None
-        return {
-            key: float(np.linalg.norm(q[key].astype(np.float64) - (0.0 if previous is None else previous[key])))
-            for key in q
-        }
+        return {key: float(np.linalg.norm(q[key].astype(np.float64))) for key in q}
 
     def aggregate(self, server_round: int, replies: list[TrainReply]) -> State:
         """Replace the uploaders' ``Qhat_m``, re-sum, step ``theta -= alpha * grad``."""

@@ -11,7 +11,7 @@ server keeps per client, and the seeded choice of who trains, are keyed by a
 *client id*: the node's ``partition-id`` from its node config, learned once
 per node with a QUERY message that the ClientApp answers without touching
 data or model. A node without one is assigned a free client id by the
-server, told it in every message (``client-id``), and answers later queries
+server (``ASSIGNED_BASE`` and up, see ``methods.identity``), told it in every message (``client-id``), and answers later queries
 with it (kept in its state folder, so it survives a restart). The client id
 is the one source of truth: a reply naming another ``partition-id`` is refused.
 """
@@ -36,6 +36,7 @@ from flwr.app import (
 from fedlayer.layers import ModelLayers, State
 from fedlayer.protocol import (
     ARRAYS,
+    ASSIGNED_BASE,
     CLIENT_ID,
     CONFIG,
     METHOD,
@@ -174,6 +175,34 @@ def validate_train_reply(
     )
 
 
+def validate_evaluate_reply(message: Message) -> dict[str, float]:
+    """An evaluation reply's metrics (``training.evaluate``'s): no error, every metric finite,
+    ``accuracy`` in [0, 1], ``loss`` >= 0, a positive integer example count."""
+    node_id = message.metadata.src_node_id
+    if message.has_error():
+        raise ReplyRejected(node_id, f"client error: {message.error.reason}")
+    metrics = _metrics(message, node_id)
+    _num_examples(metrics, node_id)
+    nonfinite = sorted(key for key, value in metrics.items() if not math.isfinite(value))
+    if nonfinite:
+        raise ReplyRejected(node_id, f"non-finite metrics {nonfinite[:5]}")
+    check_metric(metrics, node_id, "accuracy", 1.0, required=True)
+    check_metric(metrics, node_id, "loss", math.inf, required=True)
+    return metrics
+
+
+def check_metric(metrics: dict[str, float], node_id: int, key: str, high: float, *, required: bool = False) -> None:
+    """A client-reported metric the server uses must lie in ``[0, high]`` (absent: refused only if
+    ``required``); else ``ReplyRejected``. One absurd value must not stick in a run's totals."""
+    value = metrics.get(key)
+    if value is None:
+        if required:
+            raise ReplyRejected(node_id, f"metric {key!r} missing")
+        return
+    if not (math.isfinite(value) and 0.0 <= value <= high):
+        raise ReplyRejected(node_id, f"metric {key!r} must lie in [0, {high:g}], got {value!r}")
+
+
 # --- identity -------------------------------------------------------------------
 class Identity(NamedTuple):
     """What a node said it is: its client id (None: none yet), and whether the server assigned it."""
@@ -195,10 +224,13 @@ def parse_identity(
     """The identity a query reply states; ``ReplyRejected`` if unusable.
 
     A node without a partition id answers with the client id the server
-    assigned it earlier, or with none (``client`` None: the server assigns one). ``limit``: client ids must lie in ``[0, limit)`` (methods with one
-    slot per client). An id held by another *connected* node is refused; one
-    held by a node that is gone moves to the new node (a SuperNode that came
-    back under a new node id).
+    assigned it earlier, or with none (``client`` None: the server assigns one).
+    Partition ids lie below ``ASSIGNED_BASE``, assigned ids at or above it;
+    ``limit``: methods with one slot per client take partition ids in
+    ``[0, limit)`` and assigned ids in ``ASSIGNED_BASE + [0, limit)``. An id
+    held by another *connected* node is refused; one held by a node that is
+    gone moves to the new node (a SuperNode that came back under a new node
+    id) unless its binding says otherwise (``fedlayer.methods.identity``).
     """
     node = reply.metadata.src_node_id
     if reply.has_error():
@@ -211,11 +243,15 @@ def parse_identity(
         assigned = record.get(CLIENT_ID) if isinstance(record, MetricRecord) else None
         if assigned is None:
             return Identity(node, None, assigned=True)
-        if not isinstance(assigned, int) or assigned < 0:
-            raise ReplyRejected(node, f"{CLIENT_ID} must be an integer >= 0, got {assigned!r}")
+        top = ASSIGNED_BASE + limit if limit is not None else None
+        if not isinstance(assigned, int) or isinstance(assigned, bool) or assigned < ASSIGNED_BASE or (top is not None and assigned >= top):
+            where = f"in [{ASSIGNED_BASE}, {top})" if top is not None else f">= {ASSIGNED_BASE}"
+            raise ReplyRejected(node, f"{CLIENT_ID} must be a server-assigned id, an integer {where}, got {assigned!r}")
         value = assigned
-    if limit is not None and not 0 <= value < limit:
-        raise ReplyRejected(node, f"{PARTITION_ID} must be an integer in [0, {limit}), got {value!r}")
+    else:
+        top = limit if limit is not None else ASSIGNED_BASE
+        if value >= top:
+            raise ReplyRejected(node, f"{PARTITION_ID} must be an integer in [0, {top}), got {value!r}")
     client = int(value)
     live = set(connected)
     owner = next((n for n, c in client_of.items() if c == client and n != node and n in live), None)

@@ -11,12 +11,21 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
+from typing import Protocol
 
 from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedlayer.traffic import ByteLedger
+
+
+class ExchangeObserver(Protocol):
+    """Per-message sizes and timings of an exchange (``fedlayer.server.health.ClientHealth``)."""
+
+    def sent(self, message: Message, nbytes: int) -> None: ...
+
+    def replied(self, reply: Message, nbytes: int, round_trip: float) -> None: ...
 
 
 def exchange(
@@ -28,16 +37,20 @@ def exchange(
     timeout: float,
     poll_interval: float,
     control: bool = False,
+    observer: ExchangeObserver | None = None,
 ) -> list[Message]:
     """Push ``messages``, then pull replies until all arrived or ``timeout`` passed.
 
     ``control``: the messages are identity queries (see ``ByteLedger.record_down``).
+    ``observer`` is told each message's and reply's measured size, and each
+    reply's round trip (push to pull, so up to ``poll_interval`` late).
     """
     messages = list(messages)
     if not messages:
         return []
     if control:  # before the round's first train message: say what this exchange is
         log(INFO, "round %d: identifying %d new nodes", server_round, len(messages))
+    pushed_at = time.monotonic()
     message_ids = [mid for mid in grid.push_messages(messages) if mid]
     pending = set(message_ids)
     replies: list[Message] = []
@@ -45,7 +58,9 @@ def exchange(
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(list(pending)):
             pending.discard(reply.metadata.reply_to_message_id)
-            ledger.record_up(server_round, reply, control=control)
+            size = ledger.record_up(server_round, reply, control=control)
+            if observer is not None:
+                observer.replied(reply, size, time.monotonic() - pushed_at)
             replies.append(reply)
         if pending:
             time.sleep(poll_interval)
@@ -53,7 +68,9 @@ def exchange(
     # measuring caches object ids in the messages' __dict__, which races with the
     # simulation engine pickling the same objects in its worker threads.
     for message in messages:
-        ledger.record_down(server_round, message, control=control)
+        size = ledger.record_down(server_round, message, control=control)
+        if observer is not None:
+            observer.sent(message, size)
     if pending:
         log(WARNING, "round %d: %d of %d nodes did not reply within %.0f s", server_round, len(pending), len(message_ids), timeout)
     else:

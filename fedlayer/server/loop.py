@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
@@ -15,19 +17,27 @@ from omegaconf import DictConfig, OmegaConf
 from fedlayer.data import ArrayDataset
 from fedlayer.methods import LayerwiseStrategy
 from fedlayer.methods.base import Rejection
+from fedlayer.plots import plot_run
 from fedlayer.protocol import HOST
 from fedlayer.server.builder import build_strategy
 from fedlayer.server.checkpoint import Checkpoint, CheckpointStore
 from fedlayer.server.exchange import exchange
-from fedlayer.server.plots import plot_run
+from fedlayer.server.health import ClientHealth
+from fedlayer.server.node_keys import binds_keys, node_keys
 from fedlayer.server.rundir import RunDirectory
+from fedlayer.server.telemetry import Telemetry
 from fedlayer.traffic import ByteLedger
 from fedlayer.traffic.size import trained_model_bytes
 from fedlayer.training import Evaluator
 from fedlayer.workload import build_configured_model, load_workload
 
-#: What Flower's Ray backend answers for a client whose actor died with its Ray node.
-ACTOR_DIED = "ActorDiedError"
+#: How Flower 1.39's simulation engine reports a client whose Ray actor died (its Ray node
+#: left): the vce ``worker`` (flwr/server/superlink/fleet/vce/vce_api.py) answers code UNKNOWN
+#: and reason ``str(type(ex)) + ":<'...'>"`` with Ray's actor error as ``ex``. A ClientApp's own
+#: exception reaches that worker wrapped in ``ClientAppException`` (simulation/ray_transport/
+#: ray_actor.py), so it gets code CLIENT_APP_RAISED_EXCEPTION and a reason that starts
+#: ``<class 'ray.exceptions.RayTaskError(ClientAppException)'>``: a client cannot forge this one.
+ACTOR_DIED = (ErrorCode.UNKNOWN, ("<class 'ray.exceptions.ActorDiedError'>", "<class 'ray.exceptions.RayActorError'>"))
 
 
 class RunStopped(RuntimeError):
@@ -41,7 +51,8 @@ class FederatedRun:
         self.cfg = cfg
         workload = load_workload(cfg, int(cfg.federation.num_clients))
         self.strategy: LayerwiseStrategy = build_strategy(cfg, workload)
-        self.ledger = ByteLedger(self.strategy.layers, trained_model_bytes(self.strategy.global_state))
+        self.strategy.bindings.enabled = binds_keys(str(cfg.identity.bind))
+        self.ledger = ByteLedger(self.strategy.layers, trained_model_bytes(self.strategy.fedavg_state()))
         self.evaluator = central_evaluator(cfg, workload.central_test)
         self.rundir = RunDirectory.create(cfg)
         self.rundir.clear_error()
@@ -54,8 +65,14 @@ class FederatedRun:
         self.hosts: dict[str, set[int]] = {}
         self.ray_nodes: set[str] = set()
         self.first_round = 1
+        self.health = ClientHealth()
+        #: whether enough nodes connected for this process's first round (``connected_nodes``)
+        self.started = False
         if cfg.resume:
             self.restore()
+        if cfg.identity.release:
+            self.strategy.release_bindings(int(c) for c in cfg.identity.release)
+        self.telemetry = Telemetry(cfg, self.rundir.path, self.strategy, self.health, self.hosts, self.rundir.read_metrics() if cfg.resume else [])
 
     def restore(self) -> None:
         """Continue from the newest good checkpoint of this run directory."""
@@ -74,6 +91,7 @@ class FederatedRun:
         self.elapsed_before = float(extra["wall_seconds"])
         self.hosts = {host: set(clients) for host, clients in extra.get("hosts", {}).items()}
         self.ray_nodes = set(extra.get("ray_nodes", []))
+        self.health.load_state_dict(extra.get("client_health", {"rejections_seen": len(self.strategy.rejections)}))
         self.first_round = checkpoint.round + 1
         self.rundir.truncate_metrics(checkpoint.round)
         log(INFO, "resume: continuing %s after round %d", self.rundir.path, checkpoint.round)
@@ -93,6 +111,7 @@ class FederatedRun:
                     "wall_seconds": elapsed,
                     "hosts": {host: sorted(clients) for host, clients in self.hosts.items()},
                     "ray_nodes": sorted(self.ray_nodes),
+                    "client_health": self.health.state_dict(),
                 },
             )
         )
@@ -112,6 +131,7 @@ class FederatedRun:
             nonfinite = self.rundir.append_metrics(record)
             if nonfinite:
                 log(WARNING, "round %d: non-finite metrics written as null: %s", server_round, ", ".join(nonfinite))
+            self.telemetry.round_done(record)
             self.save_checkpoint(server_round, time.time() - started)
             log(INFO, "%s", progress_line(record, rounds, self.ledger.totals()))
         summary = self.summary(time.time() - started)
@@ -119,6 +139,7 @@ class FederatedRun:
         records = self.rundir.read_metrics()
         plot_run(records, self.rundir.path / "accuracy.png", f"{self.cfg.strategy.name} on {self.cfg.dataset.name}")
         self.strategy.write_artifacts(self.rundir.path, records)
+        self.telemetry.close()
         log(INFO, "fedlayer: finished; summary in %s", self.rundir.path / "summary.json")
         return summary
 
@@ -132,51 +153,66 @@ class FederatedRun:
             timeout=float(federation.round_timeout),
             poll_interval=float(federation.poll_interval),
             control=control,
+            observer=self.health,
         )
 
     def connected_nodes(self, grid: Grid) -> list[int]:
-        """The connected nodes, once at least ``federation.min_available_nodes`` are."""
+        """The connected nodes, once enough are; ``RunStopped`` after ``federation.wait_timeout`` s without.
+
+        Enough: ``min_available_nodes`` (null: ``num_clients``) before the first
+        round this process runs; after it ``min_train_nodes``, so a node that
+        died never holds the run up while the others can train.
+        """
         federation = self.cfg.federation
-        needed = int(federation.min_available_nodes or federation.num_clients)
+        field = "min_train_nodes" if self.started else "min_available_nodes"
+        needed = int(federation.min_train_nodes if self.started else federation.min_available_nodes or federation.num_clients)
+        timeout = float(federation.wait_timeout)
+        deadline = time.monotonic() + timeout
         while len(node_ids := sorted(grid.get_node_ids())) < needed:
-            log(INFO, "Waiting for nodes: %d connected, %d needed", len(node_ids), needed)
-            time.sleep(1.0)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RunStopped(
+                    f"only {len(node_ids)} of the {needed} nodes needed (federation.{field}) connected within "
+                    f"federation.wait_timeout={timeout:g} s; the run stopped: continue it with resume={self.rundir.path}"
+                )
+            log(INFO, "Waiting for nodes: %d connected, %d needed (federation.%s), %.0f s left", len(node_ids), needed, field, left)
+            time.sleep(min(1.0, left))
+        self.started = True
         return node_ids
 
-    def identify_nodes(self, grid: Grid, server_round: int) -> None:
-        """Ask nodes seen for the first time which client they are (see ``methods.replies``)."""
+    def identify_nodes(self, grid: Grid, server_round: int) -> list[int]:
+        """Ask nodes seen for the first time which client they are (see ``methods.replies``);
+        the connected nodes whose client id is known (only those are sampled)."""
         connected = self.connected_nodes(grid)
         queries = self.strategy.identity_queries(connected)
         if queries:
             replies = self._exchange(grid, queries, server_round, control=True)
-            self.strategy.register_identities(server_round, replies, connected)
+            keys = node_keys(grid) if self.strategy.bindings.enabled else None
+            self.strategy.register_identities(server_round, replies, connected, keys)
+        return self.strategy.identified(connected)
 
     def run_round(self, grid: Grid, server_round: int, last: bool) -> dict[str, Any]:
         """One round; returns its metrics line."""
         started = time.time()
-        self.identify_nodes(grid, server_round)
-        rejected_before = len(self.strategy.rejections)
-        train_messages = self.strategy.configure_train(server_round, self.connected_nodes(grid))
+        rejected_before = len(self.strategy.rejections)  # identity answers refused count in the round too
+        identified = self.identify_nodes(grid, server_round)
+        train_messages = self.strategy.configure_train(server_round, identified)
         replies = self._exchange(grid, train_messages, server_round)
         self.note_hosts(replies)
-        self.stop_if_ray_nodes_died(server_round, replies)
+        self.stop_if_ray_nodes_died(server_round, replies, in_simulation(grid))
         answered = sum(not reply.has_error() for reply in replies)
         record: dict[str, Any] = {"round": server_round, "replies": len(replies), "error_replies": len(replies) - answered}
-        if answered >= int(self.cfg.federation.min_replies):
-            train_metrics = self.strategy.aggregate_train(server_round, replies)
-            record["train"] = train_metrics
-            if train_metrics and "local-test-accuracy" in train_metrics:
-                self.last_local_accuracy = float(train_metrics["local-test-accuracy"])
-        else:
-            log(INFO, "round %d: %d replies without error < min_replies; model unchanged", server_round, answered)
-            self.strategy.discard_train(server_round, replies)
-            record["train"] = None
-        record["rejected"] = len(self.strategy.rejections) - rejected_before
+        # None (model unchanged) when fewer than min_replies replies are accepted
+        train_metrics = self.strategy.aggregate_train(server_round, replies, min_replies=int(self.cfg.federation.min_replies))
+        record["train"] = train_metrics
+        if train_metrics and "local-test-accuracy" in train_metrics:
+            self.last_local_accuracy = float(train_metrics["local-test-accuracy"])
         record["update_dropped"] = server_round in self.strategy.dropped_rounds
-        evaluate_messages = self.strategy.configure_evaluate(server_round, self.connected_nodes(grid))
-        if evaluate_messages:
+        if self.strategy.fraction_evaluate > 0:  # else no wait for nodes to evaluate
+            evaluate_messages = self.strategy.configure_evaluate(server_round, self.connected_nodes(grid))
             replies = self._exchange(grid, evaluate_messages, server_round)
-            record["federated_evaluation"] = self.strategy.aggregate_evaluate(server_round, replies)
+            record["federated_evaluation"] = self.strategy.aggregate_evaluate(server_round, replies) if replies else None
+        record["rejected"] = len(self.strategy.rejections) - rejected_before
         if last or server_round % int(self.cfg.evaluation.every) == 0:
             central = self.strategy.evaluate_central(self.evaluator)
             self.last_accuracy = central["accuracy"]
@@ -199,14 +235,18 @@ class FederatedRun:
         record["seconds"] = time.time() - started
         return record
 
-    def stop_if_ray_nodes_died(self, server_round: int, replies: list[Any]) -> None:
-        """Stop (``RunStopped``) when clients' Ray actors died: a Ray node left the cluster.
+    def stop_if_ray_nodes_died(self, server_round: int, replies: list[Any], simulation: bool) -> None:
+        """Stop (``RunStopped``) when the simulation engine reports clients' Ray actors dead:
+        a Ray node left the cluster.
 
         Flower's actor pool keeps handing work to the dead actors, so going on
         would reject those clients' replies every round. The round is not
-        aggregated; the run resumes from the previous round's checkpoint.
+        aggregated; the run resumes from the previous round's checkpoint. Only
+        the engine's own error (``ACTOR_DIED``) counts, and only in simulation:
+        in deployment an error's reason is whatever a ClientApp raised.
         """
-        died = [r for r in replies if r.has_error() and ACTOR_DIED in str(r.error.reason)]
+        code, reasons = ACTOR_DIED
+        died = [r for r in replies if simulation and r.has_error() and r.error.code == code and r.error.reason.startswith(reasons)]
         if died:
             raise RunStopped(
                 f"round {server_round}: the Ray actors of {len(died)} clients died (a Ray node left the cluster); "
@@ -217,7 +257,7 @@ class FederatedRun:
         """Remember where each client's train replies were computed (the ``host`` record)."""
         for reply in replies:
             record = None if reply.has_error() else reply.content.config_records.get(HOST)
-            if record is None:
+            if record is None or not self.strategy.identified([reply.metadata.src_node_id]):
                 continue
             client = self.strategy.client_id(reply.metadata.src_node_id)
             self.hosts.setdefault(str(record.get("hostname")), set()).add(client)
@@ -255,6 +295,13 @@ class FederatedRun:
             "run_dir": str(self.rundir.path),
             "strategy_params": {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"},
         }
+
+
+def in_simulation(grid: Grid) -> bool:
+    """Whether ``grid`` is the simulation engine's (Flower's ``InMemoryGrid``, whose module
+    is loaded wherever one exists; importing it here would load the SuperLink's database stack)."""
+    module = sys.modules.get("flwr.superlink.grid.inmemory_grid")
+    return module is not None and isinstance(grid, module.InMemoryGrid)
 
 
 def central_evaluator(cfg: DictConfig, test_set: ArrayDataset) -> Evaluator:

@@ -93,6 +93,32 @@ def test_supernode_killed_mid_run_then_rejoins(local_deployment, tmp_path):
     assert sent >= answered  # messages to a dead node are counted as sent
 
 
+def test_a_dead_supernode_never_stalls_the_run(local_deployment, tmp_path):
+    """Default federation settings (the first round waits for every client, later rounds go on
+    with at least min_train_nodes=2): a SuperNode killed after round 1 never comes back, and the
+    run finishes its rounds with the other two, also once the SuperLink lists it offline (after
+    its heartbeats stop: at most 60 s, which two round timeouts of 30 s outlast)."""
+    deployment = local_deployment()
+    deployment.start_superlink()
+    nodes = [deployment.start_supernode({"partition-id": p, "num-partitions": 3}) for p in range(3)]
+    run_dir = tmp_path / "runs" / "dead-node"
+    overrides = (
+        f"federation.num_clients=3 federation.rounds=3 federation.round_timeout=30 train.local_steps=10 "
+        f"evaluation.max_examples=300 output_dir={run_dir.parent} run_name={run_dir.name}"
+    )
+    runner = _start_run(deployment, f"strategy='fedavg' dataset='digits' model='linear' overrides='{overrides}'")
+    assert _wait_rounds(run_dir, 1, deployment)[0]["replies"] == 3
+    _kill(nodes[2])
+    killed = time.monotonic()
+    assert runner.wait_exit(240) == 0, deployment.logs_text()
+    after_kill = time.monotonic() - killed
+    records = _rounds_done(run_dir)
+    print(f"dead SuperNode: {len(records)} rounds finished, the run ended {after_kill:.1f} s after the kill")
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert all(r["replies"] - r["error_replies"] == 2 and r["train"] is not None for r in records[1:]), records
+    assert json.loads((run_dir / "summary.json").read_text())["final_accuracy"] is not None
+
+
 def test_superlink_restart_with_database_keeps_nodes_and_run_resumes(local_deployment, tmp_path):
     deployment = local_deployment(database=tmp_path / "superlink.db")
     superlink = deployment.start_superlink()

@@ -6,7 +6,8 @@ runs with TLS and ``--enable-supernode-auth``, and clients start through the
 ``fedlayer-client`` command. A node with an unregistered key, a client that
 does not trust the server's certificate and a plain-text client are all turned
 away. Registered nodes completing a run is the walkthrough's test
-(``test_walkthrough.py``), which runs the same setup as docs/deployment.md has it.
+(``test_walkthrough.py``), which runs the same setup as docs/deployment.md has it;
+here a registered node's claim of another client's id is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from fedlayer.server.checkpoint import CheckpointStore
+from fedlayer.server.rundir import RunDirectory
 
 from .deployment import (
     REPO_ROOT,
@@ -114,3 +117,41 @@ def test_plain_text_is_refused(deployment, certs):
     refused = json.loads(deployment.flwr("ls", f"{deployment.connection}-plain", "--format", "json", timeout=60).stdout)
     assert refused["success"] is False and "unavailable" in refused["error-message"], refused
     assert json.loads(deployment.flwr("ls", deployment.connection, "--format", "json").stdout)["success"] is True
+
+
+def test_a_registered_node_cannot_take_another_clients_id(deployment, certs, tmp_path):
+    """Client ids are bound to the keys that first claimed them, and the bindings outlive the run's process.
+
+    sn0 and sn1 (partitions 0 and 1) run one round; sn1 leaves; sn2, registered
+    as well, claims partition 1 and the run is resumed for a second round:
+    sn2 is refused (logged, counted, never sampled) and round 2 runs with sn0.
+    """
+    register(deployment, certs, "sn0", "sn1", "sn2")
+
+    def client(name: str, partition: int) -> ManagedProcess:
+        return start_client(deployment, name, "--ca-cert", str(certs / "ca.crt"), "--node-key", str(certs / "keys" / name),
+                            "--partition-id", str(partition), "--num-partitions", "2")
+
+    client("sn0", 0)
+    sn1 = client("sn1", 1)
+    run_dir = tmp_path / "runs" / "bound"
+
+    def run_config(more: str) -> str:
+        overrides = (f"federation.num_clients=2 federation.min_train_nodes=1 train.local_steps=2 evaluation.max_examples=100 "
+                     f"output_dir={run_dir.parent} run_name={run_dir.name} {more}")
+        return f"strategy='fedavg' dataset='digits' model='linear' overrides='{overrides}'"
+
+    _, done = deployment.run_app(run_config("federation.rounds=1"), timeout=240)
+    assert CheckpointStore(run_dir).latest().round == 1, done.stdout[-3000:] + deployment.logs_text()
+    sn1.popen.terminate()  # fedlayer-client passes SIGTERM on: the SuperNode signs off
+    assert sn1.wait_exit(60) is not None
+    client("sn2", 1)
+    _, done = deployment.run_app(run_config(f"federation.rounds=2 resume={run_dir}"), timeout=240)
+
+    checkpoint = CheckpointStore(run_dir).latest()
+    assert checkpoint.round == 2, done.stdout[-3000:] + deployment.logs_text()
+    refused = [r for r in checkpoint.extra["rejections"] if "client id 1 is bound to another node's key" in r["reason"]]
+    assert refused and {r["round"] for r in refused} == {2}, checkpoint.extra["rejections"]
+    second = RunDirectory(run_dir).read_metrics()[1]
+    assert second["replies"] == 1 and second["rejected"] == len(refused) == 1, second  # round 2: sn0 only
+    assert set(checkpoint.strategy_state["identity"]["bindings"]) == {"0", "1"}  # sn1 keeps client 1

@@ -56,7 +56,8 @@ class PFedLAStrategy(LayerwiseStrategy):
     initial_state : State
         The initial model; every client's stored model until it trains.
     num_clients : int
-        ``N``: clients are ``partition-id`` 0..N-1.
+        ``N`` client slots: ``partition-id`` 0..N-1; a device without one takes a
+        free slot (``fedlayer.methods.identity``), and everything is kept per slot.
     embedding_dim, hidden_dim : int
         Size of ``v_i`` and of the hypernetwork's hidden layers (paper: 100, 100).
     hn_lr : float
@@ -187,18 +188,9 @@ class PFedLAStrategy(LayerwiseStrategy):
         return state
 
     # ------------------------------------------------------------------ hooks
-    def sample_nodes(self, server_round: int, node_ids: list[int]) -> list[int]:
-        """A seeded sample among the nodes whose client id is known."""
-        return super().sample_nodes(server_round, [node for node in node_ids if node in self.client_of])
-
     def node_state(self, node_id: int, names: list[str], message_type: str) -> State:
-        """The node's personalised model; a training node's copy is kept to form its Delta.
-
-        A node of unknown identity (only possible in federated evaluation) gets the global model.
-        """
-        if node_id not in self.client_of:
-            return super().node_state(node_id, names, message_type)
-        client = self.client_of[node_id]
+        """The node's personalised model; a training node's copy is kept to form its Delta."""
+        client = self.slot(node_id)
         with torch.no_grad():
             weights, local = self.weights(client)
         matrix = weights.numpy().astype(np.float64)
@@ -221,7 +213,7 @@ class PFedLAStrategy(LayerwiseStrategy):
         """
         replied = set()
         for reply in replies:
-            client = self.client_of[reply.node_id]
+            client = self.slot(reply.node_id)
             replied.add(client)
             self.hypernetwork_step(client, self.store.flatten(reply.state), server_round)
             if "local-test-accuracy" in reply.metrics:
@@ -229,7 +221,7 @@ class PFedLAStrategy(LayerwiseStrategy):
         if self.hn_step == "all":
             self.stored_delta_steps([c for c in self.deltas.clients() if c not in replied], server_round)
         for reply in replies:
-            self.store.write(self.client_of[reply.node_id], self.store.flatten(reply.state), server_round)
+            self.store.write(self.slot(reply.node_id), self.store.flatten(reply.state), server_round)
         self.write_round_alpha(server_round)
         return super().aggregate(server_round, replies)
 
@@ -408,15 +400,15 @@ class PFedLAStrategy(LayerwiseStrategy):
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The store folder and which version of each client's files is current.
+        """Which version of each client's files is current.
 
         The client models and hypernetworks are not copied into the checkpoint
         (that would hold all N in memory): they stay in versioned files in the
-        run directory, and the checkpoint names the versions of its round.
+        run directory, and the checkpoint names the versions of its round. It
+        names no folder: a run directory that moved resumes where it is now.
         """
         state = {
             **super().state_dict(),
-            "workdir": str(self.workdir),
             "model_versions": self.store.versions.state_dict(),
             "hypernetwork_versions": self.hn_files.state_dict(),
         }
@@ -425,8 +417,9 @@ class PFedLAStrategy(LayerwiseStrategy):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore; files a crashed later round wrote are discarded."""
-        self.attach_run_dir(Path(state["workdir"]).parent)
+        """Restore into the run directory attached first (``attach_run_dir``, as the round loop
+        does); files a crashed later round wrote are discarded. (Checkpoints of older
+        versions also hold a ``workdir``: the folder the run had then, never used.)"""
         super().load_state_dict(state)
         self.store.versions.load_state_dict(state["model_versions"])
         self.hn_files.load_state_dict(state["hypernetwork_versions"])

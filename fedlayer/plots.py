@@ -1,0 +1,116 @@
+"""Figures of runs: accuracy against rounds and megabytes, bytes per layer, client round trips.
+
+One module for the run directory's ``accuracy.png`` (the server draws it at
+the end of a run) and for ``fedlayer report``'s comparison of several runs.
+Inputs are what a run directory holds: ``metrics.jsonl`` lines and
+``clients.csv`` rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+Records = list[dict[str, Any]]
+
+
+def cumulative_megabytes(records: Records) -> list[float]:
+    """Cumulative bytes (both directions) after each round, in MB."""
+    total, out = 0, []
+    for record in records:
+        total += record["bytes_up"] + record["bytes_down"]
+        out.append(total / 1e6)
+    return out
+
+
+def plot_accuracy(ax_round: Axes, ax_bytes: Axes, records: Records, label: str | None = None) -> None:
+    """One run's central accuracy against rounds (integer ticks) and against cumulative MB."""
+    megabytes = dict(zip((r["round"] for r in records), cumulative_megabytes(records)))
+    evaluated = [r for r in records if r.get("accuracy") is not None]
+    rounds = [r["round"] for r in evaluated]
+    accuracy = [r["accuracy"] for r in evaluated]
+    ax_round.plot(rounds, accuracy, marker="o", label=label)
+    ax_bytes.plot([megabytes[r] for r in rounds], accuracy, marker="o", label=label)
+    ax_round.set_xlabel("round")
+    ax_round.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_bytes.set_xlabel("cumulative traffic, both directions (MB)")
+    for ax in (ax_round, ax_bytes):
+        ax.set_ylabel("central test accuracy")
+        ax.grid(alpha=0.3)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_run(records: Records, path: Path, title: str) -> Path:
+    """Accuracy vs round and vs cumulative MB, side by side, as a PNG."""
+    fig, (ax_round, ax_bytes) = plt.subplots(1, 2, figsize=(10, 4))
+    plot_accuracy(ax_round, ax_bytes, records)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_accuracy_comparison(runs: Sequence[tuple[str, Records]], path: Path) -> Path:
+    """Every run's accuracy against rounds and against cumulative MB, one line per run."""
+    fig, (ax_round, ax_bytes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, records in runs:
+        plot_accuracy(ax_round, ax_bytes, records, label)
+    ax_bytes.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def layer_totals(records: Records) -> dict[str, int]:
+    """Bytes per layer over the run, both directions."""
+    totals: dict[str, int] = {}
+    for record in records:
+        for key in ("layer_bytes_up", "layer_bytes_down"):
+            for layer, nbytes in (record.get(key) or {}).items():
+                totals[layer] = totals.get(layer, 0) + int(nbytes)
+    return totals
+
+
+def _grouped_bars(ax: Axes, groups: list[str], series: Sequence[tuple[str, dict[str, float]]]) -> None:
+    """One group of bars per ``groups`` entry, one bar per series (missing: 0)."""
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series):
+        positions = [g + i * width - 0.4 + width / 2 for g in range(len(groups))]
+        ax.bar(positions, [values.get(group, 0.0) for group in groups], width, label=label)
+    ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right", fontsize="small")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small")
+
+
+def plot_layer_bytes(runs: Sequence[tuple[str, Records]], path: Path) -> Path:
+    """Megabytes per layer over each run, both directions, grouped by layer."""
+    series = [(label, {layer: n / 1e6 for layer, n in layer_totals(records).items()}) for label, records in runs]
+    layers = list(dict.fromkeys(layer for _, values in series for layer in values))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(layers) * max(len(runs), 1) + 2), 4.2))
+    _grouped_bars(ax, layers, series)
+    ax.set_ylabel("MB over the run, both directions")
+    return _save(fig, path)
+
+
+def plot_client_latency(runs: Sequence[tuple[str, list[dict[str, str]]]], path: Path) -> Path:
+    """Each client's median round trip (``clients.csv``), grouped by client id."""
+    series = [
+        (label, {row["client"]: float(row["median_round_trip_seconds"]) for row in rows if row.get("median_round_trip_seconds")})
+        for label, rows in runs
+    ]
+    clients = sorted({c for _, values in series for c in values}, key=lambda c: (len(c), c))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(clients) * max(len(runs), 1) + 2), 4.2))
+    _grouped_bars(ax, clients, series)
+    ax.set_xlabel("client id")
+    ax.set_ylabel("median round trip (s)")
+    return _save(fig, path)
