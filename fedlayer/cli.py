@@ -22,7 +22,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fedlayer.config import compose_config, resolve_resume
+from fedlayer.config import check_group_choices, compose_config, resolve_resume
 from fedlayer.errors import ConfigError
 from fedlayer.server.builder import build_strategy
 from fedlayer.server.rundir import default_run_name
@@ -95,7 +95,13 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point; an unknown group option is refused in one line before Hydra composes."""
+    args = sys.argv[1:]
+    try:
+        check_group_choices([a for a in args if not a.startswith("-")], sweeps=bool({"-m", "--multirun"} & set(args)))
+    except ConfigError as err:
+        print(f"fedlayer-sim: error: {err}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 

@@ -23,6 +23,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedlayer.errors import ConfigError
+from fedlayer.privacy.settings import FIELD_RULES as PRIVACY_RULES
+from fedlayer.privacy.settings import Privacy
+from fedlayer.privacy.settings import cross_field_problem as privacy_cross_field_problem
 
 CONFIG_MODULE = "fedlayer.conf"
 CONF_DIR = Path(__file__).parent / "conf"
@@ -72,7 +75,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
-    _check_group_choices(overrides)
+    check_group_choices(overrides)
     try:
         if GlobalHydra.instance().is_initialized():
             cfg = compose(config_name="config", overrides=list(overrides))
@@ -85,11 +88,20 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
-def _check_group_choices(overrides: Sequence[str]) -> None:
+def check_group_choices(overrides: Sequence[str], *, sweeps: bool = False) -> None:
+    """Refuse an unknown option of a config group (``strategy=fedavgg``), naming the choices.
+
+    ``fedlayer-sim`` calls it before Hydra composes (Hydra's own error is a long search-path
+    dump). With ``sweeps`` (``--multirun``) each value of a comma-separated list is checked;
+    sweep functions (``glob(...)``, ``choice(...)``) are left to Hydra.
+    """
     for override in overrides:
         key, _, value = override.partition("=")
-        if key in GROUPS and value not in group_options(key):
-            raise ConfigError(key, f"unknown option {value!r}; choose from {group_options(key)}")
+        if key not in GROUPS or (sweeps and "(" in value):
+            continue
+        for option in value.split(",") if sweeps else [value]:
+            if option not in group_options(key):
+                raise ConfigError(key, f"unknown option {option!r}; choose from {group_options(key)}")
 
 
 def load_config(overrides: Sequence[str] = ()) -> DictConfig:
@@ -99,7 +111,7 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
     fedlayer's tree uses: one option per group, a group file's own
     ``defaults`` (``_common``, ``_self_``), and ``key=value`` overrides.
     """
-    _check_group_choices(overrides)
+    check_group_choices(overrides)
     root = OmegaConf.load(CONF_DIR / "config.yaml")
     choices = {group: option for entry in root.pop("defaults") if isinstance(entry, DictConfig)
                for group, option in entry.items() if group in GROUPS}
@@ -133,7 +145,7 @@ def _load_option(group: str, option: str) -> DictConfig:
 
 def _field_in(message: str) -> str:
     for token in message.replace("'", " ").split():
-        if "." in token and token.split(".")[0] in GROUPS + ("train", "evaluation", "aggregation", "codec", "simulation", "server_state", "identity", "logging"):
+        if "." in token and token.split(".")[0] in GROUPS + ("train", "evaluation", "aggregation", "codec", "simulation", "server_state", "identity", "logging", "privacy"):
             return token.rstrip(":,")
     return "overrides"
 
@@ -194,6 +206,13 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, field, throw_on_missing=False)
         if not check(value):
             raise ConfigError(field, f"{problem}, got {value!r}")
+    if "privacy" in cfg:  # runs saved before the privacy section have none (off)
+        for field, check, problem in PRIVACY_RULES:
+            value = OmegaConf.select(cfg, f"privacy.{field}", throw_on_missing=False)
+            if not check(value):
+                raise ConfigError(f"privacy.{field}", f"{problem}, got {value!r}")
+        if (mismatch := privacy_cross_field_problem(Privacy.from_config(cfg.privacy))) is not None:
+            raise ConfigError(f"privacy.{mismatch[0]}", mismatch[1])
     if cfg.strategy.name == "fedlama" and cfg.strategy.tau_prime != cfg.train.local_steps:
         raise ConfigError(
             "strategy.tau_prime",

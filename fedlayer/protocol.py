@@ -34,10 +34,16 @@ CODEC_RESYNC = "codec-resync"
 CODEC_UP_BITS = "codec-up-bits"
 #: Key of the identity query's ``config`` record.
 QUERY = "query"
+#: Adaptive clipping (``fedlayer.privacy``): the clip a train message asks for, and whether the
+#: reply's update was within it (1.0) or not (0.0); the server only uses the noised count.
+DP_CLIP = "dp-clip"
+DP_WITHIN_CLIP = "dp-within-clip"
 
 #: Metrics every train reply carries.
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
+#: A train reply's local training time in seconds (per-client health; not averaged into the run's metrics).
+TRAIN_SECONDS = "train-seconds"
 #: The identity answer of a node whose node config has no ``partition-id``.
 NO_PARTITION = -1
 #: The first client id the server assigns (to nodes without a ``partition-id``);

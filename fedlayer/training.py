@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fedlayer.data import ArrayDataset
 from fedlayer.layers import State, numpy_to_torch_state
 from fedlayer.models.staged import StagedModel, stage_features
+from fedlayer.protocol import TRAIN_SECONDS
 
 #: ``step() -> loss`` run once under a meter: ``measure(step, x, y) -> (loss, metrics)``.
 StepMeter = Callable[[Callable[[], Tensor], Tensor, Tensor], tuple[Tensor, dict[str, float]]]
@@ -66,7 +68,7 @@ def train_steps(
     measure: StepMeter | None = None,
     rng: np.random.Generator | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place for one round; returns loss and step count.
+    """Train ``model`` in place for one round; returns loss, step count and seconds taken.
 
     ``params`` restricts which parameters the optimiser updates (all by
     default). ``batch_loss(x, y)`` replaces cross-entropy of ``model(x)``; a
@@ -77,6 +79,7 @@ def train_steps(
     """
     if len(dataset) == 0:
         raise ValueError("client has no training examples")
+    start = time.perf_counter()
     rng = rng if rng is not None else np.random.default_rng(seed)
     torch.manual_seed(seed)
     model.to(device)
@@ -109,7 +112,8 @@ def train_steps(
             done += 1
             if done >= steps:
                 break
-    return {**metrics, "train-loss": total_loss / steps, "local-steps": float(steps)}
+    seconds = time.perf_counter() - start
+    return {**metrics, "train-loss": total_loss / steps, "local-steps": float(steps), TRAIN_SECONDS: seconds}
 
 
 @torch.no_grad()

@@ -1,9 +1,11 @@
 """Configuration: one Hydra tree, run-config mapping, errors that name the field."""
 
+import subprocess
+
 import pytest
 import torch
 
-from fedlayer.config import compose_config, resolve_resume, run_config_to_overrides
+from fedlayer.config import check_group_choices, compose_config, resolve_resume, run_config_to_overrides
 from fedlayer.device import resolve_device
 from fedlayer.errors import ConfigError
 
@@ -58,3 +60,21 @@ def test_device_falls_back_to_cpu_with_a_warning(monkeypatch, caplog):
     assert "not available" in caplog.text
     with pytest.raises(ValueError):
         resolve_device("tpu")
+
+
+def test_fedlayer_sim_refuses_an_unknown_option_in_one_line():
+    """Not Hydra's search-path dump: fedlayer's one-line error, exit 2, before anything runs."""
+    done = subprocess.run(["fedlayer-sim", "strategy=fedavgg", "federation.rounds=1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "fedlayer-sim: error: config field 'strategy': unknown option 'fedavgg'; choose from "
+        "['fedavg', 'fedlama', 'fedlp', 'fll', 'laq', 'local', 'pfedla']"
+    ]
+
+
+def test_a_sweep_checks_each_option_and_leaves_sweep_functions_to_hydra():
+    check_group_choices(["dataset=digits,mnist5k", "strategy=glob(fed*)", "federation.rounds=1,2"], sweeps=True)
+    with pytest.raises(ConfigError, match="unknown option 'mnist5kk'"):
+        check_group_choices(["dataset=digits,mnist5kk"], sweeps=True)
+    with pytest.raises(ConfigError, match="unknown option 'digits,mnist5k'"):
+        check_group_choices(["dataset=digits,mnist5k"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import threading
 import traceback
@@ -20,7 +21,7 @@ from fedlayer.layers import states_equal
 from fedlayer.methods.base import LayerwiseStrategy
 from fedlayer.methods.pfedla import PFedLAStrategy
 from fedlayer.protocol import ASSIGNED_BASE
-from fedlayer.server.loop import FederatedRun, RunStopped
+from fedlayer.server.loop import FederatedRun, RunStopped, duration, progress_line, time_left
 from fedlayer.server.rundir import RunDirectory
 from benchmarks.faults import sent_message
 from tests.conftest import small_state
@@ -246,3 +247,25 @@ def test_evaluation_replies_are_validated_like_training_replies():
     replies = [Message(RecordDict({"metrics": MetricRecord(c)}), reply_to=sent[n]) for n, c in zip(nodes, contents)]
     assert strategy.aggregate_evaluate(1, replies) == {"accuracy": 0.5, "loss": 1.0, "num-examples": 10.0}
     assert [r.node_id for r in strategy.rejections] == nodes[1:]
+
+
+def test_the_progress_line_shows_round_k_of_n_elapsed_time_and_time_left():
+    record = {"round": 3, "accuracy": 0.5, "bytes_up": 2e6, "bytes_down": 4e6, "replies": 4, "rejected": 1, "seconds": 1.24}
+    totals = {"bytes_up": 6e6, "bytes_down": 12e6, "fedavg_bytes_up": 12e6, "fedavg_bytes_down": 24e6}
+    line = progress_line(record, 10, totals, elapsed=125.4, eta=3725)
+    assert line.startswith("[round 3/10] acc 0.5000") and "50.0% of FedAvg" in line
+    assert line.endswith("| 1.2 s | elapsed 2m05s, ETA 1h02m")
+    assert [duration(s) for s in (0.4, 59.6, 60, 3599, 7260)] == ["0s", "1m00s", "1m00s", "59m59s", "2h01m"]
+    # after round 1 its own pace; then the pace of the rounds after it (round 1 also starts the clients)
+    assert time_left([100.0, 147.0], 7) == 7 * 47.0
+    assert time_left([100.0, 147.0, 148.0, 150.0], 4) == 4 * 1.5
+
+
+def test_a_run_logs_its_progress_with_an_estimate_of_the_time_left(tmp_path, caplog):
+    cfg = compose_config([*COMMON, f"output_dir={tmp_path}", "run_name=run", "federation.num_clients=2", "federation.rounds=2"])
+    node_config = lambda p: {"partition-id": p, "num-partitions": 2}  # noqa: E731
+    with caplog.at_level("INFO", logger="flwr"):
+        FederatedRun(cfg).run(InProcessGrid(make_client_app(cfg), 2, node_config=node_config))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[round ")]
+    assert [line.split("]")[0] for line in lines] == ["[round 1/2", "[round 2/2"]
+    assert all(re.search(r"\| elapsed \d+s, ETA \d+s$", line) for line in lines) and lines[-1].endswith("ETA 0s")

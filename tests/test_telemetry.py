@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Message, RecordDict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fedlayer.client.app import make_client_app
@@ -20,7 +21,10 @@ from fedlayer.config import compose_config, resolve_resume
 from fedlayer.errors import ConfigError
 from fedlayer.server.loop import FederatedRun
 from fedlayer.server.rundir import RunDirectory
+from fedlayer.methods.base import Rejection
+from fedlayer.server.health import ClientHealth
 from fedlayer.server.telemetry import flatten
+from tests.conftest import make_reply
 from tests.inprocess import InProcessGrid, SimulatedCrash, run_in_process
 
 COMMON = ["dataset=digits", "model=cnn", "train.local_steps=2", "evaluation.max_examples=100", "federation.num_clients=3"]
@@ -91,6 +95,9 @@ def test_events_and_clients_csv_equal_the_metrics_and_the_ledger(fedlama_run):
     assert method and {tag: series(tag)[-1:] for tag in method} == {tag: f32([(2, value)]) for tag, value in method.items()}
     # each client's training loss is its reply's
     assert {tag for tag in tb if tag.startswith("client_train_loss/")} == {"client_train_loss/0", "client_train_loss/1"}
+    # and its training time, as the client measured it
+    assert {tag for tag in tb if tag.startswith("client_train_seconds/")} == {"client_train_seconds/0", "client_train_seconds/1"}
+    assert all(seconds > 0 for _, seconds in series("client_train_seconds/0"))
     # accuracy against cumulative bytes: the step is the traffic so far
     by_bytes = scalars(run_dir / "tb" / "by_bytes")["accuracy_vs_bytes/central"]
     assert by_bytes == f32([(up[0] + down[0], lines[0]["accuracy"]), (sum(up) + sum(down), lines[1]["accuracy"])])
@@ -106,6 +113,25 @@ def test_events_and_clients_csv_equal_the_metrics_and_the_ledger(fedlama_run):
     assert int(rows[BROKEN]["refusals"]) == len(refused) == 2 and refused[0].reason in rows[BROKEN]["refusal_reasons"]
     assert rows[0]["host"] == "in-process" and float(rows[0]["median_round_trip_seconds"]) > 0
     assert rows[BROKEN]["median_round_trip_seconds"] == ""
+    for client in (0, 1):  # the median of the client's two rounds, as TensorBoard shows them
+        trained = [seconds for _, seconds in series(f"client_train_seconds/{client}")]
+        assert float(rows[client]["median_train_seconds"]) == pytest.approx(np.median(trained), rel=1e-5)
+    assert rows[BROKEN]["median_train_seconds"] == ""
+    # the run's metrics do not average the training time: two equal runs write equal lines
+    assert all("train-seconds" not in line["train"] for line in lines)
+
+
+def test_only_accepted_replies_training_time_counts():
+    health = ClientHealth()
+    for node, seconds in ((11, 0.5), (12, 9.0)):
+        health.sent(Message(RecordDict(), dst_node_id=node, message_type="train"), 100)
+        health.replied(make_reply(node, None, metrics={"train-seconds": seconds}), 50, 0.75)
+    refused = Rejection(round=1, node_id=12, reason="layers not requested")
+    steps = health.end_round({11: 0, 12: 1}, [refused])
+    assert (steps[0].train_seconds, steps[1].train_seconds) == (0.5, None)
+    rows = health.rows({})
+    assert [(r["median_train_seconds"], r["median_round_trip_seconds"], r["refusals"]) for r in rows] == [
+        (0.5, 0.75, 0), (None, 0.75, 1)]
 
 
 def test_a_tensorboard_server_serves_the_runs_scalars(fedlama_run):
@@ -201,3 +227,14 @@ def test_mlflow_run_holds_the_config_the_rounds_the_summary_and_the_files(tmp_pa
     assert run.data.metrics["summary/final_accuracy"] == summary["final_accuracy"]
     files = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"summary.json", "config.yaml", "clients.csv", "plots/accuracy.png"} <= files
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedlp", "laq", "fll", "pfedla", "local"])
+def test_every_methods_clients_report_their_training_time(tmp_path, method):
+    """FedLAMA's is checked above; the other methods' clients (their own train handlers too) report it."""
+    cfg = compose_config(["dataset=digits", "model=cnn", "train.local_steps=2", "evaluation.max_examples=100",
+                          "federation.num_clients=2", "federation.rounds=1", f"strategy={method}",
+                          f"output_dir={tmp_path}", "run_name=run", "logging.tensorboard=false"])
+    FederatedRun(cfg).run(InProcessGrid(make_client_app(cfg), 2, node_config=lambda p: {"partition-id": p, "num-partitions": 2}))
+    rows = read_csv(tmp_path / "run" / "clients.csv")
+    assert len(rows) == 2 and all(float(row["median_train_seconds"]) > 0 for row in rows)

@@ -76,3 +76,10 @@ def test_declared_shape_must_match_the_data():
     reply.content["arrays"] = ArrayRecord({"head.fc.weight": reply.content["arrays"]["head.fc.weight"], "head.fc.bias": lying})
     with pytest.raises(ReplyRejected, match="declares"):
         validate_train_reply(reply, LAYERS)
+
+
+@pytest.mark.parametrize("seconds", [-0.5, float("nan"), float("inf")])
+def test_a_bad_training_time_is_refused(seconds):
+    with pytest.raises(ReplyRejected, match="train-seconds"):
+        validate_train_reply(make_reply(3, small_state(1), metrics={"train-seconds": seconds}), LAYERS)
+    assert validate_train_reply(make_reply(3, small_state(1), metrics={"train-seconds": 0.25}), LAYERS).num_examples == 10

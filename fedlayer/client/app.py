@@ -14,8 +14,11 @@ from fedlayer.client.runtime import (
     state_files,
 )
 from fedlayer.codec.client import close_upload, open_download
+from fedlayer.layers import State
 from fedlayer.methods import METHODS, Method
 from fedlayer.methods.client import server_round_of
+from fedlayer.privacy import Privacy
+from fedlayer.privacy.client import privatise_reply, training_reference
 from fedlayer.protocol import (
     CLIENT_ID,
     CONFIG,
@@ -60,8 +63,16 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
         if files is not None:
             files.restore(context, before=server_round)
         runtime = client_runtime(context, run_cfg, client_id, files)
-        content, codec = open_download(message.content, context, lambda: initial_state(run_cfg, runtime.train_data), train=True)
-        reply = close_upload(handler(runtime, content, context), codec, context)
+
+        def initial() -> State:
+            return initial_state(run_cfg, runtime.train_data)
+
+        content, codec = open_download(message.content, context, initial, train=True)
+        privacy = Privacy.from_config(run_cfg.get("privacy"))
+        reference = training_reference(content, context) if privacy.active else {}
+        reply = handler(runtime, content, context)
+        reply = privatise_reply(reply, reference, content, context, privacy, initial)  # before the codec encodes it
+        reply = close_upload(reply, codec, context)
         reply[HOST] = host_record(context)
         if files is not None:
             files.save(context, server_round)

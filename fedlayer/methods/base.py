@@ -24,6 +24,7 @@ resume needs that anyway), and per-client files go through ``FileVersions``.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -68,12 +69,16 @@ from fedlayer.methods.replies import (
     validate_evaluate_reply,
     validate_train_reply,
 )
+from fedlayer.privacy import Privacy, PrivacyAccountant
+from fedlayer.privacy.mechanism import clipped, fixed_denominator_mean, is_float
 from fedlayer.protocol import (
     ARRAYS,
     ASSIGNED_BASE,
     CLIENT_ID,
     CODEC_VERSION,
     CONFIG,
+    DP_CLIP,
+    DP_WITHIN_CLIP,
     KEEP_MODEL,
     METHOD,
     NUM_EXAMPLES,
@@ -81,6 +86,7 @@ from fedlayer.protocol import (
     PAYLOAD,
     REQUEST,
     SERVER_ROUND,
+    TRAIN_SECONDS,
 )
 from fedlayer.training import Evaluator
 
@@ -153,6 +159,12 @@ class LayerwiseStrategy:
         In-memory budget of per-client server state (LAQ's stored updates,
         the codec's references); beyond it the states stay on disk in the run
         directory (None: no limit).
+    privacy : Privacy | None
+        Client-level DP (``fedlayer.privacy``, docs/privacy.md). Central: the
+        layers a round releases are the fixed-denominator mean of the clipped,
+        unweighted updates plus Gaussian noise (``average_layers``), the
+        norm guard is off (clipping bounds every update), and each round
+        spends what ``privacy_event`` says. None: off.
     """
 
     method = "fedavg"
@@ -180,7 +192,11 @@ class LayerwiseStrategy:
         down_bits: int = DENSE,
         codec_reference: State | None = None,
         state_memory_mb: float | None = None,
+        privacy: Privacy | None = None,
     ) -> None:
+        privacy = privacy or Privacy()
+        require(not privacy.central or (self.averages_layers and aggregation_rule == "mean"), "aggregation_rule",
+                "central DP needs the mean of layers (DP-FedAvg's sensitivity)", aggregation_rule)
         require(aggregation_rule in RULES, "aggregation_rule", f"must be one of {list(RULES)}", aggregation_rule)
         require(
             self.averages_layers or aggregation_rule == "mean", "aggregation_rule",
@@ -206,8 +222,15 @@ class LayerwiseStrategy:
         self.seed = seed
         self.aggregation_rule = aggregation_rule
         self.trim = float(trim)
-        self.norm_factor = float(norm_factor)
+        #: central DP: clipping bounds every update, and a guard refusing replies by their size would pick clients by their data
+        self.norm_factor = 0.0 if privacy.central else float(norm_factor)
         self.rng = np.random.default_rng(seed)
+        self.privacy = privacy
+        #: the clip in force (adaptive clipping moves it after every committed round; checkpointed)
+        self.clip = privacy.clip
+        #: central DP's noise: its own seeded generator (checkpointed), so cohorts do not depend on it
+        self.noise_rng = np.random.default_rng([seed, 2])
+        self.accountant = PrivacyAccountant()
         #: federated evaluation draws from its own generator, so turning it on leaves training cohorts unchanged
         self.evaluation_rng = np.random.default_rng([seed, 1])
         self.plans: dict[int, NodePlan] = {}
@@ -244,10 +267,39 @@ class LayerwiseStrategy:
         same clients in every run, whatever node ids Flower assigned.
         """
         ordered = client_order(node_ids, self.client_of)
-        count = max(int(len(ordered) * self.fraction_train), self.min_train_nodes)
-        count = min(count, len(ordered))
-        chosen = self.rng.choice(len(ordered), size=count, replace=False)
+        chosen = self.rng.choice(len(ordered), size=self.cohort_size(len(ordered)), replace=False)
         return client_order((ordered[i] for i in chosen), self.client_of)
+
+    def cohort_size(self, available: int) -> int:
+        """How many of ``available`` identified nodes a fresh sample draws."""
+        return min(max(int(available * self.fraction_train), self.min_train_nodes), available)
+
+    def privacy_event(self, server_round: int, available: int) -> tuple[float, float, int] | None:
+        """What this round spends, as (sampling rate, noise multiplier, rounds) for ``PrivacyAccountant``
+        (None: nothing). Central: a Gaussian mechanism sampled at cohort / available; local: one
+        without amplification (the server sees who took part). Methods that sample otherwise override."""
+        if not self.privacy.active or available == 0:
+            return None
+        rate = self.cohort_size(available) / available if self.privacy.central else 1.0
+        return (rate, self.privacy.accounted_noise_multiplier(), 1)
+
+    def privacy_budget_problem(self, server_round: int, available: int) -> str | None:
+        """Why the round must not run (``privacy.target_epsilon`` would be exceeded), else None."""
+        target = self.privacy.target_epsilon
+        event = self.privacy_event(server_round, available)
+        if target is None or event is None:
+            return None
+        after = self.accountant.epsilon(self.privacy.delta, extra=event)
+        if after <= target:
+            return None
+        return f"round {server_round} would spend epsilon {after:.4g} > privacy.target_epsilon {target:g} (delta {self.privacy.delta:g})"
+
+    def privacy_spent(self) -> dict[str, float] | None:
+        """Epsilon spent so far at ``privacy.delta`` (None: privacy off)."""
+        if not self.privacy.active:
+            return None
+        spent = {"epsilon": self.accountant.epsilon(self.privacy.delta), "delta": self.privacy.delta}
+        return {**spent, "clip": self.clip} if self.privacy.adaptive_clip else spent
 
     def client_id(self, node_id: int) -> int:
         """The node's stable client id; an unidentified node has none (``KeyError``): it is
@@ -287,8 +339,66 @@ class LayerwiseStrategy:
         return self.average_layers(replies, self.layers.names)
 
     def average_layers(self, replies: list[TrainReply], names: Iterable[str], layers: ModelLayers | None = None) -> State:
-        """The named layers (of ``layers``, default the model's) over the replies carrying them, by ``aggregation_rule``."""
+        """The named layers (of ``layers``, default the model's) over the replies carrying them, by ``aggregation_rule``;
+        with central DP, DP-FedAvg's noised mean (``private_average``): every method releases layers through here."""
+        if self.privacy.central:
+            return self.private_average(replies, names, layers or self.layers)
         return aggregate_layers(replies, layers or self.layers, names, self.aggregation_rule, self.trim)
+
+    def expected_carriers(self, name: str) -> float:
+        """DP-FedAvg's fixed denominator for layer ``name``: the nodes planned to return it this round
+        (drawn by the server before anyone trained), not the replies that did."""
+        return float(sum(name in plan.request for plan in self.plans.values()))
+
+    def private_average(self, replies: list[TrainReply], names: Iterable[str], layers: ModelLayers) -> State:
+        """Central DP: each reply's update (against what its node was sent, over all its float tensors)
+        clipped again to the clip in force (a no-op for a client that clipped), then per named layer
+        ``base + sum(updates) / E + N(0, (z clip / E)^2)`` with E = ``expected_carriers``, unweighted
+        (adaptive clipping: the updates' share of z, ``Privacy.update_noise_multiplier``).
+
+        Every named layer with E > 0 is released with noise, also one no reply carried (else whether
+        it moved would tell who took part). Integer tensors take the plain rounded mean of their carriers.
+        """
+        bounded = {r.node_id: clipped(r.state, {k: self.sent_value(r.node_id, k) for k in r.state}, self.clip) for r in replies}
+        out: State = {}
+        for name in names:
+            denominator = self.expected_carriers(name)
+            if denominator <= 0:
+                continue
+            holders = [r for r in replies if name in r.layer_names]
+            for key in layers[name].keys:
+                base = self.global_state.get(key)
+                if base is None:  # a tensor outside the global model (FedLP's level heads): what was sent
+                    base = self.sent_value(holders[0].node_id, key) if holders else None
+                if base is None:
+                    continue
+                if not is_float(base):
+                    if holders:
+                        out[key] = np.rint(np.mean([r.state[key] for r in holders], axis=0)).astype(base.dtype)
+                    continue
+                values = [self.carried_value(r.node_id, bounded[r.node_id][key], key, base) for r in holders]
+                std = self.privacy.update_noise_multiplier() * (self.clip or 0.0) / denominator
+                out[key] = fixed_denominator_mean(values, base, denominator, std, self.noise_rng)
+        return out
+
+    def adapt_clip(self, replies: list[TrainReply]) -> None:
+        """Adaptive clipping (Andrew et al. 2021): from the noised share of this round's cohort whose update
+        was within the clip, ``clip *= exp(-clip_lr (share - target_quantile))``. Each reply adds
+        its bit minus 1/2 (sensitivity 1/2; a missing or odd answer counts as outside the clip)."""
+        cohort = len(self.plans)
+        if not (self.privacy.central and self.privacy.adaptive_clip) or self.clip is None or cohort == 0:
+            return
+        centred = sum((1.0 if r.metrics.get(DP_WITHIN_CLIP) == 1.0 else 0.0) - 0.5 for r in replies)
+        share = (centred + self.noise_rng.normal(0.0, self.privacy.clip_count_stddev)) / cohort + 0.5
+        self.clip *= math.exp(-self.privacy.clip_lr * (share - self.privacy.target_quantile))
+
+    def carried_value(self, node_id: int, value: np.ndarray, key: str, base: np.ndarray) -> np.ndarray:
+        """``value`` as base + its update: itself when the node was sent ``base``, else moved by the difference
+        (a codec's downlink, or FedLAMA's kept layers, gave the node another starting point)."""
+        sent = self.sent_value(node_id, key)
+        if sent is None or sent is base or np.array_equal(sent, base):
+            return value
+        return (base.astype(np.float64) + (value.astype(np.float64) - sent)).astype(base.dtype)
 
     def evaluate_central(self, evaluator: Evaluator) -> dict[str, float]:
         """Central test metrics; ``accuracy`` and ``loss`` are the headline ones.
@@ -325,6 +435,7 @@ class LayerwiseStrategy:
             "norm_history": {key: list(norms) for key, norms in self.norm_history.items()},
             "codec": None if self.codec is None else self.codec.state_dict(),
             "identity": {"assigned": sorted(self.assigned), "bindings": self.bindings.state_dict()},
+            "privacy": {"noise_rng": self.noise_rng.bit_generator.state, "accountant": self.accountant.state_dict(), "clip": self.clip},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -338,6 +449,10 @@ class LayerwiseStrategy:
         identity = state.get("identity", {"assigned": [], "bindings": {}})  # checkpoints before bindings had none
         self.assigned = {int(c) for c in identity["assigned"]}
         self.bindings.load_state_dict(identity["bindings"])
+        if "privacy" in state:  # checkpoints before privacy had none (and spent nothing)
+            self.noise_rng.bit_generator.state = state["privacy"]["noise_rng"]
+            self.accountant.load_state_dict(state["privacy"]["accountant"])
+            self.clip = state["privacy"].get("clip", self.privacy.clip)
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
@@ -347,6 +462,9 @@ class LayerwiseStrategy:
         log(INFO, "\t└──> aggregation %s (trim %g), %s", self.aggregation_rule, self.trim, guard)
         if self.codec is not None:
             log(INFO, "\t└──> codec: %d bits up, %d bits down", self.codec.up_bits, self.codec.down_bits)
+        if self.privacy.active:
+            log(INFO, "\t└──> privacy %s: clip %s, noise multiplier %g, delta %g", self.privacy.mode,
+                self.privacy.clip, self.privacy.noise_multiplier, self.privacy.delta)
 
     # ------------------------------------------------------------- identity
     def identity_queries(self, node_ids: Iterable[int]) -> list[Message]:
@@ -412,8 +530,11 @@ class LayerwiseStrategy:
         """Per-node training messages for this round's sample of ``node_ids`` (identified ones only)."""
         self.start_round(server_round)
         node_ids = self.identified(node_ids)
+        event = self.privacy_event(server_round, len(node_ids))
         chosen = self.sample_nodes(server_round, node_ids)
         self.plans = {node: self.plan(server_round, node) for node in chosen}
+        if event is not None:  # charged when the round is sent out, whether or not it commits
+            self.accountant.compose(*event)
         self.sent_states = {}
         if self.codec is not None:
             self.codec.start_round()
@@ -435,6 +556,7 @@ class LayerwiseStrategy:
                 self.codec.commit([self.client_id(r.node_id) for r in valid], server_round)
             return None
         self.commit_or_drop(server_round, valid)
+        self.adapt_clip(valid)
         return weighted_mean([{**r.metrics, NUM_EXAMPLES: float(r.num_examples)} for r in valid])
 
     def commit_or_drop(self, server_round: int, valid: list[TrainReply]) -> None:
@@ -526,6 +648,8 @@ class LayerwiseStrategy:
                 **self.message_config(),
                 **plan.config,
             }
+            if message_type == MessageType.TRAIN and self.privacy.central and self.privacy.adaptive_clip:
+                config[DP_CLIP] = self.clip
             if self.client_of.get(node) in self.assigned:
                 config[CLIENT_ID] = self.client_of[node]
             records: dict[str, ArrayRecord] = {}
@@ -634,9 +758,10 @@ def all_finite(state: State) -> bool:
 
 
 def weighted_mean(metrics: list[dict[str, float]]) -> dict[str, float]:
-    """Mean of each metric weighted by ``num-examples`` (which is summed)."""
+    """Mean of each metric weighted by ``num-examples`` (which is summed); identity, codec version and
+    training time (per-client health, ``clients.csv``: it would make two equal runs' metrics differ) left out."""
     total = sum(m.get(NUM_EXAMPLES, 1.0) for m in metrics)
-    keys = sorted({k for m in metrics for k in m} - {NUM_EXAMPLES, PARTITION_ID, CODEC_VERSION})
+    keys = sorted({k for m in metrics for k in m} - {NUM_EXAMPLES, PARTITION_ID, CODEC_VERSION, TRAIN_SECONDS, DP_WITHIN_CLIP})
     out = {
         key: sum(m[key] * m.get(NUM_EXAMPLES, 1.0) for m in metrics if key in m)
         / max(sum(m.get(NUM_EXAMPLES, 1.0) for m in metrics if key in m), 1e-12)

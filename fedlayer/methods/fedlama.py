@@ -1,6 +1,7 @@
 """FedLAMA: layer-wise adaptive aggregation intervals (see docs/algorithms.md)."""
 
 from __future__ import annotations
+import math
 
 from collections.abc import Sequence
 from logging import INFO
@@ -120,6 +121,16 @@ class FedLAMAStrategy(LayerwiseStrategy):
             return chosen
         members = set(self.cohort)
         return [node for node in node_ids if self.client_id(node) in members]
+
+    def privacy_event(self, server_round: int, available: int) -> tuple[float, float, int] | None:
+        """Central DP: the cohort is drawn once per phi-block and released to phi times, so a block is
+        charged at its start as one sampled mechanism of phi Gaussian releases (composed: noise
+        multiplier z / sqrt(phi)); its other rounds spend nothing more. Local DP: every round."""
+        if not self.privacy.central:
+            return super().privacy_event(server_round, available)
+        if not (self.block_start(server_round) or not self.cohort) or available == 0:
+            return None
+        return (self.cohort_size(available) / available, self.privacy.accounted_noise_multiplier() / math.sqrt(self.phi), 1)
 
     def plan(self, server_round: int, node_id: int) -> NodePlan:
         """Down: everything at a block start or to a node whose last reply was

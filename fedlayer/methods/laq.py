@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
@@ -33,7 +34,7 @@ from fedlayer.methods.base import LayerwiseStrategy, NodePlan
 from fedlayer.methods.client import ClientRuntime, load_memory, server_round_of
 from fedlayer.methods.replies import ReplyRejected, TrainReply
 from fedlayer.proto.wire import WireFormatError, decode_update, encode_update
-from fedlayer.protocol import ARRAYS, CONFIG, METRICS, PAYLOAD
+from fedlayer.protocol import ARRAYS, CONFIG, METRICS, PAYLOAD, TRAIN_SECONDS
 from fedlayer.training import loss_gradient, train_steps
 
 #: ``context.state`` records of a LAQ node: its last upload ``Qhat`` and its memory.
@@ -392,6 +393,7 @@ def laq_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> 
     theta = from_arrayrecord(content[ARRAYS])
     model = runtime.model_with(theta)
     seed = runtime.round_seed(server_round)
+    start = time.perf_counter()
     if mode == "gradient":
         g, loss = loss_gradient(
             model, runtime.train_data, float(config["laq-l2"]), int(config["laq-batch-size"]), seed, runtime.device
@@ -405,6 +407,7 @@ def laq_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> 
         local = torch_state_to_numpy(model.state_dict())
         # The descent direction: with alpha = 1/M the server step is the mean model delta.
         g = {key: np.subtract(theta[key], local[key], dtype=np.float32) for key in theta}
+    seconds = time.perf_counter() - start
 
     memory = load_memory(context, MEMORY)
     version = int(memory["version"]) if memory is not None else 0
@@ -436,6 +439,7 @@ def laq_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> 
     metrics = {
         **runtime.reply_metrics(model),  # gradient mode: the model is still theta
         "train-loss": loss,
+        TRAIN_SECONDS: seconds,
         "laq-upload": float(decision.upload),
         "laq-innovation": decision.innovation,
         "laq-threshold": decision.threshold,

@@ -46,6 +46,7 @@ from fedlayer.protocol import (
     PARTITION_ID,
     PAYLOAD,
     QUERY,
+    TRAIN_SECONDS,
 )
 
 #: Largest example count a reply may claim (guards the weighted average).
@@ -160,6 +161,7 @@ def validate_train_reply(
         raise ReplyRejected(node_id, f"client error: {message.error.reason}")
     metrics = _metrics(message, node_id)
     num_examples = _num_examples(metrics, node_id)
+    check_metric(metrics, node_id, TRAIN_SECONDS, math.inf)
     arrays = message.content.array_records.get(ARRAYS)
     state = _decode_arrays(arrays, node_id) if isinstance(arrays, ArrayRecord) else {}
     names = check_state(state, layers, node_id, allowed, required)

@@ -18,12 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from fedlayer.errors import ConfigError, ParameterError
 from fedlayer.methods import METHODS, LayerwiseStrategy
 from fedlayer.models import LayeredModel
+from fedlayer.privacy import Privacy
+from fedlayer.privacy.settings import refusal
 from fedlayer.workload import Workload, build_configured_model, initial_state
 
 #: ``LayerwiseStrategy`` arguments every strategy takes.
 BASE_ARGUMENTS = (
     "fraction_train", "min_train_nodes", "fraction_evaluate", "seed",
-    "aggregation_rule", "trim", "norm_factor", "up_bits", "down_bits", "state_memory_mb",
+    "aggregation_rule", "trim", "norm_factor", "up_bits", "down_bits", "state_memory_mb", "privacy",
 )
 #: Arguments filled from outside ``strategy.*``, and the field each one names in errors.
 BASE_FIELDS = {
@@ -37,6 +39,7 @@ BASE_FIELDS = {
     "up_bits": "codec.up_bits",
     "down_bits": "codec.down_bits",
     "state_memory_mb": "server_state.memory_mb",
+    "privacy": "privacy.mode",
     "num_clients": "federation.num_clients",
     "model": "model.name",
     "initial_state": "model.name",
@@ -65,6 +68,7 @@ def strategy_kwargs(cfg: DictConfig, model: LayeredModel) -> dict[str, Any]:
         "up_bits": cfg.codec.up_bits,
         "down_bits": cfg.codec.down_bits,
         "state_memory_mb": cfg.server_state.memory_mb,
+        "privacy": Privacy.from_config(cfg.get("privacy")),
         "num_clients": int(federation.num_clients),
         "model": model,
     }
@@ -87,6 +91,7 @@ def strategy_kwargs(cfg: DictConfig, model: LayeredModel) -> dict[str, Any]:
 def build_strategy(cfg: DictConfig, workload: Workload) -> LayerwiseStrategy:
     """The configured strategy, starting from the configured initial model."""
     cls = strategy_class(cfg)
+    refuse_private_combination(cfg)
     try:
         model = build_configured_model(cfg, workload.pool)
     except ValueError as err:  # a model that does not fit the data (input size, classes)
@@ -96,3 +101,14 @@ def build_strategy(cfg: DictConfig, workload: Workload) -> LayerwiseStrategy:
     except ParameterError as err:
         field = BASE_FIELDS.get(err.name, f"strategy.{err.name}")
         raise ConfigError(field, err.problem) from None
+
+
+def refuse_private_combination(cfg: DictConfig) -> None:
+    """``ConfigError`` naming the field and the reason when the configured method cannot be
+    private as built (``fedlayer.privacy.settings.refusal``; docs/privacy.md)."""
+    privacy = Privacy.from_config(cfg.get("privacy"))
+    settings = {"aggregation_rule": cfg.aggregation.rule, **OmegaConf.to_container(cfg.strategy, resolve=True)}
+    problem = refusal(privacy, str(cfg.strategy.name), settings)
+    if problem is not None:
+        field, reason = problem
+        raise ConfigError(field, f"privacy.mode={privacy.mode} cannot be used with it: {reason}")

@@ -17,7 +17,7 @@ from typing import Any
 from flwr.app import Message, MessageType
 
 from fedlayer.methods.base import Rejection
-from fedlayer.protocol import METRICS
+from fedlayer.protocol import METRICS, TRAIN_SECONDS
 
 TRAIN_LOSS = "train-loss"
 
@@ -32,6 +32,8 @@ class ClientRound:
     replied: bool = False
     error_replies: int = 0
     train_loss: float | None = None
+    #: the reply's own training time; kept only when the strategy accepted the reply
+    train_seconds: float | None = None
     round_trip_seconds: float | None = None
 
 
@@ -44,6 +46,7 @@ class ClientTotals:
     error_replies: int = 0
     refusals: dict[str, int] = field(default_factory=dict)
     round_trip_seconds: list[float] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
     bytes_down: int = 0
     bytes_up: int = 0
 
@@ -55,6 +58,8 @@ class ClientTotals:
         self.bytes_up += step.bytes_up
         if step.round_trip_seconds is not None:
             self.round_trip_seconds.append(step.round_trip_seconds)
+        if step.train_seconds is not None:
+            self.train_seconds.append(step.train_seconds)
 
 
 def _number(record: Any, key: str) -> float | None:
@@ -92,23 +97,30 @@ class ClientHealth:
             return
         step.replied = True
         step.round_trip_seconds = round_trip
-        step.train_loss = _number(reply.content.metric_records.get(METRICS), TRAIN_LOSS)
+        metrics = reply.content.metric_records.get(METRICS)
+        step.train_loss = _number(metrics, TRAIN_LOSS)
+        step.train_seconds = _number(metrics, TRAIN_SECONDS)
 
     # the round -------------------------------------------------------------
     def end_round(self, client_of: dict[int, int], rejections: list[Rejection]) -> dict[int, ClientRound]:
         """Fold the round's observations into the totals; the round's numbers by client id.
 
         ``client_of``: node id -> client id (nodes never identified are left out);
-        ``rejections``: all of the strategy's refusals so far (the new ones are counted).
+        ``rejections``: all of the strategy's refusals so far (the new ones are counted). A refused
+        reply's training time is dropped: only accepted replies' (finite, >= 0: ``validate_train_reply``) count.
         """
+        new = rejections[self.rejections_seen :]
+        refused = {rejection.node_id for rejection in new}
         steps: dict[int, ClientRound] = {}
         for node, step in self._nodes.items():
+            if node in refused:
+                step.train_seconds = None
             if node in client_of:
                 client = client_of[node]
                 steps[client] = step
                 self.clients.setdefault(client, ClientTotals()).add(step)
         self._nodes = {}
-        for rejection in rejections[self.rejections_seen :]:
+        for rejection in new:
             if rejection.node_id in client_of:
                 refusals = self.clients.setdefault(client_of[rejection.node_id], ClientTotals()).refusals
                 refusals[rejection.reason] = refusals.get(rejection.reason, 0) + 1
@@ -127,6 +139,7 @@ class ClientHealth:
                 "error_replies": totals.error_replies,
                 "refusals": sum(totals.refusals.values()),
                 "refusal_reasons": "; ".join(f"{reason} (x{n})" for reason, n in Counter(totals.refusals).most_common()),
+                "median_train_seconds": _median(totals.train_seconds),
                 "median_round_trip_seconds": _median(totals.round_trip_seconds),
                 "bytes_down": totals.bytes_down,
                 "bytes_up": totals.bytes_up,

@@ -44,6 +44,10 @@ class RunStopped(RuntimeError):
     """The run cannot go on; its last checkpoint stays, and ``resume=`` continues it."""
 
 
+class BudgetSpent(Exception):
+    """The next round would exceed ``privacy.target_epsilon``: the run ends normally before it."""
+
+
 class FederatedRun:
     """One federated run of a configured strategy over a Flower grid."""
 
@@ -65,6 +69,8 @@ class FederatedRun:
         self.hosts: dict[str, set[int]] = {}
         self.ray_nodes: set[str] = set()
         self.first_round = 1
+        #: why the run ended before its last round (``privacy.target_epsilon``); None: it did not
+        self.privacy_stop: str | None = None
         self.health = ClientHealth()
         #: whether enough nodes connected for this process's first round (``connected_nodes``)
         self.started = False
@@ -122,9 +128,14 @@ class FederatedRun:
         log(INFO, "fedlayer: %s on %s, %d rounds; run directory %s", self.cfg.strategy.name, self.cfg.dataset.name, rounds, self.rundir.path)
         self.strategy.summary()
         started = time.time() - self.elapsed_before
+        round_ends = [time.time()]  # when this process started, then when each of its rounds ended
         for server_round in range(self.first_round, rounds + 1):
             try:
                 record = self.run_round(grid, server_round, last=server_round == rounds)
+            except BudgetSpent as spent:
+                self.privacy_stop = str(spent)
+                log(INFO, "fedlayer: privacy budget reached; the run ends before %s", spent)
+                break
             except RunStopped as stopped:
                 self.rundir.write_error(str(stopped))
                 raise
@@ -133,7 +144,9 @@ class FederatedRun:
                 log(WARNING, "round %d: non-finite metrics written as null: %s", server_round, ", ".join(nonfinite))
             self.telemetry.round_done(record)
             self.save_checkpoint(server_round, time.time() - started)
-            log(INFO, "%s", progress_line(record, rounds, self.ledger.totals()))
+            round_ends.append(time.time())
+            eta = time_left(round_ends, rounds - server_round)
+            log(INFO, "%s", progress_line(record, rounds, self.ledger.totals(), round_ends[-1] - started, eta))
         summary = self.summary(time.time() - started)
         self.rundir.write_summary(summary)
         records = self.rundir.read_metrics()
@@ -196,6 +209,8 @@ class FederatedRun:
         started = time.time()
         rejected_before = len(self.strategy.rejections)  # identity answers refused count in the round too
         identified = self.identify_nodes(grid, server_round)
+        if (problem := self.strategy.privacy_budget_problem(server_round, len(identified))) is not None:
+            raise BudgetSpent(problem)
         train_messages = self.strategy.configure_train(server_round, identified)
         replies = self._exchange(grid, train_messages, server_round)
         self.note_hosts(replies)
@@ -232,6 +247,8 @@ class FederatedRun:
         else:
             record.update(bytes_up=0, bytes_down=0, fedavg_bytes_up=0, fedavg_bytes_down=0)
         record["strategy"] = self.strategy.round_record(server_round)
+        if (spent := self.strategy.privacy_spent()) is not None:
+            record["privacy"] = spent
         record["seconds"] = time.time() - started
         return record
 
@@ -286,6 +303,7 @@ class FederatedRun:
             "fedavg_bytes_total": fedavg_total,
             "traffic_ratio_vs_fedavg": total / fedavg_total if fedavg_total else None,
             "uplink_ratio_vs_fedavg": totals["bytes_up"] / totals["fedavg_bytes_up"] if totals["fedavg_bytes_up"] else None,
+            "privacy": self.privacy_summary(),
             "rejected_replies": len(self.strategy.rejections),
             "dropped_updates": len(self.strategy.dropped_rounds),
             "nonfinite_metrics": sum(len(r.get("nonfinite", [])) for r in self.rundir.read_metrics()),
@@ -295,6 +313,16 @@ class FederatedRun:
             "run_dir": str(self.rundir.path),
             "strategy_params": {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"},
         }
+
+    def privacy_summary(self) -> dict[str, Any] | None:
+        """The privacy spent (None: off), the settings, and why the run stopped early if the budget did it."""
+        spent = self.strategy.privacy_spent()
+        if spent is None:
+            return None
+        privacy = self.strategy.privacy
+        # adaptive clipping: ``clip`` is the one in force at the end (``spent`` has it)
+        return {"mode": privacy.mode, "clip": privacy.clip, "noise_multiplier": privacy.noise_multiplier,
+                "target_epsilon": privacy.target_epsilon, **spent, "stopped": self.privacy_stop}
 
 
 def in_simulation(grid: Grid) -> bool:
@@ -322,8 +350,30 @@ def partition_label(partition: DictConfig) -> str:
     return str(partition.scheme)
 
 
-def progress_line(record: dict[str, Any], rounds: int, totals: dict[str, int]) -> str:
-    """One line of progress for the log."""
+def time_left(round_ends: list[float], rounds_left: int) -> float:
+    """Seconds the ``rounds_left`` rounds should take, at the mean pace of this process's rounds.
+
+    ``round_ends``: the process's start, then the end of each of its rounds (a resumed run's
+    earlier rounds may have run elsewhere). The first round also starts the clients (Ray
+    workers, data): it is left out once a later round has ended.
+    """
+    ends = round_ends[1:] if len(round_ends) > 2 else round_ends
+    return (ends[-1] - ends[0]) / (len(ends) - 1) * rounds_left
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` as a short duration: ``42s``, ``3m07s``, ``2h05m``."""
+    whole = max(0, round(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def progress_line(record: dict[str, Any], rounds: int, totals: dict[str, int], elapsed: float, eta: float) -> str:
+    """One line of progress for the log: round k/N, the model, the traffic, the round's time, the
+    run's elapsed time (resumed runs: with the rounds before) and the estimated time left (``eta``)."""
     acc = record.get("accuracy")
     acc_text = f"acc {acc:.4f}" if acc is not None else "acc -"
     fedavg = totals["fedavg_bytes_up"] + totals["fedavg_bytes_down"]
@@ -332,4 +382,5 @@ def progress_line(record: dict[str, Any], rounds: int, totals: dict[str, int]) -
         f"[round {record['round']}/{rounds}] {acc_text} | up {record['bytes_up'] / 1e6:.2f} MB"
         f" down {record['bytes_down'] / 1e6:.2f} MB | cumulative {share:.1%} of FedAvg"
         f" | {record['replies']} replies, {record['rejected']} rejected | {record['seconds']:.1f} s"
+        f" | elapsed {duration(elapsed)}, ETA {duration(eta)}"
     )

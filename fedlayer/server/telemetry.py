@@ -10,7 +10,7 @@ gets, by round:
 - ``layer_bytes_up/<layer>``, ``layer_bytes_down/<layer>`` and their ``_cumulative`` twins;
 - ``replies/``: replies, error replies, refused replies, dropped rounds;
 - ``<method>/...``: every number of the method's ``round_record``, flattened;
-- ``client_<metric>/<client id>``: each client's training loss, round trip and bytes.
+- ``client_<metric>/<client id>``: each client's training loss, training seconds (accepted replies), round trip and bytes.
 
 Accuracy against cumulative bytes is its own run, ``tb/by_bytes``, whose step
 is the cumulative traffic in bytes (``accuracy_vs_bytes/central``). Scalars are
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 #: Fields of ``clients.csv``, in order (``ClientHealth.rows``).
 CLIENT_FIELDS = (
     "client", "host", "rounds_sampled", "replies", "error_replies", "refusals", "refusal_reasons",
-    "median_round_trip_seconds", "bytes_down", "bytes_up",
+    "median_train_seconds", "median_round_trip_seconds", "bytes_down", "bytes_up",
 )
 #: Per-round numbers of the metrics line, summed over the run as ``traffic/<name>_cumulative``.
 TRAFFIC_FIELDS = ("bytes_up", "bytes_down", "fedavg_bytes_up", "fedavg_bytes_down", "codec_resyncs")
@@ -61,6 +61,7 @@ LAYOUT = {
     },
     "health": {
         "replies": ["Multiline", [r"replies/.*"]],
+        "client training time (s)": ["Multiline", [r"client_train_seconds/.*"]],
         "client round trip (s)": ["Multiline", [r"client_round_trip_seconds/.*"]],
         "client training loss": ["Multiline", [r"client_train_loss/.*"]],
     },
@@ -120,6 +121,7 @@ def round_scalars(line: dict[str, Any], cumulative: dict[str, float], method: st
     if line.get("seconds") is not None:
         scalars["time/round_seconds"] = float(line["seconds"])
     scalars.update(flatten(line.get("strategy") or {}, method))
+    scalars.update(flatten(line.get("privacy") or {}, "privacy"))  # epsilon spent (privacy.mode != off)
     return scalars
 
 
@@ -131,6 +133,7 @@ def client_scalars(steps: dict[int, ClientRound]) -> dict[str, float]:
             "bytes_up": step.bytes_up,
             "bytes_down": step.bytes_down,
             "train_loss": step.train_loss,
+            "train_seconds": step.train_seconds,
             "round_trip_seconds": step.round_trip_seconds,
         }
         scalars.update({f"client_{name}/{client}": float(v) for name, v in values.items() if v is not None})
