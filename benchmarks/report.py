@@ -5,11 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
+from fedlayer.plots import plot_accuracy_by_bytes
 from fedlayer.server.rundir import RunDirectory
 
 BASELINE = "fedavg"
@@ -48,31 +44,11 @@ def write_markdown(results: list[dict[str, Any]], path: Path, title: str) -> Non
     path.write_text("\n".join(lines) + "\n")
 
 
-def _cumulative(run_dir: str) -> tuple[list[float], list[float]]:
-    megabytes, accuracy, total = [], [], 0
-    for record in RunDirectory(Path(run_dir)).read_metrics():
-        total += record["bytes_up"] + record["bytes_down"]
-        if record.get("accuracy") is not None:
-            megabytes.append(total / 1e6)
-            accuracy.append(record["accuracy"])
-    return megabytes, accuracy
-
-
 def plot_accuracy_vs_bytes(results: list[dict[str, Any]], path: Path) -> None:
     """Accuracy against cumulative traffic, one panel per setting."""
-    settings = sorted({r["setting"] for r in results})
-    if not settings:
-        return
-    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
-    for ax, setting in zip(axes[0], settings):
-        for r in (r for r in results if r["setting"] == setting):
-            mb, acc = _cumulative(r["run_dir"])
-            ax.plot(mb, acc, marker=".", label=r["variant"])
-        ax.set_title(setting, fontsize=9)
-        ax.set_xlabel("cumulative traffic (MB)")
-        ax.set_ylabel("central test accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    panels = {
+        setting: [(r["variant"], RunDirectory(Path(r["run_dir"])).read_metrics()) for r in results if r["setting"] == setting]
+        for setting in sorted({r["setting"] for r in results})
+    }
+    if panels:
+        plot_accuracy_by_bytes(panels, path)

@@ -1,7 +1,9 @@
-"""Figures of runs: accuracy against rounds and megabytes, bytes per layer, client round trips.
+"""Figures of runs: accuracy against rounds and megabytes, bytes per layer, client
+round trips, and the methods' own (FedLAMA's intervals, pFedLA's layer weights).
 
-One module for the run directory's ``accuracy.png`` (the server draws it at
-the end of a run) and for ``fedlayer report``'s comparison of several runs.
+One module for the run directory's figures (the server draws them at the end
+of a run), for ``fedlayer report``'s comparison of several runs and for the
+benchmarks' accuracy-against-bytes figure.
 Inputs are what a run directory holds: ``metrics.jsonl`` lines and
 ``clients.csv`` rows.
 """
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -71,6 +74,22 @@ def plot_accuracy_comparison(runs: Sequence[tuple[str, Records]], path: Path) ->
     return _save(fig, path)
 
 
+def plot_accuracy_by_bytes(panels: dict[str, Sequence[tuple[str, Records]]], path: Path) -> Path:
+    """Accuracy against cumulative MB, one panel per setting (title -> labelled runs)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, runs) in zip(axes[0], panels.items()):
+        for label, records in runs:
+            megabytes = cumulative_megabytes(records)
+            points = [(mb, r["accuracy"]) for mb, r in zip(megabytes, records) if r.get("accuracy") is not None]
+            ax.plot([mb for mb, _ in points], [acc for _, acc in points], marker=".", label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("cumulative traffic (MB)")
+        ax.set_ylabel("central test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def layer_totals(records: Records) -> dict[str, int]:
     """Bytes per layer over the run, both directions."""
     totals: dict[str, int] = {}
@@ -113,4 +132,36 @@ def plot_client_latency(runs: Sequence[tuple[str, list[dict[str, str]]]], path: 
     _grouped_bars(ax, clients, series)
     ax.set_xlabel("client id")
     ax.set_ylabel("median round trip (s)")
+    return _save(fig, path)
+
+
+def plot_intervals(intervals: Sequence[tuple[int, dict[str, int]]], names: Sequence[str], phi: int, path: Path) -> Path:
+    """FedLAMA: each layer's aggregation interval (rounds) per round, as a heatmap."""
+    grid = np.array([[by_layer.get(name, 1) for _, by_layer in intervals] for name in names], dtype=float)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(intervals) + 2), max(2.5, 0.35 * len(names) + 1)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=1, vmax=max(phi, 2), interpolation="nearest")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xticks(range(len(intervals)), [str(r) for r, _ in intervals], fontsize=6)
+    ax.set_xlabel("round")
+    ax.set_title(f"FedLAMA intervals (rounds), phi={phi}")
+    fig.colorbar(image, ax=ax, label="interval (rounds)")
+    return _save(fig, path)
+
+
+def plot_layer_weights(weights: np.ndarray, names: Sequence[str], self_weights: Sequence[tuple[int, dict[str, float]]], path: Path) -> Path:
+    """pFedLA: per layer, the client x client aggregation weights (receiver i, source j),
+    and each layer's mean self-weight w_ii per round."""
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.6 * (len(names) + 1), 3.4), squeeze=False)
+    for ax, name, matrix in zip(axes[0], names, weights):
+        image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=max(float(matrix.max()), 1e-9))
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("client j (source)")
+        ax.set_ylabel("client i (receiver)")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    ax = axes[0][-1]
+    for name in names:
+        ax.plot([r for r, _ in self_weights], [by_layer[name] for _, by_layer in self_weights], label=name)
+    ax.set_title("mean self-weight w_ii per round", fontsize=9)
+    ax.set_xlabel("round")
+    ax.legend(fontsize=7)
     return _save(fig, path)

@@ -72,3 +72,12 @@ def test_accuracy_by_round_has_integer_round_ticks():
     ticks = [t for t in ax_round.get_xticks() if 1 <= t <= 3]
     plt.close(fig)
     assert ticks == [1, 2, 3]
+
+
+def test_the_benchmarks_figure_comes_from_the_same_module(runs, tmp_path):
+    """The benchmark harness's accuracy-against-bytes figure: one panel per setting."""
+    from benchmarks.report import plot_accuracy_vs_bytes
+
+    results = [{"setting": "digits", "variant": path.name, "run_dir": str(path)} for path, _ in runs]
+    plot_accuracy_vs_bytes(results, tmp_path / "accuracy_vs_bytes.png")
+    assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 1000

@@ -194,23 +194,9 @@ class FedLAMAStrategy(LayerwiseStrategy):
         rows = [(r["round"], r["strategy"]["intervals"]) for r in records if r.get("strategy", {}).get("intervals")]
         if not rows:
             return
-        import matplotlib
+        from fedlayer.plots import plot_intervals  # matplotlib only where a run ends, never in a client
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        names = self.layers.names
-        grid = np.array([[intervals.get(name, 1) for _, intervals in rows] for name in names], dtype=float)
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(rows) + 2), max(2.5, 0.35 * len(names) + 1)))
-        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=1, vmax=max(self.phi, 2), interpolation="nearest")
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_xticks(range(len(rows)), [str(r) for r, _ in rows], fontsize=6)
-        ax.set_xlabel("round")
-        ax.set_title(f"FedLAMA intervals (rounds), phi={self.phi}")
-        fig.colorbar(image, ax=ax, label="interval (rounds)")
-        fig.tight_layout()
-        fig.savefig(run_dir / "intervals.png", dpi=100)
-        plt.close(fig)
+        plot_intervals(rows, self.layers.names, self.phi, run_dir / "intervals.png")
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -371,32 +371,13 @@ class PFedLAStrategy(LayerwiseStrategy):
 
     def write_artifacts(self, run_dir: Path, records: list[dict[str, Any]]) -> None:
         """``pfedla_alpha.npy`` (final weights, layer x client x client) and its heatmaps."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from fedlayer.plots import plot_layer_weights  # matplotlib only where a run ends, never in a client
 
         with torch.no_grad():
             final = np.stack([self.weights(c)[0].numpy() for c in range(self.num_clients)], axis=1)
         np.save(run_dir / "pfedla_alpha.npy", final)
-        names = self.layers.names
-        fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.6 * (len(names) + 1), 3.4), squeeze=False)
-        for ax, name, matrix in zip(axes[0], names, final):
-            image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=max(float(matrix.max()), 1e-9))
-            ax.set_title(name, fontsize=9)
-            ax.set_xlabel("client j (source)")
-            ax.set_ylabel("client i (receiver)")
-            fig.colorbar(image, ax=ax, fraction=0.046)
-        ax = axes[0][-1]
-        rounds = [r["round"] for r in records if r.get("strategy", {}).get("self_weight")]
-        for name in names:
-            ax.plot(rounds, [r["strategy"]["self_weight"][name] for r in records if r.get("strategy", {}).get("self_weight")], label=name)
-        ax.set_title("mean self-weight w_ii per round", fontsize=9)
-        ax.set_xlabel("round")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(run_dir / "pfedla_alpha.png", dpi=90)
-        plt.close(fig)
+        self_weights = [(r["round"], r["strategy"]["self_weight"]) for r in records if r.get("strategy", {}).get("self_weight")]
+        plot_layer_weights(final, self.layers.names, self_weights, run_dir / "pfedla_alpha.png")
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
