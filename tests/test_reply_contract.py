@@ -188,7 +188,7 @@ def test_identity_answers_must_answer_the_nodes_own_query(tmp_path):
 
 
 # ------------------------------------------------------------------ item 4: the configured wire contract
-@pytest.mark.parametrize("bits", [2, 8, 16, None])
+@pytest.mark.parametrize("bits", [1, 2, 8, 16, None])
 def test_a_reply_encoded_other_than_up_bits_is_refused(tmp_path, bits):
     mixed, alone = _pair(tmp_path, overrides=CODEC_SETTING)
     state = honest_state(mixed, FAULTY, 100)

@@ -4,7 +4,8 @@ Method handlers never see it: ``open_download`` turns a message's encoded
 layers into dense ones (rebuilt against the reference this node keeps in
 ``context.state``), and ``close_upload`` encodes the reply's layers against
 the same reference, with error feedback (``codec-residual``: what the
-quantiser dropped last time is added to the next difference), and only then
+quantiser dropped last time is added to the next difference, clipped to a
+multiple of it: ``tensors.RESIDUAL_CLIP``), and only then
 commits the new reference, residual and version, so a failed call changes nothing.
 """
 

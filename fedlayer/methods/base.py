@@ -150,7 +150,7 @@ class LayerwiseStrategy:
         median for that tensor is refused (0: guard off).
     up_bits, down_bits : int
         Codec stage (``fedlayer.codec``): bits per value of the layers each
-        way, 32 (dense float32), 16, 8, 4 or 2 (differences from a reference
+        way, 32 (dense float32), 16, 8, 4, 2 or 1 (differences from a reference
         both ends hold).
     codec_reference : State | None
         The model both ends start the codec's references from: the configured

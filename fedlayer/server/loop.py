@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -230,6 +231,11 @@ class FederatedRun:
         record["rejected"] = len(self.strategy.rejections) - rejected_before
         if last or server_round % int(self.cfg.evaluation.every) == 0:
             central = self.strategy.evaluate_central(self.evaluator)
+            if not math.isfinite(float(central["loss"])):
+                raise RunStopped(
+                    f"round {server_round}: the global model's central loss is {central['loss']}: "
+                    "the model is no longer usable, the run stops (resume= continues from the last checkpoint)"
+                )
             self.last_accuracy = central["accuracy"]
             record.update(accuracy=central["accuracy"], loss=central["loss"])
             record["central"] = central
