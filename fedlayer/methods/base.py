@@ -506,7 +506,8 @@ class LayerwiseStrategy:
 
     def free_client_id(self, node: int, connected: list[int]) -> int:
         """A new server-assigned client id (``ASSIGNED_BASE`` and up; a slot's for methods with one per client)."""
-        live = {c for n, c in self.client_of.items() if n in set(connected)}
+        connected_nodes = set(connected)
+        live = {c for n, c in self.client_of.items() if n in connected_nodes}
         return free_client_id(node, self.taken_client_ids(), live, set(self.bindings.keys), self.client_limit)
 
     def taken_client_ids(self) -> set[int]:
@@ -696,7 +697,7 @@ class LayerwiseStrategy:
             except ReplyRejected as rejected:
                 self.reject(server_round, rejected)
         valid = self.guard_update_norms(server_round, valid)
-        return sorted(valid, key=lambda r: (r.node_id not in self.client_of, self.client_id(r.node_id), r.node_id))
+        return sorted(valid, key=lambda r: (self.client_id(r.node_id), r.node_id))  # every accepted node is identified
 
     def require_identified(self, node: int) -> None:
         """Refuse a reply from a node whose client id is not registered (none of its state exists)."""

@@ -15,7 +15,7 @@ import numpy as np
 from flwr.app import Context, MetricRecord, RecordDict
 
 from fedlayer.layers import State, from_arrayrecord, to_arrayrecord
-from fedlayer.privacy.mechanism import clipped, update_norm, with_noise
+from fedlayer.privacy.mechanism import clipped, is_float, update_norm, with_noise
 from fedlayer.privacy.settings import Privacy
 from fedlayer.protocol import ARRAYS, CONFIG, DP_CLIP, DP_WITHIN_CLIP, KEEP_MODEL, METRICS
 
@@ -57,7 +57,7 @@ def privatise_reply(
             reply[METRICS] = MetricRecord({**(dict(metrics.items()) if metrics is not None else {}),
                                            DP_WITHIN_CLIP: float(clip is None or norm <= clip)})
         if privacy.local and privacy.noise_std() > 0:  # adaptive clipping is central only: clip is privacy.clip
-            noisy = with_noise({k: v - reference[k] for k, v in state.items() if np.issubdtype(v.dtype, np.floating)},
+            noisy = with_noise({k: v - reference[k] for k, v in state.items() if is_float(v)},
                                privacy.noise_std(), rng())
             state = {k: (reference[k] + noisy[k]).astype(v.dtype) if k in noisy else v for k, v in state.items()}
         reply[ARRAYS] = to_arrayrecord(state)

@@ -280,7 +280,7 @@ class FederatedRun:
         """Remember where each client's train replies were computed (the ``host`` record)."""
         for reply in replies:
             record = None if reply.has_error() else reply.content.config_records.get(HOST)
-            if record is None or not self.strategy.identified([reply.metadata.src_node_id]):
+            if record is None or reply.metadata.src_node_id not in self.strategy.client_of:
                 continue
             client = self.strategy.client_id(reply.metadata.src_node_id)
             self.hosts.setdefault(str(record.get("hostname")), set()).add(client)
