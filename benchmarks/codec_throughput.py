@@ -27,14 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlayer.compression import (
-    LAQCodec,
-    QuantizedTensor,
-    dequantize,
-    pack_codes,
-    quantize_innovation,
-    unpack_codes,
-)
+from fedlayer.wire.bitpack import pack_codes, unpack_codes
+from fedlayer.wire.laq_codec import LAQCodec
+from fedlayer.wire.quantize import QuantizedTensor, dequantize, quantize_innovation
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -55,9 +55,9 @@ from fedlayer.methods.base import LayerwiseStrategy, NodePlan
 from fedlayer.methods.laq import BASE_KEY, UPDATE_KEY, lazy_decision
 from fedlayer.methods.outbox import Outbox
 from fedlayer.methods.replies import identity_query
-from fedlayer.proto.fedlayer.compressed.v1 import update_pb2
-from fedlayer.proto.wire import FORMAT_VERSION, encode_update
-from fedlayer.protocol import CODEC_VERSION
+from fedlayer.wire.proto.fedlayer.compressed.v1 import update_pb2
+from fedlayer.wire.laq_proto import FORMAT_VERSION, encode_update
+from fedlayer.wire.records import CODEC_VERSION
 from fedlayer.server.builder import build_strategy
 from fedlayer.workload import Workload, load_workload
 

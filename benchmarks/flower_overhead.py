@@ -165,7 +165,7 @@ def fedlayer_simulation(cfg: BaselineConfig, out: Path, name: str) -> SideResult
     """``fedlayer-sim strategy=fedavg`` in its own process, timed by its progress lines."""
     log, run_dir = out / f"{name}.log", out / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    lines = run_logged([sys.executable, "-m", "fedlayer.cli", *fedlayer_overrides(cfg, out / "runs", run_dir.name)], log)
+    lines = run_logged([sys.executable, "-m", "fedlayer.commands.sim", *fedlayer_overrides(cfg, out / "runs", run_dir.name)], log)
     ends = {int(m.group(1)): t for t, line in lines if (m := ROUND_LINE.search(line))}
     if sorted(ends) != list(range(1, cfg.rounds + 1)):
         raise RuntimeError(f"expected fedlayer progress lines '[round k/{cfg.rounds}]' for every round, found {sorted(ends)}; log: {log}")

@@ -46,7 +46,7 @@ def settings(grid: dict[str, list[Any]]) -> list[list[str]]:
 
 def run_one(overrides: list[str], log_path: Path) -> dict[str, Any] | None:
     """One simulation in its own process; returns its summary (None on failure)."""
-    command = [sys.executable, "-m", "fedlayer.cli", *overrides]
+    command = [sys.executable, "-m", "fedlayer.commands.sim", *overrides]
     with open(log_path, "w") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:

@@ -4,7 +4,7 @@
 
 Every variant is FedAvg on mnist5k with the CNN, 10 clients on an IID split,
 all of them trained every round, the same seed and data; each runs in its own
-process through ``fedlayer.cli.simulate``, the engine path of ``fedlayer-sim``
+process through ``fedlayer.commands.sim.simulate``, the engine path of ``fedlayer-sim``
 (Flower's ``run_simulation`` with fedlayer's ServerApp and ClientApp). In the
 attacked variants the client of partition 0 is an attacker: its ClientApp is
 fedlayer's, wrapped here so that it replies ``sent + 1e6 * (trained - sent)``
@@ -51,10 +51,10 @@ from omegaconf import DictConfig
 
 import fedlayer.client.app as fedlayer_client_app
 from benchmarks.flower_overhead import FLOWER_ENV, ROUND_LINE, read_metrics
-from fedlayer.cli import simulate
+from fedlayer.commands.sim import simulate
 from fedlayer.layers import State, from_arrayrecord, to_arrayrecord
 from fedlayer.methods.client import received_state
-from fedlayer.protocol import ARRAYS, NO_PARTITION, PARTITION_ID
+from fedlayer.wire.records import ARRAYS, NO_PARTITION, PARTITION_ID
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -134,7 +134,7 @@ def attacked_client_app(honest: ClientApp, attacker: int, scale: float) -> Clien
 
 
 def simulate_variant(overrides: Sequence[str], attacker: int | None, scale: float) -> dict[str, Any]:
-    """``fedlayer.cli.simulate`` with fedlayer's ClientApp wrapped by the attacker (None: not wrapped)."""
+    """``fedlayer.commands.sim.simulate`` with fedlayer's ClientApp wrapped by the attacker (None: not wrapped)."""
     if attacker is None:
         return simulate(overrides)
     make_honest = fedlayer_client_app.make_client_app

@@ -56,7 +56,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.supercore.task_identity import TaskIdentity
 
 from benchmarks.faults import push
-from fedlayer.codec.tensors import encode_state
+from fedlayer.wire.tensors import encode_state
 from fedlayer.layers import (
     State,
     from_arrayrecord,
@@ -67,8 +67,8 @@ from fedlayer.methods.base import LayerwiseStrategy
 from fedlayer.methods.laq import BASE_KEY, UPDATE_KEY, LAQStrategy, lazy_decision
 from fedlayer.methods.pfedla import PFedLAStrategy
 from fedlayer.models import build_model
-from fedlayer.proto.wire import encode_update
-from fedlayer.protocol import (
+from fedlayer.wire.laq_proto import encode_update
+from fedlayer.wire.records import (
     ARRAYS,
     CODEC_VERSION,
     METRICS,

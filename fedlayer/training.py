@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fedlayer.data import ArrayDataset
 from fedlayer.layers import State, numpy_to_torch_state
 from fedlayer.models.staged import StagedModel, stage_features
-from fedlayer.protocol import TRAIN_SECONDS
+from fedlayer.wire.records import TRAIN_SECONDS
 
 #: ``step() -> loss`` run once under a meter: ``measure(step, x, y) -> (loss, metrics)``.
 StepMeter = Callable[[Callable[[], Tensor], Tensor, Tensor], tuple[Tensor, dict[str, float]]]

@@ -27,6 +27,6 @@ DETAIL=$(python -c "import torch; print(torch.__version__, torch.cuda.get_device
   check "cuda-available" python -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'"
 check "cuda-tests" python -m pytest -q -m cuda tests/test_cuda.py
 for strategy in fedavg fedlama fedlp laq pfedla fll local; do
-  check "simulation-$strategy-cuda" python -m fedlayer.cli "strategy=$strategy" device=cuda dataset=mnist5k \
+  check "simulation-$strategy-cuda" python -m fedlayer.commands.sim "strategy=$strategy" device=cuda dataset=mnist5k \
     federation.num_clients=4 federation.rounds=2 train.local_steps=20 "output_dir=$out" "run_name=$strategy"
 done

@@ -1,7 +1,7 @@
 """The dependency rule, checked on every import in fedlayer/ (module- and function-level).
 
-Neutral parts (layers, models, data, training, compression, protocol, ...)
-<- methods <- server / client apps <- entry points (``cli``, ``deploy``).
+Neutral parts (layers, models, data, training, wire, ...)
+<- methods <- server / client apps <- entry points (``commands``, ``report``).
 Nothing imports upward, server and client never import each other, and
 nothing imports in a circle.
 """
@@ -13,7 +13,7 @@ import fedlayer
 
 ROOT = Path(fedlayer.__file__).parent
 #: Layer of each top-level part of the package; a module may import its own layer and those below.
-LAYERS = {"methods": 1, "server": 2, "client": 2, "cli": 3, "deploy": 3, "submit": 3, "report": 3}
+LAYERS = {"methods": 1, "server": 2, "client": 2, "commands": 3, "report": 3}
 
 
 def module_name(path: Path) -> str:

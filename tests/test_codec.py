@@ -9,7 +9,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedlayer.codec.client import RESIDUAL
-from fedlayer.codec.tensors import RESIDUAL_CLIP, CodecError, check_encoding, decode_state, encode_state
+from fedlayer.wire.tensors import RESIDUAL_CLIP, CodecError, check_encoding, decode_state, encode_state
 from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError
 from fedlayer.layers import states_equal, to_arrayrecord

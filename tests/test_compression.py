@@ -1,4 +1,4 @@
-"""LAQ quantizer, bit packing and codecs (fedlayer.compression)."""
+"""LAQ quantizer, bit packing and codecs (fedlayer.wire)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedlayer.compression import (
-    LAQCodec,
-    QuantizedTensor,
-    dequantize,
-    innovation_norm_sq,
-    pack_codes,
-    packed_nbytes,
-    quantization_error,
-    quantize_innovation,
-    unpack_codes,
-)
-from fedlayer.proto import decode_update, encode_update
+from fedlayer.wire.bitpack import pack_codes, packed_nbytes, unpack_codes
+from fedlayer.wire.laq_codec import LAQCodec, innovation_norm_sq
+from fedlayer.wire.laq_proto import decode_update, encode_update
+from fedlayer.wire.quantize import QuantizedTensor, dequantize, quantization_error, quantize_innovation
 from tests.conftest import fuzz_examples
 
 ALL_BITS = range(1, 9)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedlayer.deploy import (
+from fedlayer.commands.deploy import (
     DeployError,
     client_command,
     client_hint,
@@ -21,7 +21,7 @@ from fedlayer.deploy import (
     server_command,
     server_parser,
 )
-from fedlayer.quiet_superlink import without_access_log
+from fedlayer.commands.quiet_superlink import without_access_log
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -174,7 +174,7 @@ def test_client_command_rejects_bad_input(argv, problem, monkeypatch, tls_files)
 
 def test_server_command_defaults_to_tls_and_node_auth(tls_files, tmp_path):
     cmd = server_command(server_parser().parse_args(["--certs", str(tls_files), "--state", str(tmp_path / "state.db")]))
-    assert cmd[1:3] == ["-m", "fedlayer.quiet_superlink"]  # flower-superlink without the access log
+    assert cmd[1:3] == ["-m", "fedlayer.commands.quiet_superlink"]  # flower-superlink without the access log
     assert cmd[cmd.index("--fleet-api-address") + 1] == "0.0.0.0:9092"
     assert "--enable-supernode-auth" in cmd and "--insecure" not in cmd
     assert cmd[cmd.index("--ssl-certfile") + 1] == str(tls_files / "server.pem")
@@ -225,7 +225,7 @@ def test_client_hints_name_the_fix():
 
 
 def test_supervise_passes_output_and_status_through_and_ends_with_the_hint(capfd):
-    from fedlayer.deploy import supervise
+    from fedlayer.commands.deploy import supervise
 
     child = f"import sys; sys.stderr.write({UNREGISTERED!r} + '\\nmore output\\n'); sys.exit(3)"
     status = supervise([sys.executable, "-c", child], lambda line: client_hint(line, "certs/keys/sn2", "ca.crt"), "fedlayer-client")

@@ -13,8 +13,8 @@ from fedlayer.methods.base import LayerwiseStrategy
 from fedlayer.methods.fedlama import FedLAMAStrategy
 from fedlayer.methods.pfedla import PFedLAStrategy
 from fedlayer.methods.replies import ReplyRejected, identity_query, parse_identity
-from fedlayer.protocol import ASSIGNED_BASE as B
-from fedlayer.protocol import NO_PARTITION
+from fedlayer.wire.records import ASSIGNED_BASE as B
+from fedlayer.wire.records import NO_PARTITION
 from fedlayer.server.checkpoint import Checkpoint, decode_checkpoint, encode_checkpoint
 from fedlayer.server.loop import FederatedRun
 from fedlayer.server.node_keys import NODE_AUTH_ENV, binds_keys

@@ -30,7 +30,7 @@ from fedlayer.methods.laq import (
     laq_train,
     lazy_decision,
 )
-from fedlayer.proto.wire import encode_update
+from fedlayer.wire.laq_proto import encode_update
 from fedlayer.server.builder import build_strategy
 from fedlayer.server.rundir import RunDirectory
 from fedlayer.traffic.size import message_bytes, payload_bytes

@@ -12,19 +12,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlayer.compression import EncodedTensor, LAQCodec
-from fedlayer.proto import (
+from fedlayer.wire.laq_codec import EncodedTensor, LAQCodec
+from fedlayer.wire.laq_proto import (
     FORMAT_VERSION,
     DecodedUpdate,
     WireFormatError,
     decode_update,
     encode_update,
 )
-from fedlayer.proto.fedlayer.compressed.v1 import update_pb2
+from fedlayer.wire.proto.fedlayer.compressed.v1 import update_pb2
 from tests.conftest import fuzz_examples
 
 REPO = Path(__file__).resolve().parents[1]
-PROTO_ROOT = REPO / "fedlayer" / "proto"
+PROTO_ROOT = REPO / "fedlayer" / "wire" / "proto"
 PROTO = PROTO_ROOT / "fedlayer" / "compressed" / "v1" / "update.proto"
 
 
@@ -43,8 +43,8 @@ def test_committed_code_matches_schema(tmp_path: Path, generated: str) -> None:
     committed = (PROTO.parent / generated).read_bytes()
     assert fresh == committed, (
         f"{generated} is stale or was made by another protoc; regenerate with "
-        "python -m grpc_tools.protoc -I fedlayer/proto --python_out=fedlayer/proto "
-        "--pyi_out=fedlayer/proto fedlayer/proto/fedlayer/compressed/v1/update.proto"
+        "python -m grpc_tools.protoc -I fedlayer/wire/proto --python_out=fedlayer/wire/proto "
+        "--pyi_out=fedlayer/wire/proto fedlayer/wire/proto/fedlayer/compressed/v1/update.proto"
     )
 
 

@@ -37,7 +37,7 @@ def two_node_cluster() -> Iterator[tuple]:
 
 
 def _command(*overrides: str) -> list[str]:
-    return [sys.executable, "-m", "fedlayer.cli", *overrides]
+    return [sys.executable, "-m", "fedlayer.commands.sim", *overrides]
 
 
 def test_a_simulation_joins_the_cluster_and_runs_on_both_nodes(tmp_path: Path, two_node_cluster):

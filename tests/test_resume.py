@@ -95,7 +95,7 @@ def test_crash_mid_round_then_resume_matches_uninterrupted_run(tmp_path, case):
 
 
 def _command(*overrides: str) -> list[str]:
-    return [sys.executable, "-m", "fedlayer.cli", *overrides]
+    return [sys.executable, "-m", "fedlayer.commands.sim", *overrides]
 
 
 @pytest.mark.slow

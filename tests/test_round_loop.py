@@ -20,7 +20,7 @@ from fedlayer.config import compose_config
 from fedlayer.layers import states_equal
 from fedlayer.methods.base import LayerwiseStrategy
 from fedlayer.methods.pfedla import PFedLAStrategy
-from fedlayer.protocol import ASSIGNED_BASE
+from fedlayer.wire.records import ASSIGNED_BASE
 from fedlayer.server.loop import FederatedRun, RunStopped, duration, progress_line, time_left
 from fedlayer.server.rundir import RunDirectory
 from benchmarks.faults import sent_message

@@ -20,7 +20,7 @@ def run_sim(tmp_path: Path, *overrides: str) -> dict:
     """Run ``fedlayer-sim`` in a subprocess and return its summary."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "fedlayer.cli", f"output_dir={tmp_path}", "run_name=run", *overrides],
+        [sys.executable, "-m", "fedlayer.commands.sim", f"output_dir={tmp_path}", "run_name=run", *overrides],
         capture_output=True, text=True, env=env, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -58,7 +58,7 @@ def test_fedavg_mnist5k_three_rounds(tmp_path):
 def test_bad_config_fails_at_start_naming_the_field(tmp_path):
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     done = subprocess.run(
-        [sys.executable, "-m", "fedlayer.cli", f"output_dir={tmp_path}", "federation.rounds=0"],
+        [sys.executable, "-m", "fedlayer.commands.sim", f"output_dir={tmp_path}", "federation.rounds=0"],
         capture_output=True, text=True, env=env, timeout=120, check=False,
     )
     assert done.returncode != 0

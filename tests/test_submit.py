@@ -12,7 +12,7 @@ import pytest
 from flwr.common.config import parse_config_args
 
 from fedlayer.config import run_config_to_overrides
-from fedlayer.submit import (
+from fedlayer.commands.submit import (
     RunError,
     default_app,
     first_line,

@@ -19,7 +19,7 @@ from fedlayer.methods import METHODS, Method
 from fedlayer.methods.client import server_round_of
 from fedlayer.privacy import Privacy
 from fedlayer.privacy.client import privatise_reply, training_reference
-from fedlayer.protocol import (
+from fedlayer.wire.records import (
     CLIENT_ID,
     CONFIG,
     HOST,

@@ -22,7 +22,7 @@ from fedlayer.config import load_config, run_config_to_overrides
 from fedlayer.device import resolve_device
 from fedlayer.files import atomic_write
 from fedlayer.methods.client import ClientRuntime
-from fedlayer.protocol import CLIENT_ID, CONFIG, NO_PARTITION, PARTITION_ID
+from fedlayer.wire.records import CLIENT_ID, CONFIG, NO_PARTITION, PARTITION_ID
 
 
 @functools.lru_cache(maxsize=4)

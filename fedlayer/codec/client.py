@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from fedlayer.codec.tensors import decode_state, encode_state
+from fedlayer.wire.tensors import decode_state, encode_state
 from fedlayer.layers import State, from_arrayrecord, to_arrayrecord
-from fedlayer.protocol import (
+from fedlayer.wire.records import (
     ARRAYS,
     CODEC_REFERENCE,
     CODEC_RESYNC,

@@ -23,7 +23,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Message
 
 from fedlayer.clientstore import ClientStates
-from fedlayer.codec.tensors import (
+from fedlayer.wire.tensors import (
     DENSE,
     CodecError,
     check_encoding,
@@ -31,7 +31,7 @@ from fedlayer.codec.tensors import (
     encode_state,
 )
 from fedlayer.layers import State, copy_state, to_arrayrecord
-from fedlayer.protocol import (
+from fedlayer.wire.records import (
     ARRAYS,
     CODEC_REFERENCE,
     CODEC_RESYNC,

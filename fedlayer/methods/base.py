@@ -36,7 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
 from fedlayer.codec.server import ServerCodec
-from fedlayer.codec.tensors import BITS, DENSE
+from fedlayer.wire.tensors import BITS, DENSE
 from fedlayer.errors import require
 from fedlayer.files import deferred_pruning, prune
 from fedlayer.layers import (
@@ -71,7 +71,7 @@ from fedlayer.methods.replies import (
 )
 from fedlayer.privacy import Privacy, PrivacyAccountant
 from fedlayer.privacy.mechanism import clipped, fixed_denominator_mean, is_float
-from fedlayer.protocol import (
+from fedlayer.wire.records import (
     ARRAYS,
     ASSIGNED_BASE,
     CLIENT_ID,

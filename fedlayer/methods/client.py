@@ -31,7 +31,7 @@ from fedlayer.layers import (
     torch_state_to_numpy,
 )
 from fedlayer.models import LayeredModel
-from fedlayer.protocol import (
+from fedlayer.wire.records import (
     ARRAYS,
     CONFIG,
     KEEP_MODEL,

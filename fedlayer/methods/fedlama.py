@@ -17,7 +17,7 @@ from fedlayer.layers import Layer, ModelLayers, State
 from fedlayer.methods.base import LayerwiseStrategy, NodePlan
 from fedlayer.methods.client import ClientRuntime, load_local_model, standard_train
 from fedlayer.methods.replies import ReplyRejected, TrainReply
-from fedlayer.protocol import ARRAYS
+from fedlayer.wire.records import ARRAYS
 
 #: Values of ``long_interval_tensors`` and whether fedlayer implements them.
 LONG_INTERVAL_TENSORS = {"whole_layer": True, "weights_only": False}

@@ -40,7 +40,7 @@ from fedlayer.models.depth import (
     level_head_name,
     level_layers,
 )
-from fedlayer.protocol import ARRAYS, CONFIG
+from fedlayer.wire.records import ARRAYS, CONFIG
 from fedlayer.training import Evaluator, num_local_steps, step_flops, train_steps
 
 HOMOGENEOUS = "homogeneous"

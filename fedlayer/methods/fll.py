@@ -49,7 +49,7 @@ from fedlayer.models.staged import (
     stage_layer_names,
     stage_step_flops,
 )
-from fedlayer.protocol import CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
+from fedlayer.wire.records import CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fedlayer.training import (
     Evaluator,
     evaluate,

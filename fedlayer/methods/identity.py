@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from fedlayer.methods.replies import ReplyRejected
-from fedlayer.protocol import ASSIGNED_BASE
+from fedlayer.wire.records import ASSIGNED_BASE
 
 
 def slot_of(client: int) -> int:

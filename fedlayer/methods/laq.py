@@ -21,8 +21,8 @@ from flwr.app import (
 from flwr.common.logger import log
 
 from fedlayer.clientstore import ClientStates
-from fedlayer.compression import EncodedTensor, LAQCodec, innovation_norm_sq
-from fedlayer.compression.quantize import squared_distance
+from fedlayer.wire.laq_codec import EncodedTensor, LAQCodec, innovation_norm_sq
+from fedlayer.wire.quantize import squared_distance
 from fedlayer.errors import ParameterError, require
 from fedlayer.layers import (
     State,
@@ -33,8 +33,8 @@ from fedlayer.layers import (
 from fedlayer.methods.base import LayerwiseStrategy, NodePlan
 from fedlayer.methods.client import ClientRuntime, load_memory, server_round_of
 from fedlayer.methods.replies import ReplyRejected, TrainReply
-from fedlayer.proto.wire import WireFormatError, decode_update, encode_update
-from fedlayer.protocol import ARRAYS, CONFIG, METRICS, PAYLOAD, TRAIN_SECONDS
+from fedlayer.wire.laq_proto import WireFormatError, decode_update, encode_update
+from fedlayer.wire.records import ARRAYS, CONFIG, METRICS, PAYLOAD, TRAIN_SECONDS
 from fedlayer.training import loss_gradient, train_steps
 
 #: ``context.state`` records of a LAQ node: its last upload ``Qhat`` and its memory.

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Message
 
 from fedlayer.methods.replies import ReplyRejected
-from fedlayer.protocol import CONFIG, SERVER_ROUND
+from fedlayer.wire.records import CONFIG, SERVER_ROUND
 
 
 @dataclass

@@ -34,7 +34,7 @@ from flwr.app import (
 )
 
 from fedlayer.layers import ModelLayers, State
-from fedlayer.protocol import (
+from fedlayer.wire.records import (
     ARRAYS,
     ASSIGNED_BASE,
     CLIENT_ID,

@@ -17,7 +17,7 @@ from flwr.app import Context, MetricRecord, RecordDict
 from fedlayer.layers import State, from_arrayrecord, to_arrayrecord
 from fedlayer.privacy.mechanism import clipped, is_float, update_norm, with_noise
 from fedlayer.privacy.settings import Privacy
-from fedlayer.protocol import ARRAYS, CONFIG, DP_CLIP, DP_WITHIN_CLIP, KEEP_MODEL, METRICS
+from fedlayer.wire.records import ARRAYS, CONFIG, DP_CLIP, DP_WITHIN_CLIP, KEEP_MODEL, METRICS
 
 #: ``context.state`` record: the last value this node received of each tensor.
 REFERENCE = "dp-reference"

@@ -17,7 +17,7 @@ from typing import Any
 from flwr.app import Message, MessageType
 
 from fedlayer.methods.base import Rejection
-from fedlayer.protocol import METRICS, TRAIN_SECONDS
+from fedlayer.wire.records import METRICS, TRAIN_SECONDS
 
 TRAIN_LOSS = "train-loss"
 

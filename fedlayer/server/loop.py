@@ -19,7 +19,7 @@ from fedlayer.data import ArrayDataset
 from fedlayer.methods import LayerwiseStrategy
 from fedlayer.methods.base import Rejection
 from fedlayer.plots import plot_run
-from fedlayer.protocol import HOST
+from fedlayer.wire.records import HOST
 from fedlayer.server.builder import build_strategy
 from fedlayer.server.checkpoint import Checkpoint, CheckpointStore
 from fedlayer.server.exchange import exchange

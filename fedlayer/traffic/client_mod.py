@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedlayer.protocol import TRAFFIC
+from fedlayer.wire.records import TRAFFIC
 from fedlayer.traffic.size import message_bytes
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from flwr.app import Message, MessageType
 
 from fedlayer.layers import ModelLayers
-from fedlayer.protocol import CODEC_RESYNC, CONFIG, TRAFFIC
+from fedlayer.wire.records import CODEC_RESYNC, CONFIG, TRAFFIC
 from fedlayer.traffic.size import MessageSize, measure_message
 
 

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, Message
 from flwr.supercore.inflatable.inflatable_object import InflatableObject
 
 from fedlayer.layers import to_arrayrecord
-from fedlayer.protocol import PAYLOAD_RECORDS
+from fedlayer.wire.records import PAYLOAD_RECORDS
 
 
 @dataclass

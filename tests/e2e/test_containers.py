@@ -274,7 +274,7 @@ def test_arm64_cpu_image_builds_and_imports():
             pytest.skip(f"arm64 image: no CPU torch for aarch64 reachable here (base image {took(base_s)}): {match.group(0)}; "
                         "set FEDLAYER_CONTAINER_ARM64_BUILD_ARGS to reach one")
         raise
-    probe = "import platform, torch, flwr, fedlayer.deploy; print(platform.machine(), torch.__version__, torch.version.cuda)"
+    probe = "import platform, torch, flwr, fedlayer.commands.deploy; print(platform.machine(), torch.__version__, torch.version.cuda)"
     done = sh(["podman", "run", "--rm", "--platform", "linux/arm64", ARM64_IMAGE, "python", "-c", probe], env, timeout=600)
     print(f"\narm64 base image {ARM64_BASE_IMAGE}: {took(base_s)}; image {ARM64_IMAGE}: built in {build_s:.0f} s, "
           f"{image_size(env, ARM64_IMAGE)}; {done.stdout.strip()}")

@@ -66,7 +66,7 @@ def register(deployment: LocalDeployment, certs: Path, *names: str) -> None:
 def start_client(deployment: LocalDeployment, name: str, *args: str) -> ManagedProcess:
     """``fedlayer-client <args>`` against the deployment's SuperLink."""
     (port,) = free_ports(1)
-    command = [sys.executable, "-c", "from fedlayer.deploy import client_main; client_main()"]
+    command = [sys.executable, "-c", "from fedlayer.commands.deploy import client_main; client_main()"]
     return deployment.start(name, [*command, "--server", deployment.fleet_address, "--port", str(port), *args])
 
 

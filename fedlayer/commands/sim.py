@@ -82,7 +82,7 @@ def backend_config(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-@hydra.main(config_path="conf", config_name="config", version_base=None)
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         simulate(HydraConfig.get().overrides.task)

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlayer.deploy import FLOWER_ENV, flower_command
+from fedlayer.commands.deploy import FLOWER_ENV, flower_command
 
 #: Run-config keys (declared in pyproject.toml) that pick a config-group option.
 GROUP_KEYS = ("strategy", "dataset", "model")
@@ -45,7 +45,7 @@ class RunError(RuntimeError):
 
 def default_app() -> Path:
     """The fedlayer checkout this package is installed from (it holds the Flower app's pyproject.toml), else the current folder."""
-    checkout = Path(__file__).resolve().parents[1]
+    checkout = Path(__file__).resolve().parents[2]
     return checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
 
 

@@ -19,8 +19,8 @@ import struct
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fedlayer.compression.bitpack import pack_codes, packed_nbytes, unpack_codes
-from fedlayer.compression.quantize import (
+from fedlayer.wire.bitpack import pack_codes, packed_nbytes, unpack_codes
+from fedlayer.wire.quantize import (
     QuantizedTensor,
     dequantize,
     quantize_innovation,

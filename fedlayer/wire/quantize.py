@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedlayer.compression.bitpack import check_bits
+from fedlayer.wire.bitpack import check_bits
 
 _BLOCK = 1 << 16  # elements per block in squared_distance (512 KiB of float64)
 

@@ -3,7 +3,7 @@
 Both are thin wrappers that check their inputs and build the
 ``flower-superlink`` / ``flower-supernode`` command line. ``fedlayer-server``
 replaces itself with it (so signals reach Flower directly, e.g. as PID 1 in a
-container), by default through ``fedlayer.quiet_superlink``, which drops
+container), by default through ``fedlayer.commands.quiet_superlink``, which drops
 uvicorn's per-request access log (``--verbose`` keeps it). ``fedlayer-client``
 runs the SuperNode as its child, forwards SIGTERM to it, passes its output
 through, and when that output shows the SuperLink refusing the node's key or a
@@ -163,7 +163,7 @@ def server_parser() -> argparse.ArgumentParser:
 
 def server_command(args: argparse.Namespace) -> list[str]:
     """The ``flower-superlink`` command line for parsed ``fedlayer-server`` arguments."""
-    superlink = [flower_command("flower-superlink")] if args.verbose else [sys.executable, "-m", "fedlayer.quiet_superlink"]
+    superlink = [flower_command("flower-superlink")] if args.verbose else [sys.executable, "-m", "fedlayer.commands.quiet_superlink"]
     command = [
         *superlink,
         "--fleet-api-address", f"{args.fleet_host}:{args.fleet_port}",

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from fedlayer.compression.bitpack import packed_nbytes
-from fedlayer.compression.codec import EncodedTensor
-from fedlayer.proto.fedlayer.compressed.v1 import update_pb2
+from fedlayer.wire.bitpack import packed_nbytes
+from fedlayer.wire.laq_codec import EncodedTensor
+from fedlayer.wire.proto.fedlayer.compressed.v1 import update_pb2
 
 FORMAT_VERSION = 1
 MAX_ELEMENTS = 2**31

@@ -16,8 +16,8 @@ from math import prod
 
 import numpy as np
 
-from fedlayer.compression.bitpack import pack_codes, unpack_codes
-from fedlayer.compression.quantize import (
+from fedlayer.wire.bitpack import pack_codes, unpack_codes
+from fedlayer.wire.quantize import (
     QuantizedTensor,
     dequantize,
     quantization_error,

@@ -8,7 +8,7 @@ requests, 4xx/5xx, are still logged by uvicorn's error logger) and then runs
 Flower's own ``flower-superlink`` in this process, with the same arguments.
 ``fedlayer-server --verbose`` runs plain ``flower-superlink`` instead.
 
-    python -m fedlayer.quiet_superlink <flower-superlink options>
+    python -m fedlayer.commands.quiet_superlink <flower-superlink options>
 """
 
 from __future__ import annotations

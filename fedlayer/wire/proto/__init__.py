@@ -1,0 +1,1 @@
+"""Generated protobuf code, laid out by proto package (protoc -I fedlayer/wire/proto)."""
