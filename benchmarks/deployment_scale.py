@@ -1,21 +1,29 @@
 """How a real deployment's round time, memory and traffic grow with the number of SuperNodes.
 
-    python -m benchmarks.deployment_scale [--nodes 2 4 8 16] [--rounds 3] [--methods fedavg fedlama] [--out bench-out/deployment-scale]
+    python -m benchmarks.deployment_scale [--nodes 2 4 8 16] [--rounds 3] [--methods fedavg fedlama]
+        [--variants flower cold warm] [--out bench-out/deployment-scale]
 
-For every N in ``--nodes`` and every method, a fresh ``flower-superlink
---insecure`` and N ``flower-supernode`` processes start on 127.0.0.1 (Flower's
-default settings, FLWR_HOME in a temp folder) and ``flwr run`` submits
-fedlayer's app: the ``linear`` model on ``digits``, all N clients trained
-every round, so training is negligible and what is measured is the
-deployment's own cost. Per run:
+For every N in ``--nodes``, every variant and every method, a fresh
+``flower-superlink --insecure`` and N SuperNodes start on 127.0.0.1
+(FLWR_HOME in a temp folder) and ``flwr run`` submits the app: the ``linear``
+model on ``digits``, all N clients trained every round, one local epoch of
+SGD with the settings of ``benchmarks.flower_overhead`` (pinned, so Flower's
+app and fedlayer's do the same work), so training is negligible and what is
+measured is the deployment's own cost. Variants (``flower_overhead.VARIANTS``):
+``flower``, Flower's own FedAvg app on plain ``flower-supernode`` processes
+(run once per N, as method ``fedavg``); ``cold``, fedlayer's app on
+``fedlayer-client --cold``; ``warm``, on ``fedlayer-client`` with its warm
+worker (left out where ``fedlayer-client`` has no ``--cold``). Per run:
 
 - s/round: the mean of metrics.jsonl's ``seconds`` over rounds 2..R (round 1
   also waits for the nodes and asks each its identity; it is kept as
-  ``round1_seconds``; with ``--rounds 1`` round 1 is all there is);
+  ``round1_seconds``; with ``--rounds 1`` round 1 is all there is); for
+  Flower's app, the mean time between its consecutive central evaluations;
 - peak resident memory, sampled every ``--interval`` s: the SuperLink's
   process tree (SuperLink, its SuperExec and the ServerApp), the
   ``flwr-serverapp`` process alone, and all N SuperNodes' trees together
-  (with the ``flwr-clientapp`` processes they start, one per message);
+  (with the ``flwr-clientapp`` processes they start, one per message, and
+  the warm workers), and that divided by N (``device_peak_mib``);
 - bytes per round: the mean of metrics.jsonl's ``bytes_up + bytes_down``.
 
 The growth exponent of s/round in N is the slope of a least-squares line
@@ -43,7 +51,16 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.flower_overhead import REPO_ROOT, LoopbackDeployment
+from benchmarks.flower_baseline_app import BaselineConfig
+from benchmarks.flower_overhead import (
+    REPO_ROOT,
+    VARIANTS,
+    WARM_VS_COLD_GOAL,
+    LoopbackDeployment,
+    fedlayer_overrides,
+    flower_deployment,
+    warm_available,
+)
 from benchmarks.processes import command_line, tree_rss
 from fedlayer.server.rundir import RunDirectory
 
@@ -60,6 +77,7 @@ MIB = 2**20
 class Measurement:
     """One run of one method on N SuperNodes."""
 
+    variant: str
     method: str
     nodes: int
     rounds: int
@@ -69,6 +87,7 @@ class Measurement:
     superlink_peak_mib: float
     serverapp_peak_mib: float
     supernodes_peak_mib: float
+    device_peak_mib: float
     bytes_per_round: float
     traffic_ratio_vs_fedavg: float
     run_wall_seconds: float
@@ -144,44 +163,68 @@ class RunWatcher(threading.Thread):
 
 
 # ------------------------------------------------------------------ one run
+def workload(nodes: int, rounds: int) -> BaselineConfig:
+    """Linear on digits, all N nodes every round, the overhead benchmark's pinned training settings."""
+    return BaselineConfig(rounds=rounds, num_clients=nodes, fraction_train=1.0, dataset="digits", model="linear")
+
+
 def run_config(method: str, nodes: int, rounds: int, run_dir: Path) -> str:
-    """``flwr run --run-config`` for fedlayer's app: linear on digits, all N nodes every round."""
-    overrides = [
-        f"federation.num_clients={nodes}", f"federation.rounds={rounds}", "federation.fraction_train=1.0",
-        "seed=0", "device=cpu", f"output_dir={run_dir.parent}", f"run_name={run_dir.name}", *METHODS[method],
-    ]
+    """``flwr run --run-config`` for fedlayer's app (``workload``), with the method's own overrides."""
+    pinned = fedlayer_overrides(workload(nodes, rounds), run_dir.parent, run_dir.name)
+    overrides = [o for o in pinned if not o.startswith(("strategy=", "dataset=", "model="))] + METHODS[method]
     return f"strategy='{method}' dataset='digits' model='linear' overrides='{' '.join(overrides)}'"
 
 
-def measure(method: str, nodes: int, rounds: int, out: Path, interval: float, timeout: float) -> Measurement:
-    """Start a fresh deployment with ``nodes`` SuperNodes, run ``method`` on it, measure."""
-    label = f"{method}, {nodes} nodes"
-    run_dir = (out / "runs" / f"{method}-n{nodes}").resolve()
-    logs = out / "logs" / f"{method}-n{nodes}"
+def measure(variant: str, method: str, nodes: int, rounds: int, out: Path, interval: float, timeout: float) -> Measurement:
+    """Start a fresh deployment with ``nodes`` SuperNodes started as ``variant`` says, run ``method`` on it, measure."""
+    app, launcher = VARIANTS[variant]
+    label = f"{variant} {method}, {nodes} nodes"
+    run_dir = (out / "runs" / f"{variant}-{method}-n{nodes}").resolve()
+    logs = out / "logs" / f"{variant}-{method}-n{nodes}"
     shutil.rmtree(run_dir, ignore_errors=True)
     logs.mkdir(parents=True, exist_ok=True)
-    with LoopbackDeployment(logs, num_nodes=nodes) as deployment:
+    with LoopbackDeployment(logs, num_nodes=nodes, launcher=launcher) as deployment:
         watcher = RunWatcher(deployment, run_dir, label, rounds, interval)
         watcher.start()
         try:
-            deployment.run_app(REPO_ROOT, logs / "flwr-run.log", run_config(method, nodes, rounds, run_dir), timeout)
+            if app == "flower":
+                run_dir.mkdir(parents=True, exist_ok=True)
+                flower = flower_deployment(deployment, workload(nodes, rounds), run_dir, "flower")
+            else:
+                deployment.run_app(REPO_ROOT, logs / "flwr-run.log", run_config(method, nodes, rounds, run_dir), timeout)
         finally:
             peaks = watcher.stop()
         wall = time.monotonic() - watcher.started
-    return summarise(method, nodes, rounds, run_dir, peaks, wall)
+    if app == "flower":
+        return flower_measurement(method, nodes, rounds, flower.seconds, run_dir, peaks, wall)
+    return summarise(variant, method, nodes, rounds, run_dir, peaks, wall)
 
 
-def summarise(method: str, nodes: int, rounds: int, run_dir: Path, peaks: dict[str, float], wall: float) -> Measurement:
+def flower_measurement(method: str, nodes: int, rounds: int, seconds: dict[int, float], run_dir: Path, peaks: dict[str, float], wall: float) -> Measurement:
+    """A Measurement of Flower's own app from its per-round seconds (no byte ledger: NaN)."""
+    counted = {r: s for r, s in seconds.items() if r >= 2} or seconds
+    return Measurement(
+        variant="flower", method=method, nodes=nodes, rounds=rounds,
+        seconds_per_round=float(np.mean(list(counted.values()))), rounds_counted=sorted(counted),
+        round1_seconds=seconds.get(1, float("nan")),
+        superlink_peak_mib=peaks["superlink"], serverapp_peak_mib=peaks["serverapp"], supernodes_peak_mib=peaks["supernodes"],
+        device_peak_mib=peaks["supernodes"] / nodes, bytes_per_round=float("nan"), traffic_ratio_vs_fedavg=float("nan"),
+        run_wall_seconds=wall, load_average_1min_after=os.getloadavg()[0], run_dir=str(run_dir),
+    )
+
+
+def summarise(variant: str, method: str, nodes: int, rounds: int, run_dir: Path, peaks: dict[str, float], wall: float) -> Measurement:
     """A Measurement from the run directory and the sampled peaks."""
     records = RunDirectory(run_dir).read_metrics()
     summary = json.loads((run_dir / "summary.json").read_text())
     counted = [r for r in records if r["round"] >= 2] or records
     return Measurement(
-        method=method, nodes=nodes, rounds=rounds,
+        variant=variant, method=method, nodes=nodes, rounds=rounds,
         seconds_per_round=float(np.mean([r["seconds"] for r in counted])),
         rounds_counted=[r["round"] for r in counted],
         round1_seconds=records[0]["seconds"],
         superlink_peak_mib=peaks["superlink"], serverapp_peak_mib=peaks["serverapp"], supernodes_peak_mib=peaks["supernodes"],
+        device_peak_mib=peaks["supernodes"] / nodes,
         bytes_per_round=float(np.mean([r["bytes_up"] + r["bytes_down"] for r in records])),
         traffic_ratio_vs_fedavg=summary["traffic_ratio_vs_fedavg"],
         run_wall_seconds=wall, load_average_1min_after=os.getloadavg()[0], run_dir=str(run_dir),
@@ -189,11 +232,16 @@ def summarise(method: str, nodes: int, rounds: int, run_dir: Path, peaks: dict[s
 
 
 # ------------------------------------------------------------------ results
+def series(m: Measurement) -> str:
+    """Which line a measurement belongs to: variant and method."""
+    return f"{m.variant} {m.method}"
+
+
 def growth_exponents(measurements: Sequence[Measurement]) -> dict[str, float]:
-    """Per method with at least two node counts: the slope of log(s/round) against log N."""
+    """Per series (``series``) with at least two node counts: the slope of log(s/round) against log N."""
     exponents = {}
-    for method in dict.fromkeys(m.method for m in measurements):
-        points = [(math.log(m.nodes), math.log(m.seconds_per_round)) for m in measurements if m.method == method]
+    for method in dict.fromkeys(series(m) for m in measurements):
+        points = [(math.log(m.nodes), math.log(m.seconds_per_round)) for m in measurements if series(m) == method]
         if len({x for x, _ in points}) >= 2:
             x, y = np.array(points).T
             exponents[method] = float(np.polyfit(x, y, 1)[0])
@@ -203,14 +251,20 @@ def growth_exponents(measurements: Sequence[Measurement]) -> dict[str, float]:
 def markdown(measurements: Sequence[Measurement], exponents: dict[str, float]) -> str:
     """The results table and the growth exponents, as markdown."""
     lines = [
-        "| method | N | s/round | round 1 s | SuperLink tree peak MiB | ServerApp peak MiB | SuperNodes peak MiB (all N) | MB/round | traffic vs FedAvg |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | method | N | s/round | round 1 s | SuperLink tree peak MiB | ServerApp peak MiB | SuperNodes peak MiB (all N) | per device MiB | MB/round | traffic vs FedAvg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {m.method} | {m.nodes} | {m.seconds_per_round:.1f} | {m.round1_seconds:.1f} | {m.superlink_peak_mib:.0f} | "
-        f"{m.serverapp_peak_mib:.0f} | {m.supernodes_peak_mib:.0f} | {m.bytes_per_round / 1e6:.3f} | {m.traffic_ratio_vs_fedavg:.1%} |"
+        f"| {m.variant} | {m.method} | {m.nodes} | {m.seconds_per_round:.1f} | {m.round1_seconds:.1f} | {m.superlink_peak_mib:.0f} | "
+        f"{m.serverapp_peak_mib:.0f} | {m.supernodes_peak_mib:.0f} | {m.device_peak_mib:.0f} | {m.bytes_per_round / 1e6:.3f} | {m.traffic_ratio_vs_fedavg:.1%} |"
         for m in measurements
     ]
+    by = {(m.variant, m.method, m.nodes): m.seconds_per_round for m in measurements}
+    ratios = [f"N={n} {method}: warm/cold {by[('warm', method, n)] / by[('cold', method, n)]:.2f}"
+              + (f", warm/flower {by[('warm', method, n)] / by[('flower', method, n)]:.2f}" if ("flower", method, n) in by else "")
+              for (variant, method, n) in by if variant == "warm" and ("cold", method, n) in by]
+    if ratios:
+        lines += ["", f"Warm against cold (goal at N=16: <= {WARM_VS_COLD_GOAL}) and Flower's app: " + "; ".join(ratios) + "."]
     if exponents:
         fitted = ", ".join(f"{method} {exponent:.2f}" for method, exponent in exponents.items())
         lines += ["", f"Growth exponent of s/round in N (least squares, log-log): {fitted}."]
@@ -226,8 +280,8 @@ def plot(measurements: Sequence[Measurement], exponents: dict[str, float], path:
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for method in dict.fromkeys(m.method for m in measurements):
-        rows = [m for m in measurements if m.method == method]
+    for method in dict.fromkeys(series(m) for m in measurements):
+        rows = [m for m in measurements if series(m) == method]
         nodes = np.array([m.nodes for m in rows], dtype=float)
         seconds = np.array([m.seconds_per_round for m in rows])
         line = time_ax.plot(nodes, seconds, "o-", label=method)[0]
@@ -270,7 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, nargs="+", default=[2, 4, 8, 16], help="SuperNode counts to measure")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per run (round 1 is not counted when there are more)")
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["fedavg", "fedlama"])
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["fedavg"])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="flower: Flower's own FedAvg app; cold/warm: fedlayer-client without/with its warm worker")
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between memory samples")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
     parser.add_argument("--out", type=Path, default=Path("bench-out/deployment-scale"))
@@ -281,12 +337,16 @@ def main(argv: list[str] | None = None) -> None:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings.update(model="linear", dataset="digits", cpus=os.cpu_count(), started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     measurements: list[Measurement] = []
-    runs = [(nodes, method) for nodes in sorted(set(args.nodes)) for method in args.methods]
-    for index, (nodes, method) in enumerate(runs, 1):
-        print(f"[{index}/{len(runs)}] {method} on {nodes} SuperNodes, {args.rounds} rounds ...", flush=True)
-        m = measure(method, nodes, args.rounds, args.out, args.interval, args.timeout)
+    variants = [v for v in args.variants if v != "warm" or warm_available()]
+    if variants != args.variants:
+        print("fedlayer-client has no warm worker (no --cold option): the warm variant is left out", flush=True)
+    runs = [(nodes, variant, method) for nodes in sorted(set(args.nodes)) for variant in variants
+            for method in (["fedavg"] if variant == "flower" else args.methods)]
+    for index, (nodes, variant, method) in enumerate(runs, 1):
+        print(f"[{index}/{len(runs)}] {variant} {method} on {nodes} SuperNodes, {args.rounds} rounds ...", flush=True)
+        m = measure(variant, method, nodes, args.rounds, args.out, args.interval, args.timeout)
         print(
-            f"[{index}/{len(runs)}] {method}, N={nodes}: {m.seconds_per_round:.1f} s/round, SuperLink tree "
+            f"[{index}/{len(runs)}] {variant} {method}, N={nodes}: {m.seconds_per_round:.1f} s/round, {m.device_peak_mib:.0f} MiB per device, SuperLink tree "
             f"{m.superlink_peak_mib:.0f} MiB, ServerApp {m.serverapp_peak_mib:.0f} MiB, "
             f"{m.bytes_per_round / 1e6:.3f} MB/round ({m.run_wall_seconds:.0f} s in all)",
             flush=True,

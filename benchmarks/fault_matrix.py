@@ -188,7 +188,7 @@ def _replies(
     if fault in CODEC_FAULTS:
         return honest, codec_faulty_reply(mixed, faulty_node, fault, seed + 100)
     if fault == LAQ_BITS_FAULT:
-        assert mixed.bits != 8, "the LAQ bit-width fault needs a strategy configured for other than 8 bits"
+        assert mixed.options.bits != 8, "the LAQ bit-width fault needs a strategy configured for other than 8 bits"
         upload = laq_upload(laq_state(seed + 100, mixed.shapes), bits=8)[0]
         return honest, laq_reply(faulty_node, HONEST, upload, to=mixed)
     if name == "laq" and (fault.startswith("laq:") or fault in REPLY_FAULTS):
@@ -201,7 +201,7 @@ def _replies(
             num_clients=len(ROUND_NODES),
             shapes=mixed.shapes,
             to=mixed,
-            bits=mixed.bits,
+            bits=mixed.options.bits,
         )
         return honest, bad
     by_node = {message.metadata.src_node_id: message for message in honest}
@@ -279,7 +279,7 @@ def _sparse_fault(name: str, fault: str, strategy: LayerwiseStrategy, seed: int)
     if name == "laq":
         return laq_faulty_reply(
             kind, node, HONEST, honest=None, seed=seed + 100, num_clients=len(ROUND_NODES),  # type: ignore[arg-type]
-            shapes=strategy.shapes, to=strategy, bits=strategy.bits,
+            shapes=strategy.shapes, to=strategy, bits=strategy.options.bits,
         )
     return faulty_reply(strategy, node, kind, {}, seed + 100, DATA)
 

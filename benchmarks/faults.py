@@ -14,9 +14,9 @@ Faults of a dense strategy (one that receives whole layers):
 - ``BREAKS``: malformed replies (wrong names, shapes, dtypes, NaN/Inf, corrupt,
   truncated or random array bytes, absurd sizes and example counts, no metrics).
 
-LAQ's replies are compressed innovations in a payload, not layers; its
-builders (``laq_*``) make valid uploads and ``LAQ_MALFORMED`` breaks their
-encoding.
+LAQ's replies are coded innovations (``update_records``: scalars in the
+payload, one coded Array per tensor), not layers; its builders (``laq_*``)
+make valid uploads and ``LAQ_MALFORMED`` breaks them.
 
 A reply answers a message: ``make_reply(..., to=strategy)`` answers the train
 message the strategy sent the node this round (``sent_message``, given an id
@@ -52,12 +52,10 @@ from fedlayer.codec.client import close_upload, open_download
 from fedlayer.config import compose_config
 from fedlayer.layers import State, copy_state, select, to_arrayrecord
 from fedlayer.methods.base import LayerwiseStrategy, NodePlan
-from fedlayer.methods.laq import BASE_KEY, UPDATE_KEY, lazy_decision
+from fedlayer.methods.laq import ERROR_KEY, SKIP_KEY, lazy_decision, update_records
 from fedlayer.methods.outbox import Outbox
 from fedlayer.methods.replies import identity_query
-from fedlayer.wire.proto.fedlayer.compressed.v1 import update_pb2
-from fedlayer.wire.laq_proto import FORMAT_VERSION, encode_update
-from fedlayer.wire.records import CODEC_VERSION
+from fedlayer.wire.records import CODED, CODEC_VERSION, PAYLOAD
 from fedlayer.server.builder import build_strategy
 from fedlayer.workload import Workload, load_workload
 
@@ -127,9 +125,10 @@ def make_reply(
     metrics: dict[str, float] | None = None,
     payload: dict | None = None,
     *,
+    records: dict | None = None,
     to: LayerwiseStrategy | Message | None = None,
 ) -> Message:
-    """A reply from ``node_id`` to a train message, as the server would pull it.
+    """A reply from ``node_id`` to a train message, as the server would pull it (with ``records`` added).
 
     ``to``: the strategy whose train message to ``node_id`` this round it
     answers (``sent_message``), or the message itself; None: a message no
@@ -152,6 +151,8 @@ def make_reply(
         content["arrays"] = to_arrayrecord(state)
     if payload is not None:
         content["payload"] = ConfigRecord(payload)
+    for name, record in (records or {}).items():
+        content[name] = record
     return Message(content, reply_to=sent)
 
 
@@ -337,7 +338,7 @@ def laq_state(seed: int = 0, shapes: dict[str, tuple[int, ...]] | None = None) -
 def laq_upload(
     g: State, qhat: State | None = None, bits: int = 8, base: int = 0
 ) -> tuple[dict, State]:
-    """Encoded payload of an upload of ``g`` quantized around ``qhat`` (zeros by default), and the quantized ``Q``."""
+    """The records of an upload of ``g`` quantized around ``qhat`` (zeros by default), and the quantized ``Q``."""
     qhat = qhat or {k: np.zeros_like(v) for k, v in g.items()}
     decision = lazy_decision(
         g,
@@ -350,60 +351,82 @@ def laq_upload(
         drift_scale=1.0,
         force=True,
     )
-    data = encode_update(
-        decision.tensors, skip=False, clock=0, quantization_error=decision.error
-    )
-    return {UPDATE_KEY: data, BASE_KEY: base}, decision.q
+    return update_records(base, decision.tensors, decision.error), decision.q
 
 
 def laq_reply(
-    node: int, pid: float, payload: dict, state: State | None = None, *, to: LayerwiseStrategy | None = None
+    node: int, pid: float, update: dict, state: State | None = None, *, to: LayerwiseStrategy | None = None
 ) -> Message:
-    """A LAQ reply from ``node`` naming partition id ``pid``, the upload in its payload (and ``state`` as dense arrays),
-    to ``to``'s train message (``make_reply``)."""
-    return make_reply(node, state, metrics={"partition-id": pid}, payload=payload, to=to)
+    """A LAQ reply from ``node`` naming partition id ``pid``, carrying the records ``update`` (``laq_upload``,
+    ``update_records``; and ``state`` as dense arrays), to ``to``'s train message (``make_reply``)."""
+    payload = update.get(PAYLOAD)
+    records = {name: record for name, record in update.items() if name != PAYLOAD}
+    return make_reply(node, state, metrics={"partition-id": pid}, payload=None if payload is None else dict(payload),
+                      records=records, to=to)
 
 
-def _raw_update(
-    good: bytes, mutate: Callable[[update_pb2.CompressedUpdate], object]
-) -> bytes:
-    """The serialised CompressedUpdate ``good``, changed by ``mutate`` (bypasses the encoder's checks)."""
-    msg = update_pb2.CompressedUpdate.FromString(good)
-    mutate(msg)
-    return msg.SerializeToString()
+def _coded(change: Callable[[dict[str, Array]], object]) -> Callable[[dict], dict]:
+    """A fault: the update's coded tensors changed in place by ``change`` (bypasses the encoder)."""
+
+    def apply(update: dict) -> dict:
+        arrays = dict(update[CODED].items())
+        change(arrays)
+        return {**update, CODED: ArrayRecord(arrays)}
+
+    return apply
 
 
-def _set(field: str, value: object, index: int = 0) -> Callable[[bytes], bytes]:
-    return lambda good: _raw_update(
-        good, lambda msg: setattr(msg.tensors[index], field, value)
-    )
+def _first(**fields: object) -> Callable[[dict], dict]:
+    """A fault: the first coded tensor with ``fields`` (dtype, shape, stype, data) replaced; a callable
+    field is applied to the old value."""
+
+    def change(arrays: dict[str, Array]) -> None:
+        key = next(iter(arrays))
+        old = arrays[key]
+        now = {"dtype": old.dtype, "shape": tuple(old.shape), "stype": old.stype, "data": old.data}
+        now.update({name: value(now[name]) if callable(value) else value for name, value in fields.items()})
+        arrays[key] = Array(**now)
+
+    return _coded(change)
 
 
-def _flatten_first(msg: update_pb2.CompressedUpdate) -> None:
-    shape = list(msg.tensors[0].shape)
-    msg.tensors[0].ClearField("shape")
-    msg.tensors[0].shape.extend([math.prod(shape)])  # the right size, the wrong shape
+def _radius(value: float) -> Callable[[dict], dict]:
+    return _first(data=lambda data: np.float32(value).tobytes() + data[4:])
 
 
-#: Ways of breaking a valid encoded LAQ update (bytes -> bytes).
-LAQ_MALFORMED: dict[str, Callable[[bytes], bytes]] = {
-    "random-bytes": lambda good: b"\xff\x00garbage" * 7,
-    "truncated": lambda good: good[: len(good) // 2],
-    "corrupt": lambda good: good[:3] + bytes(b ^ 0xA5 for b in good[3:40]) + good[40:],
-    "bits-0": _set("bits", 0),
-    "bits-9": _set("bits", 9),
-    "packed-length": _set("packed_codes", b"\x01\x02"),
-    "radius-nan": _set("radius", float("nan")),
-    "radius-inf": _set("radius", float("inf")),
-    "wrong-name": _set("name", "head.fc.evil"),
-    "wrong-shape": lambda good: _raw_update(good, _flatten_first),
-    "missing-tensor": lambda good: _raw_update(good, lambda m: m.tensors.pop()),
-    "version-2": lambda good: _raw_update(
-        good, lambda m: setattr(m, "format_version", FORMAT_VERSION + 1)
-    ),
-    "skip-with-tensors": lambda good: _raw_update(
-        good, lambda m: setattr(m, "skip", True)
-    ),
+def _renamed(arrays: dict[str, Array]) -> None:
+    arrays["head.fc.evil"] = arrays.pop(next(iter(arrays)))
+
+
+def _dense_first(arrays: dict[str, Array]) -> None:
+    key = next(iter(arrays))
+    arrays[key] = Array(np.zeros(tuple(arrays[key].shape), np.float32))
+
+
+def _payload(**entries: object) -> Callable[[dict], dict]:
+    return lambda update: {**update, PAYLOAD: ConfigRecord({**update[PAYLOAD], **entries})}
+
+
+#: Ways of breaking a valid LAQ upload (``laq_upload``'s records -> records).
+LAQ_MALFORMED: dict[str, Callable[[dict], dict]] = {
+    "random-bytes": _first(data=b"\xff\x00garbage" * 7),
+    "truncated": _first(data=lambda data: data[: len(data) // 2]),
+    "corrupt": _first(data=lambda data: bytes(b ^ 0xA5 for b in data[:40]) + data[40:]),  # the radius's sign flips
+    "bits-0": _first(dtype="q0"),
+    "bits-9": _first(dtype="q9"),
+    "packed-length": _first(data=lambda data: data[:4] + b"\x01\x02"),
+    "radius-nan": _radius(float("nan")),
+    "radius-inf": _radius(float("inf")),
+    "radius-negative": _radius(-1.0),
+    "wrong-name": _coded(_renamed),
+    "wrong-shape": _first(shape=lambda shape: (math.prod(shape),)),  # the right size, the wrong shape
+    "missing-tensor": _coded(lambda arrays: arrays.popitem()),
+    "version-2": _first(stype="fedlayer.delta.v2"),
+    "dense-tensor": _coded(_dense_first),
+    "skip-with-tensors": _payload(**{SKIP_KEY: True}),
+    "upload-without-tensors": lambda update: {PAYLOAD: update[PAYLOAD]},
+    "skip-not-bool": _payload(**{SKIP_KEY: 1}),
+    "error-nan": _payload(**{ERROR_KEY: float("nan")}),
 }
 
 
@@ -438,7 +461,7 @@ def laq_faulty_reply(
     if kind == "mislabelled":
         return laq_reply(node, (pid + 1) % num_clients, laq_upload(laq_state(seed + 60, shapes), bits=bits)[0], to=to)
     good = laq_upload(laq_state(seed + 70, shapes), bits=bits)[0]
-    return laq_reply(node, pid, {UPDATE_KEY: LAQ_MALFORMED[kind](good[UPDATE_KEY]), BASE_KEY: 0}, to=to)
+    return laq_reply(node, pid, LAQ_MALFORMED[kind](good), to=to)
 
 
 # ------------------------------------------------------------------ what a reply answers, and how it is encoded
@@ -479,12 +502,14 @@ def codec_reply(
     examples: int = 10,
     *,
     up_bits: int | None | str = "configured",
+    levers: str | None = "configured",
     version_offset: int = 0,
 ) -> Message:
     """``node``'s reply carrying ``state``, encoded by the real client half of the codec (a node that held nothing).
 
     ``up_bits``: encode at these bits (None: dense) instead of the configured
-    ``codec-up-bits``; ``version_offset``: state the reference version the client now holds plus this.
+    ``codec-up-bits``; ``levers``: encode with these levers (``Encoding.levers``; None: plain) instead of
+    the configured ``codec-levers``; ``version_offset``: state the reference version the client now holds plus this.
     """
     assert strategy.codec is not None, "codec_reply needs a strategy with the codec stage on"
     sent = sent_message(strategy, node)
@@ -493,6 +518,8 @@ def codec_reply(
     assert session is not None
     if up_bits != "configured":
         session.up_bits = up_bits
+    if levers != "configured":
+        session.levers = levers
     content = RecordDict(
         {
             "metrics": MetricRecord({"num-examples": examples, "partition-id": strategy.client_of[node]}),
@@ -545,7 +572,7 @@ def honest_reply(strategy: LayerwiseStrategy, node: int, index: int, seed: int) 
     """``node``'s honest reply to ``strategy``'s train message of this round, as the ``index``-th
     node of the round (LAQ: an upload at its bits; encoded when the codec is on)."""
     if strategy.method == "laq":
-        upload = laq_upload(laq_state(seed + index, strategy.shapes), bits=strategy.bits)[0]
+        upload = laq_upload(laq_state(seed + index, strategy.shapes), bits=strategy.options.bits)[0]
         return laq_reply(node, index, upload, to=strategy)
     state = honest_state(strategy, node, seed + index)
     if strategy.codec is not None:

@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.harness import load_suite, run_suite
 from fedlayer.config import compose_config
 from fedlayer.device import resolve_device
-from fedlayer.methods.client import ClientRuntime
+from fedlayer.methods.client_half import ClientRuntime
 from fedlayer.methods.fll import train_stage
 from fedlayer.models.staged import STAGE_HEADS, StagedModel, StageSpec
 from fedlayer.server.rundir import RunDirectory

@@ -7,8 +7,17 @@ Runs, one after the other, a minimal Flower app with Flower's built-in FedAvg
 mnist5k, the CNN, 20 clients, 10 per round, one local epoch of SGD (lr 0.05,
 batch 32), central evaluation every round, same IID split, same initial
 weights, Flower's simulation engine with 2 Ray actors (``num_cpus=1`` each).
-``--deployment`` runs both again over loopback gRPC: one ``flower-superlink``
-and two ``flower-supernode`` processes (so 2 clients, both trained every round).
+``--deployment`` runs over loopback gRPC, one ``flower-superlink`` and two
+SuperNodes (2 clients, both trained every round), each of ``--variants`` on a
+fresh deployment: ``flower`` (Flower's own app on plain ``flower-supernode``
+processes, Flower's defaults), ``cold`` (fedlayer's app on ``fedlayer-client
+--cold``: a fresh ClientApp process per message, the node's split kept in its
+default state folder, 0.1 s task poll) and ``warm`` (``fedlayer-client``, its
+warm worker on; left out where ``fedlayer-client`` has no ``--cold``). Per
+variant: seconds per round, each SuperNode's peak resident memory (its whole
+process tree) and, for fedlayer, per message the round trip, the training the
+client reports and the rest (clients.csv medians). ``--no-simulation`` skips
+the simulation comparison.
 
 A round's time is the wall time between the ends of two consecutive rounds,
 measured on the server side, so it covers everything a round costs:
@@ -37,6 +46,7 @@ directories.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import functools
 import json
@@ -62,11 +72,20 @@ from benchmarks.processes import (
     port_open,
     process_tree,
     signal_tree,
+    tree_rss,
 )
 from fedlayer.server.rundir import RunDirectory
 
 REPO_ROOT = Path(__file__).absolute().parents[1]
 GOAL = 1.10
+#: Deployment goals (issue 27): fedlayer warm per round at most this share of Flower's own app (N=2) ...
+WARM_VS_FLOWER_GOAL = 0.4
+#: ... and of fedlayer cold (N=16, benchmarks.deployment_scale)
+WARM_VS_COLD_GOAL = 0.4
+#: How a deployment's SuperNodes are started (``LoopbackDeployment``).
+LAUNCHERS = ("flower", "cold", "warm")
+#: Deployment variants: (app, launcher); Flower's own app runs on plain Flower SuperNodes.
+VARIANTS = {"flower": ("flower", "flower"), "cold": ("fedlayer", "cold"), "warm": ("fedlayer", "warm")}
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -183,16 +202,25 @@ class LoopbackDeployment:
 
     Node ``i`` gets node config ``partition-id=i num-partitions=<num_nodes>``;
     the processes' output goes to ``<logs>/superlink.log`` and ``supernode-<i>.log``.
+    ``launcher`` starts each SuperNode: ``flower`` a plain ``flower-supernode``
+    (Flower's defaults), ``cold`` ``fedlayer-client --cold`` (state folder,
+    0.1 s task poll, a fresh ClientApp process per message), ``warm``
+    ``fedlayer-client`` (the same, plus its warm worker); the state folders
+    go under the temp folder (``XDG_CACHE_HOME``), so every deployment starts
+    without a kept split.
     """
 
     connection = "bench"
 
-    def __init__(self, logs: Path, num_nodes: int = 2) -> None:
+    def __init__(self, logs: Path, num_nodes: int = 2, launcher: str = "flower") -> None:
+        if launcher not in LAUNCHERS:
+            raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
         self.logs = logs
         self.home = Path(tempfile.mkdtemp(prefix="fedlayer-loopback-"))
         self.fleet_port, self.control_port = free_ports(2)
-        self.env = {"FLWR_HOME": str(self.home / "flwr-home")}
+        self.env = {"FLWR_HOME": str(self.home / "flwr-home"), "XDG_CACHE_HOME": str(self.home / "cache")}
         self.num_nodes = num_nodes
+        self.launcher = launcher
         self.processes: list[subprocess.Popen] = []
         self.log_files: list[IO[str]] = []
         (self.home / "flwr-home").mkdir()
@@ -233,11 +261,21 @@ class LoopbackDeployment:
                 raise RuntimeError(f"the SuperLink did not come up; log: {self.logs / 'superlink.log'}")
             time.sleep(0.2)
         for node, port in enumerate(free_ports(self.num_nodes)):
-            self._start(f"supernode-{node}", [
+            self._start(f"supernode-{node}", self.supernode_command(node, port))
+        return self
+
+    def supernode_command(self, node: int, port: int) -> list[str]:
+        """The command that starts SuperNode ``node`` with its ClientApp API on ``port``."""
+        if self.launcher == "flower":
+            return [
                 executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.fleet_port}",
                 "--port", str(port), "--node-config", f"partition-id={node} num-partitions={self.num_nodes}",
-            ])
-        return self
+            ]
+        return [
+            executable("fedlayer-client"), "--insecure", "--server", f"127.0.0.1:{self.fleet_port}", "--port", str(port),
+            "--partition-id", str(node), "--num-partitions", str(self.num_nodes), "--device", "cpu",
+            *(["--cold"] if self.launcher == "cold" else []),
+        ]
 
     def __exit__(self, *exc: object) -> None:
         """Stop every process started here and everything they started; remove FLWR_HOME."""
@@ -312,6 +350,48 @@ def fedlayer_deployment(deployment: LoopbackDeployment, cfg: BaselineConfig, out
     )
 
 
+def warm_available() -> bool:
+    """Whether this fedlayer's ``fedlayer-client`` has a warm worker (it then offers ``--cold``)."""
+    done = subprocess.run([executable("fedlayer-client"), "--help"], capture_output=True, text=True, check=False)
+    return "--cold" in done.stdout
+
+
+class MemoryPeaks(threading.Thread):
+    """Peak resident memory of each SuperNode's process tree (the SuperNode, its SuperExec, the
+    ClientApp processes it starts and, with ``fedlayer-client``, the warm worker), sampled every ``interval`` s."""
+
+    def __init__(self, pids: Sequence[int], interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.interval = list(pids), interval
+        self.peaks = dict.fromkeys(self.pids, 0)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        for pid in self.pids:
+            self.peaks[pid] = max(self.peaks[pid], sum(tree_rss([pid]).values()))
+
+    def stop(self) -> list[float]:
+        """Stop sampling; each SuperNode's peak in MiB."""
+        self.stopped.set()
+        self.join()
+        return [peak / 2**20 for peak in self.peaks.values()]
+
+
+def client_segments(run_dir: Path) -> dict[str, float]:
+    """Per message, from a fedlayer run's clients.csv (medians over clients): push to reply pulled
+    (``round_trip``), the training the client reports (``train``), and the rest (``outside_training``:
+    pick-up, process start and imports, the cold build, the reply path)."""
+    with open(run_dir / "clients.csv", encoding="utf-8") as fh:
+        rows = [row for row in csv.DictReader(fh) if row["median_round_trip_seconds"] and row["median_train_seconds"]]
+    trip = statistics.median(float(r["median_round_trip_seconds"]) for r in rows)
+    train = statistics.median(float(r["median_train_seconds"]) for r in rows)
+    return {"round_trip": trip, "train": train, "outside_training": trip - train}
+
+
 # ------------------------------------------------------------------ comparison
 Side = Callable[[BaselineConfig, Path, str], SideResult]
 
@@ -349,6 +429,55 @@ def side_by_side(mode: str, flower: Side, fedlayer: Side, cfg: BaselineConfig, o
     }
 
 
+def deployment_variants(variants: Sequence[str], cfg: BaselineConfig, out: Path, repeats: int) -> dict[str, Any]:
+    """Each variant (``VARIANTS``) on a fresh loopback deployment of ``cfg.num_clients`` SuperNodes,
+    ``repeats`` times, the variants alternating; seconds per round, memory per device, ratios."""
+    runs: dict[str, list[SideResult]] = {variant: [] for variant in variants}
+    total = repeats * len(variants)
+    for repeat in range(repeats):
+        for variant in variants:
+            app, launcher = VARIANTS[variant]
+            name = f"{variant}-n{cfg.num_clients}-{repeat + 1}"
+            logs = out / "logs" / name
+            logs.mkdir(parents=True, exist_ok=True)
+            label = f"[{sum(map(len, runs.values())) + 1}/{total}] {variant}, {cfg.num_clients} SuperNodes"
+            with LoopbackDeployment(logs, num_nodes=cfg.num_clients, launcher=launcher) as deployment:
+                memory = MemoryPeaks(deployment.supernode_pids)
+                memory.start()
+                try:
+                    side = flower_deployment if app == "flower" else fedlayer_deployment
+                    result = timed(label, functools.partial(side, deployment), cfg, out, name)
+                finally:
+                    peaks = memory.stop()
+            result.extra["device_peak_mib"] = peaks
+            if app == "fedlayer":
+                result.extra["segments"] = client_segments(Path(result.extra["run_dir"]))
+            runs[variant].append(result)
+    summary: dict[str, Any] = {"settings": dataclasses.asdict(cfg), "variants": {}}
+    for variant, results in runs.items():
+        entry = {"stats": round_stats(results), "device_peak_mib": max(max(r.extra["device_peak_mib"]) for r in results),
+                 "runs": [dataclasses.asdict(r) for r in results]}
+        if all("segments" in r.extra for r in results):
+            entry["segments"] = {k: statistics.median(r.extra["segments"][k] for r in results) for k in results[0].extra["segments"]}
+        summary["variants"][variant] = entry
+    medians = {variant: entry["stats"]["median"] for variant, entry in summary["variants"].items()}
+    summary["ratios"] = {f"{a}/{b}": medians[a] / medians[b] for a, b in (("warm", "flower"), ("cold", "flower"), ("warm", "cold")) if a in medians and b in medians}
+    return summary
+
+
+def variants_report(comparison: dict[str, Any]) -> str:
+    """A markdown table of the variants and the ratios against the goals."""
+    lines = ["| variant | s/round (median, rounds 2..N) | per message: round trip / training / outside training (s) | peak MiB per device |",
+             "|---|---|---|---|"]
+    for variant, entry in comparison["variants"].items():
+        seg = entry.get("segments")
+        segments = f"{seg['round_trip']:.2f} / {seg['train']:.2f} / {seg['outside_training']:.2f}" if seg else "-"
+        lines.append(f"| {variant} | {entry['stats']['median']:.2f} | {segments} | {entry['device_peak_mib']:.0f} |")
+    ratios = [f"{key} = {value:.2f}" + (f" (goal <= {WARM_VS_FLOWER_GOAL}: {'met' if value <= WARM_VS_FLOWER_GOAL else 'NOT met'})"
+                                          if key == "warm/flower" else "") for key, value in comparison["ratios"].items()]
+    return "\n".join([*lines, "", "; ".join(ratios)] if ratios else lines)
+
+
 def report(mode: str, comparison: dict[str, Any]) -> str:
     """One line: the ratio and both medians."""
     flower, fedlayer = comparison["flower"]["stats"], comparison["fedlayer"]["stats"]
@@ -368,7 +497,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="runs per side, interleaved; rounds are pooled")
     parser.add_argument("--out", type=Path, default=Path("bench-out/overhead"))
-    parser.add_argument("--deployment", action="store_true", help="also run both over loopback gRPC (2 SuperNodes)")
+    parser.add_argument("--deployment", action="store_true", help="also run the variants over loopback gRPC (2 SuperNodes)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="deployment: Flower's own app, fedlayer cold, fedlayer warm (warm only where fedlayer-client has --cold)")
+    parser.add_argument("--no-simulation", action="store_true", help="skip the simulation comparison")
     args = parser.parse_args(argv)
     if args.rounds < 2 or args.repeats < 1:
         parser.error("--rounds must be >= 2 (round 1 is not counted) and --repeats >= 1")
@@ -376,20 +508,19 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     sim = BaselineConfig(rounds=args.rounds, num_clients=args.clients, fraction_train=args.fraction, seed=args.seed)
     results: dict[str, Any] = {"goal_ratio": GOAL, "statistic": "median of per-round seconds over rounds 2..N"}
-    results["simulation"] = side_by_side("sim", flower_simulation, fedlayer_simulation, sim, out, args.repeats)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    lines = [report("simulation", results["simulation"])]
-    if args.deployment:
-        deploy = dataclasses.replace(sim, num_clients=2, fraction_train=1.0)
-        with LoopbackDeployment(out) as deployment:
-            results["deployment"] = side_by_side(
-                "deploy",
-                functools.partial(flower_deployment, deployment),
-                functools.partial(fedlayer_deployment, deployment),
-                deploy, out, args.repeats,
-            )
+    lines = []
+    if not args.no_simulation:
+        results["simulation"] = side_by_side("sim", flower_simulation, fedlayer_simulation, sim, out, args.repeats)
         (out / "results.json").write_text(json.dumps(results, indent=2))
-        lines.append(report("deployment", results["deployment"]))
+        lines.append(report("simulation", results["simulation"]))
+    if args.deployment:
+        variants = [v for v in args.variants if v != "warm" or warm_available()]
+        if variants != args.variants:
+            print("fedlayer-client has no warm worker (no --cold option): the warm variant is left out", flush=True)
+        deploy = dataclasses.replace(sim, num_clients=2, fraction_train=1.0)
+        results["deployment"] = deployment_variants(variants, deploy, out, args.repeats)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        lines.append("deployment (2 SuperNodes, cnn on mnist5k):\n" + variants_report(results["deployment"]))
     print("\n".join(lines))
     print(f"results: {out / 'results.json'}")
 

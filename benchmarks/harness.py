@@ -38,15 +38,35 @@ def load_suite(path: Path) -> dict[str, Any]:
     return suite
 
 
+def restrict(suite: dict[str, Any], variants: list[str] | None, axes: list[str]) -> dict[str, Any]:
+    """The suite with only ``variants`` (None: all) and each ``KEY=V1,V2`` grid axis cut to those values."""
+    if variants is not None:
+        unknown = sorted(set(variants) - set(suite["variants"]))
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; the suite has {list(suite['variants'])}")
+        suite["variants"] = {name: v for name, v in suite["variants"].items() if name in variants}
+    for axis in axes:
+        key, _, values = axis.partition("=")
+        if key not in suite["grid"]:
+            raise SystemExit(f"--grid {axis}: the suite's grid has no axis {key!r} (it has {list(suite['grid'])})")
+        chosen = values.split(",")
+        kept = [v for v in suite["grid"][key] if str(v) in chosen]
+        if not kept:
+            raise SystemExit(f"--grid {axis}: none of {chosen} is on the axis {suite['grid'][key]}")
+        suite["grid"][key] = kept
+    return suite
+
+
 def settings(grid: dict[str, list[Any]]) -> list[list[str]]:
     """Every combination of the grid as a list of overrides."""
     keys = list(grid)
     return [[f"{k}={v}" for k, v in zip(keys, values)] for values in itertools.product(*(grid[k] for k in keys))] or [[]]
 
 
-def run_one(overrides: list[str], log_path: Path) -> dict[str, Any] | None:
-    """One simulation in its own process; returns its summary (None on failure)."""
-    command = [sys.executable, "-m", "fedlayer.commands.sim", *overrides]
+def run_one(overrides: list[str], log_path: Path, in_process: bool = False) -> dict[str, Any] | None:
+    """One simulation in its own process (``in_process``: without the simulation engine,
+    ``benchmarks.inprocess_run``); returns its summary (None on failure)."""
+    command = [sys.executable, "-m", "benchmarks.inprocess_run" if in_process else "fedlayer.commands.sim", *overrides]
     with open(log_path, "w") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
@@ -59,7 +79,7 @@ def run_one(overrides: list[str], log_path: Path) -> dict[str, Any] | None:
     return json.loads((Path(summary_path) / "summary.json").read_text()) if summary_path else None
 
 
-def run_suite(suite: dict[str, Any], out: Path, keep: bool = False) -> list[dict[str, Any]]:
+def run_suite(suite: dict[str, Any], out: Path, keep: bool = False, in_process: bool = False) -> list[dict[str, Any]]:
     """Run every variant in every setting; write results as they come.
 
     ``keep``: runs already in ``out/results.json`` are kept, not run again
@@ -77,7 +97,7 @@ def run_suite(suite: dict[str, Any], out: Path, keep: bool = False) -> list[dict
         if (name, label) in done:
             continue
         print(f"[{index}/{len(jobs)}] {name} | {label} | {time.time() - started:.0f} s elapsed", flush=True)
-        summary = run_one(overrides, out / f"run-{index:03d}.log")
+        summary = run_one(overrides, out / f"run-{index:03d}.log", in_process)
         if summary is None:
             continue
         summary.update(variant=name, setting=label)
@@ -100,11 +120,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench-out/<suite name>)")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run, e.g. federation.rounds=3")
     parser.add_argument("--keep", action="store_true", help="keep the runs already in <out>/results.json; run the rest")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run each run in its own process without the simulation engine (benchmarks.inprocess_run)")
+    parser.add_argument("--variants", nargs="*", default=None, help="run only these variants (names in the suite)")
+    parser.add_argument("--grid", nargs="*", default=[], metavar="KEY=V1,V2",
+                        help="restrict a grid axis to these values, e.g. dataset=mnist5k seed=0")
     args = parser.parse_args(argv)
-    suite = load_suite(args.suite)
+    suite = restrict(load_suite(args.suite), args.variants, args.grid)
     suite["common"] = [*suite["common"], *args.set]
     out = args.out or Path("bench-out") / args.suite.stem
-    run_suite(suite, out, keep=args.keep)
+    run_suite(suite, out, keep=args.keep, in_process=args.in_process)
     print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'accuracy_vs_bytes.png'}")
 
 

@@ -46,7 +46,7 @@ import numpy as np
 
 from fedlayer.server.rundir import RunDirectory
 
-#: ``context.state`` record of a kept model (``fedlayer.methods.client.LOCAL_MODEL``)
+#: ``context.state`` record of a kept model (``fedlayer.methods.client_half.LOCAL_MODEL``)
 LOCAL_MODEL = "local-model"
 
 
@@ -79,8 +79,9 @@ def client_spreads(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
 
     from fedlayer.client.state import NodeStateFiles
     from fedlayer.layers import from_arrayrecord, torch_state_to_numpy
-    from fedlayer.methods.client import ClientRuntime
+    from fedlayer.methods.client_half import ClientRuntime
     from fedlayer.server.checkpoint import CheckpointStore, decode_checkpoint
+    from fedlayer.server.rundir import RunDirectory
     from fedlayer.training import train_steps
 
     from flwr.common.serde import ProtoRecordDict, recorddict_from_proto
@@ -97,9 +98,10 @@ def client_spreads(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
         return float(runtime.reply_metrics(model)["local-test-accuracy"])
 
     if summary["strategy"] == "local":
+        run_states = Path(cfg.client_state_dir) / f"run-{RunDirectory(run_dir).run_key}"  # the clients' round state
         values = []
         for runtime in runtimes:
-            files = NodeStateFiles(Path(cfg.client_state_dir) / f"partition-{runtime.partition_id:05d}")
+            files = NodeStateFiles(run_states / f"partition-{runtime.partition_id:05d}")
             proto = ProtoRecordDict()
             proto.ParseFromString(files.path(files.rounds()[-1]).read_bytes())
             values.append(accuracy(runtime, runtime.model_with(from_arrayrecord(recorddict_from_proto(proto)[LOCAL_MODEL]))))

@@ -53,7 +53,7 @@ import fedlayer.client.app as fedlayer_client_app
 from benchmarks.flower_overhead import FLOWER_ENV, ROUND_LINE, read_metrics
 from fedlayer.commands.sim import simulate
 from fedlayer.layers import State, from_arrayrecord, to_arrayrecord
-from fedlayer.methods.client import received_state
+from fedlayer.methods.client_half import received_state
 from fedlayer.wire.records import ARRAYS, NO_PARTITION, PARTITION_ID
 
 matplotlib.use("Agg")

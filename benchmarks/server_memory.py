@@ -64,17 +64,15 @@ from fedlayer.layers import (
     torch_state_to_numpy,
 )
 from fedlayer.methods.base import LayerwiseStrategy
-from fedlayer.methods.laq import BASE_KEY, UPDATE_KEY, LAQStrategy, lazy_decision
+from fedlayer.methods.laq import LAQStrategy, lazy_decision, update_records
 from fedlayer.methods.pfedla import PFedLAStrategy
 from fedlayer.models import build_model
-from fedlayer.wire.laq_proto import encode_update
 from fedlayer.wire.records import (
     ARRAYS,
     CODEC_VERSION,
     METRICS,
     NUM_EXAMPLES,
     PARTITION_ID,
-    PAYLOAD,
 )
 
 matplotlib.use("Agg")
@@ -143,13 +141,13 @@ def _noisy(state: State, rng: np.random.Generator) -> State:
 
 # ------------------------------------------------------------------ replies
 def _reply(sent: Message, client: int, arrays: ArrayRecord | None = None, metrics: dict[str, Any] | None = None,
-           payload: dict[str, Any] | None = None) -> Message:
-    """The train reply of ``client`` to ``sent``, as the server would pull it."""
+           records: dict[str, ArrayRecord | ConfigRecord] | None = None) -> Message:
+    """The train reply of ``client`` to ``sent`` (with ``records`` added), as the server would pull it."""
     content = RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 100, PARTITION_ID: client, **(metrics or {})})})
     if arrays is not None:
         content[ARRAYS] = arrays
-    if payload is not None:
-        content[PAYLOAD] = ConfigRecord(payload)
+    for name, record in (records or {}).items():
+        content[name] = record
     return Message(content, reply_to=sent)
 
 
@@ -164,10 +162,9 @@ def laq_reply(strategy: LAQStrategy, sent: Message, rng: np.random.Generator) ->
     stored = strategy.qhat.get(client) if base else None
     qhat = stored if stored is not None else {k: np.zeros(s, np.float32) for k, s in strategy.shapes.items()}
     g = _noisy({k: np.zeros(s, np.float32) for k, s in strategy.shapes.items()}, rng)
-    decision = lazy_decision(g, qhat, bits=strategy.bits, ehat=0.0, clock=0, tbar=strategy.tbar,
+    decision = lazy_decision(g, qhat, bits=strategy.options.bits, ehat=0.0, clock=0, tbar=strategy.options.tbar,
                              drift=0.0, drift_scale=1.0, force=True)
-    data = encode_update(decision.tensors, skip=False, clock=0, quantization_error=decision.error)
-    return _reply(sent, client, payload={UPDATE_KEY: data, BASE_KEY: base})
+    return _reply(sent, client, records=update_records(base, decision.tensors, decision.error))
 
 
 def codec_reply(strategy: LayerwiseStrategy, sent: Message, rng: np.random.Generator) -> Message:

@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedlayer.codec.options import CODEC_RULES, LEVER_WIDTHS, CodecOptions
 from fedlayer.errors import ConfigError
 from fedlayer.privacy.settings import FIELD_RULES as PRIVACY_RULES
 from fedlayer.privacy.settings import Privacy
@@ -30,7 +31,7 @@ from fedlayer.privacy.settings import cross_field_problem as privacy_cross_field
 CONFIG_MODULE = "fedlayer.conf"
 CONF_DIR = Path(__file__).parent / "conf"
 #: Config groups whose option is chosen by name (``strategy=fedlama``).
-GROUPS = ("strategy", "dataset", "model", "federation")
+GROUPS = ("strategy", "dataset", "model", "federation", "codec")
 #: Run-config key holding free-form Hydra overrides, space separated.
 OVERRIDES_KEY = "overrides"
 
@@ -206,6 +207,7 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, field, throw_on_missing=False)
         if not check(value):
             raise ConfigError(field, f"{problem}, got {value!r}")
+    _validate_codec(cfg)
     if "privacy" in cfg:  # runs saved before the privacy section have none (off)
         for field, check, problem in PRIVACY_RULES:
             value = OmegaConf.select(cfg, f"privacy.{field}", throw_on_missing=False)
@@ -213,12 +215,17 @@ def validate_config(cfg: DictConfig) -> None:
                 raise ConfigError(f"privacy.{field}", f"{problem}, got {value!r}")
         if (mismatch := privacy_cross_field_problem(Privacy.from_config(cfg.privacy))) is not None:
             raise ConfigError(f"privacy.{mismatch[0]}", mismatch[1])
-    if cfg.strategy.name == "fedlama" and cfg.strategy.tau_prime != cfg.train.local_steps:
-        raise ConfigError(
-            "strategy.tau_prime",
-            f"one FedLAMA round is train.local_steps local steps; tau_prime ({cfg.strategy.tau_prime!r}) "
-            f"must equal train.local_steps ({cfg.train.local_steps}): set train.local_steps instead",
-        )
+
+
+def _validate_codec(cfg: DictConfig) -> None:
+    """The codec's levers (``codec.*``; runs saved before them have none) and the widths they take."""
+    for field, check, problem in CODEC_RULES:
+        if field in cfg.codec and not check(cfg.codec[field]):
+            raise ConfigError(f"codec.{field}", f"{problem}, got {cfg.codec[field]!r}")
+    if CodecOptions.from_config(cfg.codec).levers_on:
+        for field in ("up_bits", "down_bits"):
+            if cfg.codec[field] not in LEVER_WIDTHS:
+                raise ConfigError(f"codec.{field}", f"must be one of {list(LEVER_WIDTHS)} with codec levers on, got {cfg.codec[field]!r}")
 
 
 def resolve_resume(cfg: DictConfig) -> DictConfig:

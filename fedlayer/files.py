@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -29,9 +30,12 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def keep_newest(paths: Sequence[Path], keep: int) -> list[Path]:
-    """Delete all but the last ``keep`` of ``paths`` (oldest first); return what is left."""
+    """Delete all but the last ``keep`` of ``paths`` (oldest first; files or folders); return what is left."""
     for old in paths[: max(len(paths) - keep, 0)]:
-        old.unlink(missing_ok=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
     return list(paths[max(len(paths) - keep, 0) :])
 
 

@@ -90,6 +90,34 @@ def plot_accuracy_by_bytes(panels: dict[str, Sequence[tuple[str, Records]]], pat
     return _save(fig, path)
 
 
+EpsilonPoint = tuple[float | None, float, float, float]  # (epsilon or None for no DP, mean, low, high)
+
+
+def plot_accuracy_by_epsilon(panels: dict[str, dict[str, Sequence[EpsilonPoint]]], path: Path) -> Path:
+    """Accuracy against epsilon (log scale, 'no DP' at the right), one line per method with its
+    spread as error bars, one panel per setting (title -> method -> points)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    names = list(dict.fromkeys(method for methods in panels.values() for method in methods))
+    colours = {method: f"C{i}" for i, method in enumerate(names)}  # one colour per method in every panel
+    for ax, (title, methods) in zip(axes[0], panels.items()):
+        finite = sorted({eps for points in methods.values() for eps, *_ in points if eps is not None})
+        no_dp_x = (np.log2(finite[-1]) + 1.5) if finite else 0.0
+        for offset, (method, points) in enumerate(methods.items()):
+            ordered = sorted(points, key=lambda p: np.inf if p[0] is None else p[0])
+            x = [(no_dp_x if eps is None else np.log2(eps)) + 0.06 * (offset - (len(methods) - 1) / 2) for eps, *_ in ordered]
+            mean = np.array([p[1] for p in ordered])
+            spread = np.array([[m - p[2] for m, p in zip(mean, ordered)], [p[3] - m for m, p in zip(mean, ordered)]])
+            ax.errorbar(x, mean, yerr=spread, marker="o", capsize=3, label=method, color=colours[method])
+        ax.set_xticks([*np.log2(finite), no_dp_x], [*(f"{eps:g}" for eps in finite), "no DP"])
+        ax.set_xlabel("epsilon")
+        ax.set_ylabel("central test accuracy")
+        ax.set_ylim(0, 1)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def layer_totals(records: Records) -> dict[str, int]:
     """Bytes per layer over the run, both directions."""
     totals: dict[str, int] = {}

@@ -7,7 +7,6 @@ forward (a stage's head) where they need to.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -18,11 +17,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from fedlayer.data import ArrayDataset
 from fedlayer.layers import State, numpy_to_torch_state
-from fedlayer.models.staged import StagedModel, stage_features
 from fedlayer.wire.records import TRAIN_SECONDS
 
 #: ``step() -> loss`` run once under a meter: ``measure(step, x, y) -> (loss, metrics)``.
@@ -138,108 +135,6 @@ def evaluate(
         correct += int((logits.argmax(dim=1) == y).sum())
     n = len(dataset)
     return {"loss": total_loss / n, "accuracy": correct / n, "num-examples": float(n)}
-
-
-def loss_gradient(
-    model: nn.Module, data: ArrayDataset, l2: float, batch_size: int, seed: int, device: torch.device
-) -> tuple[State, float]:
-    """Gradient of ``mean CE loss + l2/2 ||theta||^2`` at the model's parameters.
-
-    ``batch_size`` 0 (or >= the split) uses the whole split; otherwise one
-    seeded minibatch of that size. Returns (gradient per parameter, loss).
-    """
-    model.to(device).train()
-    if 0 < batch_size < len(data):
-        idx = np.sort(np.random.default_rng(seed).choice(len(data), size=batch_size, replace=False))
-        x, y = data.x[idx], data.y[idx]
-    else:
-        x, y = data.x, data.y
-    model.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(model(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device))
-    if l2 > 0:
-        loss = loss + 0.5 * l2 * sum((p * p).sum() for p in model.parameters())
-    loss.backward()
-    grads = {name: p.grad.detach().cpu().numpy().astype(np.float32) for name, p in model.named_parameters()}
-    return grads, float(loss.detach())
-
-
-def step_flops(net: nn.Module, x: Tensor, y: Tensor) -> int:
-    """FLOPs of one training step (forward, loss, backward) of a copy of ``net``."""
-    clone = copy.deepcopy(net).train()
-    with FlopCounterMode(display=False) as counter:
-        loss = nn.functional.cross_entropy(clone(x), y)
-        if loss.requires_grad:
-            loss.backward()
-    return int(counter.get_total_flops())
-
-
-#: Full-depth batches ``recalibrate_batch_norm`` estimates the statistics from.
-RECALIBRATION_BATCHES = 8
-
-
-@torch.no_grad()
-def recalibrate_batch_norm(
-    net: StagedModel, stage: int, dataset: ArrayDataset, batch_size: int, rng: np.random.Generator, device: torch.device
-) -> None:
-    """Re-estimate the stage's BatchNorm running statistics on full-depth inputs.
-
-    The statistics are reset and re-averaged (cumulative mean, as in
-    stochastic-depth and supernet BN calibration) over up to
-    ``RECALIBRATION_BATCHES`` forward-only, full-depth batches.
-    """
-    norms = [
-        m for module in net.active_modules(stage) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    ]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-    for count, (x, _) in enumerate(minibatches(dataset, batch_size, rng, device)):
-        if count >= RECALIBRATION_BATCHES:
-            break
-        net.forward_stage(x, stage)  # the stage head too: a conv head has BatchNorm
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
-
-
-@torch.no_grad()
-def linear_probe(
-    net: StagedModel, stage: int, train_set: ArrayDataset, test_set: ArrayDataset, epochs: int = 50, seed: int = 0
-) -> dict[str, float]:
-    """Linear-probe accuracy of the frozen features after ``stage``.
-
-    A logistic-regression head is fitted (full-batch Adam) on the pooled
-    features of ``train_set`` and scored on ``test_set``.
-    """
-    net.eval()
-
-    def embed(data: ArrayDataset) -> Tensor:
-        chunks = [
-            stage_features(net.features(torch.from_numpy(data.x[i : i + 500]), stage), net.pool)
-            for i in range(0, len(data), 500)
-        ]
-        return torch.cat(chunks)
-
-    train_z, test_z = embed(train_set), embed(test_set)
-    mean, std = train_z.mean(0), train_z.std(0) + 1e-6
-    train_z, test_z = (train_z - mean) / std, (test_z - mean) / std
-    train_y, test_y = torch.from_numpy(train_set.y), torch.from_numpy(test_set.y)
-    torch.manual_seed(seed)
-    probe = nn.Linear(train_z.shape[1], int(max(train_set.num_classes, int(train_y.max()) + 1)))
-    optimizer = torch.optim.Adam(probe.parameters(), lr=0.01, weight_decay=1e-4)
-    with torch.enable_grad():
-        for _ in range(epochs):
-            optimizer.zero_grad()
-            F.cross_entropy(probe(train_z), train_y).backward()
-            optimizer.step()
-    logits = probe(test_z)
-    return {
-        "accuracy": float((logits.argmax(1) == test_y).float().mean()),
-        "loss": float(F.cross_entropy(logits, test_y)),
-        "num-examples": float(len(test_set)),
-    }
 
 
 @dataclass

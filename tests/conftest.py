@@ -12,7 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from benchmarks.faults import make_reply as make_reply  # the tests' reply builder lives with the fault builders
 from fedlayer.config import compose_config
 from fedlayer.layers import State, torch_state_to_numpy
-from fedlayer.methods.client import ClientRuntime
+from fedlayer.methods.client_half import ClientRuntime
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")

@@ -7,9 +7,10 @@ import pytest
 
 from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError, ParameterError
-from fedlayer.layers import copy_state, states_equal
-from fedlayer.methods.aggregation import oversized_updates, trimmed_mean
+from fedlayer.layers import ModelLayers, copy_state, states_equal
+from fedlayer.methods.aggregation import aggregate_layers, oversized_updates
 from fedlayer.methods.base import LayerwiseStrategy
+from fedlayer.methods.replies import TrainReply
 from fedlayer.methods.laq import LAQStrategy
 from fedlayer.server.builder import build_strategy
 from fedlayer.workload import load_workload
@@ -35,11 +36,37 @@ def _moved(strategy: LayerwiseStrategy, seed: int, scale: float = 1.0):
     }
 
 
-def test_trimmed_mean_cuts_each_end_and_falls_back_to_the_median():
-    values = np.array([[1.0], [2.0], [3.0], [100.0], [-50.0]])
-    assert trimmed_mean(values, 0.2)[0] == pytest.approx(2.0)  # -50 and 100 cut
-    assert trimmed_mean(values, 0.0)[0] == pytest.approx(values.mean())
-    assert trimmed_mean(values[:2], 0.49)[0] == pytest.approx(1.5)  # nothing left to average: the median
+def _trimmed(states, trim):
+    layers = ModelLayers.from_state(small_state())
+    replies = [TrainReply(node, state, set(layers.names), 10) for node, state in enumerate(states)]
+    return aggregate_layers(replies, layers, layers.names, "trimmed_mean", trim)
+
+
+def test_trimmed_mean_cuts_each_end():
+    values = [1.0, 2.0, 3.0, 100.0, -50.0]
+    replies = [{k: np.full_like(v, x) for k, v in small_state().items()} for x in values]
+    key = next(k for k, v in small_state().items() if v.dtype == np.float32)
+    assert _trimmed(replies, 0.2)[key].flat[0] == pytest.approx(2.0)  # -50 and 100 cut
+    assert _trimmed(replies, 0.0)[key].flat[0] == pytest.approx(np.mean(values))
+    assert _trimmed(replies[:2], 0.49)[key].flat[0] == pytest.approx(1.5)  # floor(0.98) = 0 cut: the mean
+
+
+def test_flowers_trim_mean_is_the_sorted_definition():
+    """The rule uses Flower's ``trim_mean`` (partition, then mean); it equals the definition (sort,
+    cut ``floor(trim * n)`` at each end, mean) up to the order of the float64 sum, for any reply count and trim."""
+    rng = np.random.default_rng(0)
+    for count in (1, 2, 3, 5, 8, 13):
+        for trim in (0.0, 0.1, 0.2, 0.25, 0.3, 0.49):
+            states = [{k: rng.standard_normal(v.shape).astype(v.dtype) * 10.0 ** rng.integers(-3, 3) if v.dtype == np.float32
+                       else v for k, v in small_state().items()} for _ in range(count)]
+            got = _trimmed(states, trim)
+            cut = int(np.floor(trim * count))
+            for key, value in got.items():
+                if value.dtype != np.float32:
+                    continue
+                ordered = np.sort(np.stack([s[key].astype(np.float64) for s in states]), axis=0)
+                expected = ordered[cut : count - cut].mean(axis=0).astype(np.float32)
+                assert np.allclose(value, expected, rtol=1e-6, atol=0), (count, trim, key)
 
 
 @pytest.mark.parametrize("rule", ["median", "trimmed_mean"])

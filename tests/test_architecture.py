@@ -96,3 +96,24 @@ def test_the_checks_see_function_level_and_relative_imports():
     found = imports_in(source, "fedlayer.methods.fedavg", "fedlayer.methods")
     assert {"fedlayer.server.loop", "fedlayer.client"} <= found
     assert all(layer(target) > layer("fedlayer.methods.fedavg") for target in found)
+
+
+#: The wire's coding primitives (the LAQ grid quantiser, the bit packing): private to fedlayer/wire/.
+WIRE_PRIVATE = ("fedlayer.wire.quantize", "fedlayer.wire.bitpack")
+
+
+def test_only_the_wire_package_encodes_or_decodes_tensors():
+    """What a tensor looks like on the wire is defined in fedlayer/wire/ alone: the quantiser and the
+    bit packing live there and nothing outside it imports them (the codec stage and LAQ code tensors
+    through ``wire.tensors``), and any generated protobuf module lies there too."""
+    assert all(module in MODULES for module in WIRE_PRIVATE), "the coding primitives moved out of fedlayer/wire/"
+    outside = [
+        f"{module} -> {target}"
+        for module, targets in GRAPH.items()
+        if part(module) != "wire"
+        for target in targets
+        if target in WIRE_PRIVATE
+    ]
+    assert not outside, outside
+    generated = [str(path.relative_to(ROOT)) for path in ROOT.rglob("*_pb2.py") if path.relative_to(ROOT).parts[0] != "wire"]
+    assert not generated, generated

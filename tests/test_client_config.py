@@ -1,7 +1,9 @@
 """Clients run without Hydra: the configuration is composed and validated once, by the server."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -60,7 +62,7 @@ def test_a_clientapp_call_never_composes_with_hydra(tmp_path, monkeypatch):
 
 
 def test_the_clientapp_imports_no_hydra_plotting_or_server_code():
-    heavy = ("hydra", "matplotlib", "sklearn", "flwr_datasets", "fedlayer.server")
+    heavy = ("hydra", "matplotlib", "sklearn", "scipy", "flwr_datasets", "datasets", "torch._dynamo", "fedlayer.server")
     code = f"import sys, fedlayer.client.app; print([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -83,3 +85,58 @@ def test_a_node_keeps_its_split_and_a_fresh_process_reads_it_without_splitting(t
     assert done.stdout.split() == [str(len(first[0])), str(len(first[1])), str(int(first[0].y.sum())), "[]"]
     other = client_data(cfg, 1, 3, cache=tmp_path)  # another partition: another file, other data
     assert len(list(tmp_path.glob("data-*.npz"))) == 2 and int(other[0].y.sum()) != int(first[0].y.sum())
+
+
+TRAIN_CALL = r"""
+import json, sys
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from fedlayer.client.app import app
+from fedlayer.layers import to_arrayrecord, torch_state_to_numpy
+from fedlayer.models import build_model
+
+def train_call(node_config, input_shape, num_classes):
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    state = torch_state_to_numpy(build_model("linear", input_shape=tuple(input_shape), num_classes=num_classes, seed=0).state_dict())
+    before = set(sys.modules)
+    context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                      run_config={"strategy": "fedavg", "dataset": "digits", "model": "linear",
+                                  "overrides": "federation.num_clients=2 train.local_steps=1"})
+    config = ConfigRecord({"server-round": 1, "method": "fedavg", "request": sorted({k.rsplit(".", 1)[0] for k in state}), "keep-model": False})
+    message = Message(RecordDict({"config": config, "arrays": to_arrayrecord(state)}), dst_node_id=7, message_type=MessageType.TRAIN)
+    message.metadata.__dict__["_message_id"] = "m1"
+    reply = app(message, context)
+    assert not reply.has_error(), reply.error
+    return sorted(m for m in ("sklearn", "flwr_datasets", "matplotlib", "scipy") if m in set(sys.modules) - before)
+"""
+
+
+def test_a_deployed_node_keeps_its_split_in_the_default_state_folder_and_the_next_message_reads_it(tmp_path, monkeypatch):
+    """``fedlayer-client`` without ``--state-dir``: the first message's ClientApp splits, later ones (fresh processes) only read."""
+    from flwr.common.config import parse_config_args
+
+    from fedlayer.commands.deploy import client_command, client_parser
+    from fedlayer.data import load_dataset
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for name in ("STATE_DIR", "DATA", "NODE_KEY", "CA_CERT"):
+        monkeypatch.delenv(f"FEDLAYER_{name}", raising=False)
+    command = client_command(client_parser().parse_args(
+        ["--server", "127.0.0.1:9092", "--insecure", "--partition-id", "1", "--num-partitions", "2", "--device", "cpu"]))
+    node_config = parse_config_args([command[command.index("--node-config") + 1]])
+    assert node_config["state-dir"] == str(tmp_path / "cache" / "fedlayer" / "127.0.0.1_9092-partition-1-of-2")
+
+    pool, _ = load_dataset("digits")
+
+    def fresh_process_call() -> list[str]:
+        code = TRAIN_CALL + f"print(json.dumps(train_call({node_config!r}, {list(pool.input_shape)!r}, {pool.num_classes})))"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert "sklearn" in fresh_process_call()  # the first message loads digits (sklearn), splits and keeps its part
+    kept = list(Path(node_config["state-dir"]).glob("partition-00001/data-*.npz"))
+    assert len(kept) == 1
+    written = kept[0].stat().st_mtime_ns
+    assert fresh_process_call() == []  # the next message's process reads it: no sklearn, nothing heavy
+    assert kept[0].stat().st_mtime_ns == written and len(list(Path(node_config["state-dir"]).rglob("data-*.npz"))) == 1

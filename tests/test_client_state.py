@@ -9,7 +9,7 @@ from fedlayer.client.runtime import state_files
 from fedlayer.client.state import NodeStateFiles
 from fedlayer.config import compose_config
 from fedlayer.layers import from_arrayrecord, states_equal, torch_state_to_numpy
-from fedlayer.methods.client import (
+from fedlayer.methods.client_half import (
     ClientRuntime,
     load_local_model,
     save_local_model,
@@ -18,6 +18,10 @@ from fedlayer.methods.client import (
 from fedlayer.methods.fedavg import FedAvgStrategy
 from fedlayer.methods.fedlama import FedLAMAStrategy
 from tests.conftest import small_state
+
+
+#: The run the state files belong to (``wire.records.RUN_KEY``).
+RUN_KEY = "0123456789abcdef"
 
 
 def _context(node_id: int = 7, node_config: dict | None = None) -> Context:
@@ -82,7 +86,7 @@ def _runtime(cfg_overrides: list[str], state_dir) -> tuple[ClientRuntime, NodeSt
     """Partition 3's runtime, and its state files in ``state_dir`` (the node config's ``state-dir``)."""
     cfg = compose_config(["dataset=digits", "federation.num_clients=10", "train.local_steps=2", *cfg_overrides])
     runtime = ClientRuntime(cfg=cfg, partition_id=3, num_partitions=10, data_path=None, device=torch.device("cpu"))
-    return runtime, state_files(_context(node_config={"partition-id": 3, "state-dir": str(state_dir)}), cfg, 3)
+    return runtime, state_files(_context(node_config={"partition-id": 3, "state-dir": str(state_dir)}), cfg, 3, RUN_KEY)
 
 
 def _train_content(strategy, server_round: int, node: int = 7) -> RecordDict:
@@ -96,9 +100,9 @@ def test_fedlama_client_restarted_between_rounds_replies_as_if_it_never_stopped(
     """Round 4 sends no head.fc1 down: the client must continue from its own round-3 copy."""
     runtime, files = _runtime(["strategy=fedlama"], tmp_path)
     initial = torch_state_to_numpy(runtime.new_model().state_dict())
-    lama = FedLAMAStrategy(initial, phi=2, tau_prime=2)
+    lama = FedLAMAStrategy(initial, phi=2, local_steps=2)
     lama.intervals["head.fc1"] = 2
-    assert files is not None and files.root == tmp_path / "partition-00003"
+    assert files is not None and files.root == tmp_path / f"run-{RUN_KEY}" / "partition-00003"
 
     def train(server_round: int, context: Context) -> RecordDict:
         files.restore(context, before=server_round)

@@ -1,4 +1,4 @@
-"""LAQ quantizer, bit packing and codecs (fedlayer.wire)."""
+"""LAQ quantizer, bit packing and the quantised-tensor format on the LAQ grid (fedlayer.wire)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,18 @@ import math
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from fedlayer.layers import squared_distance
+from fedlayer.traffic.size import object_tree_bytes
 from fedlayer.wire.bitpack import pack_codes, packed_nbytes, unpack_codes
-from fedlayer.wire.laq_codec import LAQCodec, innovation_norm_sq
-from fedlayer.wire.laq_proto import decode_update, encode_update
-from fedlayer.wire.quantize import QuantizedTensor, dequantize, quantization_error, quantize_innovation
+from fedlayer.wire.quantize import QuantizedTensor, dequantize, quantize_innovation
+from fedlayer.wire.tensors import CODEC_STYPE, CodecError, decode_tensor, encode_grid, encode_tensor, grid_bits
 from tests.conftest import fuzz_examples
 
 ALL_BITS = range(1, 9)
@@ -117,7 +121,7 @@ def _check_quantization(g: np.ndarray, qhat: np.ndarray, bits: int) -> None:
     # In L2 that only follows when n * delta^2 < R^2, i.e. n < (2^b - 1)^2.
     # (Skipped for subnormal delta: float32 has too few digits there to step.)
     if delta >= np.finfo(np.float32).tiny and g.size < max_code**2:
-        assert quantization_error(q, g) < quantization_error(qhat, g)
+        assert squared_distance(q, g) < squared_distance(qhat, g)
 
 
 @pytest.mark.parametrize("bits", ALL_BITS)
@@ -148,7 +152,7 @@ def test_l2_distance_can_grow_at_one_bit() -> None:
     g = np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32)
     qhat = np.zeros(4, dtype=np.float32)
     q = dequantize(quantize_innovation(g, qhat, 1), qhat)
-    assert quantization_error(q, g) == 3.0 > quantization_error(qhat, g) == 1.0
+    assert squared_distance(q, g) == 3.0 > squared_distance(qhat, g) == 1.0
 
 
 @pytest.mark.parametrize("bits", ALL_BITS)
@@ -205,41 +209,68 @@ def test_quantize_property(bits: int, shape: tuple[int, ...], data: st.DataObjec
     _check_quantization(g, qhat, bits)
 
 
-# --- codecs ------------------------------------------------------------------
+# --- the quantised-tensor format on the LAQ grid ---------------------------------
+
+
+def _over_the_wire(arrays: dict[str, Array]) -> dict[str, Array]:
+    """``arrays`` serialised as Flower sends a record, and parsed back."""
+    data = recorddict_to_proto(RecordDict({"coded": ArrayRecord(arrays)})).SerializeToString()
+    parsed = RecordDictProto()
+    parsed.ParseFromString(data)
+    return dict(recorddict_from_proto(parsed)["coded"].items())
 
 
 @pytest.mark.parametrize("bits", ALL_BITS)
-def test_laq_codec_report_and_decode(bits: int) -> None:
+def test_grid_tensor_layout_and_decode(bits: int) -> None:
     rng = np.random.default_rng(7)
     g = rng.standard_normal((13, 7)).astype(np.float32)
     qhat = rng.standard_normal((13, 7)).astype(np.float32)
-    codec = LAQCodec()
-    enc, q = codec.encode("layer.weight", g, qhat, bits)
+    array, q = encode_grid(g, qhat, bits)
 
-    assert codec.lossy is True
-    assert enc.shape == (13, 7) and enc.bits == bits
-    assert len(enc.packed_codes) == math.ceil(g.size * bits / 8)
-    assert enc.report is not None
-    assert enc.report.bytes_before == g.nbytes
-    assert enc.report.bytes_after >= len(enc.packed_codes) + 4
-    assert enc.report.squared_error == pytest.approx(quantization_error(q, g))
-    np.testing.assert_array_equal(codec.decode(enc, qhat).view(np.uint32), q.view(np.uint32))
-    assert innovation_norm_sq(q, qhat) == pytest.approx(
-        float(np.sum((q.astype(np.float64) - qhat) ** 2))
-    )
-
-
-def test_innovation_norm_zero_when_nothing_changed() -> None:
-    qhat = np.ones(5, dtype=np.float32)
-    _, q = LAQCodec().encode("b", qhat.copy(), qhat, 4)
-    assert innovation_norm_sq(q, qhat) == 0.0
+    assert (array.stype, array.dtype, tuple(array.shape)) == (CODEC_STYPE, f"q{bits}", (13, 7))
+    assert grid_bits(array) == bits
+    # a float32 radius, then the bit-packed codes: nothing else
+    radius = float(np.frombuffer(array.data[:4], "<f4")[0])
+    assert radius == float(np.float32(np.abs(g.astype(np.float64) - qhat).max()))
+    assert len(array.data) == 4 + math.ceil(g.size * bits / 8)
+    codes = quantize_innovation(g, qhat, bits).codes
+    assert array.data[4:] == pack_codes(codes, bits)
+    # the receiver rebuilds the sender's Q bit for bit
+    received = _over_the_wire({"w": array})["w"]
+    np.testing.assert_array_equal(decode_tensor(received, qhat).view(np.uint32), q.view(np.uint32))
+    assert np.max(np.abs(q.astype(np.float64) - g)) <= radius / (2**bits - 1) * (1 + 1e-5)
 
 
-def test_laq_is_smaller_than_float32() -> None:
+def test_one_bit_grid_and_sign_are_two_encodings() -> None:
+    """LAQ's 1-bit grid (``q1``: ``qhat +- R``, R the largest difference) is not the codec's
+    1-bit sign (``s1``: ``ref +- mean |d|``); each decodes as itself."""
+    qhat = np.zeros(4, np.float32)
+    g = np.array([1.0, -0.5, 0.25, -0.25], np.float32)
+    grid, q_grid = encode_grid(g, qhat, 1)
+    sign, q_sign = encode_tensor(g, qhat, 1)
+    assert (grid.dtype, sign.dtype) == ("q1", "s1") and grid_bits(sign) is None
+    np.testing.assert_array_equal(q_grid, [1.0, -1.0, 1.0, -1.0])
+    np.testing.assert_array_equal(q_sign, [0.5, -0.5, 0.5, -0.5])
+    np.testing.assert_array_equal(decode_tensor(grid, qhat), q_grid)
+    np.testing.assert_array_equal(decode_tensor(sign, qhat), q_sign)
+
+
+def test_no_innovation_rebuilds_the_reference_exactly() -> None:
+    qhat = np.linspace(-3, 3, 5, dtype=np.float32)
+    array, q = encode_grid(qhat.copy(), qhat, 4)
+    assert array.data[:4] == bytes(4)  # R = 0
+    np.testing.assert_array_equal(q, qhat)
+    np.testing.assert_array_equal(decode_tensor(array, qhat), qhat)
+
+
+def test_a_coded_tensor_is_about_an_eighth_of_float32_at_4_bits() -> None:
+    """Measured as the ledger measures: the serialised Array with its chunk, framing included
+    (dtype, shape, stype, the chunk's id and length: under 200 bytes a tensor)."""
     g = np.random.default_rng(2).standard_normal(10_000).astype(np.float32)
-    laq, _ = LAQCodec().encode("w", g, np.zeros_like(g), 4)
-    assert laq.report is not None
-    assert g.nbytes / laq.report.bytes_after > 7.9  # 32 bits -> 4 bits, plus a small header
+    coded, _ = encode_grid(g, np.zeros_like(g), 4)
+    assert len(coded.data) == 4 + 5000
+    assert 0 < object_tree_bytes(coded) - len(coded.data) < 200
+    assert 7.5 < object_tree_bytes(Array(g)) / object_tree_bytes(coded) < 8
 
 
 @settings(max_examples=fuzz_examples(100), deadline=None)
@@ -254,20 +285,56 @@ def test_laq_is_smaller_than_float32() -> None:
 def test_receiver_reconstructs_q_bit_exactly(
     bits: int, shapes: list[tuple[int, ...]], seed: int, scale: float
 ) -> None:
-    """encode -> wire bytes -> decode gives the receiver the sender's exact Q."""
+    """encode -> serialised record -> decode gives the receiver the sender's exact Q."""
     rng = np.random.default_rng(seed)
-    codec = LAQCodec()
-    sent, qhats, qs = [], {}, {}
+    sent, qhats, qs = {}, {}, {}
     for i, shape in enumerate(shapes):
         name = f"t{i}"
         qhats[name] = (scale * rng.standard_normal(shape)).astype(np.float32)
         g = (scale * rng.standard_normal(shape)).astype(np.float32)
-        enc, qs[name] = codec.encode(name, g, qhats[name], bits)
-        sent.append(enc)
-    wire = encode_update(sent, skip=False, clock=3, quantization_error=0.5)
+        sent[name], qs[name] = encode_grid(g, qhats[name], bits)
+    for name, array in _over_the_wire(sent).items():
+        q = decode_tensor(array, qhats[name])
+        np.testing.assert_array_equal(q.view(np.uint32), qs[name].view(np.uint32))
 
-    update = decode_update(wire, expected={f"t{i}": s for i, s in enumerate(shapes)})
-    assert update.tensors == tuple(sent)
-    for enc in update.tensors:
-        q = codec.decode(enc, qhats[enc.name])
-        np.testing.assert_array_equal(q.view(np.uint32), qs[enc.name].view(np.uint32))
+
+DTYPES = ["q0", "q1", "q3", "q4", "q8", "q9", "s1", "f16", "float32", "", "q\xff"]
+
+
+def _expected_length(dtype: str, count: int) -> int:
+    """The data length a well-formed Array of ``dtype`` needs (what the fuzzed sender aims near)."""
+    if dtype == "f16":
+        return 2 * count
+    bits = int(dtype[1:]) if dtype[1:].isdigit() else 1
+    return 4 + math.ceil(count * bits / 8)
+
+
+@settings(max_examples=fuzz_examples(1000), deadline=None)
+@given(
+    dtype=st.sampled_from(DTYPES),
+    reference_shape=st.sampled_from([(3, 5), (15,), ()]),
+    same_shape=st.booleans(),
+    other_shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=6),
+    length_offset=st.sampled_from([-1, 0, 0, 0, 1, 9]),
+    data=st.data(),
+)
+def test_hostile_arrays_only_raise_codec_error(
+    dtype: str,
+    reference_shape: tuple[int, ...],
+    same_shape: bool,
+    other_shape: tuple[int, ...],
+    length_offset: int,
+    data: st.DataObject,
+) -> None:
+    """Whatever a sender declares and holds (near-valid lengths, any radius bits), decoding either
+    refuses it (``CodecError``) or rebuilds a float32 tensor of the reference's shape."""
+    shape = reference_shape if same_shape else other_shape
+    length = max(0, _expected_length(dtype, math.prod(shape)) + length_offset)
+    payload = data.draw(st.binary(min_size=length, max_size=length))
+    reference = np.ones(reference_shape, np.float32)
+    array = Array(dtype=dtype, shape=shape, stype=CODEC_STYPE, data=payload)
+    try:
+        value = decode_tensor(array, reference)
+    except CodecError:
+        return
+    assert value.shape == reference_shape and value.dtype == np.float32

@@ -6,8 +6,10 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,12 +130,14 @@ def _client(argv):
     return client_command(client_parser().parse_args(argv))
 
 
-def test_client_command_with_tls_auth_partition_and_device(tls_files):
+def test_client_command_with_tls_auth_partition_and_device(tls_files, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tls_files / "cache"))
     cmd = _client(["--server", "fl.example.org:9092", "--ca-cert", str(tls_files / "ca.crt"), "--node-key", str(tls_files / "sn0"),
                    "--partition-id", "1", "--num-partitions", "4", "--device", "cuda:1", "--", "--max-retries", "3"])
     assert Path(cmd[0]).name == "flower-supernode"
     assert cmd[cmd.index("--superlink") + 1] == "fl.example.org:9092"
-    assert cmd[cmd.index("--node-config") + 1] == 'partition-id=1 num-partitions=4 device="cuda:1"'
+    state = tls_files / "cache" / "fedlayer" / "fl.example.org_9092-key-sn0"  # the default state folder
+    assert cmd[cmd.index("--node-config") + 1] == f'partition-id=1 num-partitions=4 device="cuda:1" state-dir="{state}"'
     assert cmd[cmd.index("--root-certificates") + 1] == str(tls_files / "ca.crt")
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(tls_files / "sn0")
     assert "--insecure" not in cmd and cmd[-2:] == ["--max-retries", "3"]
@@ -146,8 +150,10 @@ def test_client_command_with_own_data_and_env_defaults(tls_files, monkeypatch):
     monkeypatch.setenv("FEDLAYER_CA_CERT", str(tls_files / "ca.crt"))
     monkeypatch.setenv("FEDLAYER_NODE_KEY", str(tls_files / "sn0"))
     monkeypatch.setenv("FEDLAYER_DATA", str(data))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tls_files / "cache"))
     cmd = _client([])
-    assert cmd[cmd.index("--node-config") + 1] == f'data-path="{data}" device="auto"'
+    state = tls_files / "cache" / "fedlayer" / "superlink_9092-key-sn0"
+    assert cmd[cmd.index("--node-config") + 1] == f'data-path="{data}" device="auto" state-dir="{state}"'
     monkeypatch.setenv("FEDLAYER_STATE_DIR", str(tls_files / "node-state"))
     cmd = _client([])
     assert cmd[cmd.index("--node-config") + 1] == f'data-path="{data}" device="auto" state-dir="{tls_files / "node-state"}"'
@@ -247,3 +253,39 @@ def test_compose_fleet_api_host_is_configurable(fleet_host, published, tmp_path)
     assert len(fleet) == 1
     host = fleet[0]["host_ip"] if isinstance(fleet[0], dict) else fleet[0].split(":")[0]
     assert host == published
+
+
+def test_fedlayer_client_starts_its_supernode_with_the_short_task_poll_and_a_private_default_state_folder(tmp_path):
+    """The SuperNode (and the SuperExec it starts) inherit FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1; the state folder is 0700."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FEDLAYER_", "FLWR_SUPEREXEC"))}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    client = subprocess.Popen(
+        [sys.executable, "-c", "from fedlayer.commands.deploy import client_main; client_main()", "--insecure",
+         "--server", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "2", "--port", "0", "--cold"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        supernode = None
+        for _ in range(300):  # its child execs flower-supernode within a few seconds
+            children = Path(f"/proc/{client.pid}/task/{client.pid}/children")
+            for pid in children.read_text().split() if children.exists() else []:
+                if b"flower-supernode" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    supernode = pid
+            if supernode or client.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert supernode is not None, "fedlayer-client started no flower-supernode"
+        environ = dict(line.split(b"=", 1) for line in Path(f"/proc/{supernode}/environ").read_bytes().split(b"\0") if b"=" in line)
+        assert environ[b"FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == b"0.1"
+        state = tmp_path / "cache" / "fedlayer" / "127.0.0.1_9-partition-0-of-2"
+        assert state.is_dir() and state.stat().st_mode & 0o777 == 0o700
+        assert f'state-dir="{state}"'.encode() in Path(f"/proc/{supernode}/cmdline").read_bytes()
+    finally:
+        os.killpg(client.pid, signal.SIGKILL)
+        client.wait()
+
+
+def test_compose_supernodes_poll_for_tasks_every_tenth_of_a_second():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    nodes = {name: s for name, s in compose["services"].items() if name.startswith("supernode-")}
+    assert nodes and all(node["environment"]["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.1" for node in nodes.values())

@@ -24,7 +24,7 @@ from fedlayer.layers import (
     torch_state_to_numpy,
 )
 from fedlayer.methods import METHODS
-from fedlayer.methods.client import ClientRuntime, load_local_model
+from fedlayer.methods.client_half import ClientRuntime, load_local_model
 from fedlayer.methods.fedavg import FedAvgStrategy
 from fedlayer.methods.fedlama import (
     FedLAMAStrategy,
@@ -114,7 +114,7 @@ def test_layer_of_buffers_only_is_averaged_every_round_and_never_measured():
     }
     keys = list(base)
     initial = {**{k: base[k] for k in keys[:7]}, **statistics, **{k: base[k] for k in keys[7:]}}
-    lama = FedLAMAStrategy(initial, phi=2, tau_prime=1, min_round_to_adjust=0)
+    lama = FedLAMAStrategy(initial, phi=2, local_steps=1, min_round_to_adjust=0)
     assert lama.sizes["blocks.1.norm"] == 0
     for server_round in (1, 2):
         _messages(lama, server_round, [1, 2, 3])
@@ -147,7 +147,7 @@ def test_phi_one_reproduces_fedavg_bitwise():
     grid = list(range(1, 9))
     kwargs = {"fraction_train": 0.5, "seed": 3}
     fedavg = FedAvgStrategy(small_state(0), **kwargs)
-    lama = FedLAMAStrategy(small_state(0), phi=1, tau_prime=4, min_round_to_adjust=0, **kwargs)
+    lama = FedLAMAStrategy(small_state(0), phi=1, local_steps=4, min_round_to_adjust=0, **kwargs)
     for server_round in range(1, 7):
         sent_a, sent_b = _messages(fedavg, server_round, grid), _messages(lama, server_round, grid)
         assert sent_a.keys() == sent_b.keys()  # same cohort each round
@@ -161,9 +161,9 @@ def test_phi_one_reproduces_fedavg_bitwise():
 
 
 # ------------------------------------------------------------------ schedule, messages, ledger
-def _lama_after_first_block(tau_prime=10):
+def _lama_after_first_block(local_steps=10):
     """phi=2, adjusted after round 2 from replies where bn differs most, head.fc not at all."""
-    lama = FedLAMAStrategy(small_state(0), phi=2, tau_prime=tau_prime, min_round_to_adjust=0, fraction_train=0.5, seed=1)
+    lama = FedLAMAStrategy(small_state(0), phi=2, local_steps=local_steps, min_round_to_adjust=0, fraction_train=0.5, seed=1)
     grid = list(range(1, 11))
     offsets = {"blocks.0.conv": 1.0, "blocks.0.bn": np.sqrt(10.0), "head.fc": 0.0}
     cohorts = []
@@ -239,7 +239,7 @@ def test_checkpoint_round_trip_keeps_schedule_and_cohort():
     lama, grid, _ = _lama_after_first_block()
     _messages(lama, 3, grid)
     state = json.loads(json.dumps(lama.state_dict()))
-    restored = FedLAMAStrategy(small_state(0), phi=2, tau_prime=10, min_round_to_adjust=0, fraction_train=0.5, seed=1)
+    restored = FedLAMAStrategy(small_state(0), phi=2, local_steps=10, min_round_to_adjust=0, fraction_train=0.5, seed=1)
     restored.load_state_dict(state)
     assert restored.intervals == lama.intervals and restored.cohort == lama.cohort
     assert restored.discrepancy == lama.discrepancy
@@ -247,16 +247,15 @@ def test_checkpoint_round_trip_keeps_schedule_and_cohort():
 
 
 def test_config_checks_name_the_field():
-    assert compose_config(["strategy=fedlama", "train.local_steps=10"]).strategy.tau_prime == 10
-    # tau_prime == train.local_steps is a rule of the config tree: compose_config refuses it
-    with pytest.raises(ConfigError) as err:
-        compose_config(["strategy=fedlama", "strategy.tau_prime=3", "train.local_steps=10"])
-    assert err.value.field == "strategy.tau_prime"
+    # one FedLAMA round is train.local_steps steps: tau' comes from there, not from a strategy field of its own
+    cfg = compose_config(["strategy=fedlama", "dataset=digits", "train.local_steps=10"])
+    assert "tau_prime" not in cfg.strategy
+    assert build_strategy(cfg, load_workload(cfg, int(cfg.federation.num_clients))).tau_prime == 10
     # the strategy's own ranges are checked when the server builds it
     for overrides, field in (
         (["strategy.phi=0"], "strategy.phi"),
         (["strategy.min_round_to_adjust=-1"], "strategy.min_round_to_adjust"),
-        (["strategy.long_interval_tensors=weights_only"], "strategy.long_interval_tensors"),
+        (["+strategy.local_steps=3"], "strategy.local_steps"),  # set by train.local_steps, not by the strategy
     ):
         cfg = compose_config(["strategy=fedlama", "dataset=digits", *overrides])
         with pytest.raises(ConfigError) as err:
@@ -271,7 +270,7 @@ def _error_reply(node: int, strategy=None) -> Message:
 
 
 def test_a_node_whose_reply_is_refused_gets_every_layer_next_time():
-    lama = FedLAMAStrategy(small_state(0), phi=4, tau_prime=1)
+    lama = FedLAMAStrategy(small_state(0), phi=4, local_steps=1)
     lama.intervals["head.fc"] = 4
     every, partial = set(lama.layers.keys), set(lama.layers.keys_of(["blocks.0.conv", "blocks.0.bn"]))
 
@@ -296,7 +295,7 @@ def test_client_keeps_unsynchronised_layer_across_rounds():
     cfg = compose_config(["strategy=fedlama", "dataset=digits", "federation.num_clients=10", "train.local_steps=2"])
     runtime = ClientRuntime(cfg=cfg, partition_id=0, num_partitions=10, data_path=None, device=torch.device("cpu"))
     initial = torch_state_to_numpy(runtime.new_model().state_dict())
-    lama = FedLAMAStrategy(initial, phi=2, tau_prime=2)
+    lama = FedLAMAStrategy(initial, phi=2, local_steps=2)
     lama.intervals["head.fc1"] = 2
     lama.client_of = {7: 0}  # identified as the runtime's partition
     context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
@@ -408,7 +407,7 @@ def test_restarted_client_refuses_then_gets_every_layer_and_never_trains_initial
 
 def test_a_refused_reply_from_a_node_not_asked_to_train_changes_no_resend_set():
     """Issue 24, item 8: an unknown or unsampled sender never joins the resend set (it would stay for good)."""
-    lama = FedLAMAStrategy(small_state(0), phi=4, tau_prime=1, fraction_train=0.5, min_train_nodes=1, seed=0)
+    lama = FedLAMAStrategy(small_state(0), phi=4, local_steps=1, fraction_train=0.5, min_train_nodes=1, seed=0)
     lama.client_of = {1: 0, 2: 1}
     (sent,) = lama.configure_train(1, [1, 2])
     asked = sent.metadata.dst_node_id

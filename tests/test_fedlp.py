@@ -1,5 +1,6 @@
 """FedLP: homogeneous pruning, heterogeneous depths, FLOP counts."""
 
+import copy
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError, ParameterError
 from fedlayer.layers import from_arrayrecord, select, states_equal
 from fedlayer.methods.base import NodePlan
-from fedlayer.methods.client import load_local_model, standard_train
+from fedlayer.methods.client_half import load_local_model, standard_train
 from fedlayer.methods.fedavg import FedAvgStrategy
 from fedlayer.methods.fedlp import FedLPStrategy, fedlp_train, pruning_units
 from fedlayer.models import build_model
@@ -350,3 +351,29 @@ def test_a_bad_flop_count_is_refused_and_never_sticks_in_the_totals(fedlp_runtim
         totals.append(fedlp.round_record(server_round)["total_train_flops"])
     assert totals == [50.0, 100.0]
     assert [r.node_id for r in fedlp.rejections] == [11, 11] and "train-flops" in fedlp.rejections[0].reason
+
+
+def test_flop_totals_are_running_totals_and_the_checkpoint_keeps_one_round(fedlp_runtime, fedlp_initial):
+    """Issue 25: the totals are kept, not re-summed over a per-round history that grows every round;
+    the checkpoint holds the totals and the latest round's numbers only, and a restored strategy continues."""
+    fedlp = _fedlp(fedlp_initial, fedlp_runtime, p=1.0, seed=3)
+    fedlp.client_of = {11: 0, 12: 1}
+    flops = {11: [10.0, 20.0, 30.0, 40.0], 12: [1.0, 2.0, 3.0, 4.0]}
+    for server_round in range(1, 5):
+        if server_round == 3:  # a resumed run: a fresh strategy from the checkpoint
+            restored = _fedlp(fedlp_initial, fedlp_runtime, p=1.0, seed=3)
+            restored.load_state_dict(copy.deepcopy(fedlp.state_dict()))
+            restored.global_state, restored.client_of = fedlp.global_state, fedlp.client_of
+            fedlp = restored
+        fedlp.configure_train(server_round, [11, 12])
+        replies = [
+            make_reply(node, _noisy(fedlp_initial, node), metrics={
+                "train-flops": flops[node][server_round - 1], "train-flops-full": 100.0}, to=fedlp)
+            for node in (11, 12)
+        ]
+        fedlp.aggregate_train(server_round, replies)
+        record = fedlp.round_record(server_round)
+        assert record["train_flops"] == flops[11][server_round - 1] + flops[12][server_round - 1]
+        assert record["total_train_flops"] == sum(flops[11][:server_round]) + sum(flops[12][:server_round])
+        assert record["total_fedavg_train_flops"] == 200.0 * server_round
+        assert list(fedlp.state_dict()["round_info"]) == [str(server_round)]

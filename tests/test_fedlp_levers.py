@@ -1,4 +1,5 @@
-"""FedLP's levers for hard splits (issue #19): per-tensor draw, damped average, server momentum."""
+"""FedLP's levers for hard splits (issue #19): per-tensor draw, damped average, and with them server
+momentum (an option of every method, ``methods.server_momentum``; FedAvg's own test: test_server_momentum.py)."""
 
 import json
 
@@ -45,7 +46,7 @@ def _filled(state, keys, value):
 # ------------------------------------------------------------------ defaults
 def test_defaults_are_the_paper_and_add_nothing_to_the_messages(fedlp_runtime, fedlp_initial):
     strategy = _fedlp(fedlp_initial, fedlp_runtime)
-    assert (strategy.draw, strategy.dropped, strategy.server_momentum) == ("unit", "keepers", 0.0)
+    assert (strategy.options.draw, strategy.options.dropped, strategy.server_momentum) == ("unit", "keepers", 0.0)
     strategy.client_of = {3: 0}
     plan = strategy.plan(1, 3)
     assert DRAW_KEY not in plan.config and set(plan.request) <= set(strategy.layers.names)
@@ -177,9 +178,9 @@ def test_server_momentum_is_applied_from_the_second_round_and_spares_batchnorm_s
     _momentum_round(strategy, 2, 2.0)
     # round 2: v = beta (1 - w0) + (2 - 1), W = 1 + v
     assert np.allclose(strategy.global_state[key], 1.0 + beta * (1.0 - w0) + 1.0, atol=1e-6)
-    assert "blocks.0.bn1.running_mean" not in strategy.momentum_keys
+    assert "blocks.0.bn1.running_mean" not in strategy.momentum.keys
     assert np.all(strategy.global_state["blocks.0.bn1.running_mean"] == 2.0)  # BatchNorm statistics: the plain average
-    assert "blocks.0.bn1.weight" in strategy.momentum_keys
+    assert "blocks.0.bn1.weight" in strategy.momentum.keys
 
 
 def test_server_momentum_keeps_layers_nobody_kept_and_their_velocity(fedlp_runtime, fedlp_initial):
@@ -188,12 +189,12 @@ def test_server_momentum_keeps_layers_nobody_kept_and_their_velocity(fedlp_runti
     strategy.client_of = {1: 0}
     send_plans(strategy, 1, {1: NodePlan(send=names, request=names)})
     strategy.aggregate_train(1, [make_reply(1, _filled(fedlp_initial, fedlp_initial, 1.0), to=strategy)])
-    velocity = strategy.velocity["head.fc2.weight"].copy()
+    velocity = strategy.momentum.velocity["head.fc2.weight"].copy()
     after_one = dict(strategy.global_state)
     send_plans(strategy, 2, {1: NodePlan(send=names, request=["head.fc1"])})
     strategy.aggregate_train(2, [make_reply(1, _filled(fedlp_initial, strategy.layers.keys_of(["head.fc1"]), 3.0), to=strategy)])
     assert np.array_equal(strategy.global_state["head.fc2.weight"], after_one["head.fc2.weight"])
-    assert np.array_equal(strategy.velocity["head.fc2.weight"], velocity)
+    assert np.array_equal(strategy.momentum.velocity["head.fc2.weight"], velocity)
     assert not np.array_equal(strategy.global_state["head.fc1.weight"], after_one["head.fc1.weight"])
 
 
@@ -211,9 +212,6 @@ def test_server_momentum_state_round_trips_through_a_checkpoint(fedlp_runtime, f
     straight = two_rounds(_fedlp(fedlp_initial, fedlp_runtime, server_momentum=0.7))
     resumed = two_rounds(_fedlp(fedlp_initial, fedlp_runtime, server_momentum=0.7), restore=True)
     assert states_equal(straight, resumed)
-    state = _fedlp(fedlp_initial, fedlp_runtime).state_dict()
-    del state["velocity"]  # a checkpoint written before server momentum existed
-    _fedlp(fedlp_initial, fedlp_runtime).load_state_dict(state)
 
 
 def test_levers_together_resume_exactly_after_a_crash(tmp_path):

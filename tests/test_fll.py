@@ -19,7 +19,7 @@ from fedlayer.layers import (
     torch_state_to_numpy,
 )
 from fedlayer.memory import LiveTensorMeter, measure_step, resident_tensors
-from fedlayer.methods.client import ClientRuntime, load_local_model
+from fedlayer.methods.client_half import ClientRuntime, load_local_model
 from fedlayer.methods.fll import (
     MAX_STEP_FACTOR,
     OBJECTIVES,
@@ -28,6 +28,7 @@ from fedlayer.methods.fll import (
     client_validation_seed,
     fll_evaluate,
     fll_train,
+    linear_probe,
     train_stage,
     validation_split,
 )
@@ -37,7 +38,7 @@ from fedlayer.server.builder import build_strategy
 from fedlayer.server.loop import FederatedRun, central_evaluator
 from fedlayer.server.rundir import RunDirectory
 from fedlayer.traffic.size import trained_model_bytes
-from fedlayer.training import evaluate, linear_probe
+from fedlayer.training import evaluate
 from fedlayer.workload import load_workload
 from tests.conftest import make_reply
 from tests.inprocess import run_in_process

@@ -114,7 +114,7 @@ def test_sampling_picks_the_same_clients_whatever_the_node_ids():
 
 
 def test_fedlama_cohort_survives_new_node_ids():
-    lama = _identified(FedLAMAStrategy(small_state(), phi=3, tau_prime=2, fraction_train=0.5, seed=2), {10: 0, 11: 1, 12: 2, 13: 3})
+    lama = _identified(FedLAMAStrategy(small_state(), phi=3, local_steps=2, fraction_train=0.5, seed=2), {10: 0, 11: 1, 12: 2, 13: 3})
     cohort = lama.sample_nodes(1, [10, 11, 12, 13])
     clients = sorted(lama.client_id(n) for n in cohort)
     # Mid-block every node re-registers under a new id (a resumed run).

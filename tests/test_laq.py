@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from benchmarks.faults import LAQ_MALFORMED as MALFORMED
 from benchmarks.faults import laq_reply as _reply
@@ -20,19 +20,19 @@ from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError, ParameterError
 from fedlayer.layers import from_arrayrecord, states_equal, torch_state_to_numpy
 from fedlayer.methods import METHODS
-from fedlayer.methods.client import ClientRuntime
+from fedlayer.methods.client_half import ClientRuntime
 from fedlayer.methods.laq import (
-    BASE_KEY,
     ERROR_WEIGHT,
     QHAT,
-    UPDATE_KEY,
     LAQStrategy,
     laq_train,
     lazy_decision,
+    update_records,
 )
-from fedlayer.wire.laq_proto import encode_update
+from fedlayer.wire.records import CODED, PAYLOAD
 from fedlayer.server.builder import build_strategy
 from fedlayer.server.rundir import RunDirectory
+from fedlayer.traffic.ledger import FOREIGN_KEYS
 from fedlayer.traffic.size import message_bytes, payload_bytes
 from fedlayer.training import train_steps
 from fedlayer.workload import load_workload
@@ -128,7 +128,7 @@ def test_uploads_and_skips_step_the_model_with_the_stale_sum():
     assert record["bits_sent"] == 2 * sum(v.size * 8 + 32 for v in theta0.values())
     assert strategy.versions == {0: 1, 1: 1}
     # round 2: both skip; the server still steps with grad = Q1 + Q2
-    skip = {UPDATE_KEY: encode_update([], skip=True, clock=0, quantization_error=0.0), BASE_KEY: 1}
+    skip = update_records(1, None)
     theta1 = copy.deepcopy(strategy.global_state)
     strategy.configure_train(2, list(NODES))
     strategy.aggregate_train(2, [_reply(11, 0, skip, to=strategy), _reply(22, 1, skip, to=strategy)])
@@ -173,7 +173,7 @@ def test_malformed_payload_is_rejected_and_leaves_state_unchanged(kind):
     good, _ = _upload(_state(1))
     strategy.aggregate_train(1, [_reply(11, 0, good, to=strategy)])  # some state to protect
     before = _snapshot(strategy)
-    bad = {UPDATE_KEY: MALFORMED[kind](good[UPDATE_KEY]), BASE_KEY: 0}
+    bad = MALFORMED[kind](good)
     strategy.configure_train(2, list(NODES))
     metrics = strategy.aggregate_train(2, [_reply(22, 1, bad, to=strategy)])
     assert metrics is None and len(strategy.rejections) == 1
@@ -187,18 +187,18 @@ def test_malformed_payload_is_rejected_and_leaves_state_unchanged(kind):
 
 
 @pytest.mark.parametrize(
-    "kind", ["no-payload", "not-bytes", "bad-base", "pid-range", "pid-nan", "unregistered", "dense-arrays", "duplicate-pid"]
+    "kind", ["no-payload", "coded-not-arrays", "bad-base", "pid-range", "pid-nan", "unregistered", "dense-arrays", "duplicate-pid"]
 )
 def test_bad_reply_envelope_is_rejected(kind):
     strategy = _strategy()
     good, _ = _upload(_state(1))
     replies = {
         "no-payload": make_reply(11, None, metrics={"partition-id": 0}, to=strategy),
-        "not-bytes": _reply(11, 0, {UPDATE_KEY: "text", BASE_KEY: 0}, to=strategy),
-        "bad-base": _reply(11, 0, {UPDATE_KEY: good[UPDATE_KEY], BASE_KEY: -1}, to=strategy),
+        "coded-not-arrays": _reply(11, 0, {**good, CODED: ConfigRecord({"x": 1})}, to=strategy),
+        "bad-base": _reply(11, 0, update_records(-1, good[CODED]), to=strategy),
         "pid-range": _reply(11, 3, good, to=strategy),
         "pid-nan": _reply(11, float("nan"), good, to=strategy),
-        "unregistered": make_reply(44, None, payload=good),
+        "unregistered": make_reply(44, None, payload=dict(good[PAYLOAD]), records={CODED: good[CODED]}),
         "dense-arrays": _reply(11, 0, good, state=_state(1), to=strategy),
     }
     before = _snapshot(strategy)
@@ -216,7 +216,8 @@ def test_updates_are_keyed_by_the_registered_client_not_the_reply():
     strategy = _strategy()
     strategy.client_of = {11: 2, 22: 0, 33: 1}
     good, q = _upload(_state(1))
-    strategy.aggregate_train(1, [make_reply(11, None, payload=good, to=strategy)])  # no partition-id in the reply
+    no_pid = make_reply(11, None, payload=dict(good[PAYLOAD]), records={CODED: good[CODED]}, to=strategy)
+    strategy.aggregate_train(1, [no_pid])  # no partition-id in the reply
     assert strategy.rejections == [] and sorted(strategy.qhat) == [2] and states_equal(strategy.qhat[2], q)
     strategy.configure_train(2, list(NODES))
     strategy.aggregate_train(2, [_reply(22, 2, good, to=strategy)])  # claims client 2, registered as 0: refused
@@ -254,7 +255,7 @@ def test_state_dict_round_trip_resumes_identically():
     b = _strategy(bits=4)
     b.global_state = copy.deepcopy(a.global_state)
     b.load_state_dict(copy.deepcopy(a.state_dict()))
-    skip = {UPDATE_KEY: encode_update([], skip=True, clock=1, quantization_error=0.0), BASE_KEY: 2}
+    skip = update_records(2, None)
     for strategy in (a, b):
         strategy.configure_train(3, list(NODES))
         strategy.aggregate_train(3, [_reply(11, 0, skip, to=strategy)])
@@ -326,7 +327,7 @@ def test_client_and_server_keep_the_same_qhat_and_recover_from_a_lost_upload():
             client_qhat = from_arrayrecord(context.state[QHAT])
             assert states_equal(client_qhat, strategy.qhat[pid]), (server_round, pid)
         for reply in replies:
-            assert "arrays" not in reply.content  # only the compressed payload goes up
+            assert "arrays" not in reply.content  # only the coded update goes up
     assert losses[-1] < losses[0]
     assert strategy.totals["uploads"] + strategy.totals["skips"] == 17
     assert strategy.rejections == []  # the lost upload was repaired by a resync, not rejected
@@ -373,7 +374,7 @@ def test_delta_mode_without_drift_allowance_steps_with_every_rounds_deltas():
             train_steps(model, runtime.train_data, runtime.cfg.train, runtime.device, runtime.round_seed(server_round))
             local = torch_state_to_numpy(model.state_dict())
             deltas.append({key: theta[key] - local[key] for key in theta})
-        alpha = np.float32(strategy.alpha)
+        alpha = np.float32(strategy.options.alpha)
         for key in theta:
             expected = theta[key] - alpha * sum(delta[key] for delta in deltas)
             # each Q is within R / (2^b - 1) of its delta, R = ||delta - Qhat_before||_inf
@@ -406,6 +407,10 @@ def test_simulation_three_rounds_three_clients(tmp_path: Path):
     # 4-bit codes: the uplink is a small fraction of FedAvg's dense float32 uplink
     assert summary["bytes_up"] < 0.25 * summary["fedavg_bytes_up"]
     assert summary["bytes_down"] <= 1.01 * summary["fedavg_bytes_down"]
+    # the coded update travels one Array per tensor, so the ledger files its bytes under their layers
+    first = records[0]
+    assert set(first["layer_bytes_up"]) == set(first["layer_bytes_down"]) and FOREIGN_KEYS not in first["layer_bytes_up"]
+    assert sum(first["layer_bytes_up"].values()) < 0.25 * sum(first["layer_bytes_down"].values())
 
 
 def test_a_returning_clients_resync_is_measured_like_the_other_uploads():
@@ -429,3 +434,40 @@ def test_a_returning_clients_resync_is_measured_like_the_other_uploads():
     strategy.aggregate_train(3, [_reply(11, 0, uploads[0], to=strategy), _reply(22, 1, uploads[1], to=strategy),
                                  _reply(33, 2, huge, to=strategy)])
     assert [r.node_id for r in strategy.rejections] == [33]
+
+
+def test_the_step_uses_a_running_sum_of_the_stored_updates():
+    """The server keeps ``sum_m Qhat_m`` as a running total (checkpointed) instead of re-summing every
+    stored update each round: a round reads the stored updates of its uploaders and dropped clients
+    only; through uploads that replace updates, skips and stale drops the total stays the sum of
+    what is stored; a strategy restored from ``state_dict`` continues with the same sum."""
+    strategy = _strategy(tbar=2)
+    rng = np.random.default_rng(0)
+    reads: list[int] = []
+    get = strategy.qhat.get
+    strategy.qhat.get = lambda client: reads.append(client) or get(client)  # counts the store's reads
+    for server_round in range(1, 8):
+        nodes = [n for n in NODES if rng.random() < 0.6] or [NODES[0]]
+        strategy.configure_train(server_round, nodes)
+        replies, uploaders = [], set()
+        for node in nodes:
+            client = NODES.index(node)
+            if client in strategy.qhat and rng.random() < 0.3:
+                update = update_records(strategy.versions[client], None)  # a skip
+            else:
+                qhat = strategy.qhat[client] if client in strategy.qhat else None
+                update, _ = _upload(_state(10 * server_round + client), qhat=qhat, base=strategy.versions.get(client, 0))
+                uploaders.add(client)
+            replies.append(_reply(node, client, update, to=strategy))
+        stored_before = set(strategy.qhat)
+        reads.clear()
+        strategy.aggregate_train(server_round, replies)
+        assert not strategy.rejections
+        assert set(reads) <= uploaders | (stored_before - set(strategy.qhat)), (server_round, reads)
+        stored = [strategy.qhat[c] for c in strategy.qhat]
+        for key, total in strategy.gradient_sum().items():
+            assert np.allclose(total, sum((q[key].astype(np.float64) for q in stored), np.zeros(total.shape)), atol=1e-6)
+    assert strategy.totals["stale_dropped"] > 0 and strategy.totals["skips"] > 0
+    restored = _strategy(tbar=2)
+    restored.load_state_dict(copy.deepcopy(strategy.state_dict()))
+    assert all(np.array_equal(restored.gradient_sum()[k], v) for k, v in strategy.gradient_sum().items())

@@ -88,3 +88,24 @@ def test_client_reported_sizes_and_checkpoint_round_trip():
     restored.load_state_dict(ledger.state_dict())
     assert restored.totals() == ledger.totals()
     assert restored.rounds[3].layer_bytes_up == ledger.rounds[3].layer_bytes_up
+
+
+def test_every_byte_of_fedlps_level_heads_is_filed_under_its_layer(fedlp_runtime, fedlp_initial):
+    """Heterogeneous FedLP sends and returns level heads, which are not layers of the global model:
+    the ledger names them (``exchanged_layers``), so no byte is filed under a layer of no name."""
+    from fedlayer.methods.fedlp import FedLPStrategy
+    from fedlayer.traffic.size import measure_message
+
+    strategy = FedLPStrategy(fedlp_initial, model=fedlp_runtime.new_model(), scheme="heterogeneous", level_preference=[1.0, 0.0])
+    ledger = ByteLedger(strategy.exchanged_layers(), trained_model_bytes(strategy.fedavg_state()))
+    strategy.client_of = {5: 0, 6: 1}
+    messages = strategy.configure_train(1, [5, 6])
+    replies = [make_reply(m.metadata.dst_node_id, {k: v.numpy() for k, v in m.content["arrays"].items()}) for m in messages]
+    for message, reply in zip(messages, replies):
+        ledger.record_down(1, message)
+        ledger.record_up(1, reply)
+    traffic = ledger.rounds[1]
+    named = set(strategy.exchanged_layers().names)
+    for recorded, sent in ((traffic.layer_bytes_down, messages), (traffic.layer_bytes_up, replies)):
+        assert "level-heads.1" in recorded and set(recorded) <= named
+        assert sum(recorded.values()) == sum(sum(measure_message(m).by_key.values()) for m in sent)

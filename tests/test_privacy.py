@@ -18,6 +18,7 @@ from fedlayer.methods.base import NodePlan
 from fedlayer.methods.fedavg import FedAvgStrategy
 from fedlayer.methods.replies import TrainReply
 from fedlayer.privacy import Privacy
+from fedlayer.privacy.accountant import calibrate_noise_multiplier
 from fedlayer.privacy.mechanism import clipped, update_norm
 from fedlayer.server.checkpoint import CheckpointStore, decode_checkpoint
 from fedlayer.server.loop import FederatedRun
@@ -48,8 +49,6 @@ def _metrics(tmp_path, name: str) -> list[dict]:
 @pytest.mark.parametrize("strategy", [["strategy=fedavg"], ["strategy=fedlama", "strategy.phi=2", "strategy.min_round_to_adjust=0"]])
 def test_noise_zero_without_clipping_equals_the_non_private_run_bitwise(tmp_path, strategy):
     overrides = [*strategy, "federation.rounds=3"]
-    if strategy[0] == "strategy=fedlama":
-        overrides.append("strategy.tau_prime=3")
     _run(tmp_path, "plain", *overrides)
     for mode in ("central", "local"):
         _run(tmp_path, mode, *overrides, f"privacy.mode={mode}", "privacy.clip=null", "privacy.noise_multiplier=0")
@@ -178,6 +177,25 @@ def test_epsilon_equals_the_library_and_target_epsilon_stops_the_run_cleanly(tmp
     assert summary["privacy"]["epsilon"] == lines[-1]["privacy"]["epsilon"] <= target
     assert "round 3" in summary["privacy"]["stopped"] and "target_epsilon" in summary["privacy"]["stopped"]
     assert json.loads((tmp_path / "budget" / "summary.json").read_text())["final_accuracy"] is not None
+
+
+@pytest.mark.parametrize(("q", "events", "scale", "target"), [(0.1, 10, 1.0, 2.0), (0.1, 5, math.sqrt(2), 4.0), (1.0, 10, 1.0, 8.0)])
+def test_a_calibrated_noise_multiplier_spends_at_most_the_target_and_a_smaller_one_spends_more(q, events, scale, target):
+    delta, step = 1e-5, 0.001
+
+    def library(z: float) -> float:
+        accountant = RdpAccountant()
+        gaussian = dp_accounting.GaussianDpEvent(z / scale)
+        accountant.compose(gaussian if q == 1.0 else dp_accounting.PoissonSampledDpEvent(q, gaussian), events)
+        return accountant.get_epsilon(delta)
+
+    z = calibrate_noise_multiplier(target, delta, q, events, per_event_scale=scale)
+    assert library(z) <= target < library(z - step)
+
+
+def test_calibration_refuses_an_impossible_request():
+    with pytest.raises(ValueError, match="sampling_rate"):
+        calibrate_noise_multiplier(1.0, 1e-5, 0.0, 10)
 
 
 def test_fedlama_charges_each_cohort_block_once_with_its_phi_releases():

@@ -223,7 +223,7 @@ def test_at_16_bits_a_difference_float16_cannot_hold_travels_dense_and_is_accept
 
 def test_a_laq_upload_at_another_bit_width_is_refused(tmp_path):
     mixed, alone = _pair(tmp_path, name="laq")
-    assert mixed.bits == 4
+    assert mixed.options.bits == 4
     upload = laq_upload(laq_state(100, mixed.shapes), bits=8)[0]
     reason = _refused_alone(tmp_path, mixed, alone, laq_reply(FAULTY, 4, upload, to=mixed))
     assert reason == f"LAQ update encoded at 8 bits ({next(iter(mixed.shapes))}), configured bits=4"

@@ -89,9 +89,13 @@ def test_crash_mid_round_then_resume_matches_uninterrupted_run(tmp_path, case):
     with pytest.raises(SimulatedCrash):  # one client trains in the round the server never finishes
         run_in_process(compose_config(crashed), crash_at=(crash_after + 1, 1))
     assert not (tmp_path / "crashed" / "summary.json").exists()
+    key = RunDirectory(tmp_path / "crashed").run_key
     resumed = resolve_resume(compose_config([f"resume={tmp_path / 'crashed'}"]))
     run_in_process(resumed, first_node_id=FIRST_NODE_ID + 1000)  # a new run: new node ids
     assert_same_run(tmp_path / "straight", tmp_path / "crashed")
+    # the resumed run kept the run key, so its clients found their state in the same run folder
+    assert RunDirectory(tmp_path / "crashed").run_key == key
+    assert [p.name for p in (tmp_path / "state-crashed").glob("run-*")] == [f"run-{key}"]
 
 
 def _command(*overrides: str) -> list[str]:
@@ -123,3 +127,21 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert not (tmp_path / "crashed" / "summary.json").exists()
     subprocess.run(_command(f"resume={tmp_path / 'crashed'}"), env=ENV, check=True, capture_output=True, timeout=600)
     assert_same_run(tmp_path / "straight", tmp_path / "crashed", slack_per_message=RAY_NODE_ID_BYTES)
+
+
+def test_resume_is_exact_when_the_crash_also_lost_the_newest_checkpoint(tmp_path):
+    """The checkpoint of round k is written while round k+1 runs: a crash then may leave only round k-1's.
+    The resumed run repeats round k from there and still matches (clients keep their 3 newest round states)."""
+    strategy_overrides, crash_after = CASES["laq"]  # every client trains every round and keeps state
+    common = [*_common(strategy_overrides), f"output_dir={tmp_path}", f"client_state_dir={tmp_path / 'state-straight'}"]
+    run_in_process(compose_config([*common, "run_name=straight"]))
+
+    crashed = [*common[:-1], f"client_state_dir={tmp_path / 'state-crashed'}", "run_name=crashed"]
+    with pytest.raises(SimulatedCrash):
+        run_in_process(compose_config(crashed), crash_at=(crash_after + 1, 1))
+    checkpoints = tmp_path / "crashed" / "checkpoints"
+    (checkpoints / f"round-{crash_after:06d}.ckpt").unlink()  # its write had not landed
+    assert CheckpointStore(tmp_path / "crashed").latest().round == crash_after - 1
+    resumed = resolve_resume(compose_config([f"resume={tmp_path / 'crashed'}"]))
+    run_in_process(resumed, first_node_id=FIRST_NODE_ID + 1000)
+    assert_same_run(tmp_path / "straight", tmp_path / "crashed")

@@ -68,7 +68,7 @@ def assert_unchanged(strategy: LayerwiseStrategy, run_dir: Path, before: tuple[S
 def honest(strategy: LayerwiseStrategy, node: int, seed: int) -> Any:
     """``node``'s honest reply this round (LAQ: an upload of a standard-normal gradient)."""
     if strategy.method == "laq":
-        return laq_reply(node, strategy.client_of[node], laq_upload(laq_state(seed, strategy.shapes), bits=strategy.bits)[0], to=strategy)
+        return laq_reply(node, strategy.client_of[node], laq_upload(laq_state(seed, strategy.shapes), bits=strategy.options.bits)[0], to=strategy)
     return train_reply(strategy, node, honest_state(strategy, node, seed), 10)
 
 
@@ -76,7 +76,7 @@ def huge(strategy: LayerwiseStrategy, node: int) -> Any:
     """``node``'s reply with every float value 3e38 (local-only, which asks for nothing, is sent the model anyway)."""
     if strategy.method == "laq":
         g = {key: np.full(shape, HUGE, np.float32) for key, shape in strategy.shapes.items()}
-        return laq_reply(node, strategy.client_of[node], laq_upload(g, bits=strategy.bits)[0], to=strategy)
+        return laq_reply(node, strategy.client_of[node], laq_upload(g, bits=strategy.options.bits)[0], to=strategy)
     state = honest_state(strategy, node, 0) or copy_state(strategy.global_state)
     return train_reply(strategy, node, {k: np.full_like(v, HUGE) if v.dtype == np.float32 else v for k, v in state.items()}, 10)
 

@@ -11,12 +11,13 @@ from fedlayer.client.runtime import (
     client_runtime,
     host_record,
     node_client_id,
+    node_folder,
     state_files,
 )
 from fedlayer.codec.client import close_upload, open_download
 from fedlayer.layers import State
 from fedlayer.methods import METHODS, Method
-from fedlayer.methods.client import server_round_of
+from fedlayer.methods.client_half import round_config, server_round_of
 from fedlayer.privacy import Privacy
 from fedlayer.privacy.client import privatise_reply, training_reference
 from fedlayer.wire.records import (
@@ -59,10 +60,10 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
         handler = method_of(message.content).train
         server_round = server_round_of(message.content)
         client_id = node_client_id(context, message.content)
-        files = state_files(context, run_cfg, client_id)
+        files = state_files(context, run_cfg, client_id, round_config(message.content).run_key)
         if files is not None:
             files.restore(context, before=server_round)
-        runtime = client_runtime(context, run_cfg, client_id, files)
+        runtime = client_runtime(context, run_cfg, client_id, node_folder(context, run_cfg, client_id))
 
         def initial() -> State:
             return initial_state(run_cfg, runtime.train_data)
@@ -84,10 +85,10 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
         run_cfg = client_config(context, cfg)
         handler = method_of(message.content).evaluate
         client_id = node_client_id(context, message.content)
-        files = state_files(context, run_cfg, client_id)
+        files = state_files(context, run_cfg, client_id, round_config(message.content).run_key)
         if files is not None:  # evaluation follows training in the same round
             files.restore(context, before=server_round_of(message.content) + 1)
-        runtime = client_runtime(context, run_cfg, client_id, files)
+        runtime = client_runtime(context, run_cfg, client_id, node_folder(context, run_cfg, client_id))
         content, _ = open_download(message.content, context, lambda: initial_state(run_cfg, runtime.train_data), train=False)
         return Message(handler(runtime, content, context), reply_to=message)
 

@@ -9,6 +9,7 @@ model are cached per process by ``fedlayer.workload``.
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import sys
 from pathlib import Path
@@ -20,9 +21,14 @@ from omegaconf import DictConfig
 from fedlayer.client.state import NodeStateFiles
 from fedlayer.config import load_config, run_config_to_overrides
 from fedlayer.device import resolve_device
-from fedlayer.files import atomic_write
-from fedlayer.methods.client import ClientRuntime
+from fedlayer.files import atomic_write, keep_newest
+from fedlayer.methods.client_half import ClientRuntime
 from fedlayer.wire.records import CLIENT_ID, CONFIG, NO_PARTITION, PARTITION_ID
+
+
+#: A state folder's run folders are ``run-<run key>``; the ``KEEP_RUNS`` most recently used stay.
+RUN_FOLDER = "run-"
+KEEP_RUNS = 4
 
 
 @functools.lru_cache(maxsize=4)
@@ -68,13 +74,13 @@ def _read_id(path: Path) -> int:
     return int(path.read_text()) if path.exists() else NO_PARTITION
 
 
-def client_runtime(context: Context, cfg: DictConfig, client_id: int, files: NodeStateFiles | None = None) -> ClientRuntime:
+def client_runtime(context: Context, cfg: DictConfig, client_id: int, data_cache: Path | None = None) -> ClientRuntime:
     """The runtime of client ``client_id`` (see ``node_client_id``) for the run configured by ``cfg``.
 
     Node config keys: ``partition-id`` and ``num-partitions`` (set by the
     simulation engine; given with ``--node-config`` in deployment), optional
-    ``data-path`` (the device's own data) and ``device``. With the node's
-    state ``files``, its data split is kept in their folder.
+    ``data-path`` (the device's own data) and ``device``. With a
+    ``data_cache`` folder (``node_folder``), its data split is kept there.
     """
     node = context.node_config
     if PARTITION_ID not in node and "data-path" not in node:
@@ -90,21 +96,52 @@ def client_runtime(context: Context, cfg: DictConfig, client_id: int, files: Nod
         num_partitions=int(node.get("num-partitions", cfg.federation.num_clients)),
         data_path=str(node["data-path"]) if "data-path" in node else None,
         device=device,
-        data_cache=None if files is None else files.root,
+        data_cache=data_cache,
     )
 
 
-def state_files(context: Context, cfg: DictConfig, client_id: int) -> NodeStateFiles | None:
-    """This node's saved per-round state, when a state folder is configured.
+def node_folder(context: Context, cfg: DictConfig, client_id: int) -> Path | None:
+    """This client's folder in the node's state folder, shared by every run: its data split cache.
 
     ``<folder>/partition-NNNNN`` for a node with a partition id, else
-    ``<folder>/client-NNNNN`` by its assigned client id.
+    ``<folder>/client-NNNNN`` by its assigned client id; None without a state
+    folder. The cached split is named by everything it depends on (dataset
+    config, seed, partition), so runs may share it.
     """
     folder = str(context.node_config.get("state-dir", cfg.client_state_dir or "")) or None
     if folder is None or client_id == NO_PARTITION:
         return None
     kind = "partition" if PARTITION_ID in context.node_config else "client"
-    return NodeStateFiles(Path(folder) / f"{kind}-{client_id:05d}")
+    return Path(folder) / f"{kind}-{client_id:05d}"
+
+
+def state_files(context: Context, cfg: DictConfig, client_id: int, run_key: str | None) -> NodeStateFiles | None:
+    """This node's saved per-round state in run ``run_key`` (``wire.records.RUN_KEY``), with a state folder.
+
+    ``<folder>/run-<key>/<node_folder's name>``: two runs on one device never
+    see each other's round state, while ``resume=`` (same key) finds its own.
+    None without a state folder or a key. Only the ``KEEP_RUNS`` most recently
+    used run folders stay; older ones are deleted when a new run starts here.
+    """
+    node = node_folder(context, cfg, client_id)
+    if node is None or run_key is None:
+        return None
+    run = node.parent / f"{RUN_FOLDER}{run_key}"
+    if run.exists():
+        os.utime(run)  # in use: newest
+    else:
+        run.mkdir(parents=True, exist_ok=True)
+        runs = sorted(node.parent.glob(f"{RUN_FOLDER}*"), key=_modified)
+        keep_newest([path for path in runs if path != run] + [run], KEEP_RUNS)
+    return NodeStateFiles(run / node.name)
+
+
+def _modified(path: Path) -> tuple[float, str]:
+    """When a run folder was last used (then its name, for equal times)."""
+    try:
+        return path.stat().st_mtime, path.name
+    except FileNotFoundError:  # pruned by another client of this node meanwhile
+        return 0.0, path.name
 
 
 def host_record(context: Context) -> ConfigRecord:

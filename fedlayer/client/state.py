@@ -28,10 +28,12 @@ class NodeStateFiles:
     gets exactly the state of the uninterrupted run.
 
     Files are ``round-NNNNNN.pb`` (Flower's own RecordDict protobuf), written
-    crash-safely; the ``keep`` newest are kept.
+    crash-safely; the ``keep`` newest are kept: 3, because the server writes
+    its checkpoint of round k while round k+1 runs, so a crash in round k+1
+    may resume after round k-1 while a client has already saved k and k+1.
     """
 
-    def __init__(self, root: Path, keep: int = 2) -> None:
+    def __init__(self, root: Path, keep: int = 3) -> None:
         self.root = Path(root)
         self.keep = keep
 

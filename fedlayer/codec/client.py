@@ -11,17 +11,21 @@ commits the new reference, residual and version, so a failed call changes nothin
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
+from fedlayer.wire.levers import Encoding
 from fedlayer.wire.tensors import decode_state, encode_state
 from fedlayer.layers import State, from_arrayrecord, to_arrayrecord
 from fedlayer.wire.records import (
     ARRAYS,
+    CODEC_LEVERS,
     CODEC_REFERENCE,
     CODEC_RESYNC,
+    CODEC_SECONDS,
     CODEC_UP_BITS,
     CODEC_VERSION,
     CONFIG,
@@ -47,6 +51,15 @@ class CodecSession:
     version: int
     up_bits: int | None
     train: bool
+    #: the uplink's levers (None: the plain ``up_bits`` format)
+    levers: str | None = None
+    #: seconds spent decoding this download (the reply adds its encoding: ``CODEC_SECONDS``)
+    seconds: float = 0.0
+
+    def encoding(self) -> int | Encoding:
+        """How the reply is encoded: ``up_bits``, with the levers the server named."""
+        assert self.up_bits is not None
+        return self.up_bits if self.levers is None else Encoding.from_levers(self.up_bits, self.levers)
 
 
 def _stored(context: Context, name: str) -> State | None:
@@ -79,14 +92,17 @@ def open_download(
             )
         reference = _stored(context, REFERENCE) or initial()
         residual = _stored(context, RESIDUAL) or {}
+    started = time.perf_counter()
     received = decode_state(content[ARRAYS], reference) if ARRAYS in content else {}
+    seconds = time.perf_counter() - started
     dense = RecordDict({name: record for name, record in content.items() if name not in (ARRAYS, CODEC_REFERENCE)})
     if received:
         dense[ARRAYS] = to_arrayrecord(received)
     up_bits = int(config[CODEC_UP_BITS]) if CODEC_UP_BITS in config else None
+    levers = str(config[CODEC_LEVERS]) if CODEC_LEVERS in config else None
     if train:
-        return dense, CodecSession({**reference, **received}, residual, expected + 1, up_bits, True)
-    return dense, CodecSession(reference, residual, held_version(context), up_bits, False)
+        return dense, CodecSession({**reference, **received}, residual, expected + 1, up_bits, True, levers, seconds)
+    return dense, CodecSession(reference, residual, held_version(context), up_bits, False, levers, seconds)
 
 
 def close_upload(reply: RecordDict, session: CodecSession | None, context: Context) -> RecordDict:
@@ -94,13 +110,15 @@ def close_upload(reply: RecordDict, session: CodecSession | None, context: Conte
     if session is None or not session.train:
         return reply
     residual = dict(session.residual)
+    started = time.perf_counter()
     if session.up_bits is not None and ARRAYS in reply:
-        record, _, new_residual = encode_state(from_arrayrecord(reply[ARRAYS]), session.reference, session.up_bits, residual)
+        record, _, new_residual = encode_state(from_arrayrecord(reply[ARRAYS]), session.reference, session.encoding(), residual)
         reply[ARRAYS] = record
         residual.update(new_residual)
+    seconds = session.seconds + time.perf_counter() - started
     metrics = reply.metric_records.get(METRICS)
     values = dict(metrics.items()) if isinstance(metrics, MetricRecord) else {}
-    reply[METRICS] = MetricRecord({**values, CODEC_VERSION: session.version})
+    reply[METRICS] = MetricRecord({**values, CODEC_VERSION: session.version, CODEC_SECONDS: seconds})
     context.state[REFERENCE] = to_arrayrecord(session.reference)
     context.state[RESIDUAL] = to_arrayrecord(residual)
     context.state[MEMORY] = ConfigRecord({"version": session.version})

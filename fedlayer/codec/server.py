@@ -14,17 +14,28 @@ holds the new version only once it replied (``receive``); the server takes
 it on only with the round that accepts the reply (``commit``). A download that
 was never answered is forgotten, so both ends stay at the old version.
 Federated-evaluation downloads are encoded against the reference and change nothing.
+
+The levers (``CodecOptions``: 1-bit block scales, top-k, zstd, bit budgets;
+``fedlayer.wire.levers``) travel to the client in ``CODEC_LEVERS`` and every
+reply is checked against them. With ``shared_downlink`` a download is encoded
+once per (reference, state) in a round and the same record goes to every
+client holding that reference. The seconds spent encoding and decoding here,
+and those the clients report (``CODEC_SECONDS``), are the round's
+``codec`` record.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+import time
 from typing import Any
 
 from flwr.app import ArrayRecord, Message
 
-from fedlayer.clientstore import ClientStates
+from fedlayer.codec.options import CodecOptions
+from fedlayer.server_client_state import ClientStates
 from fedlayer.wire.tensors import (
-    DENSE,
     CodecError,
     check_encoding,
     decode_state,
@@ -33,8 +44,10 @@ from fedlayer.wire.tensors import (
 from fedlayer.layers import State, copy_state, to_arrayrecord
 from fedlayer.wire.records import (
     ARRAYS,
+    CODEC_LEVERS,
     CODEC_REFERENCE,
     CODEC_RESYNC,
+    CODEC_SECONDS,
     CODEC_UP_BITS,
     CODEC_VERSION,
     METRICS,
@@ -47,10 +60,26 @@ MISMATCH = "CodecMismatch"
 class ServerCodec:
     """References and versions per client id; encodes downloads, decodes uploads."""
 
-    def __init__(self, initial_state: State, up_bits: int, down_bits: int, budget_bytes: int | None = None) -> None:
+    def __init__(
+        self, initial_state: State, up_bits: int, down_bits: int, budget_bytes: int | None = None,
+        options: CodecOptions | None = None,
+    ) -> None:
         self.initial = copy_state(initial_state)
         self.up_bits = up_bits
         self.down_bits = down_bits
+        self.options = options or CodecOptions()
+        self.options.check(up_bits, down_bits)
+        self.up = self.options.encoding(up_bits)
+        self.down = self.options.encoding(down_bits, down=True)
+        #: this round's downloads by (reference digest, state digest), under ``shared_downlink``
+        self.shared: dict[tuple[str, str], tuple[ArrayRecord, State]] = {}
+        #: client -> (version, digest) of its reference, so a digest is taken once per reference
+        self.digests: dict[int, tuple[int, str]] = {}
+        #: this round's seconds encoding and decoding here, and the accepted clients' own (``CODEC_SECONDS``)
+        self.encode_seconds = 0.0
+        self.decode_seconds = 0.0
+        self.client_seconds: dict[int, float] = {}
+        self.shared_hits = 0
         #: client -> its reference, for clients whose reference left the initial model (on disk beyond the budget)
         self.references = ClientStates("codec-references", budget_bytes)
         self.versions: dict[int, int] = {}
@@ -63,7 +92,7 @@ class ServerCodec:
 
     @property
     def active(self) -> bool:
-        return self.up_bits != DENSE or self.down_bits != DENSE
+        return self.up.coded or self.down.coded
 
     def reference(self, client: int) -> State:
         return self.references.get(client) or self.initial
@@ -72,13 +101,27 @@ class ServerCodec:
         """Forget downloads of earlier rounds that were never answered."""
         self.pending = {}
         self.received = {}
+        self.shared = {}
+        self.encode_seconds = 0.0
+        self.decode_seconds = 0.0
+        self.client_seconds = {}
+        self.shared_hits = 0
+
+    def round_record(self) -> dict[str, Any]:
+        """The round's codec seconds: the server's, and the mean and sum of the accepted clients' own."""
+        seconds = list(self.client_seconds.values())
+        return {"server_seconds": self.encode_seconds + self.decode_seconds, "encode_seconds": self.encode_seconds,
+                "decode_seconds": self.decode_seconds, "client_seconds_mean": sum(seconds) / len(seconds) if seconds else 0.0,
+                "client_seconds_sum": sum(seconds), "shared_downloads": self.shared_hits}
 
     def download(self, client: int, state: State, train: bool) -> tuple[dict[str, Any], dict[str, ArrayRecord], State]:
         """Config entries, records and the state the client will hold, for sending ``state`` to ``client``."""
         version = self.versions.get(client, 0)
         config: dict[str, Any] = {CODEC_VERSION: version}
-        if self.up_bits != DENSE:
+        if self.up.coded:
             config[CODEC_UP_BITS] = self.up_bits
+            if not self.up.plain:
+                config[CODEC_LEVERS] = self.up.levers()
         reference = self.reference(client)
         if train and client in self.needs_resync:
             updated = {**reference, **state}
@@ -88,13 +131,32 @@ class ServerCodec:
                 records[ARRAYS] = to_arrayrecord(state)
             self.pending[client] = (version + 1, updated)
             return config, records, state
-        if self.down_bits == DENSE:
+        started = time.perf_counter()
+        if not self.down.coded:
             record, rebuilt = to_arrayrecord(state), state
+        elif self.options.shared_downlink:
+            record, rebuilt = self._shared_download(client, reference, state)
         else:
-            record, rebuilt, _ = encode_state(state, reference, self.down_bits)
+            record, rebuilt, _ = encode_state(state, reference, self.down)
+        self.encode_seconds += time.perf_counter() - started
         if train:
             self.pending[client] = (version + 1, {**reference, **rebuilt})
         return config, ({ARRAYS: record} if state else {}), rebuilt
+
+    def _shared_download(self, client: int, reference: State, state: State) -> tuple[ArrayRecord, State]:
+        """``state`` encoded against ``reference`` once per round for all clients holding that reference."""
+        version = self.versions.get(client, 0)
+        known = self.digests.get(client)
+        if known is None or known[0] != version:
+            known = (version, state_digest(reference))
+            self.digests[client] = known
+        key = (known[1], state_digest(state))
+        if key in self.shared:
+            self.shared_hits += 1
+        else:
+            record, rebuilt, _ = encode_state(state, reference, self.down)
+            self.shared[key] = (record, rebuilt)
+        return self.shared[key]
 
     def receive(self, client: int, reply: Message, server_round: int) -> None:
         """Settle the client's download version from its reply, and decode its layers in place.
@@ -116,11 +178,17 @@ class ServerCodec:
         stated = metrics.get(CODEC_VERSION) if metrics is not None else None
         if stated != version:
             raise CodecError(f"reply names reference version {stated}, the server has version {version} pending for this client")
+        seconds = metrics.get(CODEC_SECONDS, 0.0) if metrics is not None else 0.0
+        if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0):
+            raise CodecError(f"{CODEC_SECONDS} must be a finite number >= 0, got {seconds!r}")
+        started = time.perf_counter()
         decoded = None
         if ARRAYS in reply.content.array_records:
-            check_encoding(reply.content[ARRAYS], reference, self.up_bits, "up_bits")
-            if self.up_bits != DENSE:
+            check_encoding(reply.content[ARRAYS], reference, self.up, "up_bits")
+            if self.up.coded:
                 decoded = decode_state(reply.content[ARRAYS], reference)
+        self.decode_seconds += time.perf_counter() - started
+        self.client_seconds[client] = float(seconds)
         self.received[client] = (version, reference)
         if decoded is not None:
             reply.content[ARRAYS] = to_arrayrecord(decoded)
@@ -153,3 +221,13 @@ class ServerCodec:
         self.needs_resync = {int(c) for c in state["needs_resync"]}
         self.pending = {}
         self.received = {}
+
+
+def state_digest(state: State) -> str:
+    """A digest of ``state``'s keys, dtypes, shapes and bytes (which downloads can be shared)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(state):
+        value = state[key]
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(memoryview(value).cast("B") if value.flags.c_contiguous else value.tobytes())
+    return digest.hexdigest()

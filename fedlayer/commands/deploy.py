@@ -7,7 +7,9 @@ container), by default through ``fedlayer.commands.quiet_superlink``, which drop
 uvicorn's per-request access log (``--verbose`` keeps it). ``fedlayer-client``
 runs the SuperNode as its child, forwards SIGTERM to it, passes its output
 through, and when that output shows the SuperLink refusing the node's key or a
-failed TLS verification, ends with a one-line hint naming the fix. Each option
+failed TLS verification, ends with a one-line hint naming the fix. Next to the SuperNode it keeps a warm worker running
+(``fedlayer.client.warm``; ``--cold`` turns it off), which answers the
+ClientApp's messages from one long-lived process. Each option
 can also come from an environment variable (``FEDLAYER_*``), which is how the
 compose file configures them. ``--print-command`` prints the command instead
 of running it.
@@ -23,7 +25,9 @@ text, no authentication) exists only for tests on one machine.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -34,11 +38,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
+from fedlayer.client.warm.supervise import WorkerSupervisor
+
 FLEET_PORT = 9092  # SuperLink Fleet API (gRPC): SuperNodes connect here
 CONTROL_PORT = 8000  # SuperLink Control API + ServerApp runtime API (HTTP): `flwr` connects here
 CLIENTAPP_PORT = 9094  # a SuperNode's local ClientApp runtime API
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+#: How often a SuperNode's SuperExec asks for a ClientApp task to start (Flower's default: 1 s).
+#: 0.1 s takes a median 0.5-0.9 s off every message for about 2 CPU-seconds a minute per idle node
+#: (docs/deployment.md, "Idle cost"); set by ``fedlayer-client`` for its SuperNode, unless already set.
+TASK_POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
 class DeployError(ValueError):
@@ -93,9 +103,10 @@ def client_parser() -> argparse.ArgumentParser:
     parser.add_argument("--partition-id", type=int, default=_env("PARTITION_ID"), help="use partition N of the configured dataset instead of --data [FEDLAYER_PARTITION_ID]")
     parser.add_argument("--num-partitions", type=int, default=_env("NUM_PARTITIONS"), help="number of partitions (with --partition-id) [FEDLAYER_NUM_PARTITIONS]")
     parser.add_argument("--device", default=_env("DEVICE", "auto"), help="auto (CUDA when present), cpu, cuda or cuda:N [FEDLAYER_DEVICE]")
-    parser.add_argument("--state-dir", default=_env("STATE_DIR"), help="folder where this node saves what it keeps between rounds, so a restart continues where it was [FEDLAYER_STATE_DIR]")
+    parser.add_argument("--state-dir", default=_env("STATE_DIR"), help="folder where this node keeps its data split and what it carries between rounds, so a fresh ClientApp process reads its split and a restart continues where it was (default: $XDG_CACHE_HOME/fedlayer/<server>-<node>, else ~/.cache/...) [FEDLAYER_STATE_DIR]")
     parser.add_argument("--port", type=int, default=int(_env("CLIENTAPP_PORT", str(CLIENTAPP_PORT)) or CLIENTAPP_PORT), help=f"local port of the ClientApp runtime API (default {CLIENTAPP_PORT}; one per SuperNode on a host) [FEDLAYER_CLIENTAPP_PORT]")
     parser.add_argument("--insecure", action="store_true", default=_env("INSECURE") == "1", help="LOCAL TESTS ONLY: plain-text connection without node authentication [FEDLAYER_INSECURE=1]")
+    parser.add_argument("--cold", action="store_true", default=_env("COLD") == "1", help="no warm worker: every message starts Python, imports torch and builds its model afresh (docs/deployment.md, \"Warm worker\") [FEDLAYER_COLD=1]")
     parser.add_argument("--print-command", action="store_true", help="print the flower-supernode command and exit")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flower-supernode options")
     return parser
@@ -121,8 +132,7 @@ def client_command(args: argparse.Namespace) -> list[str]:
     else:
         raise DeployError("give --data PATH (this device's data) or --partition-id/--num-partitions")
     node["device"] = _check_device(args.device)
-    if args.state_dir is not None:
-        node["state-dir"] = str(Path(args.state_dir).expanduser().resolve())
+    node["state-dir"] = str(Path(args.state_dir).expanduser().resolve() if args.state_dir is not None else default_state_dir(args))
 
     command = [
         flower_command("flower-supernode"),
@@ -139,6 +149,26 @@ def client_command(args: argparse.Namespace) -> list[str]:
         command += ["--auth-supernode-private-key", str(_existing_file(args.node_key, "--node-key"))]
     extra = list(args.extra)
     return command + (extra[1:] if extra[:1] == ["--"] else extra)
+
+
+def default_state_dir(args: argparse.Namespace) -> Path:
+    """This node's state folder when ``--state-dir`` is not given: ``$XDG_CACHE_HOME/fedlayer/<node>``.
+
+    ``<node>`` names the SuperLink and which client this is (the node key's
+    file name, else the partition, else a digest of the data path), so two
+    SuperNodes on one host, or one device in two federations, never share a
+    folder, and a restarted node finds its own again. Without a state folder
+    every message's fresh ClientApp process would split the dataset again.
+    ``fedlayer-client`` creates it private (0700): what a node keeps is its own.
+    """
+    if args.node_key:
+        who = f"key-{Path(args.node_key).name}"
+    elif args.partition_id is not None:
+        who = f"partition-{args.partition_id}-of-{args.num_partitions}"
+    else:
+        who = "data-" + hashlib.sha256(str(Path(args.data).expanduser().resolve()).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return (cache / "fedlayer" / re.sub(r"[^A-Za-z0-9._-]", "_", f"{args.server}-{who}")).resolve()
 
 
 # ---------------------------------------------------------------- server
@@ -275,7 +305,18 @@ def client_main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     command = _command_or_exit(parser, client_command, args)
     if command is not None:
-        sys.exit(supervise(command, lambda line: client_hint(line, args.node_key, args.ca_cert), parser.prog))
+        for key, value in TASK_POLL_ENV.items():  # the SuperNode and its SuperExec inherit it
+            os.environ.setdefault(key, value)
+        if args.state_dir is None:
+            default_state_dir(args).mkdir(mode=0o700, parents=True, exist_ok=True)
+        state_dir = Path(args.state_dir).expanduser().resolve() if args.state_dir is not None else default_state_dir(args)
+        worker = None if args.cold else WorkerSupervisor(state_dir).start()  # the SuperNode's messages go to it
+        try:
+            status = supervise(command, lambda line: client_hint(line, args.node_key, args.ca_cert), parser.prog)
+        finally:
+            if worker is not None:
+                worker.stop()
+        sys.exit(status)
 
 
 def server_main(argv: Sequence[str] | None = None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedlayer.methods.base import LayerwiseStrategy, NodePlan
-from fedlayer.methods.client import ClientHandler, standard_evaluate, standard_train
+from fedlayer.methods.client_half import ClientHandler, standard_evaluate, standard_train
 from fedlayer.methods.fedavg import FedAvgStrategy
 from fedlayer.methods.fedlama import FedLAMAStrategy, fedlama_train
 from fedlayer.methods.fedlp import FedLPStrategy, fedlp_train

@@ -5,8 +5,9 @@ configured rule (``aggregation.rule``):
 
 - ``mean``: the example-weighted mean (FedAvg);
 - ``median``: the coordinate-wise median (Yin et al. 2018, https://arxiv.org/abs/1803.01498);
-- ``trimmed_mean``: per coordinate, drop the ``trim`` share of largest and of
-  smallest values, average the rest (same paper).
+- ``trimmed_mean``: per coordinate, drop the ``floor(trim * n)`` largest and
+  smallest values, average the rest (same paper; Flower's ``trim_mean``, which
+  FedTrimmedAvg uses; ``trim`` < 0.5, checked at start, always leaves a value).
 
 The robust rules are unweighted: a client claiming many examples must not
 buy more influence. ``oversized_updates`` is the guard every strategy runs
@@ -24,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from fedlayer.layers import ModelLayers, State
 from fedlayer.methods.replies import TrainReply
@@ -67,19 +69,6 @@ def coordinate_median(values: np.ndarray) -> np.ndarray:
     return np.median(values, axis=0)
 
 
-def trimmed_mean(values: np.ndarray, trim: float) -> np.ndarray:
-    """Mean over axis 0 after dropping the ``floor(trim * n)`` largest and smallest values per coordinate.
-
-    When trimming would leave nothing the median is used.
-    """
-    count = values.shape[0]
-    cut = int(math.floor(trim * count))
-    if count - 2 * cut < 1:
-        return coordinate_median(values)
-    ordered = np.sort(values, axis=0)
-    return ordered[cut : count - cut].mean(axis=0)
-
-
 def robust_layer_average(
     replies: Sequence[TrainReply], layers: ModelLayers, names: Iterable[str], reduce: Callable[[np.ndarray], np.ndarray]
 ) -> State:
@@ -106,7 +95,7 @@ def aggregate_layers(
     if rule == "median":
         return robust_layer_average(replies, layers, names, coordinate_median)
     if rule == "trimmed_mean":
-        return robust_layer_average(replies, layers, names, lambda values: trimmed_mean(values, trim))
+        return robust_layer_average(replies, layers, names, lambda values: trim_mean(values, trim))
     raise ValueError(f"unknown aggregation rule {rule!r}; choose from {list(RULES)}")
 
 
@@ -122,7 +111,7 @@ def update_norms(reply: TrainReply, reference: Callable[[int, str], np.ndarray |
         sent = reference(reply.node_id, key)
         if sent is None or not np.issubdtype(value.dtype, np.floating):
             continue
-        diff = value.astype(np.float64).ravel() - sent.astype(np.float64).ravel()
+        diff = np.subtract(value.ravel(), sent.ravel(), dtype=np.float64)  # one pass, no float64 copies of the operands
         norms[key] = math.sqrt(float(np.dot(diff, diff)))
     return norms
 
@@ -216,7 +205,7 @@ def unexpected_change(current: Mapping[str, np.ndarray], merged: Mapping[str, np
         old = current[key]
         if new is old or not np.issubdtype(old.dtype, np.floating):
             continue
-        change = l2_norm(np.asarray(new, dtype=np.float64) - old)
+        change = l2_norm(np.subtract(new, old, dtype=np.float64))
         if not change <= factor * (scale := tensor_scale(old, model_rms)):
             return f"it moves {key!r} by {change:.3g}, above {factor:g} x the tensor's size {scale:.3g}"
     return None

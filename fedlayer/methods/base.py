@@ -12,13 +12,16 @@ hooks, never those calls:
 - ``node_state``    the tensors a node receives (personalised methods);
 - ``validate``      method checks on top of the reply validation;
 - ``aggregate``     new values for some layers, from validated replies;
-- ``round_record``, ``fedavg_state``, ``write_artifacts``, ``state_dict``/``load_state_dict``.
+- ``round_record``, ``fedavg_state``, ``write_artifacts``.
 
-A round commits all or nothing (``commit_or_drop``): ``aggregate`` may change
-the method's state as its algorithm says, and if the merged model is then
-refused, ``load_state_dict`` restores the ``state_dict`` taken before it. So
-everything a method keeps between rounds belongs in ``state_dict`` (exact
-resume needs that anyway), and per-client files go through ``FileVersions``.
+What a method keeps between rounds is declared once, as a dataclass extending
+``StrategyState`` named by ``server_state``; ``state_dict``/``load_state_dict``
+follow from it (``methods.server_state``). A round commits all or nothing
+(``commit_or_drop``): ``aggregate`` may change the method's state as its
+algorithm says, and if the merged model is then refused, ``load_state_dict``
+restores the ``state_dict`` taken before it. So everything a method keeps
+between rounds belongs in its state dataclass (exact resume needs that
+anyway), and per-client files go through ``FileVersions``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
+from fedlayer.codec.options import CodecOptions
 from fedlayer.codec.server import ServerCodec
 from fedlayer.wire.tensors import BITS, DENSE
 from fedlayer.errors import require
@@ -59,7 +63,9 @@ from fedlayer.methods.aggregation import (
     update_norms,
 )
 from fedlayer.methods.identity import ClientBindings, check_slot, free_client_id, slot_of
+from fedlayer.methods.server_state import load_state, save_state
 from fedlayer.methods.outbox import Outbox
+from fedlayer.methods.server_momentum import ServerMomentum, parameter_keys
 from fedlayer.methods.replies import (
     ReplyRejected,
     TrainReply,
@@ -71,22 +77,19 @@ from fedlayer.methods.replies import (
 )
 from fedlayer.privacy import Privacy, PrivacyAccountant
 from fedlayer.privacy.mechanism import clipped, fixed_denominator_mean, is_float
+from fedlayer.wire.messages import encode
 from fedlayer.wire.records import (
     ARRAYS,
     ASSIGNED_BASE,
-    CLIENT_ID,
+    CODEC_SECONDS,
     CODEC_VERSION,
     CONFIG,
-    DP_CLIP,
     DP_WITHIN_CLIP,
-    KEEP_MODEL,
-    METHOD,
     NUM_EXAMPLES,
     PARTITION_ID,
     PAYLOAD,
-    REQUEST,
-    SERVER_ROUND,
     TRAIN_SECONDS,
+    RoundConfig,
 )
 from fedlayer.training import Evaluator
 
@@ -108,6 +111,37 @@ class NodePlan:
     request: list[str]
     config: dict[str, ConfigValue] = field(default_factory=dict)
     payload: dict[str, ConfigValue] = field(default_factory=dict)
+
+
+@dataclass
+class IdentityState:
+    """Client ids the server assigned, and the keys bound to them (``methods.identity``)."""
+
+    assigned: set[int]
+    bindings: ClientBindings
+
+
+@dataclass
+class PrivacyState:
+    """Central DP's noise generator, the privacy spent, and the clip in force."""
+
+    noise_rng: np.random.Generator
+    accountant: PrivacyAccountant
+    clip: float | None
+
+
+@dataclass
+class StrategyState:
+    """What every strategy keeps between rounds (``methods.server_state``); methods extend it."""
+
+    rng: np.random.Generator
+    evaluation_rng: np.random.Generator
+    dropped_rounds: list[int]
+    norm_history: dict[str, list[float]]
+    codec: ServerCodec | None
+    identity: IdentityState
+    privacy: PrivacyState
+    momentum: ServerMomentum | None
 
 
 @dataclass
@@ -152,6 +186,9 @@ class LayerwiseStrategy:
         Codec stage (``fedlayer.codec``): bits per value of the layers each
         way, 32 (dense float32), 16, 8, 4, 2 or 1 (differences from a reference
         both ends hold).
+    codec_options : CodecOptions | None
+        The codec's levers (``codec.block``, ``codec.topk``, ``codec.entropy``,
+        ``codec.budget_bits``, ``codec.shared_downlink``; None: all off).
     codec_reference : State | None
         The model both ends start the codec's references from: the configured
         model's initial state, as a client builds it (None: ``initial_state``).
@@ -165,6 +202,10 @@ class LayerwiseStrategy:
         unweighted updates plus Gaussian noise (``average_layers``), the
         norm guard is off (clipping bounds every update), and each round
         spends what ``privacy_event`` says. None: off.
+    server_momentum : float
+        ``beta`` in [0, 1): FedAvgM's server momentum on each parameter tensor's
+        update in the layers a round releases (``methods.server_momentum``; 0: off).
+        Refused where the method has no global model (``no_global_model``).
     """
 
     method = "fedavg"
@@ -176,6 +217,10 @@ class LayerwiseStrategy:
     per_node_state = False
     #: Whether the method forms layers by averaging replies (else only the mean rule applies).
     averages_layers = True
+    #: Why the method has no global model for server momentum to move (None: it has one).
+    no_global_model: str | None = None
+    #: What the strategy checkpoints: ``state_dict``/``load_state_dict`` follow from it.
+    server_state: type = StrategyState
 
     def __init__(
         self,
@@ -191,10 +236,18 @@ class LayerwiseStrategy:
         up_bits: int = DENSE,
         down_bits: int = DENSE,
         codec_reference: State | None = None,
+        codec_options: CodecOptions | None = None,
         state_memory_mb: float | None = None,
         privacy: Privacy | None = None,
+        server_momentum: float = 0.0,
     ) -> None:
         privacy = privacy or Privacy()
+        require(
+            isinstance(server_momentum, (int, float)) and not isinstance(server_momentum, bool) and 0.0 <= server_momentum < 1.0,
+            "server_momentum", "must lie in [0, 1)", server_momentum,
+        )
+        require(not server_momentum or self.no_global_model is None, "server_momentum",
+                f"{type(self).__name__} cannot take it: {self.no_global_model}", server_momentum)
         require(not privacy.central or (self.averages_layers and aggregation_rule == "mean"), "aggregation_rule",
                 "central DP needs the mean of layers (DP-FedAvg's sensitivity)", aggregation_rule)
         require(aggregation_rule in RULES, "aggregation_rule", f"must be one of {list(RULES)}", aggregation_rule)
@@ -213,7 +266,8 @@ class LayerwiseStrategy:
         require(isinstance(min_train_nodes, int) and min_train_nodes >= 1, "min_train_nodes", "must be an integer >= 1", min_train_nodes)
         require(isinstance(fraction_evaluate, (int, float)) and 0 <= fraction_evaluate <= 1, "fraction_evaluate", "must be in [0, 1]", fraction_evaluate)
         self.global_state: State = copy_state(initial_state)
-        codec = ServerCodec(self.global_state if codec_reference is None else codec_reference, up_bits, down_bits, self.state_budget_bytes)
+        codec = ServerCodec(self.global_state if codec_reference is None else codec_reference, up_bits, down_bits,
+                            self.state_budget_bytes, codec_options)
         self.codec: ServerCodec | None = codec if codec.active else None
         self.layers = ModelLayers.from_state(self.global_state)
         self.fraction_train = fraction_train
@@ -231,6 +285,9 @@ class LayerwiseStrategy:
         #: central DP's noise: its own seeded generator (checkpointed), so cohorts do not depend on it
         self.noise_rng = np.random.default_rng([seed, 2])
         self.accountant = PrivacyAccountant()
+        self.server_momentum = float(server_momentum)
+        #: server momentum on the layers each round releases (``methods.server_momentum``; None: off; checkpointed)
+        self.momentum = ServerMomentum(server_momentum, parameter_keys(self.global_state)) if server_momentum else None
         #: federated evaluation draws from its own generator, so turning it on leaves training cohorts unchanged
         self.evaluation_rng = np.random.default_rng([seed, 1])
         self.plans: dict[int, NodePlan] = {}
@@ -255,6 +312,9 @@ class LayerwiseStrategy:
         self.assigned: set[int] = set()
         #: client id -> the key of the node that claimed it (``identity.bind``; checkpointed)
         self.bindings = ClientBindings()
+        #: the run's key, sent in every round config so nodes key their saved round state by the run
+        #: (``RunDirectory.run_key``; set by the run loop; None: no key, nodes use no saved round state)
+        self.run_key: str | None = None
 
     # ------------------------------------------------------------------ hooks
     def start_round(self, server_round: int) -> None:
@@ -417,6 +477,11 @@ class LayerwiseStrategy:
         (methods whose global state holds more than the configured model override)."""
         return self.global_state
 
+    def exchanged_layers(self) -> ModelLayers:
+        """Every layer a message of this method may carry, the byte ledger's names for its bytes
+        (methods that exchange layers outside the global model override: FedLP's level heads)."""
+        return self.layers
+
     def attach_run_dir(self, run_dir: Path) -> None:
         """Called with the run directory before round 1; per-client state
         goes on disk there (pFedLA's models, LAQ's updates, the codec's references)."""
@@ -427,32 +492,12 @@ class LayerwiseStrategy:
         """Method-specific plots/files written at the end of a run (none here)."""
 
     def state_dict(self) -> dict[str, Any]:
-        """Method state to checkpoint (beyond the global model)."""
-        return {
-            "rng": self.rng.bit_generator.state,
-            "evaluation_rng": self.evaluation_rng.bit_generator.state,
-            "dropped_rounds": list(self.dropped_rounds),
-            "norm_history": {key: list(norms) for key, norms in self.norm_history.items()},
-            "codec": None if self.codec is None else self.codec.state_dict(),
-            "identity": {"assigned": sorted(self.assigned), "bindings": self.bindings.state_dict()},
-            "privacy": {"noise_rng": self.noise_rng.bit_generator.state, "accountant": self.accountant.state_dict(), "clip": self.clip},
-        }
+        """Method state to checkpoint (beyond the global model): what ``server_state`` declares."""
+        return save_state(self, self.server_state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict`` output."""
-        self.rng.bit_generator.state = state["rng"]
-        self.evaluation_rng.bit_generator.state = state["evaluation_rng"]
-        self.dropped_rounds = [int(r) for r in state["dropped_rounds"]]
-        self.norm_history = {key: [float(n) for n in norms] for key, norms in state.get("norm_history", {}).items()}
-        if self.codec is not None:
-            self.codec.load_state_dict(state["codec"])
-        identity = state.get("identity", {"assigned": [], "bindings": {}})  # checkpoints before bindings had none
-        self.assigned = {int(c) for c in identity["assigned"]}
-        self.bindings.load_state_dict(identity["bindings"])
-        if "privacy" in state:  # checkpoints before privacy had none (and spent nothing)
-            self.noise_rng.bit_generator.state = state["privacy"]["noise_rng"]
-            self.accountant.load_state_dict(state["privacy"]["accountant"])
-            self.clip = state["privacy"].get("clip", self.privacy.clip)
+        load_state(self, self.server_state, state)
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
@@ -461,10 +506,12 @@ class LayerwiseStrategy:
         guard = f"norm guard {self.norm_factor:g} x median" if self.norm_factor else "norm guard off"
         log(INFO, "\t└──> aggregation %s (trim %g), %s", self.aggregation_rule, self.trim, guard)
         if self.codec is not None:
-            log(INFO, "\t└──> codec: %d bits up, %d bits down", self.codec.up_bits, self.codec.down_bits)
+            log(INFO, "\t└──> codec: %s bits up, %s bits down", self.codec.up.describe(), self.codec.down.describe())
         if self.privacy.active:
             log(INFO, "\t└──> privacy %s: clip %s, noise multiplier %g, delta %g", self.privacy.mode,
                 self.privacy.clip, self.privacy.noise_multiplier, self.privacy.delta)
+        if self.momentum is not None:
+            log(INFO, "\t└──> server momentum %g on the released layers' update", self.server_momentum)
 
     # ------------------------------------------------------------- identity
     def identity_queries(self, node_ids: Iterable[int]) -> list[Message]:
@@ -563,9 +610,9 @@ class LayerwiseStrategy:
     def commit_or_drop(self, server_round: int, valid: list[TrainReply]) -> None:
         """A round commits all or nothing: compute, check, then commit.
 
-        The method aggregates (changing its own state as its algorithm says);
-        then the merged model is checked (``merged_model_problem``). If it
-        passes, it becomes the global model and the round's codec references
+        The method aggregates (changing its own state as its algorithm says),
+        server momentum moves the released layers (``server_momentum``); then
+        the merged model is checked (``merged_model_problem``). If it passes, it becomes the global model and the round's codec references
         and update norms are committed; if not, the method's state is restored
         from the snapshot taken before (``state_dict``, the state a resumed run
         continues from, so it is complete) and the files the round wrote are
@@ -573,7 +620,10 @@ class LayerwiseStrategy:
         """
         before = self.state_dict()
         with deferred_pruning() as written:
-            merged = merge(self.global_state, self.aggregate(server_round, valid))
+            update = self.aggregate(server_round, valid)
+            if self.momentum is not None:
+                update = self.momentum.apply(self.global_state, update)
+            merged = merge(self.global_state, update)
             problem = self.merged_model_problem(merged)
         if problem is not None:
             log(WARNING, "round %d: the aggregated model is refused (%s); the round is dropped", server_round, problem)
@@ -641,18 +691,17 @@ class LayerwiseStrategy:
         shared: dict[tuple[str, ...], Any] = {}
         messages = []
         for node, plan in plans.items():
+            adaptive_clip = message_type == MessageType.TRAIN and self.privacy.central and self.privacy.adaptive_clip
             config = {
-                SERVER_ROUND: server_round,
-                METHOD: self.method,
-                REQUEST: list(plan.request) or [""],
-                KEEP_MODEL: self.client_keeps_model,
+                **encode(RoundConfig(
+                    server_round=server_round, method=self.method, request=list(plan.request) or [""],
+                    keep_model=self.client_keeps_model, dp_clip=self.clip if adaptive_clip else None,
+                    client_id=self.client_of[node] if self.client_of.get(node) in self.assigned else None,
+                    run_key=self.run_key,
+                )),
                 **self.message_config(),
                 **plan.config,
             }
-            if message_type == MessageType.TRAIN and self.privacy.central and self.privacy.adaptive_clip:
-                config[DP_CLIP] = self.clip
-            if self.client_of.get(node) in self.assigned:
-                config[CLIENT_ID] = self.client_of[node]
             records: dict[str, ArrayRecord] = {}
             if self.codec is not None:
                 state = self.node_state(node, plan.send, message_type) if plan.send else {}
@@ -762,7 +811,7 @@ def weighted_mean(metrics: list[dict[str, float]]) -> dict[str, float]:
     """Mean of each metric weighted by ``num-examples`` (which is summed); identity, codec version and
     training time (per-client health, ``clients.csv``: it would make two equal runs' metrics differ) left out."""
     total = sum(m.get(NUM_EXAMPLES, 1.0) for m in metrics)
-    keys = sorted({k for m in metrics for k in m} - {NUM_EXAMPLES, PARTITION_ID, CODEC_VERSION, TRAIN_SECONDS, DP_WITHIN_CLIP})
+    keys = sorted({k for m in metrics for k in m} - {NUM_EXAMPLES, PARTITION_ID, CODEC_VERSION, CODEC_SECONDS, TRAIN_SECONDS, DP_WITHIN_CLIP})
     out = {
         key: sum(m[key] * m.get(NUM_EXAMPLES, 1.0) for m in metrics if key in m)
         / max(sum(m.get(NUM_EXAMPLES, 1.0) for m in metrics if key in m), 1e-12)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -14,15 +15,27 @@ from flwr.common.logger import log
 
 from fedlayer.errors import require
 from fedlayer.layers import Layer, ModelLayers, State
-from fedlayer.methods.base import LayerwiseStrategy, NodePlan
-from fedlayer.methods.client import ClientRuntime, load_local_model, standard_train
+from fedlayer.methods.base import LayerwiseStrategy, NodePlan, StrategyState
+from fedlayer.methods.client_half import ClientRuntime, load_local_model, standard_train
 from fedlayer.methods.replies import ReplyRejected, TrainReply
 from fedlayer.wire.records import ARRAYS
 
-#: Values of ``long_interval_tensors`` and whether fedlayer implements them.
-LONG_INTERVAL_TENSORS = {"whole_layer": True, "weights_only": False}
 #: Tensor names of module buffers (BatchNorm statistics): state, not trained parameters.
 BUFFERS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+
+
+@dataclass
+class FedLAMAState(StrategyState):
+    """What FedLAMA keeps between rounds (checkpointed; see ``methods.server_state``)."""
+
+    #: layer -> its interval (1 or phi rounds)
+    intervals: dict[str, int]
+    #: layer -> its latest discrepancy (None: never measured)
+    discrepancy: dict[str, float | None]
+    #: client ids of the phi-block's cohort
+    cohort: list[int]
+    #: client ids whose last reply was refused (sent every layer next time)
+    resend: set[int]
 
 
 class FedLAMAStrategy(LayerwiseStrategy):
@@ -48,47 +61,40 @@ class FedLAMAStrategy(LayerwiseStrategy):
     ----------
     initial_state : State
         The initial global model.
-    tau_prime : int
-        Local steps per round (``train.local_steps``); 0 when a round is
-        ``train.local_epochs`` passes, and the discrepancy is then per round.
+    local_steps : int
+        ``tau'``, the local steps of one round: ``train.local_steps``, which the
+        builder passes (one FedLAMA round is that many steps, so it is not a
+        setting of its own); 0 when a round is ``train.local_epochs`` passes,
+        and the discrepancy is then per round.
     phi : int
         Interval increase factor: long intervals are ``phi`` rounds, and the
         cohort and intervals change every ``phi`` rounds. 1 is FedAvg.
     min_round_to_adjust : int
         Intervals are first re-assigned at a block end ``r`` with
         ``r - 1 > min_round_to_adjust``; until then every layer syncs every round.
-    long_interval_tensors : str
-        ``whole_layer`` (the paper: a layer's tensors share one interval);
-        ``weights_only`` (the reference code's intervals per tensor, long for
-        kernels only) is refused: fedlayer moves whole modules.
     **base
         ``LayerwiseStrategy`` arguments (sampling, seed).
     """
 
     method = "fedlama"
     client_keeps_model = True  # layers not due keep evolving on the device
+    server_state = FedLAMAState
 
     def __init__(
         self,
         initial_state: State,
         *,
-        tau_prime: int = 0,
+        local_steps: int = 0,
         phi: int = 2,
         min_round_to_adjust: int = 5,
-        long_interval_tensors: str = "whole_layer",
         **base: Any,
     ) -> None:
         require(isinstance(phi, int) and phi >= 1, "phi", "must be an integer >= 1", phi)
         require(isinstance(min_round_to_adjust, int) and min_round_to_adjust >= 0, "min_round_to_adjust", "must be an integer >= 0", min_round_to_adjust)
-        require(isinstance(tau_prime, int) and tau_prime >= 0, "tau_prime", "must be an integer >= 0", tau_prime)
-        require(long_interval_tensors in LONG_INTERVAL_TENSORS, "long_interval_tensors", f"must be one of {sorted(LONG_INTERVAL_TENSORS)}", long_interval_tensors)
-        require(
-            LONG_INTERVAL_TENSORS[long_interval_tensors], "long_interval_tensors",
-            "weights_only (the reference code's per-tensor intervals) is not implemented: fedlayer moves "
-            "whole layers (modules); use whole_layer (the paper's rule)", long_interval_tensors,
-        )
+        require(isinstance(local_steps, int) and local_steps >= 0, "local_steps", "must be an integer >= 0", local_steps)
         super().__init__(initial_state, **base)
-        self.tau_prime = tau_prime
+        #: tau': local steps per round (0: a round is local epochs)
+        self.tau_prime = local_steps
         self.phi = phi
         self.min_round_to_adjust = min_round_to_adjust
         self.intervals: dict[str, int] = {name: 1 for name in self.layers.names}
@@ -198,26 +204,10 @@ class FedLAMAStrategy(LayerwiseStrategy):
 
         plot_intervals(rows, self.layers.names, self.phi, run_dir / "intervals.png")
 
-    # ---------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "intervals": dict(self.intervals),
-            "discrepancy": dict(self.discrepancy),
-            "cohort": list(self.cohort),
-            "resend": sorted(self.resend),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.intervals = {name: int(state["intervals"][name]) for name in self.layers.names}
-        self.discrepancy = {name: state["discrepancy"].get(name) for name in self.layers.names}
-        self.cohort = [int(node) for node in state["cohort"]]
-        self.resend = {int(client) for client in state.get("resend", [])}  # absent from older checkpoints
-
     def summary(self) -> None:
-        super().summary()
+        """Log the method's own settings, then the base strategy's (as Flower's strategies do)."""
         log(INFO, "\t└──> FedLAMA tau'=%d steps, phi=%d, adjust after round %d", self.tau_prime, self.phi, self.min_round_to_adjust + 1)
+        super().summary()
 
 
 # --- the discrepancy and the interval rule ------------------------------------------

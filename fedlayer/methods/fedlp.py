@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
-from torch import nn
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from fedlayer.errors import ParameterError, require
 from fedlayer.layers import (
     Layer,
     ModelLayers,
     State,
-    copy_state,
     select,
     to_arrayrecord,
     torch_state_to_numpy,
 )
-from fedlayer.methods.base import LayerwiseStrategy, NodePlan
-from fedlayer.methods.client import (
+from fedlayer.methods.base import LayerwiseStrategy, NodePlan, StrategyState
+from fedlayer.methods.client_half import (
     ClientRuntime,
     current_state,
     keep_if_asked,
@@ -30,7 +33,7 @@ from fedlayer.methods.client import (
     requested_layers,
     server_round_of,
 )
-from fedlayer.methods.replies import ReplyRejected, TrainReply, check_metric, validate_train_reply
+from fedlayer.methods.replies import ReplyRejected, TrainReply, reply_message, validate_train_reply
 from fedlayer.models import LayeredModel
 from fedlayer.models.depth import (
     LEVEL_HEAD_PREFIX,
@@ -40,8 +43,9 @@ from fedlayer.models.depth import (
     level_head_name,
     level_layers,
 )
+from fedlayer.wire.messages import MessageError, decode, encode, encode_metrics, within, wire
 from fedlayer.wire.records import ARRAYS, CONFIG
-from fedlayer.training import Evaluator, num_local_steps, step_flops, train_steps
+from fedlayer.training import Evaluator, num_local_steps, train_steps
 
 HOMOGENEOUS = "homogeneous"
 HETEROGENEOUS = "heterogeneous"
@@ -51,10 +55,76 @@ UNIT, TENSOR = "unit", "tensor"
 KEEPERS, DAMPED = "keepers", "damped"
 #: message config key telling the client that ``request`` names tensors (sent only with ``draw: tensor``)
 DRAW_KEY = "fedlp-draw"
+#: The plan's and the reply's depth level (heterogeneous).
+DEPTH_LEVEL = "depth-level"
 #: Reply metrics summed into the run's FLOP totals, and the most one reply may report (one absurd
 #: or non-finite value would stay in the totals for good).
 FLOP_METRICS = ("train-flops", "train-flops-full")
 MAX_TRAIN_FLOPS = 1e21
+
+
+@dataclass(frozen=True)
+class FedLPOptions:
+    """FedLP's arguments that need no model (see ``FedLPStrategy``), checked: ``ParameterError`` names the one
+    that cannot work."""
+
+    scheme: str
+    p: float
+    freeze_dropped: bool
+    draw: str
+    dropped: str
+
+    def __post_init__(self) -> None:
+        scheme, draw, dropped = self.scheme, self.draw, self.dropped
+        require(scheme in (HOMOGENEOUS, HETEROGENEOUS), "scheme", f"must be {HOMOGENEOUS} or {HETEROGENEOUS}", scheme)
+        require(isinstance(self.p, (int, float)) and 0.0 <= self.p <= 1.0, "p", "must lie in [0, 1]", self.p)
+        require(draw in (UNIT, TENSOR), "draw", f"must be {UNIT} or {TENSOR}", draw)
+        require(draw == UNIT or scheme == HOMOGENEOUS, "draw", f"{TENSOR} applies to the {HOMOGENEOUS} scheme only", draw)
+        require(dropped in (KEEPERS, DAMPED), "dropped", f"must be {KEEPERS} or {DAMPED}", dropped)
+        require(dropped == KEEPERS or scheme == HOMOGENEOUS, "dropped", f"{DAMPED} applies to the {HOMOGENEOUS} scheme only", dropped)
+
+
+@dataclass(frozen=True)
+class FedLPConfig:
+    """Down: the scheme; homogeneous, whether to freeze dropped layers and (``draw: tensor`` only, so the
+    default messages stay as they were) that ``request`` names tensors; heterogeneous, the planned depth level."""
+
+    scheme: str = wire("fedlp-scheme")
+    freeze_dropped: bool | None = wire("freeze-dropped", None)
+    draw: str | None = wire(DRAW_KEY, None)
+    depth_level: int | None = wire(DEPTH_LEVEL, None)
+
+    def check(self) -> None:
+        if self.scheme not in (HOMOGENEOUS, HETEROGENEOUS):
+            raise MessageError(f"'fedlp-scheme' must be {HOMOGENEOUS} or {HETEROGENEOUS}, got {self.scheme!r}")
+        if self.scheme == HETEROGENEOUS and self.depth_level is None:
+            raise MessageError(f"{DEPTH_LEVEL!r} missing ({HETEROGENEOUS} scheme)")
+
+
+@dataclass(frozen=True)
+class FedLPReport:
+    """Up: the training FLOPs of the reply and of full-model training (each in ``[0, MAX_TRAIN_FLOPS]``),
+    and, heterogeneous, the depth level the node trained."""
+
+    train_flops: float | None = wire(FLOP_METRICS[0], None)
+    train_flops_full: float | None = wire(FLOP_METRICS[1], None)
+    depth_level: int | None = wire(DEPTH_LEVEL, None)
+
+    def check(self) -> None:
+        within(FLOP_METRICS[0], self.train_flops, 0.0, MAX_TRAIN_FLOPS)
+        within(FLOP_METRICS[1], self.train_flops_full, 0.0, MAX_TRAIN_FLOPS)
+
+
+@dataclass
+class FedLPState(StrategyState):
+    """What FedLP keeps between rounds (checkpointed; see ``methods.server_state``)."""
+
+    #: client id -> depth level learned from its replies
+    node_levels: dict[int, int]
+    #: heterogeneous: the level heads (outside the global model)
+    level_heads: dict[str, np.ndarray]
+    round_info: dict[int, dict[str, Any]]
+    flop_totals: dict[str, float]
 
 
 class FedLPStrategy(LayerwiseStrategy):
@@ -73,11 +143,11 @@ class FedLPStrategy(LayerwiseStrategy):
     exchanges blocks ``1..c_k`` and the level-``c_k`` head; each layer is
     averaged over the clients that hold it.
 
-    Three levers change steps 1 and 3 (issue #19; defaults are the paper's
+    Two levers change steps 1 and 3 (issue #19; defaults are the paper's
     algorithm as above, see docs/algorithms.md for what each measured):
-    ``draw`` (per unit or per tensor), ``dropped`` (average over the keepers, or
-    over every replier with a dropper counting its unchanged copy) and
-    ``server_momentum`` (FedAvgM-style momentum on each layer's averaged update).
+    ``draw`` (per unit or per tensor) and ``dropped`` (average over the keepers, or
+    over every replier with a dropper counting its unchanged copy). Server
+    momentum, measured with them, is an option of every method (``LayerwiseStrategy``).
 
     Parameters
     ----------
@@ -89,7 +159,7 @@ class FedLPStrategy(LayerwiseStrategy):
         ``homogeneous`` or ``heterogeneous``.
     p : float
         Layer-preserving rate of the homogeneous scheme, in [0, 1].
-    layer_p : list[str]
+    layer_p : Sequence[str]
         Per-unit rates overriding ``p``, as ``"<layer>=<rate>"``, named by the unit's
         first layer (a BatchNorm goes with the layer it normalises).
     freeze_dropped : bool
@@ -104,15 +174,12 @@ class FedLPStrategy(LayerwiseStrategy):
         Homogeneous: ``keepers`` (step 3 above) or ``damped``: each layer some
         client kept is averaged over every replier, a client that dropped it
         counting with the value it was sent.
-    server_momentum : float
-        ``beta`` in [0, 1): ``v <- beta v + (avg - W)``, ``W <- W + v`` for every
-        trained float parameter of the global model a reply carried this round
-        (BatchNorm statistics take the plain average; 0: off).
     **base
         ``LayerwiseStrategy`` arguments.
     """
 
     method = "fedlp"
+    server_state = FedLPState
 
     def __init__(
         self,
@@ -121,30 +188,15 @@ class FedLPStrategy(LayerwiseStrategy):
         model: LayeredModel,
         scheme: str = HOMOGENEOUS,
         p: float = 0.5,
-        layer_p: list[str] | None = None,
+        layer_p: Sequence[str] = (),
         freeze_dropped: bool = False,
         level_preference: list[float] | None = None,
         draw: str = UNIT,
         dropped: str = KEEPERS,
-        server_momentum: float = 0.0,
         **base: Any,
     ) -> None:
-        require(scheme in (HOMOGENEOUS, HETEROGENEOUS), "scheme", f"must be {HOMOGENEOUS} or {HETEROGENEOUS}", scheme)
-        require(isinstance(p, (int, float)) and 0.0 <= p <= 1.0, "p", "must lie in [0, 1]", p)
-        require(draw in (UNIT, TENSOR), "draw", f"must be {UNIT} or {TENSOR}", draw)
-        require(draw == UNIT or scheme == HOMOGENEOUS, "draw", f"{TENSOR} applies to the {HOMOGENEOUS} scheme only", draw)
-        require(dropped in (KEEPERS, DAMPED), "dropped", f"must be {KEEPERS} or {DAMPED}", dropped)
-        require(dropped == KEEPERS or scheme == HOMOGENEOUS, "dropped", f"{DAMPED} applies to the {HOMOGENEOUS} scheme only", dropped)
-        require(
-            isinstance(server_momentum, (int, float)) and not isinstance(server_momentum, bool) and 0.0 <= server_momentum < 1.0,
-            "server_momentum", "must lie in [0, 1)", server_momentum,
-        )
+        self.options = FedLPOptions(scheme=scheme, p=p, freeze_dropped=freeze_dropped, draw=draw, dropped=dropped)
         super().__init__(initial_state, **base)
-        self.scheme = scheme
-        self.freeze_dropped = freeze_dropped
-        self.draw = draw
-        self.dropped = dropped
-        self.server_momentum = float(server_momentum)
         rates = parse_layer_rates(layer_p)
         unknown = sorted(set(rates) - set(self.layers.names))
         require(not unknown, "layer_p", f"unknown layers {unknown}; layers are {self.layers.names}", layer_p)
@@ -167,13 +219,12 @@ class FedLPStrategy(LayerwiseStrategy):
         self.all_layers = ModelLayers([*self.layers, *self.head_layers])
         #: what a homogeneous client keeps or drops: layers (units of them), or single tensors
         self.kept_layers = tensor_layers(self.layers) if draw == TENSOR else self.layers
-        #: global-model keys server momentum moves: the model's parameters (not BatchNorm statistics)
-        self.momentum_keys = frozenset(name for name, _ in model.named_parameters()) & frozenset(self.global_state)
-        #: server momentum's velocity per key (empty until a round updates the key)
-        self.velocity: State = {}
         #: client id -> depth level learned from its replies
         self.node_levels: dict[int, int] = {}
+        #: the latest committed round's numbers for ``round_record``, by its round (one entry)
         self.round_info: dict[int, dict[str, Any]] = {}
+        #: the run's training FLOPs and what full-model training would have cost, as running totals
+        self.flop_totals = {"train_flops": 0.0, "fedavg_train_flops": 0.0}
 
     # ------------------------------------------------------------------ levels
     def level_of(self, client: int) -> int:
@@ -195,7 +246,7 @@ class FedLPStrategy(LayerwiseStrategy):
         keys) instead: one draw per tensor, with the rate of its unit.
         """
         rng = np.random.default_rng([self.seed, server_round, client])
-        if self.draw == TENSOR:
+        if self.options.draw == TENSOR:
             rate = {n: self.keep_rate[unit[0]] for unit in self.units for n in unit}
             keys = self.layers.keys
             draws = rng.random(len(keys))
@@ -205,16 +256,13 @@ class FedLPStrategy(LayerwiseStrategy):
 
     # ------------------------------------------------------------------ hooks
     def plan(self, server_round: int, node_id: int) -> NodePlan:
-        if self.scheme == HOMOGENEOUS:
+        if self.options.scheme == HOMOGENEOUS:
             keep = self.keep_mask(server_round, self.client_id(node_id))
-            config: dict[str, Any] = {"fedlp-scheme": HOMOGENEOUS, "freeze-dropped": self.freeze_dropped}
-            if self.draw == TENSOR:  # only then, so the default messages stay as they were
-                config[DRAW_KEY] = TENSOR
-            return NodePlan(send=self.layers.names, request=keep, config=config)
+            message = FedLPConfig(HOMOGENEOUS, freeze_dropped=self.options.freeze_dropped, draw=TENSOR if self.options.draw == TENSOR else None)
+            return NodePlan(send=self.layers.names, request=keep, config=encode(message))
         level = self.level_of(self.client_id(node_id))
         names = self.level_layers(level)
-        config = {"fedlp-scheme": HETEROGENEOUS, "depth-level": level}
-        return NodePlan(send=names, request=names, config=config)
+        return NodePlan(send=names, request=names, config=encode(FedLPConfig(HETEROGENEOUS, depth_level=level)))
 
     def node_state(self, node_id: int, names: list[str], message_type: str) -> State:
         model = [n for n in names if not n.startswith(LEVEL_HEAD_PREFIX)]
@@ -228,13 +276,15 @@ class FedLPStrategy(LayerwiseStrategy):
         plan = self.plans.get(node_id)
         if plan is None:
             raise ReplyRejected(node_id, "reply from a node that was not asked to train")
-        if self.scheme == HOMOGENEOUS:  # exactly the kept layers (or tensors)
-            return check_flops(validate_train_reply(message, self.kept_layers, allowed=plan.request, required=plan.request))
-        planned = int(plan.config["depth-level"])
-        reply = check_flops(validate_train_reply(message, self.all_layers, allowed=plan.request, required=None))
-        level = reply.metrics.get("depth-level")
-        if level is None or level != int(level) or not 1 <= level <= planned:
-            raise ReplyRejected(node_id, f"depth-level must be an integer in 1..{planned}, got {level}")
+        if self.options.scheme == HOMOGENEOUS:  # exactly the kept layers (or tensors)
+            reply = validate_train_reply(message, self.kept_layers, allowed=plan.request, required=plan.request)
+            reply_message(FedLPReport, reply)
+            return reply
+        planned = int(plan.config[DEPTH_LEVEL])
+        reply = validate_train_reply(message, self.all_layers, allowed=plan.request, required=None)
+        level = reply_message(FedLPReport, reply).depth_level
+        if level is None or not 1 <= level <= planned:
+            raise ReplyRejected(node_id, f"{DEPTH_LEVEL} must be an integer in 1..{planned}, got {level}")
         # A node capped below its planned level was not sent its level's head: it
         # returns its blocks only, never a freshly initialised head.
         expected = set(self.level_layers(int(level))) & set(plan.send)
@@ -247,9 +297,9 @@ class FedLPStrategy(LayerwiseStrategy):
             "train_flops": sum(r.metrics.get("train-flops", 0.0) for r in replies),
             "fedavg_train_flops": sum(r.metrics.get("train-flops-full", 0.0) for r in replies),
         }
-        if self.scheme == HOMOGENEOUS:
+        if self.options.scheme == HOMOGENEOUS:
             units = self.kept_layers
-            averaged = replies if self.dropped == KEEPERS else self.damped_replies(replies)
+            averaged = replies if self.options.dropped == KEEPERS else self.damped_replies(replies)
             update = self.average_layers(averaged, units.names, units)
             kept = [len(r.layer_names) / len(units) for r in replies]
             info["kept_layer_fraction"] = float(np.mean(kept))
@@ -263,8 +313,10 @@ class FedLPStrategy(LayerwiseStrategy):
             heads = {k: v for k, v in update.items() if k.startswith(LEVEL_HEAD_PREFIX)}
             self.level_heads.update({k: np.array(v, dtype=self.level_heads[k].dtype) for k, v in heads.items()})
             update = {k: v for k, v in update.items() if k not in heads}
-        self.round_info[server_round] = info
-        return self.with_momentum(update) if self.server_momentum else update
+        self.round_info = {server_round: info}
+        for key in self.flop_totals:
+            self.flop_totals[key] += info[key]
+        return update
 
     def damped_replies(self, replies: list[TrainReply]) -> list[TrainReply]:
         """``dropped: damped``: every reply filled up with what its node was sent for
@@ -283,36 +335,20 @@ class FedLPStrategy(LayerwiseStrategy):
             filled.append(TrainReply(reply.node_id, state, set(kept), reply.num_examples, reply.metrics, reply.payload))
         return filled
 
-    def with_momentum(self, update: State) -> State:
-        """Server momentum on the averaged update of the model's parameters (FedAvgM with server lr 1):
-        ``v <- beta v + (avg - W)``, new value ``W + v``. A key no reply carried keeps its value and
-        its velocity; BatchNorm statistics and level heads take the plain average. An update that is
-        not finite is returned as it is (the round is dropped) and the velocity stays."""
-        moved = dict(update)
-        velocity: State = {}
-        for key in (k for k in update if k in self.momentum_keys):
-            current = self.global_state[key]
-            step = np.asarray(update[key], dtype=current.dtype) - current
-            old = self.velocity.get(key)
-            if old is None:  # a key's first update: the plain average (v = avg - W)
-                velocity[key] = step
-                continue
-            velocity[key] = (self.server_momentum * old + step).astype(current.dtype)
-            moved[key] = current + velocity[key]
-        if all(np.isfinite(v).all() for v in moved.values() if np.issubdtype(np.asarray(v).dtype, np.floating)):
-            self.velocity.update(velocity)
-        return moved
-
     def round_record(self, server_round: int) -> dict[str, Any]:
         info = dict(self.round_info.get(server_round, {}))
-        info["total_train_flops"] = sum(r["train_flops"] for r in self.round_info.values())
-        info["total_fedavg_train_flops"] = sum(r["fedavg_train_flops"] for r in self.round_info.values())
+        info["total_train_flops"] = self.flop_totals["train_flops"]
+        info["total_fedavg_train_flops"] = self.flop_totals["fedavg_train_flops"]
         return info
+
+    def exchanged_layers(self) -> ModelLayers:
+        """The model's layers and the level heads (heterogeneous scheme)."""
+        return self.all_layers
 
     def evaluate_central(self, evaluator: Evaluator) -> dict[str, float]:
         """Full-depth accuracy; heterogeneous adds ``accuracy-depth-<c>`` for every level."""
         result = dict(evaluator(self.global_state))  # also loads the global state into evaluator.model
-        if self.scheme != HETEROGENEOUS:
+        if self.options.scheme != HETEROGENEOUS:
             return result
         for level in range(1, self.depth):
             net = DepthNet(evaluator.model, level, level_head_module(self.level_heads, level))
@@ -327,7 +363,7 @@ class FedLPStrategy(LayerwiseStrategy):
         flops, full = strategy.get("total_train_flops", 0.0), strategy.get("total_fedavg_train_flops", 0.0)
         central = last.get("central") or {}
         summary = {
-            "scheme": self.scheme,
+            "scheme": self.options.scheme,
             "train_flops": flops,
             "fedavg_train_flops": full,
             "flops_ratio_vs_fedavg": flops / full if full else None,
@@ -336,28 +372,6 @@ class FedLPStrategy(LayerwiseStrategy):
         }
         (run_dir / "fedlp.json").write_text(json.dumps(summary, indent=2))
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "node_levels": {str(k): v for k, v in self.node_levels.items()},
-            "level_heads": copy_state(self.level_heads),
-            "round_info": {str(k): v for k, v in self.round_info.items()},
-            "velocity": copy_state(self.velocity),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.node_levels = {int(k): int(v) for k, v in state["node_levels"].items()}
-        self.level_heads = copy_state(state["level_heads"])
-        self.round_info = {int(k): v for k, v in state["round_info"].items()}
-        self.velocity = copy_state(state.get("velocity", {}))  # checkpoints from before server momentum have none
-
-
-def check_flops(reply: TrainReply) -> TrainReply:
-    """The reply, if the FLOP counts it reports lie in ``[0, MAX_TRAIN_FLOPS]``; else ``ReplyRejected``."""
-    for key in FLOP_METRICS:
-        check_metric(reply.metrics, reply.node_id, key, MAX_TRAIN_FLOPS)
-    return reply
 
 
 # --- pruning units and rates ---------------------------------------------------------
@@ -406,15 +420,23 @@ def tensor_layers(layers: ModelLayers) -> ModelLayers:
 
 
 # --- client half ----------------------------------------------------------------
-def _flop_metrics(runtime: ClientRuntime, net: nn.Module, full: nn.Module, steps: int) -> dict[str, float]:
+def step_flops(net: nn.Module, x: Tensor, y: Tensor) -> int:
+    """FLOPs of one training step (forward, loss, backward) of a copy of ``net``."""
+    clone = copy.deepcopy(net).train()
+    with FlopCounterMode(display=False) as counter:
+        loss = nn.functional.cross_entropy(clone(x), y)
+        if loss.requires_grad:
+            loss.backward()
+    return int(counter.get_total_flops())
+
+
+def _flops(runtime: ClientRuntime, net: nn.Module, full: nn.Module, steps: int) -> tuple[float, float]:
+    """Training FLOPs of ``steps`` steps of ``net``, and of full-model training (``full``)."""
     batch = min(len(runtime.train_data), int(runtime.cfg.train.batch_size))
     x = torch.from_numpy(runtime.train_data.x[:batch]).to(runtime.device)
     y = torch.from_numpy(runtime.train_data.y[:batch]).to(runtime.device)
     full_steps = num_local_steps(runtime.cfg.train, len(runtime.train_data))
-    return {
-        "train-flops": float(step_flops(net, x, y) * steps),
-        "train-flops-full": float(step_flops(full, x, y) * full_steps),
-    }
+    return float(step_flops(net, x, y) * steps), float(step_flops(full, x, y) * full_steps)
 
 
 def _train(runtime: ClientRuntime, net: nn.Module, server_round: int) -> dict[str, float]:
@@ -446,33 +468,34 @@ def _depth_net(runtime: ClientRuntime, model: LayeredModel, level: int, heads: S
 def fedlp_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> RecordDict:
     """Train the kept layers (homogeneous) or the depth sub-model (heterogeneous);
     keep the model only if the server asks (FedLP sends every layer a node trains)."""
-    config = content[CONFIG]
+    config = decode(FedLPConfig, content[CONFIG])
     server_round = server_round_of(content)
     received = received_state(content)
     heads = {k: v for k, v in received.items() if k.startswith(LEVEL_HEAD_PREFIX)}
     model = runtime.model_with(current_state(runtime, {k: v for k, v in received.items() if k not in heads}, context))
     request = requested_layers(content)
-    metrics: dict[str, float] = {}
     returned_head: str | None = None
+    level: int | None = None
 
-    by_tensor = str(config.get(DRAW_KEY, UNIT)) == TENSOR  # request names tensors, not layers
-    if str(config["fedlp-scheme"]) == HOMOGENEOUS:
+    by_tensor = config.draw == TENSOR  # request names tensors, not layers
+    if config.scheme == HOMOGENEOUS:
         net: nn.Module = model
-        if bool(config["freeze-dropped"]):
+        if config.freeze_dropped:
             for key, param in model.named_parameters():
                 param.requires_grad_((key if by_tensor else runtime.layers.layer_of(key)) in request)
         upload = request
     else:
         depth = len(model.blocks)
-        level = int(config["depth-level"])
-        if "depth-level" in context.node_config:
-            level = max(1, min(level, int(context.node_config["depth-level"])))
+        level = config.depth_level
+        assert level is not None  # FedLPConfig requires it for this scheme
+        if DEPTH_LEVEL in context.node_config:
+            level = max(1, min(level, int(context.node_config[DEPTH_LEVEL])))
         net, returned_head = _depth_net(runtime, model, level, heads)
         upload = [n for n in level_layers(runtime.layers.names, level, depth) if n in runtime.layers]
-        metrics["depth-level"] = float(level)
 
-    metrics.update(_train(runtime, net, server_round))
-    metrics.update(_flop_metrics(runtime, net, runtime.new_model().to(runtime.device), int(metrics["local-steps"])))
+    metrics = _train(runtime, net, server_round)
+    flops, full = _flops(runtime, net, runtime.new_model().to(runtime.device), int(metrics["local-steps"]))
+    metrics.update(encode_metrics(FedLPReport(train_flops=flops, train_flops_full=full, depth_level=level)))
     state = torch_state_to_numpy(model.state_dict())
     keep_if_asked(content, context, state)
     metrics.update(runtime.reply_metrics(net))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 import zlib
 from logging import INFO
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from omegaconf import OmegaConf
@@ -29,8 +31,9 @@ from fedlayer.methods.base import (
     ConfigValue,
     LayerwiseStrategy,
     NodePlan,
+    StrategyState,
 )
-from fedlayer.methods.client import (
+from fedlayer.methods.client_half import (
     ClientRuntime,
     keep_if_asked,
     load_local_model,
@@ -39,23 +42,24 @@ from fedlayer.methods.client import (
     requested_layers,
     server_round_of,
 )
-from fedlayer.methods.replies import MAX_EXAMPLES, ReplyRejected, TrainReply, check_metric
+from fedlayer.methods.replies import MAX_EXAMPLES, ReplyRejected, TrainReply, reply_message
 from fedlayer.models import LayeredModel
 from fedlayer.models.staged import (
     STAGE_HEADS,
     StagedModel,
     StageSpec,
     frozen_layer_names,
+    stage_features,
     stage_layer_names,
     stage_step_flops,
 )
+from fedlayer.wire.messages import MessageError, decode, encode, encode_metrics, within, wire
 from fedlayer.wire.records import CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fedlayer.training import (
     Evaluator,
     evaluate,
-    linear_probe,
+    minibatches,
     num_local_steps,
-    recalibrate_batch_norm,
     train_steps,
 )
 
@@ -78,6 +82,101 @@ VAL_EXAMPLES = "val-examples"
 #: (1 PiB): the run's peak is a maximum, so one absurd value would stay it for good.
 MEMORY_METRICS = ("peak-train-memory-bytes", "cuda-peak-memory-bytes")
 MAX_MEMORY_BYTES = float(2**50)
+
+
+@dataclass(frozen=True)
+class FLLOptions:
+    """FLL's arguments (see ``FLLStrategy``), checked: ``ParameterError`` names the one that cannot work."""
+
+    rounds_per_stage: int
+    blocks_per_stage: int
+    head_pool: int
+    stage_head: str
+    stage_steps: str
+    checkpoint_activations: bool
+    p_drop: float
+    objective: str
+    temperature: float
+    stage_rule: str
+    plateau_patience: int
+    plateau_min_delta: float
+    probe_epochs: int
+    validation_fraction: float
+
+    def __post_init__(self) -> None:
+        for name in ("rounds_per_stage", "blocks_per_stage", "plateau_patience", "probe_epochs"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, name, "must be an integer >= 1", value)
+        require(isinstance(self.head_pool, int) and self.head_pool >= 0, "head_pool", "must be an integer >= 0 (0: no pooling)", self.head_pool)
+        require(self.stage_head in STAGE_HEADS, "stage_head", f"must be one of {STAGE_HEADS}", self.stage_head)
+        require(self.stage_steps in STAGE_STEPS, "stage_steps", f"must be one of {STAGE_STEPS}", self.stage_steps)
+        require(isinstance(self.checkpoint_activations, bool), "checkpoint_activations", "must be true or false", self.checkpoint_activations)
+        require(isinstance(self.p_drop, (int, float)) and 0.0 <= self.p_drop < 1.0, "p_drop", "must be in [0, 1)", self.p_drop)
+        require(self.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}", self.objective)
+        require(isinstance(self.temperature, (int, float)) and self.temperature > 0.0, "temperature", "must be > 0", self.temperature)
+        require(self.stage_rule in STAGE_RULES, "stage_rule", f"must be one of {STAGE_RULES}", self.stage_rule)
+        require(isinstance(self.plateau_min_delta, (int, float)) and self.plateau_min_delta >= 0.0,
+                "plateau_min_delta", "must be >= 0", self.plateau_min_delta)
+        require(isinstance(self.validation_fraction, (int, float)) and 0.0 < self.validation_fraction < 1.0,
+                "validation_fraction", "must be in (0, 1)", self.validation_fraction)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Down: what every FLL message tells a client (the stage, how to build and train it), and,
+    in training messages under the plateau rule, how to hold out and score its validation split."""
+
+    stage: int = wire("fll-stage")
+    blocks_per_stage: int = wire("fll-blocks-per-stage")
+    head_pool: int = wire("fll-head-pool")
+    stage_head: str = wire("fll-stage-head")
+    checkpoint: bool = wire("fll-checkpoint")
+    p_drop: float = wire("fll-p-drop")
+    objective: str = wire("fll-objective")
+    temperature: float = wire("fll-temperature")
+    #: the multiple of the configured local steps to train (None: 1; sent with ``stage_steps=equal_flops`` only)
+    step_factor: int | None = wire(STEP_FACTOR, None)
+    validation_fraction: float | None = wire(VALIDATION_FRACTION, None)
+    probe_epochs: int | None = wire(PROBE_EPOCHS, None)
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """Up: what an FLL reply reports beyond the standard metrics, checked (``MessageError``).
+
+    Memory peaks lie in ``[0, MAX_MEMORY_BYTES]``; ``val-examples`` (plateau rule) is an integer
+    >= 0 and, when positive, comes with a ``val-accuracy`` in [0, 1].
+    """
+
+    stage: int | None = wire("fll-stage", None)
+    peak_train_memory: float | None = wire(MEMORY_METRICS[0], None)
+    cuda_peak_memory: float | None = wire(MEMORY_METRICS[1], None)
+    val_examples: int | None = wire(VAL_EXAMPLES, None)
+    val_accuracy: float | None = wire(VAL_ACCURACY, None)
+
+    def check(self) -> None:
+        within(MEMORY_METRICS[0], self.peak_train_memory, 0.0, MAX_MEMORY_BYTES)
+        within(MEMORY_METRICS[1], self.cuda_peak_memory, 0.0, MAX_MEMORY_BYTES)
+        within(VAL_EXAMPLES, self.val_examples, 0, MAX_EXAMPLES)
+        if self.val_examples:
+            if self.val_accuracy is None:
+                raise MessageError(f"{VAL_ACCURACY} missing next to {VAL_EXAMPLES} {self.val_examples}")
+            within(VAL_ACCURACY, self.val_accuracy, 0.0, 1.0)
+
+
+@dataclass
+class FLLState(StrategyState):
+    """What FLL keeps between rounds (checkpointed; see ``methods.server_state``)."""
+
+    stage: int
+    #: the round the current stage started
+    stage_start: int
+    #: plateau rule: best validation accuracy of the stage, rounds since it last improved
+    best_accuracy: float
+    stale_evaluations: int
+    #: client id -> frozen layers it holds in their final (global) version
+    delivered: dict[int, set[str]]
+    run_peak: float
 
 
 class FLLStrategy(LayerwiseStrategy):
@@ -152,6 +251,7 @@ class FLLStrategy(LayerwiseStrategy):
     method = "fll"
     #: Clients keep their whole staged model: frozen blocks are sent only once.
     client_keeps_model = True
+    server_state = FLLState
 
     def __init__(
         self,
@@ -174,20 +274,13 @@ class FLLStrategy(LayerwiseStrategy):
         validation_fraction: float = 0.1,
         **base: Any,
     ) -> None:
-        for name, value in (("rounds_per_stage", rounds_per_stage), ("blocks_per_stage", blocks_per_stage),
-                            ("plateau_patience", plateau_patience), ("probe_epochs", probe_epochs)):
-            require(isinstance(value, int) and value >= 1, name, "must be an integer >= 1", value)
-        require(isinstance(head_pool, int) and head_pool >= 0, "head_pool", "must be an integer >= 0 (0: no pooling)", head_pool)
-        require(stage_head in STAGE_HEADS, "stage_head", f"must be one of {STAGE_HEADS}", stage_head)
-        require(stage_steps in STAGE_STEPS, "stage_steps", f"must be one of {STAGE_STEPS}", stage_steps)
-        require(isinstance(checkpoint_activations, bool), "checkpoint_activations", "must be true or false", checkpoint_activations)
-        require(isinstance(p_drop, (int, float)) and 0.0 <= p_drop < 1.0, "p_drop", "must be in [0, 1)", p_drop)
-        require(objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}", objective)
-        require(isinstance(temperature, (int, float)) and temperature > 0.0, "temperature", "must be > 0", temperature)
-        require(stage_rule in STAGE_RULES, "stage_rule", f"must be one of {STAGE_RULES}", stage_rule)
-        require(isinstance(plateau_min_delta, (int, float)) and plateau_min_delta >= 0.0, "plateau_min_delta", "must be >= 0", plateau_min_delta)
-        require(isinstance(validation_fraction, (int, float)) and 0.0 < validation_fraction < 1.0,
-                "validation_fraction", "must be in (0, 1)", validation_fraction)
+        self.options = FLLOptions(
+            rounds_per_stage=rounds_per_stage, blocks_per_stage=blocks_per_stage, head_pool=head_pool,
+            stage_head=stage_head, stage_steps=stage_steps, checkpoint_activations=checkpoint_activations,
+            p_drop=p_drop, objective=objective, temperature=temperature, stage_rule=stage_rule,
+            plateau_patience=plateau_patience, plateau_min_delta=plateau_min_delta, probe_epochs=probe_epochs,
+            validation_fraction=validation_fraction,
+        )
         model.load_state_dict(numpy_to_torch_state(initial_state))
         self.spec = StageSpec(len(model.blocks), blocks_per_stage)
         self.net = StagedModel(model, self.spec, head_pool, int(base.get("seed", 0)), head=stage_head)
@@ -195,28 +288,13 @@ class FLLStrategy(LayerwiseStrategy):
         super().__init__(torch_state_to_numpy(self.net.state_dict()), codec_reference=initial_state, **base)
         #: the configured model's keys (FedAvg would exchange these: no stage heads)
         self.model_keys = list(initial_state)
-        self.rounds_per_stage = rounds_per_stage
-        self.head_pool = head_pool
-        self.stage_head = stage_head
-        self.stage_steps = stage_steps
         #: per stage: how many times the configured local steps a client trains
         self.step_factors = equal_flops_factors(stage_step_flops(self.net)) if stage_steps == "equal_flops" else None
-        self.checkpoint_activations = checkpoint_activations
-        self.p_drop = p_drop
-        self.objective = objective
-        self.temperature = temperature
-        self.stage_rule = stage_rule
-        self.plateau_patience = plateau_patience
-        self.plateau_min_delta = plateau_min_delta
-        self.probe_epochs = probe_epochs
-        self.validation_fraction = float(validation_fraction)
         self.stage = 0
         self.stage_start = 1
-        #: plateau rule: best validation accuracy of the stage, rounds since it last improved
         self.best_accuracy = -1.0
         self.stale_evaluations = 0
         self.round_validation: float | None = None
-        #: client id -> frozen layers it holds in their final (global) version
         self.delivered: dict[int, set[str]] = {}
         self.round_peak: dict[str, float] = {}
         self.run_peak = 0.0
@@ -235,38 +313,29 @@ class FLLStrategy(LayerwiseStrategy):
         if self.spec.is_last(self.stage):
             return
         rounds_done = server_round - self.stage_start
-        plateaued = self.stage_rule == "plateau" and self.stale_evaluations >= self.plateau_patience
-        if rounds_done >= self.rounds_per_stage or (rounds_done > 0 and plateaued):
+        plateaued = self.options.stage_rule == "plateau" and self.stale_evaluations >= self.options.plateau_patience
+        if rounds_done >= self.options.rounds_per_stage or (rounds_done > 0 and plateaued):
             self.stage += 1
             self.stage_start = server_round
             self.best_accuracy, self.stale_evaluations = -1.0, 0
 
-    def stage_config(self) -> dict[str, ConfigValue]:
-        """What a client needs to build and train the current stage."""
-        return {
-            "fll-stage": self.stage,
-            "fll-blocks-per-stage": self.spec.blocks_per_stage,
-            "fll-head-pool": self.head_pool,
-            "fll-stage-head": self.stage_head,
-            "fll-checkpoint": self.checkpoint_activations,
-            "fll-p-drop": self.p_drop,
-            "fll-objective": self.objective,
-            "fll-temperature": self.temperature,
-            **({STEP_FACTOR: self.step_factors[self.stage]} if self.step_factors else {}),
-        }
-
-    def validation_config(self) -> dict[str, ConfigValue]:
-        """Plateau rule: what a client needs to hold out and score its validation split.
-
-        Empty with the fixed rule, so its messages (and their bytes) stay as they were.
-        """
-        if self.stage_rule != "plateau":
-            return {}
-        return {VALIDATION_FRACTION: self.validation_fraction, PROBE_EPOCHS: self.probe_epochs}
+    def stage_config(self, train: bool = False) -> StageConfig:
+        """What a client needs to build and train the current stage; a training message under
+        the plateau rule adds how to hold out and score the validation split."""
+        o = self.options
+        validate = train and o.stage_rule == "plateau"
+        return StageConfig(
+            stage=self.stage, blocks_per_stage=self.spec.blocks_per_stage, head_pool=o.head_pool,
+            stage_head=o.stage_head, checkpoint=o.checkpoint_activations, p_drop=o.p_drop,
+            objective=o.objective, temperature=o.temperature,
+            step_factor=self.step_factors[self.stage] if self.step_factors else None,
+            validation_fraction=float(o.validation_fraction) if validate else None,
+            probe_epochs=o.probe_epochs if validate else None,
+        )
 
     def note_validation(self, accuracy: float) -> None:
         """Plateau rule: count a validated round with or without a gain."""
-        if accuracy > self.best_accuracy + self.plateau_min_delta:
+        if accuracy > self.best_accuracy + self.options.plateau_min_delta:
             self.best_accuracy, self.stale_evaluations = accuracy, 0
         else:
             self.stale_evaluations += 1
@@ -283,12 +352,11 @@ class FLLStrategy(LayerwiseStrategy):
         held = self.delivered.get(self.client_id(node_id), set())
         missing = {name for name in self.frozen_layers(self.stage) if name not in held}
         send = [name for name in self.layers.names if name in active | missing]
-        config = {**self.stage_config(), **self.validation_config()}
-        return NodePlan(send=send, request=self.stage_layers(self.stage), config=config)
+        return NodePlan(send=send, request=self.stage_layers(self.stage), config=encode(self.stage_config(train=True)))
 
     def message_config(self) -> dict[str, ConfigValue]:
         """Every message (evaluation ones too) names the stage."""
-        return self.stage_config()
+        return encode(self.stage_config())
 
     def validate(self, server_round: int, message: Message) -> TrainReply:
         """Base checks (and, with the plateau rule, a usable validation score); a client
@@ -296,10 +364,9 @@ class FLLStrategy(LayerwiseStrategy):
         them the next time (it refuses to train without them)."""
         try:
             reply = super().validate(server_round, message)
-            for key in MEMORY_METRICS:
-                check_metric(reply.metrics, reply.node_id, key, MAX_MEMORY_BYTES)
-            if self.stage_rule == "plateau":
-                check_validation_metrics(reply)
+            report = reply_message(StageReport, reply)
+            if self.options.stage_rule == "plateau" and report.val_examples is None:
+                raise ReplyRejected(reply.node_id, f"{VAL_EXAMPLES} missing (plateau rule)")
             return reply
         except ReplyRejected:
             self.delivered.pop(self.client_id(message.metadata.src_node_id), None)
@@ -317,7 +384,7 @@ class FLLStrategy(LayerwiseStrategy):
             if any(key in r.metrics for r in replies)
         }
         self.run_peak = max(self.run_peak, self.round_peak.get("peak-train-memory-bytes", 0.0))
-        if self.stage_rule == "plateau":
+        if self.options.stage_rule == "plateau":
             self.round_validation = validation_accuracy(replies)
             if self.round_validation is not None:
                 self.note_validation(self.round_validation)
@@ -329,7 +396,7 @@ class FLLStrategy(LayerwiseStrategy):
         central test set, scored on the other). Only reported: no stage ends on it."""
         test_set = evaluator.test_set
         self.net.load_state_dict(numpy_to_torch_state(self.global_state))
-        if self.objective == "supervised":
+        if self.options.objective == "supervised":
             stage = self.stage
             result = evaluator.evaluate_module(self.net, forward=lambda x: self.net.forward_stage(x, stage))
         else:
@@ -337,7 +404,7 @@ class FLLStrategy(LayerwiseStrategy):
             half = len(order) // 2
             result = linear_probe(
                 self.net, self.stage, test_set.subset(np.sort(order[:half])), test_set.subset(np.sort(order[half:])),
-                epochs=self.probe_epochs, seed=self.seed,
+                epochs=self.options.probe_epochs, seed=self.seed,
             )
             result["linear-probe-accuracy"] = result["accuracy"]
         return {**result, "stage": float(self.stage)}
@@ -349,7 +416,7 @@ class FLLStrategy(LayerwiseStrategy):
     def round_record(self, server_round: int) -> dict[str, Any]:
         validation = (
             {VAL_ACCURACY: self.round_validation, "stale-validations": self.stale_evaluations}
-            if self.stage_rule == "plateau" else {}
+            if self.options.stage_rule == "plateau" else {}
         )
         return {
             **validation,
@@ -362,44 +429,14 @@ class FLLStrategy(LayerwiseStrategy):
             "peak-train-memory-bytes-run": self.run_peak,
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "stage": self.stage,
-            "stage_start": self.stage_start,
-            "best_accuracy": self.best_accuracy,
-            "stale_evaluations": self.stale_evaluations,
-            "delivered": {str(node): sorted(names) for node, names in self.delivered.items()},
-            "run_peak": self.run_peak,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.stage = int(state["stage"])
-        self.stage_start = int(state["stage_start"])
-        self.best_accuracy = float(state["best_accuracy"])
-        self.stale_evaluations = int(state["stale_evaluations"])
-        self.delivered = {int(node): set(names) for node, names in state["delivered"].items()}
-        self.run_peak = float(state["run_peak"])
-
     def summary(self) -> None:
-        super().summary()
+        """Log the method's own settings, then the base strategy's (as Flower's strategies do)."""
         log(
             INFO, "\t└──> %d stages of %d block(s), %d rounds each (%s), p_drop=%.2f, %s objective",
-            self.spec.num_stages, self.spec.blocks_per_stage, self.rounds_per_stage, self.stage_rule,
-            self.p_drop, self.objective,
+            self.spec.num_stages, self.spec.blocks_per_stage, self.options.rounds_per_stage, self.options.stage_rule,
+            self.options.p_drop, self.options.objective,
         )
-
-
-def check_validation_metrics(reply: TrainReply) -> None:
-    """Plateau rule: a reply must carry ``val-examples`` (an integer >= 0) and, when
-    positive, a ``val-accuracy`` in [0, 1]; else ``ReplyRejected``."""
-    examples = reply.metrics.get(VAL_EXAMPLES)
-    if examples is None or not (0 <= examples <= MAX_EXAMPLES and examples == int(examples)):
-        raise ReplyRejected(reply.node_id, f"{VAL_EXAMPLES} must be an integer >= 0, got {examples}")
-    accuracy = reply.metrics.get(VAL_ACCURACY)
-    if examples > 0 and (accuracy is None or not 0.0 <= accuracy <= 1.0):
-        raise ReplyRejected(reply.node_id, f"{VAL_ACCURACY} must lie in [0, 1], got {accuracy}")
+        super().summary()
 
 
 def validation_accuracy(replies: list[TrainReply]) -> float | None:
@@ -417,33 +454,9 @@ def equal_flops_factors(step_flops: list[float]) -> list[int]:
     return [min(MAX_STEP_FACTOR, max(1, round(step_flops[-1] / flops))) for flops in step_flops]
 
 
-class StageConfig(NamedTuple):
-    """What the server's ``stage_config`` tells a client."""
-
-    stage: int
-    blocks_per_stage: int
-    head_pool: int
-    stage_head: str
-    checkpoint: bool
-    p_drop: float
-    objective: str
-    temperature: float
-    step_factor: int
-
-
 def stage_config_of(content: RecordDict) -> StageConfig:
-    config = content[CONFIG]
-    return StageConfig(
-        stage=int(config["fll-stage"]),
-        blocks_per_stage=int(config["fll-blocks-per-stage"]),
-        head_pool=int(config["fll-head-pool"]),
-        stage_head=str(config["fll-stage-head"]),
-        checkpoint=bool(config["fll-checkpoint"]),
-        p_drop=float(config["fll-p-drop"]),
-        objective=str(config["fll-objective"]),
-        temperature=float(config["fll-temperature"]),
-        step_factor=int(config[STEP_FACTOR]) if STEP_FACTOR in config else 1,
-    )
+    """The server's ``stage_config`` of a message."""
+    return decode(StageConfig, content[CONFIG])
 
 
 def staged_model(runtime: ClientRuntime, config: StageConfig) -> StagedModel:
@@ -554,24 +567,23 @@ def fll_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> 
     Under the plateau rule the node first scores the model it received on a
     held-out part of its training split, then trains on the rest.
     """
-    config = content[CONFIG]
     stage_config = stage_config_of(content)
     stage, objective = stage_config.stage, stage_config.objective
     net = staged_model(runtime, stage_config)
     net.load_state_dict(numpy_to_torch_state(_node_state(net, content, context, stage)))
     train = runtime.train_data
     metrics: dict[str, float] = {}
-    if VALIDATION_FRACTION in config:
+    if stage_config.validation_fraction is not None and stage_config.probe_epochs is not None:
         holdout_seed = client_validation_seed(runtime)
-        train, validation = validation_split(train, float(config[VALIDATION_FRACTION]), holdout_seed)
+        train, validation = validation_split(train, stage_config.validation_fraction, holdout_seed)
         metrics = validation_score(
-            net, stage, objective, train, validation, int(config[PROBE_EPOCHS]), holdout_seed, runtime.device
+            net, stage, objective, train, validation, stage_config.probe_epochs, holdout_seed, runtime.device
         )
     seed = runtime.round_seed(server_round_of(content))
     metrics.update(
         train_stage(
             net, stage, runtime, seed, stage_config.p_drop, objective, stage_config.temperature,
-            data=train, step_factor=stage_config.step_factor,
+            data=train, step_factor=stage_config.step_factor or 1,
         )
     )
     state = torch_state_to_numpy(net.state_dict())
@@ -579,7 +591,11 @@ def fll_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> 
     if objective == "supervised":
         local = evaluate(net, runtime.test_data, runtime.device, forward=lambda x: net.forward_stage(x, stage))
         metrics.update({"local-test-accuracy": local["accuracy"], "local-test-loss": local["loss"]})
-    metrics.update({NUM_EXAMPLES: float(len(train)), PARTITION_ID: float(runtime.partition_id), "fll-stage": float(stage)})
+    metrics.update({NUM_EXAMPLES: float(len(train)), PARTITION_ID: float(runtime.partition_id)})
+    metrics.update(encode_metrics(StageReport(
+        stage=stage, peak_train_memory=metrics.get(MEMORY_METRICS[0]), cuda_peak_memory=metrics.get(MEMORY_METRICS[1]),
+        val_examples=int(metrics[VAL_EXAMPLES]) if VAL_EXAMPLES in metrics else None, val_accuracy=metrics.get(VAL_ACCURACY),
+    )))
     return reply_content(state, ModelLayers.from_state(state), requested_layers(content), metrics)
 
 
@@ -591,3 +607,73 @@ def fll_evaluate(runtime: ClientRuntime, content: RecordDict, context: Context) 
     net.load_state_dict(numpy_to_torch_state(_node_state(net, content, context, stage)))
     forward = lambda x: net.forward_stage(x, stage)  # noqa: E731
     return RecordDict({METRICS: MetricRecord(evaluate(net, runtime.test_data, runtime.device, forward=forward))})
+
+
+# --- staged-model helpers: BatchNorm recalibration (client), linear probe (both sides) ---------
+#: Full-depth batches ``recalibrate_batch_norm`` estimates the statistics from.
+RECALIBRATION_BATCHES = 8
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(
+    net: StagedModel, stage: int, dataset: ArrayDataset, batch_size: int, rng: np.random.Generator, device: torch.device
+) -> None:
+    """Re-estimate the stage's BatchNorm running statistics on full-depth inputs.
+
+    The statistics are reset and re-averaged (cumulative mean, as in
+    stochastic-depth and supernet BN calibration) over up to
+    ``RECALIBRATION_BATCHES`` forward-only, full-depth batches.
+    """
+    norms = [
+        m for module in net.active_modules(stage) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    for count, (x, _) in enumerate(minibatches(dataset, batch_size, rng, device)):
+        if count >= RECALIBRATION_BATCHES:
+            break
+        net.forward_stage(x, stage)  # the stage head too: a conv head has BatchNorm
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+
+
+@torch.no_grad()
+def linear_probe(
+    net: StagedModel, stage: int, train_set: ArrayDataset, test_set: ArrayDataset, epochs: int = 50, seed: int = 0
+) -> dict[str, float]:
+    """Linear-probe accuracy of the frozen features after ``stage``.
+
+    A logistic-regression head is fitted (full-batch Adam) on the pooled
+    features of ``train_set`` and scored on ``test_set``.
+    """
+    net.eval()
+
+    def embed(data: ArrayDataset) -> Tensor:
+        chunks = [
+            stage_features(net.features(torch.from_numpy(data.x[i : i + 500]), stage), net.pool)
+            for i in range(0, len(data), 500)
+        ]
+        return torch.cat(chunks)
+
+    train_z, test_z = embed(train_set), embed(test_set)
+    mean, std = train_z.mean(0), train_z.std(0) + 1e-6
+    train_z, test_z = (train_z - mean) / std, (test_z - mean) / std
+    train_y, test_y = torch.from_numpy(train_set.y), torch.from_numpy(test_set.y)
+    torch.manual_seed(seed)
+    probe = nn.Linear(train_z.shape[1], int(max(train_set.num_classes, int(train_y.max()) + 1)))
+    optimizer = torch.optim.Adam(probe.parameters(), lr=0.01, weight_decay=1e-4)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            optimizer.zero_grad()
+            F.cross_entropy(probe(train_z), train_y).backward()
+            optimizer.step()
+    logits = probe(test_z)
+    return {
+        "accuracy": float((logits.argmax(1) == test_y).float().mean()),
+        "loss": float(F.cross_entropy(logits, test_y)),
+        "num-examples": float(len(test_set)),
+    }

@@ -19,6 +19,7 @@ class LocalOnlyStrategy(LayerwiseStrategy):
 
     method = "local"
     client_keeps_model = True
+    no_global_model = "clients train alone; nothing is aggregated"
 
     def plan(self, server_round: int, node_id: int) -> NodePlan:
         """No layers either way."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 from flwr.app import (
@@ -48,6 +48,9 @@ from fedlayer.wire.records import (
     QUERY,
     TRAIN_SECONDS,
 )
+from fedlayer.wire.messages import MessageError, decode
+
+M = TypeVar("M")
 
 #: Largest example count a reply may claim (guards the weighted average).
 MAX_EXAMPLES = 10**9
@@ -175,6 +178,14 @@ def validate_train_reply(
         metrics=metrics,
         payload=payload,
     )
+
+
+def reply_message(cls: type[M], reply: TrainReply) -> M:
+    """A method's typed reply metrics (``wire.messages``); ``ReplyRejected`` naming the key when they do not decode."""
+    try:
+        return decode(cls, reply.metrics, metrics=True)
+    except MessageError as err:
+        raise ReplyRejected(reply.node_id, str(err)) from None
 
 
 def validate_evaluate_reply(message: Message) -> dict[str, float]:

@@ -9,6 +9,7 @@ at the same, explicit places instead of guessing from ``named_children``.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,21 @@ class Block(nn.Module):
         segments override it (``BasicBlock``).
         """
         return self(x)
+
+
+def forward_blocks(
+    blocks: Sequence[nn.Module], x: Tensor, indices: Iterable[int], *, skip: Collection[int] = (), checkpoint: bool = False
+) -> Tensor:
+    """``x`` through ``blocks[i]`` for each ``i`` of ``indices`` in order, the one block-prefix forward
+    of every model view (``LayeredModel``, FedLP's ``DepthNet``, FLL's ``StagedModel``).
+
+    ``skip``: blocks left out (depth dropout); ``checkpoint``: each block recomputes its inner
+    activations in backward (``Block.forward_checkpointed``).
+    """
+    for i in indices:
+        if i not in skip:
+            x = blocks[i].forward_checkpointed(x) if checkpoint else blocks[i](x)
+    return x
 
 
 def validate_input_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -62,9 +78,7 @@ class LayeredModel(nn.Module):
         """Output of the first ``upto`` blocks (``upto=0`` returns ``x``)."""
         if not 0 <= upto <= len(self.blocks):
             raise ValueError(f"upto must be in [0, {len(self.blocks)}], got {upto}")
-        for block in self.blocks[:upto]:
-            x = block(x)
-        return x
+        return forward_blocks(self.blocks, x, range(upto))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(torch.flatten(self.forward_features(x, len(self.blocks)), 1))

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from fedlayer.layers import State, numpy_to_torch_state, torch_state_to_numpy
-from fedlayer.models.base import LayeredModel
+from fedlayer.models.base import LayeredModel, forward_blocks
 
 #: State-dict prefix of the per-level heads (``level-heads.<c>.weight``/``.bias``).
 LEVEL_HEAD_PREFIX = "level-heads."
@@ -71,6 +71,4 @@ class DepthNet(nn.Module):
         self.head = model.head if head is None else head
 
     def forward(self, x: Tensor) -> Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.head(torch.flatten(x, 1))
+        return self.head(torch.flatten(forward_blocks(self.blocks, x, range(len(self.blocks))), 1))

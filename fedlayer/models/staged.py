@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedlayer.models.base import LayeredModel
+from fedlayer.models.base import LayeredModel, forward_blocks
 
 
 @dataclass(frozen=True)
@@ -163,13 +163,8 @@ class StagedModel(nn.Module):
     def features(self, x: Tensor, stage: int, skip: Collection[int] = ()) -> Tensor:
         """Output of the stage's last block: frozen blocks forward-only, then the stage's blocks."""
         with torch.no_grad():
-            for b in self.frozen_blocks(stage):
-                if b not in skip:
-                    x = self.blocks[b](x)
-        for b in self.spec.blocks(stage):
-            block = self.blocks[b]
-            x = block.forward_checkpointed(x) if self.checkpoint and torch.is_grad_enabled() else block(x)
-        return x
+            x = forward_blocks(self.blocks, x, self.frozen_blocks(stage), skip=skip)
+        return forward_blocks(self.blocks, x, self.spec.blocks(stage), checkpoint=self.checkpoint and torch.is_grad_enabled())
 
     def forward_stage(self, x: Tensor, stage: int, skip: Collection[int] = ()) -> Tensor:
         """Logits of the stage's head on the stage's features."""

@@ -29,6 +29,34 @@ def round_event(sampling_rate: float, noise_multiplier: float) -> dp_accounting.
     return gaussian if sampling_rate >= 1.0 else dp_accounting.PoissonSampledDpEvent(sampling_rate, gaussian)
 
 
+def calibrate_noise_multiplier(
+    target_epsilon: float, delta: float, sampling_rate: float, events: int, per_event_scale: float = 1.0, decimals: int = 3
+) -> float:
+    """The smallest noise multiplier z (rounded up to ``decimals``) whose ``events`` mechanisms spend at most
+    ``target_epsilon`` at ``delta``; each event is a Gaussian of z / ``per_event_scale`` sampled at ``sampling_rate``.
+
+    FedAvg: ``events`` = rounds, scale 1. FedLAMA (a block charged once, ``privacy_event``):
+    ``events`` = rounds / phi, scale sqrt(phi). Bisection on the accountant this module uses.
+    """
+    if target_epsilon <= 0 or not 0 < delta < 1 or not 0 < sampling_rate <= 1 or events < 1 or per_event_scale <= 0:
+        raise ValueError("calibrate_noise_multiplier: need target_epsilon > 0, 0 < delta < 1, 0 < sampling_rate <= 1, events >= 1")
+
+    def spent(z: float) -> float:
+        accountant = PrivacyAccountant()
+        accountant.compose(sampling_rate, z / per_event_scale, events)
+        return accountant.epsilon(delta)
+
+    step = 10.0**-decimals
+    low, high = 0.0, 1.0  # spent(high) <= target_epsilon < spent(low) once the loop below ends
+    while spent(high) > target_epsilon:
+        low, high = high, 2 * high
+    while high - low > step / 4:
+        middle = (low + high) / 2
+        low, high = (middle, high) if spent(middle) > target_epsilon else (low, middle)
+    z = round(math.ceil(high / step - 1e-9) * step, decimals)
+    return z if spent(z) <= target_epsilon else round(z + step, decimals)
+
+
 class PrivacyAccountant:
     """The composed rounds of one run; ``epsilon(delta)`` is what they spent.
 
@@ -55,12 +83,12 @@ class PrivacyAccountant:
         from dp_accounting.rdp import RdpAccountant
 
         accountant = RdpAccountant()
-        for q, z, count in rows:
-            accountant.compose(round_event(q, z), count)
         absl = logging.getLogger("absl")
         level = absl.level
-        absl.setLevel(logging.ERROR)  # it warns for each RDP order it leaves out (large q); the bound stays valid
+        absl.setLevel(logging.ERROR)  # it warns (when composing) for each RDP order it leaves out; the bound stays valid
         try:
+            for q, z, count in rows:
+                accountant.compose(round_event(q, z), count)
             return float(accountant.get_epsilon(delta))
         finally:
             absl.setLevel(level)

@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from fedlayer.config import compose_config, resolve_resume, run_config_to_overrides
+from fedlayer.server.flower_patches import shorten_reply_pull_backoff
 from fedlayer.server.loop import FederatedRun
 
 
@@ -21,6 +22,7 @@ def make_server_app(cfg: DictConfig | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else resolve_resume(compose_config(run_config_to_overrides(context.run_config)))
+        shorten_reply_pull_backoff(grid)  # deployment only: replies are pulled as objects
         summary = FederatedRun(run_cfg).run(grid)
         for line in summary_lines(summary):  # fedlayer-run prints these when the run is over
             log(INFO, "%s", line)

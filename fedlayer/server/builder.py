@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedlayer.codec.options import CodecOptions
 from fedlayer.errors import ConfigError, ParameterError
 from fedlayer.methods import METHODS, LayerwiseStrategy
 from fedlayer.models import LayeredModel
@@ -25,7 +26,8 @@ from fedlayer.workload import Workload, build_configured_model, initial_state
 #: ``LayerwiseStrategy`` arguments every strategy takes.
 BASE_ARGUMENTS = (
     "fraction_train", "min_train_nodes", "fraction_evaluate", "seed",
-    "aggregation_rule", "trim", "norm_factor", "up_bits", "down_bits", "state_memory_mb", "privacy",
+    "aggregation_rule", "trim", "norm_factor", "up_bits", "down_bits", "codec_options", "state_memory_mb", "privacy",
+    "server_momentum",
 )
 #: Arguments filled from outside ``strategy.*``, and the field each one names in errors.
 BASE_FIELDS = {
@@ -38,9 +40,11 @@ BASE_FIELDS = {
     "norm_factor": "aggregation.norm_factor",
     "up_bits": "codec.up_bits",
     "down_bits": "codec.down_bits",
+    "codec_options": "codec",
     "state_memory_mb": "server_state.memory_mb",
     "privacy": "privacy.mode",
     "num_clients": "federation.num_clients",
+    "local_steps": "train.local_steps",
     "model": "model.name",
     "initial_state": "model.name",
 }
@@ -67,18 +71,24 @@ def strategy_kwargs(cfg: DictConfig, model: LayeredModel) -> dict[str, Any]:
         "norm_factor": cfg.aggregation.norm_factor if cfg.aggregation.norm_guard else 0.0,
         "up_bits": cfg.codec.up_bits,
         "down_bits": cfg.codec.down_bits,
+        "codec_options": CodecOptions.from_config(cfg.codec),
         "state_memory_mb": cfg.server_state.memory_mb,
         "privacy": Privacy.from_config(cfg.get("privacy")),
+        "server_momentum": cfg.strategy.get("server_momentum", 0.0),  # strategy/_common.yaml (absent from older runs)
         "num_clients": int(federation.num_clients),
+        "local_steps": int(cfg.train.local_steps),
         "model": model,
     }
     strategy = OmegaConf.to_container(cfg.strategy, resolve=True)
     assert isinstance(strategy, dict)
     cls = strategy_class(cfg)
     parameters = [n for n, p in inspect.signature(cls).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(strategy) - set(parameters) - {"name"})
+    unknown = sorted(set(strategy) - set(parameters) - {"name", "server_momentum"})
     if unknown:
         raise ConfigError(f"strategy.{unknown[0]}", f"not a parameter of {cls.__name__} (it takes {parameters})")
+    elsewhere = sorted(set(strategy) & set(run_values) - {"server_momentum"})
+    if elsewhere:  # one source for each value: what the rest of the run defines is not a strategy setting
+        raise ConfigError(f"strategy.{elsewhere[0]}", f"is set by {BASE_FIELDS[elsewhere[0]]}, not by the strategy")
     kwargs = {name: run_values[name] for name in BASE_ARGUMENTS}
     for name in parameters:
         if name in strategy:

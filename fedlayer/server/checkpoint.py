@@ -8,14 +8,24 @@ The file ends with a SHA-256 digest of everything before it, so a truncated
 or corrupted file is detected on load and the previous checkpoint is used.
 Writes go to a temp file that is fsynced and renamed: a crash leaves either
 the old file or the new one, never half of one.
+
+The round loop writes in the background (``save_in_background``): the
+checkpoint is copied at once, so it holds the state as the round left it,
+and a thread encodes, writes, fsyncs and prunes while the next round runs; the next
+save, and the end of the run, join it. So a crash may lose the newest
+checkpoint as well as the round in progress; the run then resumes one round
+earlier, which is why clients keep their state of the 3 newest rounds
+(``NodeStateFiles``) and versioned per-client files their 3 newest versions.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
 import re
+import threading
 from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
@@ -115,14 +125,50 @@ class CheckpointStore:
     def __init__(self, run_dir: Path, keep: int = 2) -> None:
         self.directory = run_dir / "checkpoints"
         self.keep = keep
+        self._writer: threading.Thread | None = None
+        self._failed: BaseException | None = None
 
     def save(self, checkpoint: Checkpoint) -> Path:
         """Write the checkpoint of a completed round, then prune old ones."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.wait()
         path = self.directory / f"round-{checkpoint.round:06d}.ckpt"
-        atomic_write(path, encode_checkpoint(checkpoint))
-        keep_newest(self.paths(), self.keep)
+        self._write(path, encode_checkpoint(checkpoint))
         return path
+
+    def save_in_background(self, checkpoint: Checkpoint) -> Path:
+        """Copy the checkpoint now; encode, write and prune it in a thread; ``wait`` joins it.
+
+        The copy (arrays and containers, a memcpy of the model) lets the
+        strategy change its state right away; encoding (zip, CRC, SHA-256) and
+        the fsync are what leave the round's path. The previous background
+        write is joined first: one at a time.
+        """
+        self.wait()
+        path = self.directory / f"round-{checkpoint.round:06d}.ckpt"
+        snapshot = copy.deepcopy(checkpoint)
+        self._writer = threading.Thread(target=self._write_noting_failure, args=(path, snapshot), name="fedlayer-checkpoint")
+        self._writer.start()
+        return path
+
+    def wait(self) -> None:
+        """Return once no checkpoint is being written; raise what made the last background write fail."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
+
+    def _write(self, path: Path, data: bytes) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, data)
+        keep_newest(self.paths(), self.keep)
+
+    def _write_noting_failure(self, path: Path, checkpoint: Checkpoint) -> None:
+        try:
+            self._write(path, encode_checkpoint(checkpoint))
+        except BaseException as err:  # raised again by wait(), in the round loop
+            self._failed = err
 
     def paths(self) -> list[Path]:
         """Checkpoint files, oldest first."""
@@ -132,6 +178,7 @@ class CheckpointStore:
 
     def latest(self) -> Checkpoint | None:
         """The newest checkpoint that verifies; damaged ones are skipped with a warning."""
+        self.wait()
         for path in reversed(self.paths()):
             try:
                 return decode_checkpoint(path.read_bytes())

@@ -57,11 +57,12 @@ class FederatedRun:
         workload = load_workload(cfg, int(cfg.federation.num_clients))
         self.strategy: LayerwiseStrategy = build_strategy(cfg, workload)
         self.strategy.bindings.enabled = binds_keys(str(cfg.identity.bind))
-        self.ledger = ByteLedger(self.strategy.layers, trained_model_bytes(self.strategy.fedavg_state()))
+        self.ledger = ByteLedger(self.strategy.exchanged_layers(), trained_model_bytes(self.strategy.fedavg_state()))
         self.evaluator = central_evaluator(cfg, workload.central_test)
         self.rundir = RunDirectory.create(cfg)
         self.rundir.clear_error()
         self.strategy.attach_run_dir(self.rundir.path)
+        self.strategy.run_key = self.rundir.run_key
         self.checkpoints = CheckpointStore(self.rundir.path, keep=int(cfg.checkpoint_keep))
         self.last_accuracy: float | None = None
         self.last_local_accuracy: float | None = None
@@ -104,8 +105,9 @@ class FederatedRun:
         log(INFO, "resume: continuing %s after round %d", self.rundir.path, checkpoint.round)
 
     def save_checkpoint(self, server_round: int, elapsed: float) -> None:
-        """Checkpoint the completed round (model, strategy, ledger, bookkeeping)."""
-        self.checkpoints.save(
+        """Checkpoint the completed round (model, strategy, ledger, bookkeeping), written while the next round
+        runs (``CheckpointStore.save_in_background``; ``run`` joins the last write before it returns or raises)."""
+        self.checkpoints.save_in_background(
             Checkpoint(
                 round=server_round,
                 global_state=self.strategy.global_state,
@@ -130,24 +132,27 @@ class FederatedRun:
         self.strategy.summary()
         started = time.time() - self.elapsed_before
         round_ends = [time.time()]  # when this process started, then when each of its rounds ended
-        for server_round in range(self.first_round, rounds + 1):
-            try:
-                record = self.run_round(grid, server_round, last=server_round == rounds)
-            except BudgetSpent as spent:
-                self.privacy_stop = str(spent)
-                log(INFO, "fedlayer: privacy budget reached; the run ends before %s", spent)
-                break
-            except RunStopped as stopped:
-                self.rundir.write_error(str(stopped))
-                raise
-            nonfinite = self.rundir.append_metrics(record)
-            if nonfinite:
-                log(WARNING, "round %d: non-finite metrics written as null: %s", server_round, ", ".join(nonfinite))
-            self.telemetry.round_done(record)
-            self.save_checkpoint(server_round, time.time() - started)
-            round_ends.append(time.time())
-            eta = time_left(round_ends, rounds - server_round)
-            log(INFO, "%s", progress_line(record, rounds, self.ledger.totals(), round_ends[-1] - started, eta))
+        try:
+            for server_round in range(self.first_round, rounds + 1):
+                try:
+                    record = self.run_round(grid, server_round, last=server_round == rounds)
+                except BudgetSpent as spent:
+                    self.privacy_stop = str(spent)
+                    log(INFO, "fedlayer: privacy budget reached; the run ends before %s", spent)
+                    break
+                except RunStopped as stopped:
+                    self.rundir.write_error(str(stopped))
+                    raise
+                nonfinite = self.rundir.append_metrics(record)
+                if nonfinite:
+                    log(WARNING, "round %d: non-finite metrics written as null: %s", server_round, ", ".join(nonfinite))
+                self.telemetry.round_done(record)
+                self.save_checkpoint(server_round, time.time() - started)
+                round_ends.append(time.time())
+                eta = time_left(round_ends, rounds - server_round)
+                log(INFO, "%s", progress_line(record, rounds, self.ledger.totals(), round_ends[-1] - started, eta))
+        finally:
+            self.checkpoints.wait()  # the last checkpoint is complete before the run returns or raises
         summary = self.summary(time.time() - started)
         self.rundir.write_summary(summary)
         records = self.rundir.read_metrics()
@@ -253,6 +258,8 @@ class FederatedRun:
         else:
             record.update(bytes_up=0, bytes_down=0, fedavg_bytes_up=0, fedavg_bytes_down=0)
         record["strategy"] = self.strategy.round_record(server_round)
+        if self.strategy.codec is not None:  # encode + decode seconds, server's and clients' (issue #26)
+            record["codec"] = self.strategy.codec.round_record()
         if (spent := self.strategy.privacy_spent()) is not None:
             record["privacy"] = spent
         record["seconds"] = time.time() - started
@@ -313,6 +320,7 @@ class FederatedRun:
             "rejected_replies": len(self.strategy.rejections),
             "dropped_updates": len(self.strategy.dropped_rounds),
             "nonfinite_metrics": sum(len(r.get("nonfinite", [])) for r in self.rundir.read_metrics()),
+            **codec_seconds(self.rundir.read_metrics()),
             "wall_seconds": wall_seconds,
             "hosts": {host: sorted(clients) for host, clients in sorted(self.hosts.items())},
             "ray_nodes": sorted(self.ray_nodes),
@@ -329,6 +337,17 @@ class FederatedRun:
         # adaptive clipping: ``clip`` is the one in force at the end (``spent`` has it)
         return {"mode": privacy.mode, "clip": privacy.clip, "noise_multiplier": privacy.noise_multiplier,
                 "target_epsilon": privacy.target_epsilon, **spent, "stopped": self.privacy_stop}
+
+
+def codec_seconds(lines: list[dict[str, Any]]) -> dict[str, float]:
+    """The codec's seconds per round (the server's plus a client's mean: what a round waits for) and their share of
+    the rounds' seconds; empty without the codec."""
+    rounds = [line for line in lines if "codec" in line and "seconds" in line]
+    if not rounds:
+        return {}
+    per_round = [line["codec"]["server_seconds"] + line["codec"]["client_seconds_mean"] for line in rounds]
+    wall = sum(line["seconds"] for line in rounds)
+    return {"codec_seconds_per_round": sum(per_round) / len(rounds), "codec_seconds_share": sum(per_round) / wall if wall else 0.0}
 
 
 def in_simulation(grid: Grid) -> bool:

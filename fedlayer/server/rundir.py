@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,9 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fedlayer.files import atomic_write
+
+#: The file in a run directory holding the run's key.
+RUN_KEY_FILE = "run-key"
 
 
 def jsonable(value: Any, replaced: list[str] | None = None, where: str = "") -> Any:
@@ -57,7 +61,24 @@ class RunDirectory:
         run = cls(Path(cfg.output_dir).resolve() / (cfg.run_name or default_run_name(cfg)))
         if not cfg.resume:
             (run.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            run.new_run_key()
         return run
+
+    @property
+    def run_key(self) -> str:
+        """This run's key (``wire.records.RUN_KEY``), which nodes key their saved round state by.
+
+        Made once with the directory and kept in it, so ``resume=`` (a new
+        Flower run) keeps it; a directory without one (an older run) gets one.
+        """
+        path = self.path / RUN_KEY_FILE
+        if not path.exists():
+            self.new_run_key()
+        return path.read_text().strip()
+
+    def new_run_key(self) -> None:
+        """Give the run a fresh key: 16 random hex digits."""
+        atomic_write(self.path / RUN_KEY_FILE, os.urandom(8).hex().encode())
 
     def append_metrics(self, record: dict[str, Any]) -> list[str]:
         """Add one round's line to ``metrics.jsonl``; the fields that were not finite.

@@ -18,6 +18,10 @@ from fedlayer.layers import ModelLayers
 from fedlayer.wire.records import CODEC_RESYNC, CONFIG, TRAFFIC
 from fedlayer.traffic.size import MessageSize, measure_message
 
+#: Where the bytes of array keys outside every exchanged layer go (only a reply that is then
+#: refused carries such keys; the method's own traffic is all named by its layers).
+FOREIGN_KEYS = "(keys of no layer)"
+
 
 @dataclass
 class RoundTraffic:
@@ -56,7 +60,8 @@ class ByteLedger:
     Parameters
     ----------
     layers : ModelLayers
-        The model's layers, to attribute array bytes to layers.
+        Every layer the method's messages may carry (``strategy.exchanged_layers()``: the
+        model's, and FedLP's level heads), to attribute array bytes to layers.
     full_model_bytes : int
         Serialised size of an ArrayRecord holding the whole model: what FedAvg
         ships as payload in each direction for each participating client.
@@ -75,7 +80,7 @@ class ByteLedger:
     def _layer_bytes(self, size: MessageSize) -> dict[str, int]:
         per_layer: dict[str, int] = defaultdict(int)
         for key, nbytes in size.by_key.items():
-            per_layer[self.layers.layer_of(key) if key in self.layers.keys_set else "?"] += nbytes
+            per_layer[self.layers.layer_of(key) if key in self.layers.keys_set else FOREIGN_KEYS] += nbytes
         return per_layer
 
     def _fedavg_equivalent(self, size: MessageSize) -> int:

@@ -1,9 +1,10 @@
 """Everything that defines what crosses the wire between the two halves.
 
 records.py     record names and config keys both sides use
-tensors.py     the codec stage's coded tensors (b-bit differences from a shared reference)
-quantize.py bitpack.py   the quantiser and the bit packing under both tensor formats
-laq_proto.py laq_codec.py proto/   LAQ's versioned protobuf update and its codec
+tensors.py     the one quantised-tensor format (``fedlayer.delta.v1``: a Flower Array per
+               tensor, b-bit differences from a shared reference), used by the codec stage
+               and by LAQ (whose update is these Arrays plus three scalars, methods/laq.py)
+quantize.py bitpack.py   the LAQ grid quantiser and the bit packing under it (private to wire/)
 
 Only modules here encode or decode tensors for the wire (tests/test_architecture.py).
 """

@@ -1,14 +1,34 @@
-"""Tensors as b-bit differences from a reference both ends hold.
+"""The one quantised-tensor format: tensors as b-bit differences from a reference both ends hold.
 
 A float32 tensor ``x`` travels as ``x - r`` for a reference ``r`` the sender
-and the receiver share, quantised to ``b`` bits: 8, 4 or 2 with fedlayer's
-LAQ grid (a float32 radius and bit-packed codes; ``compression/``), 1 as the
-sign with the mean absolute difference as its scale (EF-SignSGD), or 16 as
-float16. Both ends rebuild the identical ``r + Q(x - r)``. Each encoded
-tensor is a Flower ``Array`` with ``stype`` ``CODEC_STYPE`` under the tensor's
-own key, so the byte ledger attributes it to its layer as it does dense
-arrays. Tensors that cannot be encoded (integers, no reference yet, a float16
-overflow) travel dense in the same record, and the receiver takes them as they are.
+and the receiver share. Each encoded tensor is a Flower ``Array`` under the
+tensor's own key, with ``stype`` ``CODEC_STYPE`` (the format and its version),
+the tensor's shape, and a ``dtype`` naming the encoding of ``data``:
+
+- ``q1`` .. ``q8``: fedlayer's LAQ grid (``quantize.py``): a little-endian
+  float32 radius ``R``, then one ``b``-bit code per value, bit-packed
+  (``bitpack.py``); the value is ``r + R/(2^b - 1) * (2c - (2^b - 1))``;
+- ``s1``: the same layout, the float32 being the mean absolute difference
+  (the scale) and each code the sign (EF-SignSGD);
+- ``f16``: the difference as float16, little-endian;
+- the codec levers' formats (``k<b>`` top-k, ``s1b`` block scales,
+  ``z<dtype>`` zstd): ``levers.py``.
+
+Both ends rebuild the identical ``r + Q(x - r)``. The codec stage sends
+2..8 bits on the grid and 1 bit as the sign (``encode_tensor``); LAQ sends its
+innovations on the grid at any 1..8 bits (``encode_grid``). Because each
+tensor is its own ``Array``, the byte ledger attributes it to its layer as it
+does dense arrays. Tensors that cannot be encoded (integers, no reference yet,
+a float16 overflow) travel dense in the same record, and the receiver takes
+them as they are.
+
+Why Flower's ``Array`` and not a ``.proto`` of our own: ``Array`` *is* a
+protobuf message (``flwr/proto/recorddict.proto``: dtype, shape, stype,
+data), so a non-Python peer decodes this format with Flower's schema plus the
+``data`` layout above; an envelope of our own inside it (LAQ's former
+``fedlayer.compressed.v1`` protobuf, carried as one opaque bytes value) hid
+which layer each byte belonged to from the ledger and encoded the same
+thing a second way.
 """
 
 from __future__ import annotations
@@ -19,7 +39,9 @@ import struct
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from fedlayer.wire import levers
 from fedlayer.wire.bitpack import pack_codes, packed_nbytes, unpack_codes
+from fedlayer.wire.levers import Encoding, LeverError
 from fedlayer.wire.quantize import (
     QuantizedTensor,
     dequantize,
@@ -34,7 +56,7 @@ BITS = (32, 16, 8, 4, 2, 1)
 DENSE = 32
 _RADIUS = struct.Struct("<f")
 #: Bits per value of each encoded ``dtype``.
-_ENCODED_BITS = {"f16": 16, "q8": 8, "q4": 4, "q2": 2, "s1": 1}
+_ENCODED_BITS = {"f16": 16, "s1": 1, **{f"q{bits}": bits for bits in range(1, 9)}}
 #: The error-feedback residual added to a send is clipped to this multiple of the send's own difference (L2).
 RESIDUAL_CLIP = 8.0
 #: Below this a difference fits float16 with any error-feedback residual (float16's max, less one float16 step).
@@ -61,8 +83,18 @@ def encode_tensor(target: np.ndarray, reference: np.ndarray, bits: int) -> tuple
         return Array(dtype="f16", shape=shape, stype=CODEC_STYPE, data=diff.tobytes()), rebuilt
     if bits == 1:
         return _encode_sign(target, reference, shape)
+    return encode_grid(target, reference, bits)
+
+
+def encode_grid(target: np.ndarray, reference: np.ndarray, bits: int) -> tuple[Array, np.ndarray]:
+    """``target`` on the LAQ grid of ``bits`` (1..8) around ``reference``: the ``q<bits>`` Array and what the receiver rebuilds.
+
+    ValueError if the difference is not finite or the shapes differ.
+    """
+    target = np.asarray(target, dtype=np.float32)
     quantized = quantize_innovation(target, reference, bits)
     data = _RADIUS.pack(quantized.radius) + pack_codes(quantized.codes, bits)
+    shape = tuple(int(d) for d in target.shape)
     return Array(dtype=f"q{bits}", shape=shape, stype=CODEC_STYPE, data=data), dequantize(quantized, reference)
 
 
@@ -93,6 +125,8 @@ def decode_tensor(array: Array, reference: np.ndarray) -> np.ndarray:
         raise CodecError(f"shape {tuple(array.shape)} differs from the reference's {tuple(reference.shape)}")
     count = math.prod(reference.shape)
     reference = np.asarray(reference, dtype=np.float32)
+    if array.dtype not in _ENCODED_BITS:
+        return _decode_lever(array.dtype, array.data, reference, count)
     if array.dtype == "f16":
         if len(array.data) != 2 * count:
             raise CodecError(f"f16 data is {len(array.data)} bytes, expected {2 * count}")
@@ -108,31 +142,72 @@ def decode_tensor(array: Array, reference: np.ndarray) -> np.ndarray:
     if not (math.isfinite(radius) and radius >= 0):
         raise CodecError(f"radius must be finite and >= 0, got {radius}")
     codes = unpack_codes(array.data[_RADIUS.size :], bits, count).reshape(reference.shape)
-    if bits == 1:
+    if array.dtype == "s1":
         return _signed(codes, np.float32(radius), reference)
     return dequantize(QuantizedTensor(codes, radius, bits), reference)
+
+
+def _decode_lever(dtype: str, data: bytes, reference: np.ndarray, count: int) -> np.ndarray:
+    """The levers' formats (``levers``): ``z<dtype>`` (zstd), ``s1b`` (block scales), ``k<b>`` (top-k)."""
+    try:
+        if dtype.startswith("z") and len(dtype) > 1 and not dtype[1:].startswith("z"):
+            inner = levers.decompress(data, levers.payload_limit(count))
+            return decode_tensor(Array(dtype=dtype[1:], shape=reference.shape, stype=CODEC_STYPE, data=inner), reference)
+        if dtype == "s1b":
+            return levers.decode_block_sign(data, reference)
+        if dtype[:1] == "k" and dtype[1:].isdigit() and int(dtype[1:]) in levers.TOPK_WIDTHS:
+            return levers.decode_topk(data, reference, int(dtype[1:]))
+    except LeverError as err:
+        raise CodecError(f"{dtype}: {err}") from None
+    raise CodecError(f"unknown encoding {dtype!r}")
+
+
+def _dtype_bits(dtype: str) -> int | None:
+    """Bits per value of an encoded ``dtype`` (a top-k one: of its kept values); None if unknown."""
+    base = dtype[1:] if dtype.startswith("z") else dtype
+    if base == "s1b":
+        return 1
+    if base[:1] == "k" and base[1:].isdigit():
+        return int(base[1:])
+    return _ENCODED_BITS.get(base)
 
 
 def encoded_bits(array: Array) -> int:
     """The bits per value ``array`` travels at: ``DENSE`` for a plain array; ``CodecError`` for an unknown encoding."""
     if array.stype != CODEC_STYPE:
         return DENSE
-    bits = _ENCODED_BITS.get(array.dtype)
+    bits = _dtype_bits(array.dtype)
     if bits is None:
         raise CodecError(f"unknown encoding {array.dtype!r}")
     return bits
 
 
-def check_encoding(record: ArrayRecord, reference: State, bits: int, setting: str) -> None:
+def grid_bits(array: Array) -> int | None:
+    """The bits of a tensor on the LAQ grid (``q1`` .. ``q8``); None for a dense array or another encoding."""
+    if array.stype != CODEC_STYPE or not array.dtype.startswith("q"):
+        return None
+    return _ENCODED_BITS.get(array.dtype)
+
+
+def check_encoding(record: ArrayRecord, reference: State, bits: int | Encoding, setting: str) -> None:
     """``CodecError`` unless every tensor of ``record`` travels as a sender configured for ``bits`` sends it.
 
     Such a sender (``encode_state``) encodes every float32 tensor that has a
     reference of its shape at ``bits``; the others, and at 16 bits a difference
     that overflows float16, travel dense. ``setting`` names the configured field
-    in the message (``up_bits``).
+    in the message (``up_bits``). With levers on (an ``Encoding``), each
+    encoded tensor must be in a format such a sender produces, and a bit
+    budget must hold over the record.
     """
+    if isinstance(bits, Encoding):
+        if not bits.plain:
+            _check_levers(record, reference, bits, setting)
+            return
+        bits = bits.bits
     for key, array in record.items():
         sent = encoded_bits(array)
+        if sent != DENSE and array.dtype not in _ENCODED_BITS:  # a lever's format (top-k, block scales, zstd)
+            raise CodecError(f"reply encodes {key} as {array.dtype!r}, configured {setting}={bits} without levers")
         if sent == bits:
             continue
         if sent != DENSE:
@@ -143,6 +218,26 @@ def check_encoding(record: ArrayRecord, reference: State, bits: int, setting: st
         if bits == 16 and _overflows_float16(array, ref):
             continue
         raise CodecError(f"reply sends {key} dense (32 bits), configured {setting}={bits}")
+
+
+def _check_levers(record: ArrayRecord, reference: State, encoding: Encoding, setting: str) -> None:
+    """``check_encoding`` for an encoding with levers on."""
+    spent, values = 0, 0
+    for key, array in record.items():
+        if array.stype != CODEC_STYPE:
+            ref = reference.get(key)
+            if array.dtype == "float32" and ref is not None and tuple(array.shape) == tuple(ref.shape) and encoding.coded:
+                raise CodecError(f"reply sends {key} dense (32 bits), configured {setting}={encoding.describe()}")
+            continue
+        zipped = array.dtype.startswith("z") and encoding.entropy == "zstd"
+        base = array.dtype[1:] if zipped else array.dtype
+        width = next((w for w in encoding.widths() if encoding.dtype(w) == base), None)
+        if width is None:
+            raise CodecError(f"reply encodes {key} as {array.dtype!r}, configured {setting}={encoding.describe()}")
+        count = math.prod(array.shape)
+        spent, values = spent + width * count, values + count
+    if encoding.budget_bits is not None and spent > encoding.budget_bits * values:
+        raise CodecError(f"reply spends {spent / max(values, 1):.3f} bits a value, configured budget_bits={encoding.budget_bits}")
 
 
 def _overflows_float16(array: Array, reference: np.ndarray) -> bool:
@@ -168,14 +263,18 @@ def encodable(value: np.ndarray, reference: State, key: str) -> bool:
 
 
 def encode_state(
-    target: State, reference: State, bits: int, residual: State | None = None
+    target: State, reference: State, bits: int | Encoding, residual: State | None = None
 ) -> tuple[ArrayRecord, State, State]:
     """``target`` (plus the sender's ``residual``) encoded against ``reference``.
 
     Returns the record, what the receiver rebuilds, and the new residual
     (what the quantiser dropped: error feedback, added to the next send).
     Keys that travel dense are rebuilt exactly and leave no residual.
+    ``bits`` may be an ``Encoding`` with levers (``levers``).
     """
+    if isinstance(bits, Encoding) and not bits.plain:
+        return _encode_levers(target, reference, bits, residual)
+    bits = bits.bits if isinstance(bits, Encoding) else bits
     arrays: dict[str, Array] = {}
     rebuilt: State = {}
     new_residual: State = {}
@@ -193,7 +292,62 @@ def encode_state(
     return ArrayRecord(arrays), rebuilt, new_residual
 
 
-def _clipped(residual: np.ndarray, value: np.ndarray, reference: np.ndarray) -> np.ndarray:
+def _encode_levers(
+    target: State, reference: State, encoding: Encoding, residual: State | None
+) -> tuple[ArrayRecord, State, State]:
+    """``encode_state`` with levers: widths from the bit budget, top-k, block scales, zstd."""
+    # top-k leaves most of a difference behind for a while: a fixed update's residual settles near 0.45/topk
+    # times the update (measured, 4 bits, topk 0.05 and 0.1), so the bound is twice that; a client's residual
+    # from a participation rounds ago is added to a new difference, and a looser bound (8/topk) let such stale
+    # residuals make sends the norm guard refused (FedLAMA, 20 clients, 30% a round)
+    clip = max(RESIDUAL_CLIP, 1.0 / encoding.topk)
+    intended: State = {}
+    for key, value in target.items():
+        if encodable(value, reference, key):
+            owed = residual.get(key) if residual is not None else None
+            intended[key] = value + _clipped(owed, value, reference[key], clip) if owed is not None else value
+    widths = {key: encoding.bits for key in intended}
+    if encoding.budget_bits is not None:
+        widths = levers.allocate_widths({key: _difference_stats(intended[key], reference[key]) for key in intended}, encoding.budget_bits)
+    arrays: dict[str, Array] = {}
+    rebuilt: State = {}
+    new_residual: State = {}
+    for key, value in target.items():
+        if key not in intended:
+            arrays[key], rebuilt[key] = Array(np.require(value, requirements="C")), value
+            continue
+        arrays[key], rebuilt[key] = _encode_one(intended[key], reference[key], encoding, widths[key])
+        if residual is not None:
+            new_residual[key] = intended[key] - rebuilt[key]
+    return ArrayRecord(arrays), rebuilt, new_residual
+
+
+def _encode_one(target: np.ndarray, reference: np.ndarray, encoding: Encoding, bits: int) -> tuple[Array, np.ndarray]:
+    target = np.asarray(target, dtype=np.float32)
+    reference = np.asarray(reference, dtype=np.float32)
+    shape = tuple(int(d) for d in target.shape)
+    dtype = encoding.dtype(bits)
+    if dtype.startswith("k"):
+        data, rebuilt = levers.encode_topk(np.subtract(target, reference, dtype=np.float32), reference, encoding.topk, bits)
+    elif dtype == "s1b":
+        data, rebuilt = levers.encode_block_sign(np.subtract(target, reference, dtype=np.float32), reference, encoding.block)
+    else:
+        encoded = encode_tensor(target, reference, bits)
+        if encoded is None:
+            raise ValueError("a 16-bit difference overflows float16")  # 16 bits is not offered with levers
+        array, rebuilt = encoded
+        data = array.data
+    array = Array(dtype=dtype, shape=shape, stype=CODEC_STYPE, data=data)
+    return (levers.compress(array) if encoding.entropy == "zstd" else array), rebuilt
+
+
+def _difference_stats(target: np.ndarray, reference: np.ndarray) -> tuple[int, float, float, float]:
+    """What a bit budget weighs a tensor by: values, sum of squares, sum of magnitudes, largest magnitude."""
+    diff = np.abs(np.subtract(target, reference, dtype=np.float32), dtype=np.float64)
+    return diff.size, float(np.square(diff).sum()), float(diff.sum()), float(diff.max(initial=0.0))
+
+
+def _clipped(residual: np.ndarray, value: np.ndarray, reference: np.ndarray, factor: float = RESIDUAL_CLIP) -> np.ndarray:
     """``residual`` scaled down to at most ``RESIDUAL_CLIP`` times ``value - reference`` in L2 norm.
 
     What the quantiser dropped is owed to the receiver, but a layer that
@@ -207,7 +361,7 @@ def _clipped(residual: np.ndarray, value: np.ndarray, reference: np.ndarray) -> 
     residual never outgrows what the layer is doing now; a steady update
     (a residual below the bound) keeps exact error feedback.
     """
-    limit = RESIDUAL_CLIP * float(np.linalg.norm(np.subtract(value, reference, dtype=np.float32)))
+    limit = factor * float(np.linalg.norm(np.subtract(value, reference, dtype=np.float32)))
     norm = float(np.linalg.norm(residual))
     if not norm > limit:  # NaN norms are caught by the encoder
         return residual

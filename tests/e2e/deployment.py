@@ -143,8 +143,10 @@ class LocalDeployment:
     @property
     def env(self) -> dict[str, str]:
         """Environment of every Flower command of this deployment (with node authentication
-        also ``FEDLAYER_NODE_AUTH=1``, as ``fedlayer-server`` sets it: ``identity.bind=auto`` binds to keys)."""
-        return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.flwr_home), "FEDLAYER_NODE_AUTH": "1" if self.node_auth else "0"}
+        also ``FEDLAYER_NODE_AUTH=1``, as ``fedlayer-server`` sets it: ``identity.bind=auto`` binds to keys; ``fedlayer-client``'s
+        default state folders go under the deployment's own folder, ``XDG_CACHE_HOME``)."""
+        return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.flwr_home), "XDG_CACHE_HOME": str(self.workdir / "cache"),
+                "FEDLAYER_NODE_AUTH": "1" if self.node_auth else "0"}
 
     @property
     def fleet_address(self) -> str:

@@ -6,6 +6,7 @@ import io
 import math
 from logging import INFO
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +18,35 @@ from flwr.common.logger import log
 from fedlayer.errors import require
 from fedlayer.files import FileVersions, atomic_write
 from fedlayer.layers import State, select
-from fedlayer.methods.base import LayerwiseStrategy
+from fedlayer.methods.base import LayerwiseStrategy, StrategyState
 from fedlayer.methods.pfedla.hypernetwork import ClientHypernetwork, aggregation_weights
 from fedlayer.methods.pfedla.store import ClientModelStore
 from fedlayer.methods.replies import TrainReply
+from fedlayer.methods.server_state import attr
 
 
 #: Values of ``hn_step``: whose hypernetworks a round steps.
 HN_STEP = ("sampled", "all")
 #: ``hn_step="all"``: memory for one layer's ``-Delta`` slices of a group of unsampled clients.
 STORED_DELTA_GROUP_BYTES = 128 * 2**20
+
+
+@dataclass
+class PFedLAState(StrategyState):
+    """Which version of each client's files is current (checkpointed; see ``methods.server_state``).
+
+    The client models and hypernetworks are not copied into the checkpoint
+    (that would hold all N in memory): they stay in versioned files in the
+    run directory, and the checkpoint names the versions of its round. It
+    names no folder: a run directory that moved resumes where it is now.
+    Loading needs the run directory attached first (``attach_run_dir``, as the
+    round loop does); files a crashed later round wrote are discarded.
+    """
+
+    model_versions: FileVersions = attr("store.versions")
+    hypernetwork_versions: FileVersions = attr("hn_files")
+    #: ``hn_step="all"``: each client's stored last ``-Delta`` (empty otherwise)
+    delta_versions: FileVersions = attr("deltas.versions")
 
 
 class PFedLAStrategy(LayerwiseStrategy):
@@ -78,7 +98,9 @@ class PFedLAStrategy(LayerwiseStrategy):
 
     method = "pfedla"
     per_node_state = True
+    server_state = PFedLAState
     averages_layers = False
+    no_global_model = "its clients train personalised models; the global model is only evaluated centrally"
 
     def __init__(
         self,
@@ -379,38 +401,11 @@ class PFedLAStrategy(LayerwiseStrategy):
         self_weights = [(r["round"], r["strategy"]["self_weight"]) for r in records if r.get("strategy", {}).get("self_weight")]
         plot_layer_weights(final, self.layers.names, self_weights, run_dir / "pfedla_alpha.png")
 
-    # ---------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """Which version of each client's files is current.
-
-        The client models and hypernetworks are not copied into the checkpoint
-        (that would hold all N in memory): they stay in versioned files in the
-        run directory, and the checkpoint names the versions of its round. It
-        names no folder: a run directory that moved resumes where it is now.
-        """
-        state = {
-            **super().state_dict(),
-            "model_versions": self.store.versions.state_dict(),
-            "hypernetwork_versions": self.hn_files.state_dict(),
-        }
-        if self.hn_step == "all":
-            state["delta_versions"] = self.deltas.versions.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore into the run directory attached first (``attach_run_dir``, as the round loop
-        does); files a crashed later round wrote are discarded. (Checkpoints of older
-        versions also hold a ``workdir``: the folder the run had then, never used.)"""
-        super().load_state_dict(state)
-        self.store.versions.load_state_dict(state["model_versions"])
-        self.hn_files.load_state_dict(state["hypernetwork_versions"])
-        if self.hn_step == "all":
-            self.deltas.versions.load_state_dict(state.get("delta_versions", {}))
-
     def summary(self) -> None:
-        super().summary()
+        """Log the method's own settings, then the base strategy's (as Flower's strategies do)."""
         log(
             INFO,
             "\t└──> pFedLA: N=%d embedding=%d hidden=%d hn_lr=%g k=%d hn_step=%s; store %s",
             self.num_clients, self.embedding_dim, self.hidden_dim, self.hn_lr, self.k, self.hn_step, self.workdir,
         )
+        super().summary()

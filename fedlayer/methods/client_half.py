@@ -31,15 +31,14 @@ from fedlayer.layers import (
     torch_state_to_numpy,
 )
 from fedlayer.models import LayeredModel
+from fedlayer.wire.messages import decode
 from fedlayer.wire.records import (
     ARRAYS,
     CONFIG,
-    KEEP_MODEL,
     METRICS,
     NUM_EXAMPLES,
     PARTITION_ID,
-    REQUEST,
-    SERVER_ROUND,
+    RoundConfig,
 )
 from fedlayer.training import evaluate, train_steps
 from fedlayer.workload import build_configured_model, client_data, initial_state
@@ -120,7 +119,7 @@ def save_local_model(context: Context, state: State) -> None:
 
 def keep_if_asked(content: RecordDict, context: Context, state: State) -> None:
     """Keep the node's model for its next round when the message says so (``keep-model``)."""
-    if bool(content[CONFIG].get(KEEP_MODEL, True)):
+    if round_config(content).keep_model:
         save_local_model(context, state)
 
 
@@ -131,14 +130,19 @@ def load_memory(context: Context, name: str) -> ConfigRecord | None:
 
 
 # --- messages ------------------------------------------------------------------
+def round_config(content: RecordDict) -> RoundConfig:
+    """What every message says (``wire.records.RoundConfig``); ``MessageError`` if it does not decode."""
+    return decode(RoundConfig, content[CONFIG])
+
+
 def server_round_of(content: RecordDict) -> int:
     """The round a message belongs to."""
-    return int(content[CONFIG][SERVER_ROUND])
+    return round_config(content).server_round
 
 
 def requested_layers(content: RecordDict) -> list[str]:
     """Layer names the server asked to get back."""
-    return [name for name in content[CONFIG].get(REQUEST, []) if name]
+    return [name for name in round_config(content).request if name]
 
 
 def received_state(content: RecordDict) -> State:

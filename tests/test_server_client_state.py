@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedlayer.clientstore import ClientStates
+from fedlayer.server_client_state import ClientStates
 from fedlayer.config import compose_config
 from fedlayer.layers import states_equal
 from tests.inprocess import run_in_process

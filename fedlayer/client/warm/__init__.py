@@ -1,0 +1,1 @@
+"""A warm worker per device: one long-lived process answers the ClientApp's messages (see ``worker``)."""

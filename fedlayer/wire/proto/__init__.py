@@ -1,1 +1,0 @@
-"""Generated protobuf code, laid out by proto package (protoc -I fedlayer/wire/proto)."""
