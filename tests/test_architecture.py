@@ -117,3 +117,10 @@ def test_only_the_wire_package_encodes_or_decodes_tensors():
     assert not outside, outside
     generated = [str(path.relative_to(ROOT)) for path in ROOT.rglob("*_pb2.py") if path.relative_to(ROOT).parts[0] != "wire"]
     assert not generated, generated
+
+
+def test_methods_report_numbers_and_never_draw_or_write_reports():
+    """A strategy fills a MethodReport; only the server writes and draws it (fedlayer.server.artifacts)."""
+    drawing = [f"{module} -> {target}" for module, targets in GRAPH.items() if part(module) == "methods" for target in targets if target == "fedlayer.plots"]
+    assert not drawing, drawing
+    assert "fedlayer.plots" in GRAPH["fedlayer.server.artifacts"]

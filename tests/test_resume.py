@@ -145,3 +145,17 @@ def test_resume_is_exact_when_the_crash_also_lost_the_newest_checkpoint(tmp_path
     resumed = resolve_resume(compose_config([f"resume={tmp_path / 'crashed'}"]))
     run_in_process(resumed, first_node_id=FIRST_NODE_ID + 1000)
     assert_same_run(tmp_path / "straight", tmp_path / "crashed")
+
+
+def test_resuming_a_checkpoint_without_the_methods_state_fields_stops_with_one_line(tmp_path):
+    """A checkpoint written by a fedlayer whose state dataclass lacked a field is refused by name, not a KeyError."""
+    from fedlayer.server.loop import RunStopped
+
+    run_in_process(compose_config([*_common(["strategy=fedavg", "federation.rounds=1"]), f"output_dir={tmp_path}", "run_name=old"]))
+    store = CheckpointStore(tmp_path / "old")
+    checkpoint = store.latest()
+    del checkpoint.strategy_state["norm_history"]
+    store.save(checkpoint)
+    store.wait()
+    with pytest.raises(RunStopped, match=r"lacks the method's state \(StrategyState: 'norm_history' missing"):
+        run_in_process(resolve_resume(compose_config([f"resume={tmp_path / 'old'}", "federation.rounds=2"])))

@@ -12,7 +12,7 @@ hooks, never those calls:
 - ``node_state``    the tensors a node receives (personalised methods);
 - ``validate``      method checks on top of the reply validation;
 - ``aggregate``     new values for some layers, from validated replies;
-- ``round_record``, ``fedavg_state``, ``write_artifacts``.
+- ``round_record``, ``fedavg_state``, ``final_report``.
 
 What a method keeps between rounds is declared once, as a dataclass extending
 ``StrategyState`` named by ``server_state``; ``state_dict``/``load_state_dict``
@@ -42,6 +42,7 @@ from fedlayer.codec.options import CodecOptions
 from fedlayer.codec.server import ServerCodec
 from fedlayer.wire.tensors import BITS, DENSE
 from fedlayer.errors import require
+from fedlayer.method_report import MethodReport
 from fedlayer.files import deferred_pruning, prune
 from fedlayer.layers import (
     ModelLayers,
@@ -488,8 +489,9 @@ class LayerwiseStrategy:
         if self.codec is not None:
             self.codec.references.attach(Path(run_dir) / "server-state")
 
-    def write_artifacts(self, run_dir: Path, records: list[dict[str, Any]]) -> None:
-        """Method-specific plots/files written at the end of a run (none here)."""
+    def final_report(self, records: list[dict[str, Any]]) -> MethodReport:
+        """What the method reports when the run ends (numbers; the server writes and draws them): nothing here."""
+        return MethodReport()
 
     def state_dict(self) -> dict[str, Any]:
         """Method state to checkpoint (beyond the global model): what ``server_state`` declares."""

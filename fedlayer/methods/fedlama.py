@@ -6,7 +6,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from logging import INFO
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.common.logger import log
 
 from fedlayer.errors import require
+from fedlayer.method_report import IntervalHistory, MethodReport
 from fedlayer.layers import Layer, ModelLayers, State
 from fedlayer.methods.base import LayerwiseStrategy, NodePlan, StrategyState
 from fedlayer.methods.client_half import ClientRuntime, load_local_model, standard_train
@@ -195,14 +195,10 @@ class FedLAMAStrategy(LayerwiseStrategy):
         every layer's latest discrepancy, and whether intervals were re-assigned."""
         return {**self._record, "discrepancy": dict(self.discrepancy), "cohort_size": len(self.cohort)}
 
-    def write_artifacts(self, run_dir: Path, records: list[dict[str, Any]]) -> None:
-        """``intervals.png``: each layer's interval (rounds) per round, as a heatmap."""
+    def final_report(self, records: list[dict[str, Any]]) -> MethodReport:
+        """Each layer's interval (rounds) per round (drawn as ``intervals.png``)."""
         rows = [(r["round"], r["strategy"]["intervals"]) for r in records if r.get("strategy", {}).get("intervals")]
-        if not rows:
-            return
-        from fedlayer.plots import plot_intervals  # matplotlib only where a run ends, never in a client
-
-        plot_intervals(rows, self.layers.names, self.phi, run_dir / "intervals.png")
+        return MethodReport(intervals=IntervalHistory(rows, self.layers.names, self.phi))
 
     def summary(self) -> None:
         """Log the method's own settings, then the base strategy's (as Flower's strategies do)."""

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedlayer.errors import ParameterError, require
+from fedlayer.method_report import MethodReport
 from fedlayer.layers import (
     Layer,
     ModelLayers,
@@ -356,7 +355,7 @@ class FedLPStrategy(LayerwiseStrategy):
         result[f"accuracy-depth-{self.depth}"] = result["accuracy"]
         return result
 
-    def write_artifacts(self, run_dir: Path, records: list[dict[str, Any]]) -> None:
+    def final_report(self, records: list[dict[str, Any]]) -> MethodReport:
         """``fedlp.json``: total training FLOPs next to full-model training, last per-depth accuracies."""
         last = records[-1] if records else {}
         strategy = last.get("strategy") or {}
@@ -370,7 +369,7 @@ class FedLPStrategy(LayerwiseStrategy):
             "depth_accuracy": {k: v for k, v in central.items() if k.startswith("accuracy-depth-")},
             "node_levels": {str(k): v for k, v in self.node_levels.items()},
         }
-        (run_dir / "fedlp.json").write_text(json.dumps(summary, indent=2))
+        return MethodReport(documents={"fedlp.json": summary})
 
 
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedlayer.data import ArrayDataset
 from fedlayer.methods import LayerwiseStrategy
 from fedlayer.methods.base import Rejection
+from fedlayer.server.artifacts import write_method_report
 from fedlayer.plots import plot_run
 from fedlayer.wire.records import HOST
 from fedlayer.server.builder import build_strategy
@@ -90,7 +91,10 @@ class FederatedRun:
             self.rundir.truncate_metrics(0)
             return
         self.strategy.global_state = checkpoint.global_state
-        self.strategy.load_state_dict(checkpoint.strategy_state)
+        try:
+            self.strategy.load_state_dict(checkpoint.strategy_state)
+        except KeyError as missing:  # a checkpoint of a fedlayer whose state dataclass had other fields
+            raise RunStopped(f"resume: the checkpoint in {self.rundir.path} lacks the method's state ({missing.args[0]}): written by another fedlayer version? Start a new run") from None
         self.ledger.load_state_dict(checkpoint.ledger_state)
         extra = checkpoint.extra
         self.strategy.rejections = [Rejection(**r) for r in extra["rejections"]]
@@ -157,7 +161,7 @@ class FederatedRun:
         self.rundir.write_summary(summary)
         records = self.rundir.read_metrics()
         plot_run(records, self.rundir.path / "accuracy.png", f"{self.cfg.strategy.name} on {self.cfg.dataset.name}")
-        self.strategy.write_artifacts(self.rundir.path, records)
+        write_method_report(self.strategy.final_report(records), self.rundir.path)
         self.telemetry.close()
         log(INFO, "fedlayer: finished; summary in %s", self.rundir.path / "summary.json")
         return summary

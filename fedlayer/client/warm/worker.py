@@ -127,10 +127,12 @@ class Worker:
             try:
                 check_peer(conn, self.uid)
                 theirs = recv_json(conn)
-                send_json(conn, self.hello)
-                if theirs.get("protocol") != PROTOCOL or theirs.get("code") != self.hello["code"]:
+                other_code = theirs.get("protocol") != PROTOCOL or theirs.get("code") != self.hello["code"]
+                if other_code:  # logged before the answer, so the log already says it when the peer goes cold
                     LOG.warning("refused a request for other code (code %.12s, this worker runs %.12s)",
                                 theirs.get("code"), self.hello["code"])
+                send_json(conn, self.hello)
+                if other_code:
                     return
                 message = message_from_proto(ProtoMessage.FromString(recv_frame(conn)))
                 context = context_from_proto(ProtoContext.FromString(recv_frame(conn)))

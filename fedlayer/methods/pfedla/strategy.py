@@ -16,6 +16,7 @@ from flwr.app import MessageType
 from flwr.common.logger import log
 
 from fedlayer.errors import require
+from fedlayer.method_report import LayerWeights, MethodReport
 from fedlayer.files import FileVersions, atomic_write
 from fedlayer.layers import State, select
 from fedlayer.methods.base import LayerwiseStrategy, StrategyState
@@ -391,15 +392,12 @@ class PFedLAStrategy(LayerwiseStrategy):
         atomic_write(path, buffer.getvalue())
         return path
 
-    def write_artifacts(self, run_dir: Path, records: list[dict[str, Any]]) -> None:
-        """``pfedla_alpha.npy`` (final weights, layer x client x client) and its heatmaps."""
-        from fedlayer.plots import plot_layer_weights  # matplotlib only where a run ends, never in a client
-
+    def final_report(self, records: list[dict[str, Any]]) -> MethodReport:
+        """The final weights (layer x client x client) and the self-weights per round (``pfedla_alpha.npy/.png``)."""
         with torch.no_grad():
             final = np.stack([self.weights(c)[0].numpy() for c in range(self.num_clients)], axis=1)
-        np.save(run_dir / "pfedla_alpha.npy", final)
         self_weights = [(r["round"], r["strategy"]["self_weight"]) for r in records if r.get("strategy", {}).get("self_weight")]
-        plot_layer_weights(final, self.layers.names, self_weights, run_dir / "pfedla_alpha.png")
+        return MethodReport(layer_weights=LayerWeights(final, self.layers.names, self_weights))
 
     def summary(self) -> None:
         """Log the method's own settings, then the base strategy's (as Flower's strategies do)."""
