@@ -319,7 +319,7 @@ def test_the_worker_refuses_a_connection_from_another_uid(node):
                     sock.connect(SOCKET)
                     sock.sendall(struct.pack(">Q", 2) + b"{}")
                     status = 0 if sock.recv(1) == b"" else 1
-            except ConnectionResetError:
+            except (ConnectionResetError, BrokenPipeError):  # closed before or while the child wrote: refused too
                 status = 0
             except BaseException as err:  # noqa: BLE001  (reported by the parent)
                 os.write(2, f"the other user's client failed: {err!r}\n".encode())
