@@ -73,6 +73,36 @@ def test_top_k_round_trips_to_the_exact_byte_count_with_the_smaller_index(bits):
     assert len(dense["w"].data) == 9 + 125 + values
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_the_zero_level_grid_round_trips_to_the_exact_byte_count_and_clips_outliers(bits):
+    count = 1001
+    target, reference = _pair(count, bits, scale=0.01)
+    target["w"][7] = reference["w"][7] + 50.0  # one outlier: the LAQ grid's step would be 100/(2^b - 1)
+    record = _round_trip(target, reference, Encoding(bits, step=1.0))
+    assert record["w"].dtype == f"m{bits}"
+    assert len(record["w"].data) == 4 + packed_nbytes(count, bits)  # the float32 step, then the codes
+    diff = (target["w"] - reference["w"]).astype(np.float64)
+    step = np.float32(np.sqrt(np.mean(diff**2)))
+    assert np.frombuffer(record["w"].data[:4], "<f4")[0] == step
+    moved = decode_state(record, reference)["w"] - reference["w"]
+    half = 2 ** (bits - 1) - 1
+    assert np.allclose(moved / step, np.clip(np.rint(diff / step), -half, half), atol=1e-4)  # levels of one step
+    if bits < 8:  # (at 8 bits 127 steps reach past any value of 1001: the RMS is at least the outlier / sqrt(1001))
+        assert abs(moved[7]) == pytest.approx(half * step, rel=1e-5)  # the outlier clipped, the rest not coarsened
+    assert step < 2.0  # the step follows the typical value (0.01), not the outlier (50)
+    zero = _round_trip(reference, reference, Encoding(bits, step=1.0))  # no difference: every code on zero
+    assert np.array_equal(decode_state(zero, reference)["w"], reference["w"])
+
+
+def test_a_zero_level_code_past_the_grid_or_a_bad_step_is_refused():
+    target, reference = _pair(16, 1)
+    record = _round_trip(target, reference, Encoding(2, step=1.0))
+    for data in (b"\xff" * 4 + record["w"].data[4:], record["w"].data[:4] + b"\xff" * 4, record["w"].data[:-1]):
+        with pytest.raises(CodecError, match="m2"):  # code 3 lies past the grid's 2; a NaN step; a short payload
+            decode_state(ArrayRecord({"w": type(record["w"])(dtype="m2", shape=(16,), stype=record["w"].stype, data=data)}),
+                         reference)
+
+
 def test_varints_round_trip_and_malformed_ones_are_refused():
     values = np.array([0, 1, 127, 128, 16383, 16384, 2**32 - 1], np.uint64)
     data = varint_encode(values)
@@ -110,8 +140,9 @@ def test_a_bit_budget_spreads_widths_by_what_each_tensor_carries_and_costs_what_
 
 
 # ------------------------------------------------------------------ error feedback
-@pytest.mark.parametrize("encoding", [Encoding(4, topk=0.1), Encoding(1, topk=0.1), Encoding(1, block=64)],
-                         ids=["topk-4", "topk-1", "block-1"])
+@pytest.mark.parametrize("encoding", [Encoding(4, topk=0.1), Encoding(1, topk=0.1), Encoding(1, block=64),
+                                      Encoding(2, step=2.0)],
+                         ids=["topk-4", "topk-1", "block-1", "zero-level-2"])
 def test_error_feedback_delivers_the_sum_of_a_fixed_update(encoding):
     """200 sends of the same update: with error feedback what arrived sums to what was sent; without, most is lost."""
     rng = np.random.default_rng(0)
@@ -139,6 +170,9 @@ def test_error_feedback_delivers_the_sum_of_a_fixed_update(encoding):
     (Encoding(1), Encoding(1, block=64)),
     (Encoding(4, entropy="zstd"), Encoding(4)),
     (Encoding(8, budget_bits=8), Encoding(4, budget_bits=2)),
+    (Encoding(4, step=1.0), Encoding(4)),
+    (Encoding(4), Encoding(4, step=1.0)),
+    (Encoding(2, step=1.0, entropy="zstd"), Encoding(4, step=1.0, entropy="zstd")),
 ])
 def test_a_reply_in_another_encoding_is_refused(sent, configured):
     target, reference = _pair(4096, 3, scale=0.0)
@@ -230,11 +264,19 @@ def test_codec_presets_compose_and_codec_keys_still_override():
 @pytest.mark.parametrize("override, field", [
     ("codec.topk=0", "codec.topk"), ("codec.entropy=lz4", "codec.entropy"), ("codec.block=-1", "codec.block"),
     ("codec.budget_bits=0.5", "codec.budget_bits"), ("codec.shared_downlink=maybe", "codec.shared_downlink"),
+    ("codec.step=0", "codec.step"),
 ])
 def test_a_bad_lever_fails_at_start_naming_the_field(override, field):
     with pytest.raises(ConfigError) as err:
         compose_config([override])
     assert err.value.field == field
+
+
+@pytest.mark.parametrize("other", ["codec.topk=0.1", "codec.down_topk=0.5", "codec.budget_bits=2"])
+def test_the_zero_level_grid_refuses_levers_that_use_the_laq_grid_naming_the_field(other):
+    with pytest.raises(ConfigError) as err:
+        compose_config(["codec=b4", "codec.step=1.0", other])
+    assert err.value.field == "codec.step"
 
 
 def test_levers_refuse_16_bits_naming_the_field():

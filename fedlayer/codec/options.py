@@ -23,12 +23,14 @@ CODEC_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("budget_bits", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 1 <= v <= 8),
      "must be null or in [1, 8] (value bits per parameter)"),
     ("shared_downlink", lambda v: isinstance(v, bool), "must be true or false"),
+    ("step", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 16),
+     "must be null (the LAQ grid) or in (0, 16] (a zero-level grid, its step this many times the difference's RMS)"),
 ]
 
 
 @dataclass(frozen=True)
 class CodecOptions:
-    """``codec.block``, ``codec.topk``, ``codec.down_topk``, ``codec.entropy``, ``codec.budget_bits``, ``codec.shared_downlink``.
+    """``codec.block``, ``codec.topk``, ``codec.down_topk``, ``codec.entropy``, ``codec.budget_bits``, ``codec.shared_downlink``, ``codec.step``.
 
     The first four apply to every direction that is coded (its width below
     32, or top-k on); ``shared_downlink``: a download is encoded once per
@@ -41,6 +43,7 @@ class CodecOptions:
     entropy: str = "none"
     budget_bits: float | None = None
     shared_downlink: bool = False
+    step: float | None = None
 
     @classmethod
     def from_config(cls, codec: Any) -> CodecOptions:
@@ -48,13 +51,15 @@ class CodecOptions:
         get = codec.get if codec is not None else (lambda _key, default=None: default)
         budget = get("budget_bits", None)
         down_topk = get("down_topk", None)
+        step = get("step", None)
         return cls(int(get("block", 0)), float(get("topk", 1.0)), None if down_topk is None else float(down_topk),
-                   str(get("entropy", "none")), None if budget is None else float(budget), bool(get("shared_downlink", False)))
+                   str(get("entropy", "none")), None if budget is None else float(budget), bool(get("shared_downlink", False)),
+                   None if step is None else float(step))
 
     @property
     def levers_on(self) -> bool:
         return (self.block != 0 or self.topk < 1.0 or (self.down_topk is not None and self.down_topk < 1.0)
-                or self.entropy != "none" or self.budget_bits is not None)
+                or self.entropy != "none" or self.budget_bits is not None or self.step is not None)
 
     def check(self, up_bits: int, down_bits: int) -> None:
         """``ParameterError`` (argument ``codec_options``) for the first lever out of range or not combining.
@@ -64,6 +69,11 @@ class CodecOptions:
         for field, check, problem in CODEC_RULES:
             value = getattr(self, field)
             require(check(value), "codec_options", f"codec.{field} {problem}", value)
+        if self.step is not None:
+            require(self.budget_bits is None, "codec_options", "codec.step does not combine with codec.budget_bits "
+                    "(a budget weighs the LAQ grid's widths)", self.step)
+            require(self.topk >= 1.0 and (self.down_topk is None or self.down_topk >= 1.0), "codec_options",
+                    "codec.step does not combine with top-k (codec.topk, codec.down_topk: its kept values use the LAQ grid)", self.step)
         if self.levers_on:
             for name, bits in (("up_bits", up_bits), ("down_bits", down_bits)):
                 require(bits in LEVER_WIDTHS, name, f"must be one of {list(LEVER_WIDTHS)} with codec levers on", bits)
@@ -73,4 +83,4 @@ class CodecOptions:
         topk = self.down_topk if down and self.down_topk is not None else self.topk
         if bits == 32 and topk >= 1.0:
             return Encoding(bits)
-        return Encoding(bits, self.block, topk, self.entropy, self.budget_bits)
+        return Encoding(bits, self.block, topk, self.entropy, self.budget_bits, self.step)

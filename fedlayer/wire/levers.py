@@ -12,6 +12,14 @@
   reference (downlink), so it travels later.
 - **Entropy coding** (``z<dtype>``): the coded payload compressed with
   zstandard, kept only where it is smaller; the ledger counts what crosses.
+- **A grid with a zero level, its step from the RMS** (``m<b>``, ``step``):
+  codes ``-h .. h`` (``h = 2^(b-1) - 1``) times one float32 step, ``step``
+  times the difference's root mean square. The LAQ grid (``q<b>``) has no
+  zero level and takes its step from the largest value, so one outlier of a
+  stale client coarsens the whole tensor and every small value still costs a
+  sign; here small values fall on zero (which entropy coding then makes
+  cheap), values beyond ``h`` steps are clipped, and what was clipped stays in
+  the error-feedback residual (uplink) or in the download's difference.
 - **Per-tensor bit budgets** (``budget_bits``): the sender spreads a budget of
   value bits per parameter over the tensors it sends, from the allowed widths
   ``BUDGET_WIDTHS``, by the quantisation error each width would leave
@@ -41,6 +49,8 @@ ENTROPY = ("none", "zstd")
 BUDGET_WIDTHS = (1, 2, 4, 8)
 #: Widths the kept values of top-k may use (16 is not offered: float16 may overflow).
 TOPK_WIDTHS = (32, 8, 4, 2, 1)
+#: Widths the zero-level grid (``m<b>``) takes: 1 bit has no zero level (the sign formats serve it).
+MIDTREAD_WIDTHS = (2, 4, 8)
 #: zstandard level: 3 (its default) compresses 4-bit codes within 1% of level 19 at a fraction of the time.
 ZSTD_LEVEL = 3
 _F32 = struct.Struct("<f")
@@ -62,11 +72,13 @@ class Encoding:
     topk: float = 1.0
     entropy: str = "none"
     budget_bits: float | None = None
+    step: float | None = None
 
     @property
     def plain(self) -> bool:
         """No lever on: the plain ``bits``-bit format."""
-        return self.block == 0 and self.topk >= 1.0 and self.entropy == "none" and self.budget_bits is None
+        return (self.block == 0 and self.topk >= 1.0 and self.entropy == "none" and self.budget_bits is None
+                and self.step is None)
 
     @property
     def coded(self) -> bool:
@@ -75,14 +87,15 @@ class Encoding:
 
     def levers(self) -> str:
         """The levers as the short JSON string a train message carries to the client."""
-        return json.dumps({"block": self.block, "topk": self.topk, "entropy": self.entropy, "budget_bits": self.budget_bits},
-                          sort_keys=True, separators=(",", ":"))
+        return json.dumps({"block": self.block, "topk": self.topk, "entropy": self.entropy, "budget_bits": self.budget_bits,
+                           "step": self.step}, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_levers(cls, bits: int, text: str) -> Encoding:
         values = json.loads(text)
+        step = values.get("step")
         return cls(int(bits), int(values["block"]), float(values["topk"]), str(values["entropy"]),
-                   None if values["budget_bits"] is None else float(values["budget_bits"]))
+                   None if values["budget_bits"] is None else float(values["budget_bits"]), None if step is None else float(step))
 
     def widths(self) -> tuple[int, ...]:
         """The widths a tensor may travel at."""
@@ -94,6 +107,8 @@ class Encoding:
             return f"k{bits}"
         if bits == 1 and self.block:
             return "s1b"
+        if self.step is not None and bits in MIDTREAD_WIDTHS:
+            return f"m{bits}"
         return "f16" if bits == 16 else f"q{bits}" if bits > 1 else "s1"
 
     def describe(self) -> str:
@@ -141,6 +156,49 @@ def _block_signed(codes: np.ndarray, scales: np.ndarray, block: int, reference: 
     magnitude = np.repeat(scales, block)[: codes.size]
     step = np.where(codes.astype(bool), magnitude, -magnitude).astype(np.float32)
     return np.add(reference.reshape(-1), step, dtype=np.float32).reshape(reference.shape)
+
+
+# --------------------------------------------------------------- zero-level grid, step from the RMS
+def encode_midtread(diff: np.ndarray, reference: np.ndarray, bits: int, step_factor: float) -> tuple[bytes, np.ndarray]:
+    """``diff`` as codes ``-h..h`` of one step, ``step_factor`` times its RMS (clipped beyond ``h``): the data and the rebuilt tensor."""
+    flat = diff.reshape(-1)
+    rms = math.sqrt(float(np.square(flat, dtype=np.float64).mean())) if flat.size else 0.0
+    if not math.isfinite(rms):
+        raise ValueError("innovation g - qhat is not finite")
+    step = np.float32(step_factor * rms)
+    half = _half(bits)
+    if step > 0:
+        signed = np.clip(np.rint(np.divide(flat, step, dtype=np.float32)), -half, half)
+        codes = (signed + half).astype(np.uint8)
+    else:
+        codes = np.full(flat.size, half, np.uint8)
+    return _F32.pack(float(step)) + pack_codes(codes, bits), _midtread(codes, step, half, reference)
+
+
+def decode_midtread(data: bytes, reference: np.ndarray, bits: int) -> np.ndarray:
+    count = reference.size
+    expected = _F32.size + packed_nbytes(count, bits)
+    if len(data) != expected:
+        raise LeverError(f"m{bits} data is {len(data)} bytes, expected {expected}")
+    (step,) = _F32.unpack_from(data)
+    if not (math.isfinite(step) and step >= 0):
+        raise LeverError(f"step must be finite and >= 0, got {step}")
+    half = _half(bits)
+    codes = unpack_codes(data[_F32.size :], bits, count)
+    if (codes > 2 * half).any():
+        raise LeverError(f"m{bits} code above {2 * half}")
+    return _midtread(codes, np.float32(step), half, reference)
+
+
+def _half(bits: int) -> int:
+    return (1 << (bits - 1)) - 1
+
+
+def _midtread(codes: np.ndarray, step: np.float32, half: int, reference: np.ndarray) -> np.ndarray:
+    """``reference + step * (codes - half)``: exact small integers times a float32, the same ops on both ends."""
+    level = np.subtract(codes, np.float32(half), dtype=np.float32)
+    np.multiply(level, step, out=level)
+    return np.add(reference.reshape(-1), level, dtype=np.float32).reshape(reference.shape)
 
 
 # --------------------------------------------------------------- top-k

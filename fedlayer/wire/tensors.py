@@ -12,7 +12,7 @@ the tensor's shape, and a ``dtype`` naming the encoding of ``data``:
   (the scale) and each code the sign (EF-SignSGD);
 - ``f16``: the difference as float16, little-endian;
 - the codec levers' formats (``k<b>`` top-k, ``s1b`` block scales,
-  ``z<dtype>`` zstd): ``levers.py``.
+  ``m<b>`` a zero-level grid, ``z<dtype>`` zstd): ``levers.py``.
 
 Both ends rebuild the identical ``r + Q(x - r)``. The codec stage sends
 2..8 bits on the grid and 1 bit as the sign (``encode_tensor``); LAQ sends its
@@ -148,7 +148,7 @@ def decode_tensor(array: Array, reference: np.ndarray) -> np.ndarray:
 
 
 def _decode_lever(dtype: str, data: bytes, reference: np.ndarray, count: int) -> np.ndarray:
-    """The levers' formats (``levers``): ``z<dtype>`` (zstd), ``s1b`` (block scales), ``k<b>`` (top-k)."""
+    """The levers' formats (``levers``): ``z<dtype>`` (zstd), ``s1b`` (block scales), ``k<b>`` (top-k), ``m<b>`` (zero-level grid)."""
     try:
         if dtype.startswith("z") and len(dtype) > 1 and not dtype[1:].startswith("z"):
             inner = levers.decompress(data, levers.payload_limit(count))
@@ -157,6 +157,8 @@ def _decode_lever(dtype: str, data: bytes, reference: np.ndarray, count: int) ->
             return levers.decode_block_sign(data, reference)
         if dtype[:1] == "k" and dtype[1:].isdigit() and int(dtype[1:]) in levers.TOPK_WIDTHS:
             return levers.decode_topk(data, reference, int(dtype[1:]))
+        if dtype[:1] == "m" and dtype[1:].isdigit() and int(dtype[1:]) in levers.MIDTREAD_WIDTHS:
+            return levers.decode_midtread(data, reference, int(dtype[1:]))
     except LeverError as err:
         raise CodecError(f"{dtype}: {err}") from None
     raise CodecError(f"unknown encoding {dtype!r}")
@@ -168,6 +170,8 @@ def _dtype_bits(dtype: str) -> int | None:
     if base == "s1b":
         return 1
     if base[:1] == "k" and base[1:].isdigit():
+        return int(base[1:])
+    if base[:1] == "m" and base[1:].isdigit() and int(base[1:]) in levers.MIDTREAD_WIDTHS:
         return int(base[1:])
     return _ENCODED_BITS.get(base)
 
@@ -331,6 +335,8 @@ def _encode_one(target: np.ndarray, reference: np.ndarray, encoding: Encoding, b
         data, rebuilt = levers.encode_topk(np.subtract(target, reference, dtype=np.float32), reference, encoding.topk, bits)
     elif dtype == "s1b":
         data, rebuilt = levers.encode_block_sign(np.subtract(target, reference, dtype=np.float32), reference, encoding.block)
+    elif dtype.startswith("m"):
+        data, rebuilt = levers.encode_midtread(np.subtract(target, reference, dtype=np.float32), reference, bits, encoding.step)
     else:
         encoded = encode_tensor(target, reference, bits)
         if encoded is None:
