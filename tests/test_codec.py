@@ -331,3 +331,44 @@ def test_ledger_bytes_equal_the_serialised_bytes(bits):
     grid = WireCount(make_client_app(cfg), 4, node_config=lambda p: {"partition-id": p, "num-partitions": 4, "host": "in-process"})
     summary = FederatedRun(cfg).run(grid)
     assert (summary["bytes_down"], summary["bytes_up"]) == (grid.down, grid.up)
+
+
+@pytest.mark.parametrize("up_bits", [32, 2])
+def test_a_downloads_quantisation_error_does_not_enter_the_global_model(up_bits):
+    """Clients that return exactly the model they rebuilt (no training) leave the global model where it was.
+
+    Each client trains from ``r + Q(x - r)``; the methods average the models
+    clients return, so without the correction each round's download error
+    (at 2 bits on the LAQ grid, a third of the tensor's largest difference on
+    every value) entered the global model, where no later download corrects it.
+    """
+    from benchmarks.faults import codec_reply, push, sent_message
+    from fedlayer.codec.client import open_download
+    from flwr.app import Context
+    from fedlayer.layers import copy_state, from_arrayrecord
+    from fedlayer.wire.records import ARRAYS
+    from tests.inprocess import FIRST_NODE_ID
+
+    cfg = compose_config(["dataset=digits", "model=cnn", "federation.num_clients=4", "federation.fraction_train=1.0",
+                          f"output_dir={tempfile.mkdtemp()}", "codec.down_bits=2", f"codec.up_bits={up_bits}"])
+    strategy = build_strategy(cfg, load_workload(cfg, 4))
+    nodes = [FIRST_NODE_ID + i for i in range(4)]
+    strategy.client_of = {node: i for i, node in enumerate(nodes)}
+    # the download of round 1 is the difference from the initial model: make it one a 2-bit grid cannot carry exactly
+    rng = np.random.default_rng(0)
+    strategy.global_state = {k: (v + rng.standard_normal(v.shape).astype(np.float32) * 0.1).astype(v.dtype)
+                             for k, v in strategy.global_state.items()}
+    before = copy_state(strategy.global_state)
+    push(strategy.configure_train(1, nodes))
+    replies, errors = [], []
+    for node in nodes:
+        context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+        dense, _ = open_download(sent_message(strategy, node).content, context, lambda: copy_state(strategy.codec.initial), True)
+        held = from_arrayrecord(dense[ARRAYS])
+        errors.append(max(float(np.abs(held[k] - before[k]).max()) for k in before))
+        replies.append(codec_reply(strategy, node, held))
+    assert min(errors) > 1e-3  # what each client holds is off by the download's error...
+    strategy.aggregate_train(1, replies)
+    assert not strategy.rejections
+    moved = max(float(np.abs(strategy.global_state[k] - before[k]).max()) for k in before)
+    assert moved < 1e-5, moved  # ...and none of it reaches the global model

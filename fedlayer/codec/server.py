@@ -15,6 +15,19 @@ it on only with the round that accepts the reply (``commit``). A download that
 was never answered is forgotten, so both ends stay at the old version.
 Federated-evaluation downloads are encoded against the reference and change nothing.
 
+**Download errors stay out of the model.** A client trains from what it
+rebuilt, ``r + Q(x - r)``, not from the ``x`` the server meant to send; the
+methods aggregate the models clients return, so without care each round's
+download error would enter the global model, where nothing ever corrects it
+(the next download is the difference from that model): the global model
+random-walks with the download noise, and with the LAQ grid at 2 bits, whose
+step follows a tensor's largest value, FedLAMA and FedLP diverged. So a
+coded train download remembers what it meant to send, and each downloaded
+layer of the reply becomes ``x + (y - r')``: the client's own update
+``y - r'`` (against what it holds) applied to what the server meant. The
+download's error stays only where it is owed: in the difference the next
+download to that client carries.
+
 The levers (``CodecOptions``: 1-bit block scales, top-k, zstd, bit budgets;
 ``fedlayer.wire.levers``) travel to the client in ``CODEC_LEVERS`` and every
 reply is checked against them. With ``shared_downlink`` a download is encoded
@@ -31,6 +44,7 @@ import math
 import time
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from fedlayer.codec.options import CodecOptions
@@ -89,6 +103,8 @@ class ServerCodec:
         self.received: dict[int, tuple[int, State]] = {}
         #: clients whose next train download is a dense resync
         self.needs_resync: set[int] = set()
+        #: client -> what this round's coded train download meant to send (its reply's update is applied to it)
+        self.intended: dict[int, State] = {}
 
     @property
     def active(self) -> bool:
@@ -101,6 +117,7 @@ class ServerCodec:
         """Forget downloads of earlier rounds that were never answered."""
         self.pending = {}
         self.received = {}
+        self.intended = {}
         self.shared = {}
         self.encode_seconds = 0.0
         self.decode_seconds = 0.0
@@ -115,7 +132,11 @@ class ServerCodec:
                 "client_seconds_sum": sum(seconds), "shared_downloads": self.shared_hits}
 
     def download(self, client: int, state: State, train: bool) -> tuple[dict[str, Any], dict[str, ArrayRecord], State]:
-        """Config entries, records and the state the client will hold, for sending ``state`` to ``client``."""
+        """Config entries, records and the state the client's update will be measured against, for sending ``state``.
+
+        That state is ``state`` itself: a coded download's error is kept out of
+        the reply (``receive``), so the reply is ``state`` plus the client's update.
+        """
         version = self.versions.get(client, 0)
         config: dict[str, Any] = {CODEC_VERSION: version}
         if self.up.coded:
@@ -141,7 +162,9 @@ class ServerCodec:
         self.encode_seconds += time.perf_counter() - started
         if train:
             self.pending[client] = (version + 1, {**reference, **rebuilt})
-        return config, ({ARRAYS: record} if state else {}), rebuilt
+            if self.down.coded:
+                self.intended[client] = state
+        return config, ({ARRAYS: record} if state else {}), state
 
     def _shared_download(self, client: int, reference: State, state: State) -> tuple[ArrayRecord, State]:
         """``state`` encoded against ``reference`` once per round for all clients holding that reference."""
@@ -167,6 +190,7 @@ class ServerCodec:
         is encoded other than ``up_bits`` says, or whose layers do not decode.
         """
         pending = self.pending.pop(client, None)
+        intended = self.intended.pop(client, None)
         if reply.has_error():  # a client commits only on success: it holds the old version...
             if pending is not None and MISMATCH in str(reply.error.reason):  # ...unless it holds none the server knows
                 self.needs_resync.add(client)
@@ -187,6 +211,9 @@ class ServerCodec:
             check_encoding(reply.content[ARRAYS], reference, self.up, "up_bits")
             if self.up.coded:
                 decoded = decode_state(reply.content[ARRAYS], reference)
+            uploaded = decoded if decoded is not None else dense_arrays(reply.content[ARRAYS]) if intended else None
+            if intended and uploaded is not None:
+                decoded = without_download_error(uploaded, reference, intended)
         self.decode_seconds += time.perf_counter() - started
         self.client_seconds[client] = float(seconds)
         self.received[client] = (version, reference)
@@ -221,6 +248,25 @@ class ServerCodec:
         self.needs_resync = {int(c) for c in state["needs_resync"]}
         self.pending = {}
         self.received = {}
+
+
+def without_download_error(reply: State, held: State, intended: State) -> State:
+    """``reply`` with each layer the download carried moved from what the client held to what was meant:
+    ``intended + (reply - held)``, the same float32 operations on every machine."""
+    moved = dict(reply)
+    for key, value in reply.items():
+        meant, start = intended.get(key), held.get(key)
+        if meant is not None and start is not None and value.dtype == meant.dtype == np.float32 and value.shape == meant.shape:
+            moved[key] = np.add(meant, np.subtract(value, start, dtype=np.float32), dtype=np.float32)
+    return moved
+
+
+def dense_arrays(record: ArrayRecord) -> State | None:
+    """The arrays of an uncoded upload; None if one does not decode (validation refuses the reply after)."""
+    try:
+        return {key: array.numpy() for key, array in record.items()}
+    except Exception:  # corrupt bytes raise many kinds of errors
+        return None
 
 
 def state_digest(state: State) -> str:
