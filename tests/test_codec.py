@@ -372,3 +372,38 @@ def test_a_downloads_quantisation_error_does_not_enter_the_global_model(up_bits)
     assert not strategy.rejections
     moved = max(float(np.abs(strategy.global_state[k] - before[k]).max()) for k in before)
     assert moved < 1e-5, moved  # ...and none of it reaches the global model
+
+
+def test_a_layer_back_rounds_after_its_download_carries_no_download_error_and_the_checkpoint_keeps_what_was_meant():
+    """FedLAMA's long-interval layers go down in one round and come back in a later one."""
+    from benchmarks.faults import push
+    from flwr.app import MetricRecord
+    from fedlayer.codec.server import ServerCodec
+    from fedlayer.wire.records import ARRAYS, CODEC_VERSION, METRICS
+
+    def reply(version: int, state: dict) -> Message:
+        sent = push([Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=7)])[0]
+        content = RecordDict({METRICS: MetricRecord({CODEC_VERSION: version})})
+        if state:
+            content[ARRAYS] = to_arrayrecord(state)
+        return Message(content, reply_to=sent)
+
+    rng = np.random.default_rng(1)
+    initial = {"w": rng.standard_normal(500).astype(np.float32)}
+    meant = {"w": initial["w"] + (rng.standard_normal(500) * 0.1).astype(np.float32)}
+    codec = ServerCodec(initial, 32, 2)
+    codec.start_round()
+    config, records, _ = codec.download(0, meant, train=True)  # round 1: the layer goes down at 2 bits
+    held = decode_state(records["arrays"], initial)
+    assert np.abs(held["w"] - meant["w"]).max() > 1e-2  # the client holds it with the download's error
+    codec.receive(0, reply(config[CODEC_VERSION] + 1, {}), 1)  # it keeps training the layer, sends nothing yet
+    codec.commit([0], 1)
+    resumed = ServerCodec(initial, 32, 2)  # a resumed server knows what was meant
+    resumed.load_state_dict(codec.state_dict())
+    update = (rng.standard_normal(500) * 0.01).astype(np.float32)
+    for server in (codec, resumed):
+        server.start_round()
+        config, _, _ = server.download(0, {}, train=True)  # round 2: the layer does not go down; it comes back
+        answer = reply(config[CODEC_VERSION] + 1, {"w": held["w"] + update})
+        server.receive(0, answer, 2)
+        assert np.allclose(answer.content[ARRAYS]["w"].numpy(), meant["w"] + update, atol=1e-6)

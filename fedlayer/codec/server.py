@@ -17,14 +17,18 @@ Federated-evaluation downloads are encoded against the reference and change noth
 
 **Download errors stay out of the model.** A client trains from what it
 rebuilt, ``r + Q(x - r)``, not from the ``x`` the server meant to send; the
-methods aggregate the models clients return, so without care each round's
-download error would enter the global model, where nothing ever corrects it
-(the next download is the difference from that model): the global model
-random-walks with the download noise, and with the LAQ grid at 2 bits, whose
-step follows a tensor's largest value, FedLAMA and FedLP diverged. So a
-coded train download remembers what it meant to send, and each downloaded
-layer of the reply becomes ``x + (y - r')``: the client's own update
-``y - r'`` (against what it holds) applied to what the server meant. The
+methods aggregate the models clients return, so without care each download's
+error would enter the global model, where nothing ever corrects it (the next
+download is the difference from that model): the global model random-walks
+with the download noise, and with the LAQ grid at 2 bits, whose step follows
+a tensor's largest value, FedLAMA and FedLP diverged. So the server keeps,
+per client, what each coded train download meant the client to hold
+(``meant``, beside the reference: what it does hold), and each layer of a
+reply becomes ``meant + (y - r')``: the client's own update ``y - r'``
+(against what it holds) applied to what the server meant. Under a layer
+schedule a layer comes back rounds after it went down (FedLAMA's long
+intervals), so ``meant`` lasts until the layer's next download; a dense
+resync clears it (the client then holds exactly what was meant). The
 download's error stays only where it is owed: in the difference the next
 download to that client carries.
 
@@ -97,14 +101,14 @@ class ServerCodec:
         #: client -> its reference, for clients whose reference left the initial model (on disk beyond the budget)
         self.references = ClientStates("codec-references", budget_bytes)
         self.versions: dict[int, int] = {}
-        #: client -> (version, reference) it holds once it answers this round's download
-        self.pending: dict[int, tuple[int, State]] = {}
-        #: client -> (version, reference) its reply says it now holds, committed with the round (``commit``)
-        self.received: dict[int, tuple[int, State]] = {}
+        #: client -> (version, reference, meant) once it answers this round's download
+        self.pending: dict[int, tuple[int, State, State]] = {}
+        #: client -> (version, reference, meant) its reply says it now holds, committed with the round (``commit``)
+        self.received: dict[int, tuple[int, State, State]] = {}
         #: clients whose next train download is a dense resync
         self.needs_resync: set[int] = set()
-        #: client -> what this round's coded train download meant to send (its reply's update is applied to it)
-        self.intended: dict[int, State] = {}
+        #: client -> per layer, what its coded train downloads meant it to hold (a reply's update is applied to it)
+        self.meant = ClientStates("codec-meant", budget_bytes)
 
     @property
     def active(self) -> bool:
@@ -117,7 +121,6 @@ class ServerCodec:
         """Forget downloads of earlier rounds that were never answered."""
         self.pending = {}
         self.received = {}
-        self.intended = {}
         self.shared = {}
         self.encode_seconds = 0.0
         self.decode_seconds = 0.0
@@ -150,7 +153,7 @@ class ServerCodec:
             records = {CODEC_REFERENCE: to_arrayrecord(updated)}
             if state:
                 records[ARRAYS] = to_arrayrecord(state)
-            self.pending[client] = (version + 1, updated)
+            self.pending[client] = (version + 1, updated, {})  # it holds exactly what is meant
             return config, records, state
         started = time.perf_counter()
         if not self.down.coded:
@@ -161,9 +164,8 @@ class ServerCodec:
             record, rebuilt, _ = encode_state(state, reference, self.down)
         self.encode_seconds += time.perf_counter() - started
         if train:
-            self.pending[client] = (version + 1, {**reference, **rebuilt})
-            if self.down.coded:
-                self.intended[client] = state
+            meant = self.meant.get(client) or {}
+            self.pending[client] = (version + 1, {**reference, **rebuilt}, {**meant, **state} if self.down.coded else meant)
         return config, ({ARRAYS: record} if state else {}), state
 
     def _shared_download(self, client: int, reference: State, state: State) -> tuple[ArrayRecord, State]:
@@ -190,14 +192,13 @@ class ServerCodec:
         is encoded other than ``up_bits`` says, or whose layers do not decode.
         """
         pending = self.pending.pop(client, None)
-        intended = self.intended.pop(client, None)
         if reply.has_error():  # a client commits only on success: it holds the old version...
             if pending is not None and MISMATCH in str(reply.error.reason):  # ...unless it holds none the server knows
                 self.needs_resync.add(client)
             return
         if pending is None:
             raise CodecError("no train download to this client awaits a reply (answered already?)")
-        version, reference = pending
+        version, reference, meant = pending
         metrics = reply.content.metric_records.get(METRICS)
         stated = metrics.get(CODEC_VERSION) if metrics is not None else None
         if stated != version:
@@ -211,12 +212,12 @@ class ServerCodec:
             check_encoding(reply.content[ARRAYS], reference, self.up, "up_bits")
             if self.up.coded:
                 decoded = decode_state(reply.content[ARRAYS], reference)
-            uploaded = decoded if decoded is not None else dense_arrays(reply.content[ARRAYS]) if intended else None
-            if intended and uploaded is not None:
-                decoded = without_download_error(uploaded, reference, intended)
+            uploaded = decoded if decoded is not None else dense_arrays(reply.content[ARRAYS]) if meant else None
+            if meant and uploaded is not None:
+                decoded = without_download_error(uploaded, reference, meant)
         self.decode_seconds += time.perf_counter() - started
         self.client_seconds[client] = float(seconds)
-        self.received[client] = (version, reference)
+        self.received[client] = (version, reference, meant)
         if decoded is not None:
             reply.content[ARRAYS] = to_arrayrecord(decoded)
 
@@ -230,34 +231,41 @@ class ServerCodec:
         """
         for client in clients:
             if client in self.received:
-                version, reference = self.received.pop(client)
+                version, reference, meant = self.received.pop(client)
                 self.references.put(client, reference, server_round)
+                if meant:
+                    self.meant.put(client, meant, server_round)
+                elif client in self.meant:
+                    self.meant.pop(client)
                 self.versions[client] = version
                 self.needs_resync.discard(client)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "references": self.references.state_dict(),
+            "meant": self.meant.state_dict(),
             "versions": {str(c): v for c, v in self.versions.items()},
             "needs_resync": sorted(self.needs_resync),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.references.load_state_dict(state["references"])
+        self.meant.load_state_dict(state["meant"])
         self.versions = {int(c): int(v) for c, v in state["versions"].items()}
         self.needs_resync = {int(c) for c in state["needs_resync"]}
         self.pending = {}
         self.received = {}
 
 
-def without_download_error(reply: State, held: State, intended: State) -> State:
-    """``reply`` with each layer the download carried moved from what the client held to what was meant:
-    ``intended + (reply - held)``, the same float32 operations on every machine."""
+def without_download_error(reply: State, held: State, meant: State) -> State:
+    """``reply`` with each layer a coded download carried moved from what the client held to what was meant:
+    ``meant + (reply - held)``, the same float32 operations on every machine."""
     moved = dict(reply)
     for key, value in reply.items():
-        meant, start = intended.get(key), held.get(key)
-        if meant is not None and start is not None and value.dtype == meant.dtype == np.float32 and value.shape == meant.shape:
-            moved[key] = np.add(meant, np.subtract(value, start, dtype=np.float32), dtype=np.float32)
+        meant_value, start = meant.get(key), held.get(key)
+        if (meant_value is not None and start is not None and value.dtype == meant_value.dtype == np.float32
+                and value.shape == meant_value.shape):
+            moved[key] = np.add(meant_value, np.subtract(value, start, dtype=np.float32), dtype=np.float32)
     return moved
 
 

@@ -488,6 +488,7 @@ class LayerwiseStrategy:
         goes on disk there (pFedLA's models, LAQ's updates, the codec's references)."""
         if self.codec is not None:
             self.codec.references.attach(Path(run_dir) / "server-state")
+            self.codec.meant.attach(Path(run_dir) / "server-state")
 
     def final_report(self, records: list[dict[str, Any]]) -> MethodReport:
         """What the method reports when the run ends (numbers; the server writes and draws them): nothing here."""
