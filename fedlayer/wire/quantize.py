@@ -8,7 +8,11 @@ quantized on a uniform grid of ``2**bits`` levels centred at ``qhat``:
     c     = floor((g - qhat + R + delta) / (2 * delta))      in 0 .. 2**bits - 1
     Q     = qhat - R + 2 * delta * c
 
-so ``|Q - g| <= delta`` per coordinate.  ``R`` is rounded to float32 *before*
+so ``|Q - g| <= delta`` per coordinate. With ``cap`` (the codec stage's
+widths up to 4 bits) ``R`` is at most ``cap`` times the RMS of ``g - qhat``
+and values beyond it are clipped to the outermost level: one outlier then no
+longer sets the step for the whole tensor (what was clipped is owed through
+the sender's error feedback or the next download's difference).  ``R`` is rounded to float32 *before*
 the codes are computed, because float32 is what travels on the wire; sender and
 receiver then both run :func:`dequantize` on identical inputs and reconstruct a
 bit-identical ``Q``.
@@ -16,6 +20,7 @@ bit-identical ``Q``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,8 +37,8 @@ class QuantizedTensor:
     bits: int
 
 
-def quantize_innovation(g: np.ndarray, qhat: np.ndarray, bits: int) -> QuantizedTensor:
-    """Quantize ``g - qhat`` with ``bits`` bits per coordinate.
+def quantize_innovation(g: np.ndarray, qhat: np.ndarray, bits: int, cap: float | None = None) -> QuantizedTensor:
+    """Quantize ``g - qhat`` with ``bits`` bits per coordinate (``cap``: the radius at most this many RMS).
 
     Raises ValueError on a shape mismatch, ``bits`` outside 1..8, or a
     non-finite innovation (NaN/inf in ``g`` or ``qhat``).
@@ -51,12 +56,19 @@ def quantize_innovation(g: np.ndarray, qhat: np.ndarray, bits: int) -> Quantized
         raise ValueError("innovation g - qhat is not finite")
     if radius == 0:
         return QuantizedTensor(np.zeros(g.shape, dtype=np.uint8), 0.0, bits)
+    capped = False
+    if cap is not None:
+        limit = np.float32(cap * math.sqrt(float(np.square(diff, dtype=np.float64).mean())))
+        capped = bool(0 < limit < radius)
+        radius = limit if capped else radius
 
     # (d + R + delta) / (2 delta) == (M/2) * (d/R) + (M+1)/2 with M = 2**bits - 1.
     # Dividing by R first keeps every intermediate in [0.5, M+0.5] (|d| <= R
     # exactly, and IEEE rounding is monotonic), so a tiny, even subnormal, R
     # cannot overflow, and truncation by astype equals floor.
     np.divide(diff, radius, out=diff)
+    if capped:
+        np.clip(diff, -1, 1, out=diff)
     np.multiply(diff, np.float32(max_code / 2), out=diff)
     np.add(diff, np.float32((max_code + 1) / 2), out=diff)
     codes = diff.astype(np.uint8)

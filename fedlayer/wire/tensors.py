@@ -57,6 +57,8 @@ DENSE = 32
 _RADIUS = struct.Struct("<f")
 #: Bits per value of each encoded ``dtype``.
 _ENCODED_BITS = {"f16": 16, "s1": 1, **{f"q{bits}": bits for bits in range(1, 9)}}
+#: The codec's LAQ grid radius at most this many RMS of the difference, per width (wider grids take the largest value).
+GRID_CAP = {2: 2.0, 4: 4.0}
 #: The error-feedback residual added to a send is clipped to this multiple of the send's own difference (L2).
 RESIDUAL_CLIP = 8.0
 #: Below this a difference fits float16 with any error-feedback residual (float16's max, less one float16 step).
@@ -83,16 +85,18 @@ def encode_tensor(target: np.ndarray, reference: np.ndarray, bits: int) -> tuple
         return Array(dtype="f16", shape=shape, stype=CODEC_STYPE, data=diff.tobytes()), rebuilt
     if bits == 1:
         return _encode_sign(target, reference, shape)
-    return encode_grid(target, reference, bits)
+    return encode_grid(target, reference, bits, GRID_CAP.get(bits))
 
 
-def encode_grid(target: np.ndarray, reference: np.ndarray, bits: int) -> tuple[Array, np.ndarray]:
+def encode_grid(target: np.ndarray, reference: np.ndarray, bits: int, cap: float | None = None) -> tuple[Array, np.ndarray]:
     """``target`` on the LAQ grid of ``bits`` (1..8) around ``reference``: the ``q<bits>`` Array and what the receiver rebuilds.
 
+    ``cap``: the radius at most this many RMS of the difference (``quantize_innovation``): the codec
+    stage caps its 2- and 4-bit grids (``GRID_CAP``), LAQ keeps its paper's radius.
     ValueError if the difference is not finite or the shapes differ.
     """
     target = np.asarray(target, dtype=np.float32)
-    quantized = quantize_innovation(target, reference, bits)
+    quantized = quantize_innovation(target, reference, bits, cap)
     data = _RADIUS.pack(quantized.radius) + pack_codes(quantized.codes, bits)
     shape = tuple(int(d) for d in target.shape)
     return Array(dtype=f"q{bits}", shape=shape, stype=CODEC_STYPE, data=data), dequantize(quantized, reference)
