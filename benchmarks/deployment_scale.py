@@ -15,22 +15,28 @@ measured is the deployment's own cost. Variants (``flower_overhead.VARIANTS``):
 ``fedlayer-client --cold``; ``warm``, on ``fedlayer-client`` with its warm
 worker (left out where ``fedlayer-client`` has no ``--cold``). Per run:
 
-- s/round: the mean of metrics.jsonl's ``seconds`` over rounds 2..R (round 1
-  also waits for the nodes and asks each its identity; it is kept as
-  ``round1_seconds``; with ``--rounds 1`` round 1 is all there is); for
-  Flower's app, the mean time between its consecutive central evaluations;
+- s/round: the mean and the median of metrics.jsonl's ``seconds`` over
+  rounds 2..R (round 1 also waits for the nodes and asks each its identity;
+  it is kept as ``round1_seconds``; with ``--rounds 1`` round 1 is all there
+  is); for Flower's app, the time between its consecutive central
+  evaluations; the warm/cold and warm/Flower ratios are of the medians;
 - peak resident memory, sampled every ``--interval`` s: the SuperLink's
   process tree (SuperLink, its SuperExec and the ServerApp), the
   ``flwr-serverapp`` process alone, and all N SuperNodes' trees together
   (with the ``flwr-clientapp`` processes they start, one per message, and
   the warm workers), and that divided by N (``device_peak_mib``);
-- bytes per round: the mean of metrics.jsonl's ``bytes_up + bytes_down``.
+- bytes per round: the mean of metrics.jsonl's ``bytes_up + bytes_down``;
+- per train message of rounds 2..R, the medians of its segments (SuperNode
+  pick-up, SuperExec poll, process start and ``flwr`` import, app load and
+  imports, handler, reply path: ``benchmarks/segments.py``, from the
+  time-stamped logs), every message's in ``logs/<run>/segments.csv``.
 
 The growth exponent of s/round in N is the slope of a least-squares line
 through (log N, log s/round), per method. Output in ``--out``:
 ``results.json``, ``results.csv``, ``deployment_scale.png`` (s/round and memory
-against N, log-log), ``results.md`` (the table, also printed), ``logs/`` (every
-process's output) and ``runs/`` (fedlayer's run directories).
+against N, log-log), ``results.md`` (the tables, also printed), ``logs/`` (every
+process's output, each line prefixed with its arrival time) and ``runs/``
+(fedlayer's run directories).
 """
 
 from __future__ import annotations
@@ -51,8 +57,10 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import segments
 from benchmarks.flower_baseline_app import BaselineConfig
 from benchmarks.flower_overhead import (
+    DEFAULT_VARIANTS,
     REPO_ROOT,
     VARIANTS,
     WARM_VS_COLD_GOAL,
@@ -71,6 +79,7 @@ METHODS: dict[str, list[str]] = {
     "laq": [],
 }
 MIB = 2**20
+SEGMENT_KEYS = [key for key, _ in segments.SEGMENTS] + ["total", "messages"]
 
 
 @dataclass
@@ -82,6 +91,7 @@ class Measurement:
     nodes: int
     rounds: int
     seconds_per_round: float
+    median_seconds_per_round: float
     rounds_counted: list[int]
     round1_seconds: float
     superlink_peak_mib: float
@@ -93,6 +103,8 @@ class Measurement:
     run_wall_seconds: float
     load_average_1min_after: float
     run_dir: str
+    #: per train message, medians over rounds 2..R (``benchmarks.segments``; rows in ``logs/<run>/segments.csv``)
+    segments: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 # ------------------------------------------------------------------ watching a run
@@ -196,8 +208,17 @@ def measure(variant: str, method: str, nodes: int, rounds: int, out: Path, inter
             peaks = watcher.stop()
         wall = time.monotonic() - watcher.started
     if app == "flower":
-        return flower_measurement(method, nodes, rounds, flower.seconds, run_dir, peaks, wall)
-    return summarise(variant, method, nodes, rounds, run_dir, peaks, wall)
+        measured = flower_measurement(method, nodes, rounds, flower.seconds, run_dir, peaks, wall)
+    else:
+        measured = summarise(variant, method, nodes, rounds, run_dir, peaks, wall)
+    rows = segments.message_segments(logs)  # the deployment has stopped: its logs are complete
+    if rows:
+        with open(logs / "segments.csv", "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    measured.segments = segments.medians(rows)
+    return measured
 
 
 def flower_measurement(method: str, nodes: int, rounds: int, seconds: dict[int, float], run_dir: Path, peaks: dict[str, float], wall: float) -> Measurement:
@@ -205,7 +226,8 @@ def flower_measurement(method: str, nodes: int, rounds: int, seconds: dict[int, 
     counted = {r: s for r, s in seconds.items() if r >= 2} or seconds
     return Measurement(
         variant="flower", method=method, nodes=nodes, rounds=rounds,
-        seconds_per_round=float(np.mean(list(counted.values()))), rounds_counted=sorted(counted),
+        seconds_per_round=float(np.mean(list(counted.values()))), median_seconds_per_round=float(np.median(list(counted.values()))),
+        rounds_counted=sorted(counted),
         round1_seconds=seconds.get(1, float("nan")),
         superlink_peak_mib=peaks["superlink"], serverapp_peak_mib=peaks["serverapp"], supernodes_peak_mib=peaks["supernodes"],
         device_peak_mib=peaks["supernodes"] / nodes, bytes_per_round=float("nan"), traffic_ratio_vs_fedavg=float("nan"),
@@ -221,6 +243,7 @@ def summarise(variant: str, method: str, nodes: int, rounds: int, run_dir: Path,
     return Measurement(
         variant=variant, method=method, nodes=nodes, rounds=rounds,
         seconds_per_round=float(np.mean([r["seconds"] for r in counted])),
+        median_seconds_per_round=float(np.median([r["seconds"] for r in counted])),
         rounds_counted=[r["round"] for r in counted],
         round1_seconds=records[0]["seconds"],
         superlink_peak_mib=peaks["superlink"], serverapp_peak_mib=peaks["serverapp"], supernodes_peak_mib=peaks["supernodes"],
@@ -251,23 +274,26 @@ def growth_exponents(measurements: Sequence[Measurement]) -> dict[str, float]:
 def markdown(measurements: Sequence[Measurement], exponents: dict[str, float]) -> str:
     """The results table and the growth exponents, as markdown."""
     lines = [
-        "| variant | method | N | s/round | round 1 s | SuperLink tree peak MiB | ServerApp peak MiB | SuperNodes peak MiB (all N) | per device MiB | MB/round | traffic vs FedAvg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | method | N | s/round (mean) | s/round (median) | round 1 s | SuperLink tree peak MiB | ServerApp peak MiB | SuperNodes peak MiB (all N) | per device MiB | MB/round | traffic vs FedAvg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {m.variant} | {m.method} | {m.nodes} | {m.seconds_per_round:.1f} | {m.round1_seconds:.1f} | {m.superlink_peak_mib:.0f} | "
+        f"| {m.variant} | {m.method} | {m.nodes} | {m.seconds_per_round:.1f} | {m.median_seconds_per_round:.1f} | {m.round1_seconds:.1f} | {m.superlink_peak_mib:.0f} | "
         f"{m.serverapp_peak_mib:.0f} | {m.supernodes_peak_mib:.0f} | {m.device_peak_mib:.0f} | {m.bytes_per_round / 1e6:.3f} | {m.traffic_ratio_vs_fedavg:.1%} |"
         for m in measurements
     ]
-    by = {(m.variant, m.method, m.nodes): m.seconds_per_round for m in measurements}
+    by = {(m.variant, m.method, m.nodes): m.median_seconds_per_round for m in measurements}
     ratios = [f"N={n} {method}: warm/cold {by[('warm', method, n)] / by[('cold', method, n)]:.2f}"
               + (f", warm/flower {by[('warm', method, n)] / by[('flower', method, n)]:.2f}" if ("flower", method, n) in by else "")
               for (variant, method, n) in by if variant == "warm" and ("cold", method, n) in by]
     if ratios:
-        lines += ["", f"Warm against cold (goal at N=16: <= {WARM_VS_COLD_GOAL}) and Flower's app: " + "; ".join(ratios) + "."]
+        lines += ["", f"Warm against cold (goal at N=16: <= {WARM_VS_COLD_GOAL}) and Flower's app, median s/round: " + "; ".join(ratios) + "."]
     if exponents:
         fitted = ", ".join(f"{method} {exponent:.2f}" for method, exponent in exponents.items())
         lines += ["", f"Growth exponent of s/round in N (least squares, log-log): {fitted}."]
+    table = segments.markdown({f"{series(m)}, N={m.nodes}": m.segments for m in measurements})
+    if table:
+        lines += ["", "Per train message (rounds 2..R, `benchmarks/segments.py`):", "", table]
     return "\n".join(lines)
 
 
@@ -312,9 +338,11 @@ def write_results(out: Path, settings: dict[str, Any], measurements: Sequence[Me
     rows = [dataclasses.asdict(m) for m in measurements]
     (out / "results.json").write_text(json.dumps({"settings": settings, "measurements": rows, "growth_exponents": exponents}, indent=2))
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        flat = [{**{k: v for k, v in row.items() if k != "segments"}, "rounds_counted": " ".join(map(str, row["rounds_counted"])),
+                 **{f"segment_{key}": row["segments"].get(key, "") for key in SEGMENT_KEYS}} for row in rows]
+        writer = csv.DictWriter(fh, fieldnames=list(flat[0]))
         writer.writeheader()
-        writer.writerows({**row, "rounds_counted": " ".join(map(str, row["rounds_counted"]))} for row in rows)
+        writer.writerows(flat)
     (out / "results.md").write_text(markdown(measurements, exponents) + "\n")
     plot(measurements, exponents, out / "deployment_scale.png")
 
@@ -325,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nodes", type=int, nargs="+", default=[2, 4, 8, 16], help="SuperNode counts to measure")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per run (round 1 is not counted when there are more)")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["fedavg"])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS,
                         help="flower: Flower's own FedAvg app; cold/warm: fedlayer-client without/with its warm worker")
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between memory samples")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
@@ -337,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings.update(model="linear", dataset="digits", cpus=os.cpu_count(), started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     measurements: list[Measurement] = []
-    variants = [v for v in args.variants if v != "warm" or warm_available()]
+    variants = [v for v in args.variants if not v.startswith("warm") or warm_available()]
     if variants != args.variants:
         print("fedlayer-client has no warm worker (no --cold option): the warm variant is left out", flush=True)
     runs = [(nodes, variant, method) for nodes in sorted(set(args.nodes)) for variant in variants

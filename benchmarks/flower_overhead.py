@@ -12,12 +12,17 @@ SuperNodes (2 clients, both trained every round), each of ``--variants`` on a
 fresh deployment: ``flower`` (Flower's own app on plain ``flower-supernode``
 processes, Flower's defaults), ``cold`` (fedlayer's app on ``fedlayer-client
 --cold``: a fresh ClientApp process per message, the node's split kept in its
-default state folder, 0.1 s task poll) and ``warm`` (``fedlayer-client``, its
-warm worker on; left out where ``fedlayer-client`` has no ``--cold``). Per
+default state folder, 0.1 s task poll, 0.2 s idle poll), ``warm``
+(``fedlayer-client``, its warm worker on; left out where ``fedlayer-client``
+has no ``--cold``) and, when named, ``warm-idle3`` (``warm`` with
+``--idle-poll 3``: Flower's own SuperNode loop). Per
 variant: seconds per round, each SuperNode's peak resident memory (its whole
-process tree) and, for fedlayer, per message the round trip, the training the
-client reports and the rest (clients.csv medians). ``--no-simulation`` skips
-the simulation comparison.
+process tree), per train message the segments of ``benchmarks.segments``
+(SuperNode pick-up, SuperExec poll, process start and ``flwr`` import, app
+load and imports, handler, reply path; from the deployment's logs, every line
+of which is time-stamped on arrival) and, for fedlayer, the round trip, the
+training the client reports and the rest (clients.csv medians).
+``--no-simulation`` skips the simulation comparison.
 
 A round's time is the wall time between the ends of two consecutive rounds,
 measured on the server side, so it covers everything a round costs:
@@ -65,6 +70,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from benchmarks import segments
 from benchmarks.flower_baseline_app import BaselineConfig
 from benchmarks.processes import (
     executable,
@@ -82,10 +88,14 @@ GOAL = 1.10
 WARM_VS_FLOWER_GOAL = 0.4
 #: ... and of fedlayer cold (N=16, benchmarks.deployment_scale)
 WARM_VS_COLD_GOAL = 0.4
-#: How a deployment's SuperNodes are started (``LoopbackDeployment``).
-LAUNCHERS = ("flower", "cold", "warm")
+#: How a deployment's SuperNodes are started (``LoopbackDeployment``); ``warm-idle3``: ``fedlayer-client
+#: --idle-poll 3``, Flower's own SuperNode loop (3 s idle sleep), to set beside ``warm``'s default.
+LAUNCHERS = ("flower", "cold", "warm", "warm-idle3")
 #: Deployment variants: (app, launcher); Flower's own app runs on plain Flower SuperNodes.
-VARIANTS = {"flower": ("flower", "flower"), "cold": ("fedlayer", "cold"), "warm": ("fedlayer", "warm")}
+VARIANTS = {"flower": ("flower", "flower"), "cold": ("fedlayer", "cold"), "warm": ("fedlayer", "warm"),
+            "warm-idle3": ("fedlayer", "warm-idle3")}
+#: What ``--variants`` runs when not given.
+DEFAULT_VARIANTS = ["flower", "cold", "warm"]
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -197,6 +207,14 @@ def fedlayer_simulation(cfg: BaselineConfig, out: Path, name: str) -> SideResult
 
 
 # ------------------------------------------------------------------ deployment over loopback
+def stamp_lines(stream: IO[str], path: Path) -> None:
+    """Copy ``stream`` to ``path`` line by line, each prefixed with its arrival time, until it closes."""
+    with open(path, "w", encoding="utf-8") as log:
+        for line in stream:
+            log.write(f"{time.time():.3f} {line}")
+            log.flush()
+
+
 class LoopbackDeployment:
     """A SuperLink and ``num_nodes`` SuperNodes on 127.0.0.1 (plain text), FLWR_HOME in a temp folder.
 
@@ -205,14 +223,16 @@ class LoopbackDeployment:
     ``launcher`` starts each SuperNode: ``flower`` a plain ``flower-supernode``
     (Flower's defaults), ``cold`` ``fedlayer-client --cold`` (state folder,
     0.1 s task poll, a fresh ClientApp process per message), ``warm``
-    ``fedlayer-client`` (the same, plus its warm worker); the state folders
+    ``fedlayer-client`` (the same, plus its warm worker), ``warm-idle3`` that with
+    ``--idle-poll 3`` (Flower's own SuperNode loop); the state folders
     go under the temp folder (``XDG_CACHE_HOME``), so every deployment starts
-    without a kept split.
+    without a kept split. ``idle_poll`` (with ``flower``) starts each plain SuperNode
+    through ``fedlayer.client.supernode_launcher`` with that idle poll instead.
     """
 
     connection = "bench"
 
-    def __init__(self, logs: Path, num_nodes: int = 2, launcher: str = "flower") -> None:
+    def __init__(self, logs: Path, num_nodes: int = 2, launcher: str = "flower", idle_poll: float | None = None) -> None:
         if launcher not in LAUNCHERS:
             raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
         self.logs = logs
@@ -221,8 +241,9 @@ class LoopbackDeployment:
         self.env = {"FLWR_HOME": str(self.home / "flwr-home"), "XDG_CACHE_HOME": str(self.home / "cache")}
         self.num_nodes = num_nodes
         self.launcher = launcher
+        self.idle_poll = idle_poll
         self.processes: list[subprocess.Popen] = []
-        self.log_files: list[IO[str]] = []
+        self.copiers: list[threading.Thread] = []
         (self.home / "flwr-home").mkdir()
         (self.home / "flwr-home" / "config.toml").write_text(
             f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\n'
@@ -240,13 +261,16 @@ class LoopbackDeployment:
         return [process.pid for process in self.processes[1:]]
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "w", encoding="utf-8")  # noqa: SIM115 (closed in __exit__)
-        self.log_files.append(log)
+        """Start a process; its output (and its children's: SuperExec, ClientApps, warm worker) goes to
+        ``<logs>/<name>.log``, each line prefixed with its arrival time (``time.time()``, for ``benchmarks.segments``)."""
         process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.home,
-            env={**os.environ, **FLOWER_ENV, **self.env}, start_new_session=True,
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.home,
+            env={**os.environ, **FLOWER_ENV, **self.env}, start_new_session=True, text=True, errors="replace",
         )
         self.processes.append(process)
+        copier = threading.Thread(target=stamp_lines, args=(process.stdout, self.logs / f"{name}.log"), daemon=True)
+        copier.start()
+        self.copiers.append(copier)
         return process
 
     def __enter__(self) -> LoopbackDeployment:
@@ -267,14 +291,16 @@ class LoopbackDeployment:
     def supernode_command(self, node: int, port: int) -> list[str]:
         """The command that starts SuperNode ``node`` with its ClientApp API on ``port``."""
         if self.launcher == "flower":
+            supernode = [executable("flower-supernode")] if self.idle_poll is None else [
+                sys.executable, "-m", "fedlayer.client.supernode_launcher", "--idle-poll", str(self.idle_poll)]
             return [
-                executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.fleet_port}",
+                *supernode, "--insecure", "--superlink", f"127.0.0.1:{self.fleet_port}",
                 "--port", str(port), "--node-config", f"partition-id={node} num-partitions={self.num_nodes}",
             ]
         return [
             executable("fedlayer-client"), "--insecure", "--server", f"127.0.0.1:{self.fleet_port}", "--port", str(port),
             "--partition-id", str(node), "--num-partitions", str(self.num_nodes), "--device", "cpu",
-            *(["--cold"] if self.launcher == "cold" else []),
+            *(["--cold"] if self.launcher == "cold" else []), *(["--idle-poll", "3"] if self.launcher == "warm-idle3" else []),
         ]
 
     def __exit__(self, *exc: object) -> None:
@@ -293,8 +319,8 @@ class LoopbackDeployment:
         signal_tree(tree, signal.SIGKILL)
         for process in self.processes:
             process.wait()
-        for log in self.log_files:
-            log.close()
+        for copier in self.copiers:  # until the pipes close: every process of the trees has exited
+            copier.join(timeout=5)
         shutil.rmtree(self.home, ignore_errors=True)
 
     def run_app(self, app: Path, log: Path, run_config: str = "", timeout: float = 1800) -> None:
@@ -450,6 +476,7 @@ def deployment_variants(variants: Sequence[str], cfg: BaselineConfig, out: Path,
                 finally:
                     peaks = memory.stop()
             result.extra["device_peak_mib"] = peaks
+            result.extra["message_segments"] = segments.medians(segments.message_segments(logs))
             if app == "fedlayer":
                 result.extra["segments"] = client_segments(Path(result.extra["run_dir"]))
             runs[variant].append(result)
@@ -457,11 +484,14 @@ def deployment_variants(variants: Sequence[str], cfg: BaselineConfig, out: Path,
     for variant, results in runs.items():
         entry = {"stats": round_stats(results), "device_peak_mib": max(max(r.extra["device_peak_mib"]) for r in results),
                  "runs": [dataclasses.asdict(r) for r in results]}
+        pooled = [r.extra["message_segments"] for r in results if r.extra["message_segments"]]
+        if pooled:  # the median of the runs' medians, messages summed
+            entry["message_segments"] = {k: statistics.median(p[k] for p in pooled) for k in pooled[0]} | {"messages": sum(p["messages"] for p in pooled)}
         if all("segments" in r.extra for r in results):
             entry["segments"] = {k: statistics.median(r.extra["segments"][k] for r in results) for k in results[0].extra["segments"]}
         summary["variants"][variant] = entry
     medians = {variant: entry["stats"]["median"] for variant, entry in summary["variants"].items()}
-    summary["ratios"] = {f"{a}/{b}": medians[a] / medians[b] for a, b in (("warm", "flower"), ("cold", "flower"), ("warm", "cold")) if a in medians and b in medians}
+    summary["ratios"] = {f"{a}/{b}": medians[a] / medians[b] for a, b in (("warm", "flower"), ("cold", "flower"), ("warm", "cold"), ("warm-idle3", "flower"), ("warm", "warm-idle3")) if a in medians and b in medians}
     return summary
 
 
@@ -471,11 +501,13 @@ def variants_report(comparison: dict[str, Any]) -> str:
              "|---|---|---|---|"]
     for variant, entry in comparison["variants"].items():
         seg = entry.get("segments")
-        segments = f"{seg['round_trip']:.2f} / {seg['train']:.2f} / {seg['outside_training']:.2f}" if seg else "-"
-        lines.append(f"| {variant} | {entry['stats']['median']:.2f} | {segments} | {entry['device_peak_mib']:.0f} |")
+        trip = f"{seg['round_trip']:.2f} / {seg['train']:.2f} / {seg['outside_training']:.2f}" if seg else "-"
+        lines.append(f"| {variant} | {entry['stats']['median']:.2f} | {trip} | {entry['device_peak_mib']:.0f} |")
     ratios = [f"{key} = {value:.2f}" + (f" (goal <= {WARM_VS_FLOWER_GOAL}: {'met' if value <= WARM_VS_FLOWER_GOAL else 'NOT met'})"
                                           if key == "warm/flower" else "") for key, value in comparison["ratios"].items()]
-    return "\n".join([*lines, "", "; ".join(ratios)] if ratios else lines)
+    lines = [*lines, "", "; ".join(ratios)] if ratios else lines
+    table = segments.markdown({variant: entry.get("message_segments", {}) for variant, entry in comparison["variants"].items()})
+    return "\n".join([*lines, "", table] if table else lines)
 
 
 def report(mode: str, comparison: dict[str, Any]) -> str:
@@ -498,8 +530,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per side, interleaved; rounds are pooled")
     parser.add_argument("--out", type=Path, default=Path("bench-out/overhead"))
     parser.add_argument("--deployment", action="store_true", help="also run the variants over loopback gRPC (2 SuperNodes)")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                        help="deployment: Flower's own app, fedlayer cold, fedlayer warm (warm only where fedlayer-client has --cold)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS,
+                        help="deployment: Flower's own app, fedlayer cold, fedlayer warm (warm only where fedlayer-client has --cold), "
+                             "fedlayer warm on Flower's own SuperNode loop (--idle-poll 3)")
     parser.add_argument("--no-simulation", action="store_true", help="skip the simulation comparison")
     args = parser.parse_args(argv)
     if args.rounds < 2 or args.repeats < 1:
@@ -514,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
         (out / "results.json").write_text(json.dumps(results, indent=2))
         lines.append(report("simulation", results["simulation"]))
     if args.deployment:
-        variants = [v for v in args.variants if v != "warm" or warm_available()]
+        variants = [v for v in args.variants if not v.startswith("warm") or warm_available()]
         if variants != args.variants:
             print("fedlayer-client has no warm worker (no --cold option): the warm variant is left out", flush=True)
         deploy = dataclasses.replace(sim, num_clients=2, fraction_train=1.0)

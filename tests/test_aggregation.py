@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from fedlayer.config import compose_config
 from fedlayer.errors import ConfigError, ParameterError
 from fedlayer.layers import ModelLayers, copy_state, states_equal
-from fedlayer.methods.aggregation import aggregate_layers, oversized_updates
+from fedlayer.methods.aggregation import aggregate_layers, oversized_updates, squared_norm
 from fedlayer.methods.base import LayerwiseStrategy
 from fedlayer.methods.replies import TrainReply
 from fedlayer.methods.laq import LAQStrategy
@@ -110,6 +112,20 @@ def test_the_norm_guard_refuses_an_oversized_update(values):
     strategy.aggregate_train(1, [make_reply(n, h, 10, to=strategy) for n, h in zip(NODES, honest)] + [make_reply(55, attack, 10, to=strategy)])
     assert [r.node_id for r in strategy.rejections] == [55] and "median" in strategy.rejections[0].reason
     assert states_equal(strategy.global_state, expected.global_state)
+
+
+def test_squared_norms_are_float64_sums_over_every_block():
+    """The guard's norms: differences and squares in float64 (finite near the float32 limit), over
+    tensors of several blocks and of none, equal to an exact sum up to float64 rounding."""
+    rng = np.random.default_rng(0)
+    big = np.full(150_001, 3e38, dtype=np.float32)  # 3 blocks; big - (-big) overflows float32
+    mixed = rng.standard_normal((300, 401)).astype(np.float32)
+    other = rng.standard_normal((300, 401)).astype(np.float32)
+    exact = math.fsum((mixed.astype(np.float64).ravel() - other.astype(np.float64).ravel()) ** 2)
+    assert squared_norm(mixed, other) == pytest.approx(exact, rel=1e-12)
+    assert squared_norm(mixed) == pytest.approx(math.fsum(mixed.astype(np.float64).ravel() ** 2), rel=1e-12)
+    assert squared_norm(big, -big) == pytest.approx(150_001 * (2 * float(big[0])) ** 2, rel=1e-12)
+    assert squared_norm(np.float32(-2.0)) == 4.0 and squared_norm(np.zeros((0, 3), np.float32)) == 0.0
 
 
 def test_the_guard_holds_with_as_many_oversized_updates_as_honest_ones():

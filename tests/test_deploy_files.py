@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from fedlayer.commands.deploy import (
+    IDLE_POLL,
     DeployError,
     client_command,
     client_hint,
@@ -134,7 +135,8 @@ def test_client_command_with_tls_auth_partition_and_device(tls_files, monkeypatc
     monkeypatch.setenv("XDG_CACHE_HOME", str(tls_files / "cache"))
     cmd = _client(["--server", "fl.example.org:9092", "--ca-cert", str(tls_files / "ca.crt"), "--node-key", str(tls_files / "sn0"),
                    "--partition-id", "1", "--num-partitions", "4", "--device", "cuda:1", "--", "--max-retries", "3"])
-    assert Path(cmd[0]).name == "flower-supernode"
+    # the SuperNode through fedlayer's launcher: Flower's 3 s idle sleep shortened to 0.2 s
+    assert cmd[:5] == [sys.executable, "-m", "fedlayer.client.supernode_launcher", "--idle-poll", "0.2"]
     assert cmd[cmd.index("--superlink") + 1] == "fl.example.org:9092"
     state = tls_files / "cache" / "fedlayer" / "fl.example.org_9092-key-sn0"  # the default state folder
     assert cmd[cmd.index("--node-config") + 1] == f'partition-id=1 num-partitions=4 device="cuda:1" state-dir="{state}"'
@@ -157,6 +159,8 @@ def test_client_command_with_own_data_and_env_defaults(tls_files, monkeypatch):
     monkeypatch.setenv("FEDLAYER_STATE_DIR", str(tls_files / "node-state"))
     cmd = _client([])
     assert cmd[cmd.index("--node-config") + 1] == f'data-path="{data}" device="auto" state-dir="{tls_files / "node-state"}"'
+    monkeypatch.setenv("FEDLAYER_IDLE_POLL", "3")  # Flower's own SuperNode, unpatched
+    assert Path(_client([])[0]).name == "flower-supernode"
 
 
 @pytest.mark.parametrize(
@@ -168,10 +172,12 @@ def test_client_command_with_own_data_and_env_defaults(tls_files, monkeypatch):
         (["--insecure"], "give --data PATH"),
         (["--insecure", "--data", "/nonexistent/data"], "no such file or folder"),
         (["--insecure", "--partition-id", "0", "--num-partitions", "2", "--device", "gpu"], "--device must be"),
+        (["--insecure", "--partition-id", "0", "--num-partitions", "2", "--idle-poll", "0"], "--idle-poll must be > 0 and <= 3"),
+        (["--insecure", "--partition-id", "0", "--num-partitions", "2", "--idle-poll", "5"], "--idle-poll must be > 0 and <= 3"),
     ],
 )
 def test_client_command_rejects_bad_input(argv, problem, monkeypatch, tls_files):
-    for name in ("SERVER", "CA_CERT", "NODE_KEY", "DATA", "PARTITION_ID", "NUM_PARTITIONS", "INSECURE"):
+    for name in ("SERVER", "CA_CERT", "NODE_KEY", "DATA", "PARTITION_ID", "NUM_PARTITIONS", "INSECURE", "IDLE_POLL"):
         monkeypatch.delenv(f"FEDLAYER_{name}", raising=False)
     argv = [a.replace("CA", str(tls_files / "ca.crt")) if a == "CA" else a for a in argv]
     with pytest.raises(DeployError, match=re.escape(problem)):
@@ -266,15 +272,15 @@ def test_fedlayer_client_starts_its_supernode_with_the_short_task_poll_and_a_pri
     )
     try:
         supernode = None
-        for _ in range(300):  # its child execs flower-supernode within a few seconds
+        for _ in range(300):  # its child starts the SuperNode (through fedlayer's launcher) within a few seconds
             children = Path(f"/proc/{client.pid}/task/{client.pid}/children")
             for pid in children.read_text().split() if children.exists() else []:
-                if b"flower-supernode" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                if b"fedlayer.client.supernode_launcher" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     supernode = pid
             if supernode or client.poll() is not None:
                 break
             time.sleep(0.1)
-        assert supernode is not None, "fedlayer-client started no flower-supernode"
+        assert supernode is not None, "fedlayer-client started no SuperNode launcher"
         environ = dict(line.split(b"=", 1) for line in Path(f"/proc/{supernode}/environ").read_bytes().split(b"\0") if b"=" in line)
         assert environ[b"FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == b"0.1"
         state = tmp_path / "cache" / "fedlayer" / "127.0.0.1_9-partition-0-of-2"
@@ -289,3 +295,11 @@ def test_compose_supernodes_poll_for_tasks_every_tenth_of_a_second():
     compose = yaml.safe_load(COMPOSE.read_text())
     nodes = {name: s for name, s in compose["services"].items() if name.startswith("supernode-")}
     assert nodes and all(node["environment"]["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.1" for node in nodes.values())
+
+
+def test_compose_supernodes_run_fedlayer_client_with_its_idle_poll():
+    """The compose nodes start their SuperNode the way ``fedlayer-client`` does (its launcher, 0.2 s idle poll)."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    nodes = {name: s for name, s in compose["services"].items() if name.startswith("supernode-")}
+    assert nodes and all(node["command"] == ["fedlayer-client"] for node in nodes.values())
+    assert all(float(node["environment"]["FEDLAYER_IDLE_POLL"]) == IDLE_POLL for node in nodes.values())

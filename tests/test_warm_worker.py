@@ -8,11 +8,13 @@ called in this process with the same run config.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -32,8 +34,10 @@ from fedlayer.client.app import make_client_app
 from fedlayer.client.warm.forward import app as forwarding_app
 from fedlayer.client.warm.forward import forward
 from fedlayer.client.warm.protocol import (
+    DIGEST_CACHE,
     FOLDER,
     MAX_FRAME,
+    RACY_SECONDS,
     SOCKET,
     FrameTooLarge,
     PeerRefused,
@@ -251,6 +255,7 @@ def test_a_worker_running_other_code_is_not_used(tmp_path, node):
     shutil.copytree(REPO / "fedlayer", copy / "fedlayer", ignore=shutil.ignore_patterns("__pycache__"))
     with open(copy / "fedlayer" / "client" / "warm" / "__init__.py", "a") as changed:
         changed.write("# another version\n")
+    copied_at = time.time()
     other = Node(tmp_path / "state", tmp_path / "worker.log", pythonpath=copy)
     try:
         assert other.supervisor.pid is not None
@@ -263,8 +268,86 @@ def test_a_worker_running_other_code_is_not_used(tmp_path, node):
         message, context = query({"partition-id": 0, "num-partitions": 2, "state-dir": str(node.state)})
         served = node.served()
         assert forward(message, context) is not None and node.served() == served + 1
+        # a forwarder running the copy (as from a FAB) is served warm, its digest kept; once one of its files
+        # changes (same size, mtime set back), the kept digest is not used: the worker refuses, the message runs cold
+        time.sleep(max(0.0, RACY_SECONDS - (time.time() - copied_at)))
+        done = subprocess.run([sys.executable, "-c", FORWARD_FROM_COPY.format(copy=str(copy), state=str(other.state))],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["warm", "kept", "cold"], done.stdout + done.stderr
+        assert other.served() == 1 and other.log_text().count("refused a request for other code") == 3  # 2 above
     finally:
         other.supervisor.stop()
+
+
+#: Run by ``test_a_worker_running_other_code_is_not_used`` with the copy first on ``sys.path``.
+FORWARD_FROM_COPY = """
+import json, os, sys
+sys.path.insert(0, {copy!r})
+from pathlib import Path
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from fedlayer.client.warm import protocol
+from fedlayer.client.warm.forward import forward
+assert protocol.__file__.startswith({copy!r}), protocol.__file__
+
+def ask():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    message = Message(RecordDict(), dst_node_id=1, message_type="query")
+    node_config = {{"partition-id": 0, "num-partitions": 2, "state-dir": {state!r}}}
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={{}})
+    return "warm" if forward(message, context) is not None else "cold"
+
+print(ask())
+kept = json.loads((Path({state!r}) / protocol.FOLDER / protocol.DIGEST_CACHE).read_text())
+print("kept" if str(Path({copy!r}).resolve() / "fedlayer") in kept else "not kept")
+changed = Path({copy!r}) / "fedlayer" / "client" / "warm" / "__init__.py"
+before = changed.stat()
+changed.write_bytes(changed.read_bytes().replace(b"another version", b"anOther version"))
+os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
+assert changed.stat().st_size == before.st_size and changed.stat().st_mtime_ns == before.st_mtime_ns
+print(ask())
+"""
+
+
+def load_protocol(copy: Path) -> Any:
+    """The ``protocol`` module of a copy of fedlayer, loaded from its file (as a FAB's forwarder loads it)."""
+    spec = importlib.util.spec_from_file_location("copied_protocol", copy / "fedlayer" / "client" / "warm" / "protocol.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_forwarders_kept_code_digest_follows_every_change(tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(REPO / "fedlayer", copy / "fedlayer", ignore=shutil.ignore_patterns("__pycache__"))
+    package, folder = (copy / "fedlayer").resolve(), tmp_path / "warm"
+    folder.mkdir(mode=0o700)
+    copied = load_protocol(copy)
+    time.sleep(RACY_SECONDS + 0.1)  # sources younger than that are hashed every time, never kept
+    assert copied.cached_code_digest(folder) == copied.code_digest()
+    kept = folder / DIGEST_CACHE
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600 and json.loads(kept.read_text())[str(package)]["code"] == copied.code_digest()
+
+    def keep(code: str) -> None:  # a kept digest for the sources as they are now
+        fingerprint = copied._stat_fingerprint(copied._sources(package))[0]
+        kept.write_text(json.dumps({str(package): {"stat": fingerprint, "code": code}}))
+
+    keep("kept")
+    assert copied.cached_code_digest(folder) == "kept"  # nothing changed: the kept digest is used, nothing hashed
+    changed = package / "client" / "warm" / "__init__.py"
+    before = changed.stat()
+    changed.write_bytes(changed.read_bytes().replace(b"A warm", b"a warm"))
+    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (changed.stat().st_size, changed.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    edited = copied.code_digest.__wrapped__()  # the copy's sources hashed again
+    assert edited != copied.code_digest() and copied.cached_code_digest(folder) == edited
+    assert json.loads(kept.read_text())[str(package)]["code"] == "kept"  # a file this young: not kept
+    (package / "extra.py").write_text("")
+    assert copied.cached_code_digest(folder) == copied.code_digest.__wrapped__() != edited
+    keep("kept")
+    folder.chmod(0o755)  # a folder others can read or write is not trusted
+    assert copied.cached_code_digest(folder) == copied.code_digest.__wrapped__()
 
 
 def test_no_state_dir_or_no_worker_runs_cold(tmp_path):

@@ -7,7 +7,10 @@ container), by default through ``fedlayer.commands.quiet_superlink``, which drop
 uvicorn's per-request access log (``--verbose`` keeps it). ``fedlayer-client``
 runs the SuperNode as its child, forwards SIGTERM to it, passes its output
 through, and when that output shows the SuperLink refusing the node's key or a
-failed TLS verification, ends with a one-line hint naming the fix. Next to the SuperNode it keeps a warm worker running
+failed TLS verification, ends with a one-line hint naming the fix. It starts
+the SuperNode through ``fedlayer.client.supernode_launcher``, which shortens
+Flower's hard-coded 3 s idle sleep to ``--idle-poll`` (0.2 s), and its 1 s
+first object-pull backoff and 0.5 s reply wait to 0.05 s. Next to the SuperNode it keeps a warm worker running
 (``fedlayer.client.warm``; ``--cold`` turns it off), which answers the
 ClientApp's messages from one long-lived process. Each option
 can also come from an environment variable (``FEDLAYER_*``), which is how the
@@ -38,6 +41,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
+from fedlayer.client.supernode_launcher import FLOWER_IDLE_SLEEP
 from fedlayer.client.warm.supervise import WorkerSupervisor
 
 FLEET_PORT = 9092  # SuperLink Fleet API (gRPC): SuperNodes connect here
@@ -49,6 +53,9 @@ FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 #: 0.1 s takes a median 0.5-0.9 s off every message for about 2 CPU-seconds a minute per idle node
 #: (docs/deployment.md, "Idle cost"); set by ``fedlayer-client`` for its SuperNode, unless already set.
 TASK_POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+#: How often an idle SuperNode pulls for a message (Flower 1.39: a hard-coded 3 s), through
+#: ``fedlayer.client.supernode_launcher``; cost and gain in docs/deployment.md ("Idle cost").
+IDLE_POLL = 0.2
 
 
 class DeployError(ValueError):
@@ -107,13 +114,15 @@ def client_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=int(_env("CLIENTAPP_PORT", str(CLIENTAPP_PORT)) or CLIENTAPP_PORT), help=f"local port of the ClientApp runtime API (default {CLIENTAPP_PORT}; one per SuperNode on a host) [FEDLAYER_CLIENTAPP_PORT]")
     parser.add_argument("--insecure", action="store_true", default=_env("INSECURE") == "1", help="LOCAL TESTS ONLY: plain-text connection without node authentication [FEDLAYER_INSECURE=1]")
     parser.add_argument("--cold", action="store_true", default=_env("COLD") == "1", help="no warm worker: every message starts Python, imports torch and builds its model afresh (docs/deployment.md, \"Warm worker\") [FEDLAYER_COLD=1]")
+    parser.add_argument("--idle-poll", type=float, default=_env("IDLE_POLL", str(IDLE_POLL)), help=f"seconds between an idle SuperNode's pulls for a message (default {IDLE_POLL}; {FLOWER_IDLE_SLEEP} runs Flower's own SuperNode, which waits {FLOWER_IDLE_SLEEP} s; docs/deployment.md, \"Latency\") [FEDLAYER_IDLE_POLL]")
     parser.add_argument("--print-command", action="store_true", help="print the flower-supernode command and exit")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flower-supernode options")
     return parser
 
 
 def client_command(args: argparse.Namespace) -> list[str]:
-    """The ``flower-supernode`` command line for parsed ``fedlayer-client`` arguments."""
+    """The ``flower-supernode`` command line for parsed ``fedlayer-client`` arguments (through
+    ``fedlayer.client.supernode_launcher`` unless ``--idle-poll`` is Flower's own 3 s)."""
     if not args.server:
         raise DeployError("--server is required (the SuperLink's host:port)")
     node: dict[str, str | int] = {}
@@ -133,9 +142,13 @@ def client_command(args: argparse.Namespace) -> list[str]:
         raise DeployError("give --data PATH (this device's data) or --partition-id/--num-partitions")
     node["device"] = _check_device(args.device)
     node["state-dir"] = str(Path(args.state_dir).expanduser().resolve() if args.state_dir is not None else default_state_dir(args))
+    if not 0 < args.idle_poll <= FLOWER_IDLE_SLEEP:
+        raise DeployError(f"--idle-poll must be > 0 and <= {FLOWER_IDLE_SLEEP} seconds, got {args.idle_poll}")
 
+    supernode = [flower_command("flower-supernode")] if args.idle_poll == FLOWER_IDLE_SLEEP else [
+        sys.executable, "-m", "fedlayer.client.supernode_launcher", "--idle-poll", str(args.idle_poll)]
     command = [
-        flower_command("flower-supernode"),
+        *supernode,
         "--superlink", args.server,
         "--port", str(args.port),
         "--node-config", " ".join(f"{k}={_toml_value(v)}" for k, v in node.items()),

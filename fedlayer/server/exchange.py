@@ -64,9 +64,10 @@ def exchange(
             replies.append(reply)
         if pending:
             time.sleep(poll_interval)
-    # Measured after push (ids are part of what travels) and after the replies:
-    # measuring caches object ids in the messages' __dict__, which races with the
-    # simulation engine pickling the same objects in its worker threads.
+    # Measured after push (ids are part of what travels) and after the replies,
+    # off the path from push to the clients. Measuring only reads the messages
+    # (traffic/size.py serialises and hashes nothing), so the simulation engine
+    # may pickle them in its worker threads meanwhile.
     for message in messages:
         size = ledger.record_down(server_round, message, control=control)
         if observer is not None:

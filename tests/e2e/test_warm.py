@@ -1,6 +1,7 @@
 """``fedlayer-client`` with its warm worker in a real deployment (issue 27): the worker answers every message.
 
-Two ``fedlayer-client`` SuperNodes (each starting its SuperNode and its warm
+Two ``fedlayer-client`` SuperNodes (each starting its SuperNode, through
+``fedlayer.client.supernode_launcher`` with its 0.2 s idle poll, and its warm
 worker) on 127.0.0.1, FedAvg on digits with the linear model, 2 rounds.
 """
 
@@ -51,4 +52,5 @@ def test_fedlayer_client_serves_every_message_from_its_warm_worker(local_deploym
         log = client.log_text()
         assert log.count("served train") == 2 and "served query" in log, log[-3000:]
         assert "running cold" not in log
+        assert "this SuperNode pulls every 0.2 s when idle" in log and "keeps Flower's 3 s idle sleep" not in log
     print(f"2 warm rounds in {time.monotonic() - started:.1f} s: {[round(r['seconds'], 2) for r in records]}")

@@ -15,6 +15,7 @@ a cold answer any more.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from flwr.app import Context, Message
@@ -23,7 +24,7 @@ from flwr.common.logger import log
 from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
-from logging import DEBUG, WARNING
+from logging import DEBUG, INFO, WARNING
 
 from fedlayer.client.warm.protocol import (
     SOCKET,
@@ -73,7 +74,7 @@ def forward(message: Message, context: Context) -> Message | None:
     with sock:
         try:
             check_peer(sock, os.getuid())
-            mine = hello()
+            mine = hello(cache=path.parent)  # the digest kept in the node's private folder: a stat per file, not a hash
             send_json(sock, mine)
             theirs = recv_json(sock)
             if theirs != mine:
@@ -102,13 +103,28 @@ def forward(message: Message, context: Context) -> Message | None:
     return reply
 
 
-def _serve(message: Message, context: Context) -> Message:
-    reply = forward(message, context)
-    if reply is not None:
-        return reply
-    from fedlayer.client.app import app as cold
+def process_age() -> float | None:
+    """Seconds since this process started (Linux ``/proc``; None elsewhere): how long the
+    ``flwr-clientapp`` process took to start, import ``flwr`` and load this app before a message reached it."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
-    return cold(message, context)
+
+def _serve(message: Message, context: Context) -> Message:
+    age, started = process_age(), time.perf_counter()
+    reply, path, imports = forward(message, context), "warm", 0.0
+    if reply is None:
+        from fedlayer.client.app import app as cold
+
+        path, imports = "cold", time.perf_counter() - started  # the handler's time to here: mostly importing fedlayer and torch
+        reply = cold(message, context)
+    # One line per message: which path answered and where the time went (benchmarks.segments reads it).
+    log(INFO, "fedlayer: %s message answered %s in %.3f s (imports %.3f s), %s s after the ClientApp process started",
+        message.metadata.message_type, path, time.perf_counter() - started, imports, "?" if age is None else f"{age:.2f}")
+    return reply
 
 
 app = ClientApp()

@@ -25,6 +25,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -152,8 +153,39 @@ def recv_json(sock: socket.socket) -> dict[str, Any]:
     return value
 
 
-def hello() -> dict[str, Any]:
-    return {"protocol": PROTOCOL, "code": code_digest()}
+def hello(cache: Path | None = None) -> dict[str, Any]:
+    """This side's handshake. ``cache``: a private folder where ``cached_code_digest`` keeps the digest,
+    unless this process has hashed its sources already (``code_digest``: the code it loaded then)."""
+    pinned = code_digest.cache_info().currsize > 0
+    return {"protocol": PROTOCOL, "code": code_digest() if cache is None or pinned else cached_code_digest(cache)}
+
+
+def _package() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def _sources(package: Path) -> dict[str, os.stat_result]:
+    """fedlayer's ``.py`` files (no ``__pycache__``): path relative to ``package`` -> its ``stat``, in a fixed order."""
+    found: dict[str, os.stat_result] = {}
+    pending = [("", str(package))]
+    while pending:
+        prefix, folder = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name != "__pycache__":
+                        pending.append((prefix + entry.name + "/", entry.path))
+                elif entry.name.endswith(".py"):
+                    found[prefix + entry.name] = entry.stat()
+    return {relative: found[relative] for relative in sorted(found, key=lambda relative: relative.split("/"))}
+
+
+def _hash_sources(package: Path, sources: dict[str, os.stat_result]) -> str:
+    digest = hashlib.sha256()
+    for relative in sources:
+        digest.update(relative.encode() + b"\0")
+        digest.update((package / relative).read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=1)
@@ -162,13 +194,83 @@ def code_digest() -> str:
 
     The forwarding side (the run's app, from the FAB) and the worker (the
     device's installed fedlayer) compare it, so a worker never answers for
-    code other than the app the run ships.
+    code other than the app the run ships. The worker hashes once, at its
+    start; the forwarding side, a fresh process per message, through
+    ``cached_code_digest``.
     """
-    package = Path(__file__).resolve().parents[2]
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        if "__pycache__" in path.parts:
-            continue
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()
+    package = _package()
+    return _hash_sources(package, _sources(package))
+
+
+#: ``cached_code_digest``'s file, in the node's private socket folder.
+DIGEST_CACHE = "code-digests.json"
+#: Packages (folders) the cache remembers: an installed fedlayer and the runs' FAB copies.
+DIGEST_CACHE_ENTRIES = 8
+#: A file changed less than this long before hashing leaves its digest uncached: file times are
+#: coarse (a kernel tick), so a second same-size write within one tick would keep the first's times.
+RACY_SECONDS = 2.0
+
+
+def _stat_fingerprint(sources: dict[str, os.stat_result]) -> tuple[str, int]:
+    """A hash of every source's path, size, inode, mtime and ctime, and the newest of those times (ns).
+
+    The ctime changes with every write and cannot be set back (unlike the
+    mtime: ``touch -d``, ``os.utime``), so an edited file changes it even when
+    its size and mtime come out the same.
+    """
+    digest, newest = hashlib.sha256(), 0
+    for relative, info in sources.items():
+        digest.update(f"{relative}\0{info.st_size}\0{info.st_dev}:{info.st_ino}\0{info.st_mtime_ns}\0{info.st_ctime_ns}\n".encode())
+        newest = max(newest, info.st_mtime_ns, info.st_ctime_ns)
+    return digest.hexdigest(), newest
+
+
+def cached_code_digest(folder: Path) -> str:
+    """``code_digest()``, kept in ``folder/DIGEST_CACHE`` against the sources' file metadata.
+
+    The forwarding ClientApp runs in a fresh process per message; reading and
+    hashing ~100 files there costs milliseconds per message, a ``stat`` of each
+    a fraction of that. The digest is hashed again whenever a file is added,
+    removed, replaced or written (``_stat_fingerprint``), and not kept while a
+    file is younger than ``RACY_SECONDS`` or changed during the hashing.
+    ``folder`` is the node's private (0700) socket folder, so only the user
+    who could edit the code itself can edit the cache; a folder that is not
+    private is not used. A cache that cannot be read or written is ignored:
+    the digest is then hashed every time.
+    """
+    package = _package()
+    sources = _sources(package)
+    fingerprint, newest = _stat_fingerprint(sources)
+    path, key = folder / DIGEST_CACHE, str(package)
+    try:
+        info = folder.stat()
+        if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+            raise PermissionError(f"{folder} is not private to this user")
+        entries = json.loads(path.read_text())
+        entries = entries if isinstance(entries, dict) else {}
+    except PermissionError:
+        return _hash_sources(package, sources)
+    except (OSError, ValueError):
+        entries = {}
+    known = entries.get(key)
+    if isinstance(known, dict) and known.get("stat") == fingerprint and isinstance(known.get("code"), str):
+        return known["code"]
+    hashed_at = time.time_ns()
+    code = _hash_sources(package, sources)
+    if newest < hashed_at - RACY_SECONDS * 1e9 and _stat_fingerprint(_sources(package))[0] == fingerprint:
+        entries.pop(key, None)
+        entries[key] = {"stat": fingerprint, "code": code}
+        _write_private(path, dict(list(entries.items())[-DIGEST_CACHE_ENTRIES:]))
+    return code
+
+
+def _write_private(path: Path, value: dict[str, Any]) -> None:
+    """Write ``value`` as JSON to ``path`` (0600), atomically (a temporary file, then a rename); not at all on an error."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            json.dump(value, out)
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)
