@@ -223,10 +223,8 @@ def _validate_codec(cfg: DictConfig) -> None:
         if field in cfg.codec and not check(cfg.codec[field]):
             raise ConfigError(f"codec.{field}", f"{problem}, got {cfg.codec[field]!r}")
     options = CodecOptions.from_config(cfg.codec)
-    if options.step is not None and (options.budget_bits is not None or options.topk < 1.0
-                                     or (options.down_topk is not None and options.down_topk < 1.0)):
-        raise ConfigError("codec.step", "does not combine with codec.budget_bits or top-k (codec.topk, codec.down_topk): "
-                          f"they use the LAQ grid, got step={options.step!r}")
+    if (problem := options.combination_problem()) is not None:
+        raise ConfigError("codec.step", f"{problem}, got {options.step!r}")
     if options.levers_on:
         for field in ("up_bits", "down_bits"):
             if cfg.codec[field] not in LEVER_WIDTHS:

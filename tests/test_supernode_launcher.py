@@ -9,11 +9,11 @@ import time
 
 import flwr
 import pytest
-from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 from flwr.supernode import start_client_internal as loop
 
 from fedlayer.client import supernode_launcher
 from fedlayer.client.supernode_launcher import SHORT_WAIT, constant_sleeps, known_shape, shorten_supernode_waits
+from tests.test_flower_patches import late_object
 
 
 @pytest.fixture
@@ -23,19 +23,6 @@ def restored_loop():
     yield
     loop.time = time
     loop.pull_objects = pull_objects
-
-
-def late_object(available_after: int):
-    """A pull function whose object is unavailable for the first ``available_after`` tries."""
-    tries = []
-
-    def pull(object_id: str) -> bytes:
-        tries.append(time.monotonic())
-        if len(tries) <= available_after:
-            raise ObjectUnavailableError(object_id)
-        return b"content"
-
-    return pull, tries
 
 
 def first_retry(pull_objects) -> float:

@@ -61,6 +61,16 @@ class CodecOptions:
         return (self.block != 0 or self.topk < 1.0 or (self.down_topk is not None and self.down_topk < 1.0)
                 or self.entropy != "none" or self.budget_bits is not None or self.step is not None)
 
+    def combination_problem(self) -> str | None:
+        """Why ``step`` does not combine with the other levers (``codec.step`` is the field to name), or None."""
+        if self.step is None:
+            return None
+        if self.budget_bits is not None:
+            return "does not combine with codec.budget_bits (a budget weighs the LAQ grid's widths)"
+        if self.topk < 1.0 or (self.down_topk is not None and self.down_topk < 1.0):
+            return "does not combine with top-k (codec.topk, codec.down_topk: its kept values use the LAQ grid)"
+        return None
+
     def check(self, up_bits: int, down_bits: int) -> None:
         """``ParameterError`` (argument ``codec_options``) for the first lever out of range or not combining.
 
@@ -69,11 +79,8 @@ class CodecOptions:
         for field, check, problem in CODEC_RULES:
             value = getattr(self, field)
             require(check(value), "codec_options", f"codec.{field} {problem}", value)
-        if self.step is not None:
-            require(self.budget_bits is None, "codec_options", "codec.step does not combine with codec.budget_bits "
-                    "(a budget weighs the LAQ grid's widths)", self.step)
-            require(self.topk >= 1.0 and (self.down_topk is None or self.down_topk >= 1.0), "codec_options",
-                    "codec.step does not combine with top-k (codec.topk, codec.down_topk: its kept values use the LAQ grid)", self.step)
+        problem = self.combination_problem()
+        require(problem is None, "codec_options", f"codec.step {problem}", self.step)
         if self.levers_on:
             for name, bits in (("up_bits", up_bits), ("down_bits", down_bits)):
                 require(bits in LEVER_WIDTHS, name, f"must be one of {list(LEVER_WIDTHS)} with codec levers on", bits)
