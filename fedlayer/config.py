@@ -224,7 +224,8 @@ def _validate_codec(cfg: DictConfig) -> None:
             raise ConfigError(f"codec.{field}", f"{problem}, got {cfg.codec[field]!r}")
     options = CodecOptions.from_config(cfg.codec)
     if (problem := options.combination_problem()) is not None:
-        raise ConfigError("codec.step", f"{problem}, got {options.step!r}")
+        field, why = problem
+        raise ConfigError(f"codec.{field}", f"{why}, got {getattr(options, field)!r}")
     if options.levers_on:
         for field in ("up_bits", "down_bits"):
             if cfg.codec[field] not in LEVER_WIDTHS:

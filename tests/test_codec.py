@@ -259,16 +259,17 @@ class ResidualWatch(InProcessGrid):
         return replies
 
 
-@pytest.mark.parametrize("bits", [2, 1])
-def test_fedlama_phi_4_at_low_bits_stays_finite_and_learns_over_200_rounds(bits):
-    """The combination that diverged (2 bits, phi=4), and 1 bit: residuals stay bounded, the model learns."""
+@pytest.mark.parametrize("bits, levers", [(2, []), (1, []), (2, ["codec.rank=1"])], ids=["2-bit", "1-bit", "rank-1"])
+def test_fedlama_phi_4_at_low_bits_stays_finite_and_learns_over_200_rounds(bits, levers):
+    """The combination that diverged (2 bits, phi=4), 1 bit, and rank-1 factors of the weight (10 x 64, the
+    bias at 2 bits): residuals stay bounded, the model learns."""
     from fedlayer.client.app import make_client_app
     from fedlayer.server.loop import FederatedRun
 
     cfg = compose_config(["dataset=digits", "model=linear", "federation.num_clients=3", "federation.rounds=200",
                           "train.local_steps=1", "evaluation.max_examples=300", "evaluation.every=100",
                           "strategy=fedlama", "strategy.phi=4", "strategy.min_round_to_adjust=0",
-                          f"codec.up_bits={bits}", f"codec.down_bits={bits}", f"output_dir={tempfile.mkdtemp()}"])
+                          f"codec.up_bits={bits}", f"codec.down_bits={bits}", *levers, f"output_dir={tempfile.mkdtemp()}"])
     grid = ResidualWatch(make_client_app(cfg), 3, node_config=lambda p: {"partition-id": p, "num-partitions": 3, "host": "in-process"})
     run = FederatedRun(cfg)
     summary = run.run(grid)

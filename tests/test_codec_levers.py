@@ -8,7 +8,7 @@ import tempfile
 import numpy as np
 import pytest
 import zstandard
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 
 from benchmarks.faults import codec_reply, push
 from fedlayer.config import compose_config, load_config, resolve_resume
@@ -18,7 +18,7 @@ from fedlayer.server.builder import build_strategy
 from fedlayer.wire import levers
 from fedlayer.wire.bitpack import packed_nbytes
 from fedlayer.wire.levers import Encoding, allocate_widths, varint_decode, varint_encode
-from fedlayer.wire.tensors import CodecError, check_encoding, decode_state, encode_state
+from fedlayer.wire.tensors import CODEC_STYPE, CodecError, check_encoding, decode_state, encode_state
 from fedlayer.workload import load_workload
 from tests.inprocess import FIRST_NODE_ID, SimulatedCrash, run_in_process
 from tests.test_codec import WireCount
@@ -103,6 +103,58 @@ def test_a_zero_level_code_past_the_grid_or_a_bad_step_is_refused():
                          reference)
 
 
+def _low_rank_pair(rows: int, cols: int, rank: int, seed: int = 0, noise: float = 0.0) -> tuple[dict, dict]:
+    """A reference and a target that differs from it by a rank-``rank`` matrix (plus ``noise``)."""
+    rng = np.random.default_rng(seed)
+    reference = {"w": rng.standard_normal((rows, cols)).astype(np.float32)}
+    diff = rng.standard_normal((rows, rank)) @ rng.standard_normal((rank, cols)) * 0.01 + noise * rng.standard_normal((rows, cols))
+    return {"w": reference["w"] + diff.astype(np.float32)}, reference
+
+
+@pytest.mark.parametrize("rank", [1, 4])
+def test_low_rank_factors_round_trip_to_the_exact_byte_count_and_carry_a_low_rank_difference(rank):
+    target, reference = _low_rank_pair(96, 160, rank)
+    record = _round_trip(target, reference, Encoding(2, rank=rank))
+    assert record["w"].dtype == f"l{rank}"
+    assert len(record["w"].data) == 4 + rank * (96 + 160)  # one float32 scale, then int8 factors
+    diff = target["w"] - reference["w"]
+    moved = decode_state(record, reference)["w"] - reference["w"]
+    assert np.linalg.norm(moved - diff) < 0.02 * np.linalg.norm(diff)  # a difference of that rank arrives (int8 factors)
+    zero = _round_trip(reference, reference, Encoding(2, rank=rank))
+    assert np.array_equal(decode_state(zero, reference)["w"], reference["w"])
+
+
+def test_low_rank_keeps_the_best_rank_r_part_and_owes_the_rest():
+    target, reference = _low_rank_pair(64, 200, 2, seed=3, noise=0.002)
+    diff = (target["w"] - reference["w"]).astype(np.float64)
+    u, s, vt = np.linalg.svd(diff, full_matrices=False)
+    best = (u[:, :2] * s[:2]) @ vt[:2]
+    record, rebuilt, residual = encode_state(target, reference, Encoding(2, rank=2), {})
+    moved = rebuilt["w"] - reference["w"]
+    assert np.linalg.norm(moved - best) < 0.05 * np.linalg.norm(best)  # the top of the spectrum
+    assert np.allclose(residual["w"], target["w"] - rebuilt["w"])  # what was left out is owed
+
+
+def test_only_matrices_whose_factors_are_small_travel_as_factors():
+    rng = np.random.default_rng(0)
+    shapes = {"big": (64, 32, 5, 5), "square": (16, 16), "bias": (64,)}  # rank 4: 3456 <= 51200/8; 128 > 256/8
+    reference = {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+    target = {k: v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) for k, v in reference.items()}
+    record = _round_trip(target, reference, Encoding(2, rank=4))
+    assert {k: a.dtype for k, a in record.items()} == {"big": "l4", "square": "q2", "bias": "q2"}
+
+
+def test_malformed_low_rank_factors_are_refused():
+    target, reference = _low_rank_pair(40, 80, 2, seed=1)
+    data = _round_trip(target, reference, Encoding(2, rank=2))["w"].data
+    minus = data[:4] + b"\x80" + data[5:]  # int8 -128 lies outside the codes -127..127
+    for dtype, payload, reason in (("l2", data[:-1], "bytes"), ("l2", b"\xff" * 4 + data[4:], "scale"),
+                                   ("l2", minus, "-128"), ("l3", data, "bytes"), ("l65", data, "unknown")):
+        array = Array(dtype=dtype, shape=(40, 80), stype=CODEC_STYPE, data=payload)
+        with pytest.raises(CodecError, match=reason):
+            decode_state(ArrayRecord({"w": array}), reference)
+
+
 def test_varints_round_trip_and_malformed_ones_are_refused():
     values = np.array([0, 1, 127, 128, 16383, 16384, 2**32 - 1], np.uint64)
     data = varint_encode(values)
@@ -141,18 +193,19 @@ def test_a_bit_budget_spreads_widths_by_what_each_tensor_carries_and_costs_what_
 
 # ------------------------------------------------------------------ error feedback
 @pytest.mark.parametrize("encoding", [Encoding(4, topk=0.1), Encoding(1, topk=0.1), Encoding(1, block=64),
-                                      Encoding(2, step=2.0)],
-                         ids=["topk-4", "topk-1", "block-1", "zero-level-2"])
+                                      Encoding(2, step=2.0), Encoding(2, rank=2)],
+                         ids=["topk-4", "topk-1", "block-1", "zero-level-2", "low-rank-2"])
 def test_error_feedback_delivers_the_sum_of_a_fixed_update(encoding):
     """200 sends of the same update: with error feedback what arrived sums to what was sent; without, most is lost."""
     rng = np.random.default_rng(0)
-    reference = {"w": rng.standard_normal(1000).astype(np.float32)}
-    update = (rng.standard_normal(1000) * 0.01).astype(np.float32)
+    shape = (20, 50) if encoding.rank else (1000,)  # low rank: a matrix its factors fit (2 * 70 <= 1000 / 8)
+    reference = {"w": rng.standard_normal(shape).astype(np.float32)}
+    update = (rng.standard_normal(shape) * 0.01).astype(np.float32)
     target = {"w": reference["w"] + update}
     total = 200 * update.astype(np.float64)
     for feedback in (True, False):
         residual: dict | None = {} if feedback else None
-        arrived = np.zeros(1000, np.float64)
+        arrived = np.zeros(shape, np.float64)
         for _ in range(200):
             record, rebuilt, new = encode_state(target, reference, encoding, residual)
             arrived += decode_state(record, reference)["w"] - reference["w"]
@@ -173,10 +226,14 @@ def test_error_feedback_delivers_the_sum_of_a_fixed_update(encoding):
     (Encoding(4, step=1.0), Encoding(4)),
     (Encoding(4), Encoding(4, step=1.0)),
     (Encoding(2, step=1.0, entropy="zstd"), Encoding(4, step=1.0, entropy="zstd")),
+    (Encoding(2, rank=4), Encoding(2)),
+    (Encoding(2), Encoding(2, rank=4)),
+    (Encoding(2, rank=4), Encoding(2, rank=2)),
 ])
 def test_a_reply_in_another_encoding_is_refused(sent, configured):
     target, reference = _pair(4096, 3, scale=0.0)
     target["w"][::50] += 1.0  # compressible, so zstd's format is the one sent
+    target, reference = {"w": target["w"].reshape(64, 64)}, {"w": reference["w"].reshape(64, 64)}  # a matrix rank 4 fits
     record, _, _ = encode_state(target, reference, sent)
     check_encoding(record, reference, sent, "up_bits")
     with pytest.raises(CodecError, match=f"{record['w'].dtype}|budget"):
@@ -264,7 +321,7 @@ def test_codec_presets_compose_and_codec_keys_still_override():
 @pytest.mark.parametrize("override, field", [
     ("codec.topk=0", "codec.topk"), ("codec.entropy=lz4", "codec.entropy"), ("codec.block=-1", "codec.block"),
     ("codec.budget_bits=0.5", "codec.budget_bits"), ("codec.shared_downlink=maybe", "codec.shared_downlink"),
-    ("codec.step=0", "codec.step"),
+    ("codec.step=0", "codec.step"), ("codec.rank=-1", "codec.rank"), ("codec.rank=65", "codec.rank"),
 ])
 def test_a_bad_lever_fails_at_start_naming_the_field(override, field):
     with pytest.raises(ConfigError) as err:
@@ -277,6 +334,13 @@ def test_the_zero_level_grid_refuses_levers_that_use_the_laq_grid_naming_the_fie
     with pytest.raises(ConfigError) as err:
         compose_config(["codec=b4", "codec.step=1.0", other])
     assert err.value.field == "codec.step"
+
+
+@pytest.mark.parametrize("other", ["codec.topk=0.1", "codec.budget_bits=2"])
+def test_low_rank_refuses_top_k_and_budgets_naming_the_field(other):
+    with pytest.raises(ConfigError) as err:
+        compose_config(["codec=max", "codec.rank=4", other])
+    assert err.value.field == "codec.rank"
 
 
 def test_levers_refuse_16_bits_naming_the_field():

@@ -152,7 +152,7 @@ def decode_tensor(array: Array, reference: np.ndarray) -> np.ndarray:
 
 
 def _decode_lever(dtype: str, data: bytes, reference: np.ndarray, count: int) -> np.ndarray:
-    """The levers' formats (``levers``): ``z<dtype>`` (zstd), ``s1b`` (block scales), ``k<b>`` (top-k), ``m<b>`` (zero-level grid)."""
+    """The levers' formats (``levers``): ``z<dtype>`` (zstd), ``s1b`` (block scales), ``k<b>`` (top-k), ``m<b>`` (zero-level grid), ``l<r>`` (low rank)."""
     try:
         if dtype.startswith("z") and len(dtype) > 1 and not dtype[1:].startswith("z"):
             inner = levers.decompress(data, levers.payload_limit(count))
@@ -163,6 +163,8 @@ def _decode_lever(dtype: str, data: bytes, reference: np.ndarray, count: int) ->
             return levers.decode_topk(data, reference, int(dtype[1:]))
         if dtype[:1] == "m" and dtype[1:].isdigit() and int(dtype[1:]) in levers.MIDTREAD_WIDTHS:
             return levers.decode_midtread(data, reference, int(dtype[1:]))
+        if _low_rank_of(dtype) is not None and len(reference.shape) >= 2:
+            return levers.decode_low_rank(data, reference, int(dtype[1:]))
     except LeverError as err:
         raise CodecError(f"{dtype}: {err}") from None
     raise CodecError(f"unknown encoding {dtype!r}")
@@ -177,7 +179,16 @@ def _dtype_bits(dtype: str) -> int | None:
         return int(base[1:])
     if base[:1] == "m" and base[1:].isdigit() and int(base[1:]) in levers.MIDTREAD_WIDTHS:
         return int(base[1:])
+    if _low_rank_of(base) is not None:
+        return 8  # its factors' codes
     return _ENCODED_BITS.get(base)
+
+
+def _low_rank_of(dtype: str) -> int | None:
+    """The rank of a low-rank ``dtype`` (``l1`` .. ``l64``), else None."""
+    if dtype[:1] == "l" and dtype[1:].isdigit() and 1 <= int(dtype[1:]) <= levers.MAX_RANK:
+        return int(dtype[1:])
+    return None
 
 
 def encoded_bits(array: Array) -> int:
@@ -239,7 +250,7 @@ def _check_levers(record: ArrayRecord, reference: State, encoding: Encoding, set
             continue
         zipped = array.dtype.startswith("z") and encoding.entropy == "zstd"
         base = array.dtype[1:] if zipped else array.dtype
-        width = next((w for w in encoding.widths() if encoding.dtype(w) == base), None)
+        width = next((w for w in encoding.widths() if encoding.tensor_dtype(w, tuple(array.shape)) == base), None)
         if width is None:
             raise CodecError(f"reply encodes {key} as {array.dtype!r}, configured {setting}={encoding.describe()}")
         count = math.prod(array.shape)
@@ -334,8 +345,10 @@ def _encode_one(target: np.ndarray, reference: np.ndarray, encoding: Encoding, b
     target = np.asarray(target, dtype=np.float32)
     reference = np.asarray(reference, dtype=np.float32)
     shape = tuple(int(d) for d in target.shape)
-    dtype = encoding.dtype(bits)
-    if dtype.startswith("k"):
+    dtype = encoding.tensor_dtype(bits, shape)
+    if dtype.startswith("l"):
+        data, rebuilt = levers.encode_low_rank(np.subtract(target, reference, dtype=np.float32), reference, encoding.rank)
+    elif dtype.startswith("k"):
         data, rebuilt = levers.encode_topk(np.subtract(target, reference, dtype=np.float32), reference, encoding.topk, bits)
     elif dtype == "s1b":
         data, rebuilt = levers.encode_block_sign(np.subtract(target, reference, dtype=np.float32), reference, encoding.block)
