@@ -29,7 +29,12 @@ worker (left out where ``fedlayer-client`` has no ``--cold``). Per run:
 - per train message of rounds 2..R, the medians of its segments (SuperNode
   pick-up, SuperExec poll, process start and ``flwr`` import, app load and
   imports, handler, reply path: ``benchmarks/segments.py``, from the
-  time-stamped logs), every message's in ``logs/<run>/segments.csv``.
+  time-stamped logs), every message's in ``logs/<run>/segments.csv``;
+- messages answered warm and cold (every kind, from the line fedlayer's
+  ClientApp logs per message, ``segments.answered_paths``): a warm variant
+  with any message answered cold (worker gone, refused, other code) is
+  flagged, with a WARNING line, ``ran_cold`` and ``cold_reasons`` in the
+  outputs and **RAN COLD** in its table row: its times mix both paths.
 
 The growth exponent of s/round in N is the slope of a least-squares line
 through (log N, log s/round), per method. Output in ``--out``:
@@ -105,6 +110,19 @@ class Measurement:
     run_dir: str
     #: per train message, medians over rounds 2..R (``benchmarks.segments``; rows in ``logs/<run>/segments.csv``)
     segments: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: messages (every kind and round) fedlayer's ClientApps answered through the warm worker and cold
+    #: (``segments.answered_paths``; 0 / 0 for Flower's own app)
+    answered_warm: int = 0
+    answered_cold: int = 0
+    #: a warm variant with a message answered cold (``segments.fell_back``): its times mix both paths
+    ran_cold: bool = False
+    #: why, as the logs say ("reason x count; ..."; empty when nothing was logged)
+    cold_reasons: str = ""
+
+    @property
+    def paths(self) -> segments.Paths:
+        """The answered counts as ``segments.Paths`` (reasons not kept)."""
+        return segments.Paths(self.answered_warm, self.answered_cold)
 
 
 # ------------------------------------------------------------------ watching a run
@@ -218,7 +236,19 @@ def measure(variant: str, method: str, nodes: int, rounds: int, out: Path, inter
             writer.writeheader()
             writer.writerows(rows)
     measured.segments = segments.medians(rows)
+    count_answers(measured, logs, label)
     return measured
+
+
+def count_answers(measured: Measurement, logs: Path, label: str) -> None:
+    """Set ``measured``'s counts of messages answered warm and cold from the run's ``logs``; print a
+    warning when its variant is warm and any message ran cold."""
+    paths = segments.answered_paths(logs)
+    measured.answered_warm, measured.answered_cold = paths.warm, paths.cold
+    measured.ran_cold = segments.fell_back(measured.variant, paths)
+    measured.cold_reasons = "; ".join(f"{reason} x{count}" for reason, count in paths.reasons.items())
+    if (warning := segments.fallback_warning(label, measured.variant, paths)) is not None:
+        print(warning, flush=True)
 
 
 def flower_measurement(method: str, nodes: int, rounds: int, seconds: dict[int, float], run_dir: Path, peaks: dict[str, float], wall: float) -> Measurement:
@@ -274,14 +304,19 @@ def growth_exponents(measurements: Sequence[Measurement]) -> dict[str, float]:
 def markdown(measurements: Sequence[Measurement], exponents: dict[str, float]) -> str:
     """The results table and the growth exponents, as markdown."""
     lines = [
-        "| variant | method | N | s/round (mean) | s/round (median) | round 1 s | SuperLink tree peak MiB | ServerApp peak MiB | SuperNodes peak MiB (all N) | per device MiB | MB/round | traffic vs FedAvg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | method | N | s/round (mean) | s/round (median) | round 1 s | SuperLink tree peak MiB | ServerApp peak MiB | SuperNodes peak MiB (all N) | per device MiB | MB/round | traffic vs FedAvg | messages answered warm / cold |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {m.variant} | {m.method} | {m.nodes} | {m.seconds_per_round:.1f} | {m.median_seconds_per_round:.1f} | {m.round1_seconds:.1f} | {m.superlink_peak_mib:.0f} | "
-        f"{m.serverapp_peak_mib:.0f} | {m.supernodes_peak_mib:.0f} | {m.device_peak_mib:.0f} | {m.bytes_per_round / 1e6:.3f} | {m.traffic_ratio_vs_fedavg:.1%} |"
+        f"{m.serverapp_peak_mib:.0f} | {m.supernodes_peak_mib:.0f} | {m.device_peak_mib:.0f} | {m.bytes_per_round / 1e6:.3f} | {m.traffic_ratio_vs_fedavg:.1%} | "
+        f"{m.paths.cell(m.variant) if VARIANTS[m.variant][0] == 'fedlayer' else '-'} |"
         for m in measurements
     ]
+    fallbacks = [f"{series(m)}, N={m.nodes}: {m.answered_cold} of {m.answered_warm + m.answered_cold} messages ran cold"
+                 + (f" ({m.cold_reasons})" if m.cold_reasons else "") for m in measurements if m.ran_cold]
+    if fallbacks:
+        lines += ["", "**A warm variant ran cold** (its times mix both paths; rerun it): " + "; ".join(fallbacks) + "."]
     by = {(m.variant, m.method, m.nodes): m.median_seconds_per_round for m in measurements}
     ratios = [f"N={n} {method}: warm/cold {by[('warm', method, n)] / by[('cold', method, n)]:.2f}"
               + (f", warm/flower {by[('warm', method, n)] / by[('flower', method, n)]:.2f}" if ("flower", method, n) in by else "")

@@ -22,7 +22,10 @@ process tree), per train message the segments of ``benchmarks.segments``
 load and imports, handler, reply path; from the deployment's logs, every line
 of which is time-stamped on arrival) and, for fedlayer, the round trip, the
 training the client reports and the rest (clients.csv medians).
-``--no-simulation`` skips the simulation comparison.
+``--no-simulation`` skips the simulation comparison. fedlayer's messages are
+counted by the path that answered them (``benchmarks.segments.answered_paths``):
+a warm variant with any message answered cold prints a WARNING, has
+``answered.ran_cold`` in results.json and **RAN COLD** in its table row.
 
 A round's time is the wall time between the ends of two consecutive rounds,
 measured on the server side, so it covers everything a round costs:
@@ -455,6 +458,21 @@ def side_by_side(mode: str, flower: Side, fedlayer: Side, cfg: BaselineConfig, o
     }
 
 
+def count_answers(result: SideResult, variant: str, logs: Path, label: str) -> None:
+    """Count a run's messages by the path that answered them (``result.extra["answered"]``, from its
+    deployment's ``logs``); print a warning when ``variant`` is warm and any message ran cold."""
+    paths = segments.answered_paths(logs)
+    result.extra["answered"] = dataclasses.asdict(paths)
+    if (warning := segments.fallback_warning(label, variant, paths)) is not None:
+        print(warning, flush=True)
+
+
+def pooled_answers(variant: str, results: Sequence[SideResult]) -> dict[str, Any]:
+    """The runs' ``count_answers`` summed, and whether the variant is flagged (``ran_cold``)."""
+    paths = sum((segments.Paths(**r.extra["answered"]) for r in results), segments.Paths())
+    return {**dataclasses.asdict(paths), "ran_cold": segments.fell_back(variant, paths)}
+
+
 def deployment_variants(variants: Sequence[str], cfg: BaselineConfig, out: Path, repeats: int) -> dict[str, Any]:
     """Each variant (``VARIANTS``) on a fresh loopback deployment of ``cfg.num_clients`` SuperNodes,
     ``repeats`` times, the variants alternating; seconds per round, memory per device, ratios."""
@@ -477,6 +495,7 @@ def deployment_variants(variants: Sequence[str], cfg: BaselineConfig, out: Path,
                     peaks = memory.stop()
             result.extra["device_peak_mib"] = peaks
             result.extra["message_segments"] = segments.medians(segments.message_segments(logs))
+            count_answers(result, variant, logs, label)
             if app == "fedlayer":
                 result.extra["segments"] = client_segments(Path(result.extra["run_dir"]))
             runs[variant].append(result)
@@ -484,6 +503,7 @@ def deployment_variants(variants: Sequence[str], cfg: BaselineConfig, out: Path,
     for variant, results in runs.items():
         entry = {"stats": round_stats(results), "device_peak_mib": max(max(r.extra["device_peak_mib"]) for r in results),
                  "runs": [dataclasses.asdict(r) for r in results]}
+        entry["answered"] = pooled_answers(variant, results)
         pooled = [r.extra["message_segments"] for r in results if r.extra["message_segments"]]
         if pooled:  # the median of the runs' medians, messages summed
             entry["message_segments"] = {k: statistics.median(p[k] for p in pooled) for k in pooled[0]} | {"messages": sum(p["messages"] for p in pooled)}
@@ -497,15 +517,22 @@ def deployment_variants(variants: Sequence[str], cfg: BaselineConfig, out: Path,
 
 def variants_report(comparison: dict[str, Any]) -> str:
     """A markdown table of the variants and the ratios against the goals."""
-    lines = ["| variant | s/round (median, rounds 2..N) | per message: round trip / training / outside training (s) | peak MiB per device |",
-             "|---|---|---|---|"]
+    lines = ["| variant | s/round (median, rounds 2..N) | per message: round trip / training / outside training (s) | peak MiB per device | messages answered warm / cold |",
+             "|---|---|---|---|---|"]
+    fallbacks = []
     for variant, entry in comparison["variants"].items():
         seg = entry.get("segments")
         trip = f"{seg['round_trip']:.2f} / {seg['train']:.2f} / {seg['outside_training']:.2f}" if seg else "-"
-        lines.append(f"| {variant} | {entry['stats']['median']:.2f} | {trip} | {entry['device_peak_mib']:.0f} |")
+        answered = entry["answered"]
+        paths = segments.Paths(answered["warm"], answered["cold"], answered["reasons"])
+        cell = paths.cell(variant) if VARIANTS[variant][0] == "fedlayer" else "-"
+        lines.append(f"| {variant} | {entry['stats']['median']:.2f} | {trip} | {entry['device_peak_mib']:.0f} | {cell} |")
+        if (warning := segments.fallback_warning(variant, variant, paths)) is not None:
+            fallbacks.append(warning)
     ratios = [f"{key} = {value:.2f}" + (f" (goal <= {WARM_VS_FLOWER_GOAL}: {'met' if value <= WARM_VS_FLOWER_GOAL else 'NOT met'})"
                                           if key == "warm/flower" else "") for key, value in comparison["ratios"].items()]
     lines = [*lines, "", "; ".join(ratios)] if ratios else lines
+    lines = [*lines, "", *fallbacks] if fallbacks else lines
     table = segments.markdown({variant: entry.get("message_segments", {}) for variant, entry in comparison["variants"].items()})
     return "\n".join([*lines, "", table] if table else lines)
 

@@ -31,6 +31,10 @@ ClientApp process started``; the process's start is the handler's start less
 A (``/proc``, 10 ms ticks). Replies are matched to a node by the SuperLink's
 ``Push replies from node_id=...`` and to confirmations first come, first
 served. Flower itself is not changed; its default INFO logs suffice.
+
+The same line says which path answered: ``answered_paths`` counts every
+message of a deployment (any kind) answered warm and cold, and ``fell_back``
+flags a warm variant with any cold answer (its times then mix both paths).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import bisect
 import re
 import statistics
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 #: (key, label) of each segment, in the order a message meets them.
@@ -54,6 +58,13 @@ SEGMENTS = (
 ANSWERED = re.compile(
     r"(\w+) message answered (warm|cold) in ([\d.]+) s \(imports ([\d.]+) s\), ([\d.]+|\?) s after the ClientApp process started"
 )
+#: fedlayer's forwarding ClientApp's answer line (not the baseline app's), any message kind.
+FEDLAYER_ANSWERED = re.compile(r"fedlayer: \w+ message answered (warm|cold) in ")
+#: Its warning when the worker was there but could not answer (the reason without its details);
+#: "no worker listening" is a DEBUG line, so such messages show only in the cold count.
+FELL_BACK = re.compile(r"fedlayer: (the warm worker [^(;]*?)\s*(?:\(.*\))?; running cold")
+#: ``fedlayer-client``'s line when its warm worker exited (it restarts it; messages meanwhile run cold).
+WORKER_ENDED = re.compile(r"fedlayer-client: (the warm worker ended) \(status")
 
 
 @dataclass
@@ -172,6 +183,61 @@ def medians(rows: Sequence[Mapping[str, float | str | int]], skip_first: bool = 
     keys = [key for key, _ in SEGMENTS] + ["total"]
     return {**{key: statistics.median(float(r[key]) for r in counted) for key in keys}, "messages": float(len(counted)),
             "failed_starts": float(sum(int(r["process_starts"]) - 1 for r in counted))}
+
+
+@dataclass
+class Paths:
+    """How fedlayer's ClientApps of a deployment answered its messages (every kind, every node, every round)."""
+
+    warm: int = 0
+    cold: int = 0
+    #: reasons logged before answers (the forwarder's fallback warnings, the worker's exits), with their counts
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def __add__(self, other: Paths) -> Paths:
+        reasons = dict(self.reasons)
+        for reason, count in other.reasons.items():
+            reasons[reason] = reasons.get(reason, 0) + count
+        return Paths(self.warm + other.warm, self.cold + other.cold, reasons)
+
+    def cell(self, variant: str) -> str:
+        """``warm / cold`` for a table, marked when a warm variant ran cold (``fell_back``)."""
+        text = f"{self.warm} / {self.cold}"
+        return f"{text} **RAN COLD**" if fell_back(variant, self) else text
+
+
+def answered_paths(logs: Path) -> Paths:
+    """Messages answered warm and cold, from the ``answered`` lines of a deployment's ``supernode-<i>.log``.
+
+    A reason line counts only when an answer follows it on that node: the
+    worker's exit as the deployment stops (status 143) explains no message.
+    """
+    paths = Paths()
+    for log in sorted(logs.glob("supernode-*.log")):
+        pending: list[str] = []
+        for _, text in stamped(log):
+            if (m := FEDLAYER_ANSWERED.search(text)) is not None:
+                setattr(paths, m.group(1), getattr(paths, m.group(1)) + 1)
+                for reason in pending:
+                    paths.reasons[reason] = paths.reasons.get(reason, 0) + 1
+                pending.clear()
+            elif (m := FELL_BACK.search(text) or WORKER_ENDED.search(text)) is not None:
+                pending.append(m.group(1))
+    return paths
+
+
+def fell_back(variant: str, paths: Paths) -> bool:
+    """Whether a warm variant (``warm``, ``warm-idle3``) had a message answered cold: its times then mix both paths."""
+    return variant.startswith("warm") and paths.cold > 0
+
+
+def fallback_warning(label: str, variant: str, paths: Paths) -> str | None:
+    """One line to print when ``fell_back``; None otherwise."""
+    if not fell_back(variant, paths):
+        return None
+    why = "; ".join(f"{reason} x{count}" for reason, count in paths.reasons.items()) or "no worker reachable (no warning logged)"
+    return (f"WARNING: {label}: {paths.cold} of {paths.warm + paths.cold} messages ran cold in a warm variant "
+            f"({why}); its timings mix warm and cold")
 
 
 def markdown(columns: Mapping[str, Mapping[str, float]]) -> str:
