@@ -24,7 +24,7 @@ from flwr.common.logger import log
 from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
-from logging import DEBUG, INFO, WARNING
+from logging import INFO, WARNING
 
 from fedlayer.client.warm.protocol import (
     SOCKET,
@@ -69,7 +69,7 @@ def forward(message: Message, context: Context) -> Message | None:
     try:
         sock = connect(path, HANDSHAKE_TIMEOUT)
     except OSError as err:
-        log(DEBUG, "fedlayer: no warm worker at %s (%s); running cold", path, err)
+        log(INFO, "fedlayer: no warm worker at %s (%s); running cold", path, err)
         return None
     with sock:
         try:
