@@ -52,9 +52,11 @@ from fedlayer.client.warm.protocol import (
     socket_folder,
 )
 from fedlayer.client.warm.supervise import WorkerSupervisor
-from fedlayer.client.warm.worker import CANCELLED
+from fedlayer.client.warm.worker import CANCELLED, Worker, session_key
 from fedlayer.config import compose_config, run_config_to_overrides
+from fedlayer.layers import from_arrayrecord
 from fedlayer.methods import METHODS
+from fedlayer.models.kept import KeptModel
 from fedlayer.server.loop import FederatedRun
 from tests.fingerprints import CASES, COMMON, NUM_CLIENTS
 from tests.inprocess import InProcessGrid, wire_copy
@@ -144,9 +146,10 @@ def test_every_method_is_covered():
 
 @pytest.mark.parametrize("case", METHOD_CASES)
 def test_warm_and_cold_give_bitwise_the_same_models_and_ledgers(case, node, tmp_path):
-    served = node.served()
+    served, kept = node.served(), node.log_text().count("(kept model)")
     warm = run_with(forwarding_app, run_config(case, tmp_path / "warm"), node.state)
     assert node.served() > served  # the worker answered
+    assert node.log_text().count("(kept model)") > kept  # and loaded a later message into the model it kept
     cold = run_with(make_client_app(), run_config(case, tmp_path / "cold"), tmp_path / "cold-state")
     assert not socket_folder(tmp_path / "cold-state").exists()
     assert_same(warm, cold)
@@ -172,6 +175,150 @@ def test_the_worker_trains_on_cuda_like_the_cold_path(node, tmp_path):
     cold = run_with(make_client_app(), run_config("fedavg", tmp_path / "cold", ["device=cuda"]), tmp_path / "cold-state")
     assert node.served() > served and warm["ledger"] == cold["ledger"]
     for name, value in cold["state"].items():
+        assert np.allclose(warm["state"][name], value, rtol=1e-4, atol=1e-5), name
+
+
+# ---------------------------------------------------------------- the kept model
+class InProcessWorker:
+    """A worker whose calls run in this process, as its connection handler runs them, so a
+    test can look at its sessions; every train reply's arrays and the session's model after it."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.worker = Worker(state_dir)
+        self.conn, self._peer = socket.socketpair()  # the forwarding side stays connected: no cancellation
+        self.kept: dict[tuple[int, str], list[tuple[torch.nn.Module, int]]] = {}
+        self.replies: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        from flwr.supercore.task_identity import TaskIdentity
+
+        server_side = TaskIdentity.run_id, TaskIdentity.node_id
+        try:
+            reply = self.worker.call(message, context, self.conn)
+        finally:  # the call sets the task identity for its process; here the server's messages take it too
+            TaskIdentity.run_id, TaskIdentity.node_id = server_side
+        assert isinstance(reply, Message), reply
+        if message.metadata.message_type == "train":
+            model = self.worker.sessions[session_key(context)].kept.model
+            self.kept.setdefault(session_key(context), []).append((model, next(model.parameters()).data_ptr()))
+            self.replies[train_message_id(message, context)] = reply_arrays(reply)
+        return reply
+
+    def close(self) -> None:
+        self.conn.close()
+        self._peer.close()
+
+
+def train_message_id(message: Message, context: Context) -> tuple[int, int]:
+    return int(message.content["config"]["server-round"]), int(context.node_config["partition-id"])
+
+
+def reply_arrays(reply: Message) -> dict[str, np.ndarray]:
+    """The tensors a reply carries (a FedLP node that dropped every layer sends none)."""
+    return from_arrayrecord(reply.content["arrays"]) if "arrays" in reply.content else {}
+
+
+def cold_replies(replies: dict[tuple[int, int], dict[str, np.ndarray]]) -> ClientApp:
+    """fedlayer's ClientApp, recording every train reply's arrays into ``replies``."""
+    app = make_client_app()
+
+    def serve(message: Message, context: Context) -> Message:
+        reply = app(message, context)
+        if message.metadata.message_type == "train":
+            replies[train_message_id(message, context)] = reply_arrays(reply)
+        return reply
+
+    return serve
+
+
+@pytest.fixture
+def in_process(tmp_path) -> InProcessWorker:
+    made = InProcessWorker(tmp_path / "in-process-state")
+    yield made
+    made.close()
+
+
+#: Every node trains in both rounds, so each session serves two train messages (and evaluations).
+TWO_ROUNDS = ["federation.rounds=2", "federation.fraction_train=1.0", "federation.fraction_evaluate=1.0"]
+
+
+@pytest.mark.parametrize("case, extra", [
+    ("fedavg", []),
+    ("fedlp-homogeneous", ["strategy.freeze_dropped=true"]),  # requires_grad changed per round, reset as built
+    ("fedlp-heterogeneous", []),  # depth sub-models and level heads on the kept model
+    ("pfedla", []),  # personal layers merged in from the node's own kept state
+    ("fll", []),  # a kept staged model: stage 0 then stage 1, frozen blocks, the initial state kept with it
+])
+def test_a_session_loads_each_message_into_one_kept_model_and_answers_bitwise_as_cold(case, extra, in_process, tmp_path):
+    config = run_config(case, tmp_path / "warm", [*TWO_ROUNDS, *extra])
+    warm = run_with(in_process, config, tmp_path / "warm-state")
+    cold_train: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+    cold = run_with(cold_replies(cold_train), run_config(case, tmp_path / "cold", [*TWO_ROUNDS, *extra]), tmp_path / "cold-state")
+    assert_same(warm, cold)
+    assert in_process.replies.keys() == cold_train.keys() and len(cold_train) == 2 * NUM_CLIENTS
+    for message, arrays in cold_train.items():  # every train reply, bitwise
+        assert in_process.replies[message].keys() == arrays.keys()
+        assert all(np.array_equal(in_process.replies[message][k], v) for k, v in arrays.items()), message
+    assert len(in_process.kept) == NUM_CLIENTS  # one session per node
+    for (first, pointer), (second, again) in in_process.kept.values():
+        assert second is first and again == pointer  # the same module, its parameters in the same storage
+    assert all(session.kept.builds == 1 for session in in_process.worker.sessions.values())
+
+
+def test_two_runs_of_one_worker_keep_separate_models(in_process, tmp_path):
+    """Run 7 (cnn) and run 8 (linear, another seed), one node each: two sessions, two models, no storage shared."""
+    one_round = ["federation.rounds=1", "federation.fraction_train=1.0"]
+    extra = {7: one_round, 8: [*one_round, "seed=5", "model=linear"]}
+    for run_id, more in extra.items():
+        warm = run_with(in_process, run_config("fedavg", tmp_path / f"warm-{run_id}", more), tmp_path / "warm-state", run_id)
+        cold = run_with(make_client_app(), run_config("fedavg", tmp_path / f"cold-{run_id}", more), tmp_path / f"cold-{run_id}", run_id)
+        assert_same(warm, cold)
+    models = {run_id: [seen[0][0] for key, seen in in_process.kept.items() if key[0] == run_id] for run_id in extra}
+    assert {run_id: [type(m).__name__ for m in kept] for run_id, kept in models.items()} == {
+        7: ["CNN"] * NUM_CLIENTS, 8: ["LinearModel"] * NUM_CLIENTS}  # a session (and a model) per run and node
+    pointers = [{t.data_ptr() for t in model.state_dict().values()} for kept in models.values() for model in kept]
+    assert sum(map(len, pointers)) == len(set().union(*pointers))  # no tensor storage shared by two sessions
+
+
+def test_a_kept_model_is_reset_as_built_and_rebuilt_for_another_structure():
+    kept, device = KeptModel(), torch.device("cpu")
+    built = lambda: torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)).eval()  # noqa: E731
+    model = kept.take(("a",), built, device, initial=True)
+    initial = kept.initial_state()
+    model.train()
+    model[0].weight.requires_grad_(False)
+    model[1](model[0](torch.ones(4, 3))).sum().backward()  # gradients, new BatchNorm statistics
+    assert model[0].bias.grad is not None
+    again = kept.take(("a",), built, device, initial=True)
+    assert again is model and kept.builds == 1
+    assert not any(m.training for m in again.modules()) and all(p.requires_grad and p.grad is None for p in again.parameters())
+    assert np.array_equal(kept.initial_state()["1.running_mean"], initial["1.running_mean"])  # the state as built
+    with pytest.raises(ValueError):
+        kept.initial_state()["1.running_mean"][0] = 1.0  # read-only: no handler changes it for the next message
+    other = kept.take(("b",), built, device)
+    assert other is not model and kept.builds == 2 and kept.model is other  # one model per session
+    other.add_module("extra", torch.nn.Linear(2, 2))  # no longer as built: built again
+    assert kept.take(("b",), built, device) is not other and kept.builds == 3
+    other = kept.model
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        kept.load(other, {"0.weight": torch.zeros(5, 5)})
+    assert kept.model is None  # a half-loaded model is not handed out again
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_on_cuda_the_kept_model_stays_on_the_device_between_messages(in_process, tmp_path):
+    """Each node's two train messages load into one model whose tensors never leave the GPU."""
+    extra = [*TWO_ROUNDS, "device=cuda"]
+    warm = run_with(in_process, run_config("fedavg", tmp_path / "warm", extra), tmp_path / "warm-state")
+    assert len(in_process.kept) == NUM_CLIENTS
+    for (first, pointer), (second, again) in in_process.kept.values():
+        assert second is first and again == pointer
+        assert all(t.is_cuda for t in first.state_dict().values())
+    assert all(session.kept.builds == 1 for session in in_process.worker.sessions.values())
+    cold = run_with(make_client_app(), run_config("fedavg", tmp_path / "cold", extra), tmp_path / "cold-state")
+    assert warm["ledger"] == cold["ledger"]
+    for name, value in cold["state"].items():  # cuDNN may pick other kernels in another process
         assert np.allclose(warm["state"][name], value, rtol=1e-4, atol=1e-5), name
 
 

@@ -18,6 +18,7 @@ from fedlayer.codec.client import close_upload, open_download
 from fedlayer.layers import State
 from fedlayer.methods import METHODS, Method
 from fedlayer.methods.client_half import round_config, server_round_of
+from fedlayer.models.kept import KeptModel
 from fedlayer.privacy import Privacy
 from fedlayer.privacy.client import privatise_reply, training_reference
 from fedlayer.wire.records import (
@@ -44,12 +45,14 @@ def method_of(content: RecordDict) -> Method:
     return METHODS[name]
 
 
-def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
+def make_client_app(cfg: DictConfig | None = None, kept: KeptModel | None = None) -> ClientApp:
     """A ClientApp; ``cfg`` fixes the resolved config (else it is read from Flower's run config).
 
     ``flwr run`` passes settings through the run config; the in-process
     simulation API (``run_simulation``) has no run config, so ``fedlayer-sim``
-    hands the server's resolved config to the app instead.
+    hands the server's resolved config to the app instead. With ``kept`` (a
+    warm worker's session of one run and node), every message of the app
+    loads its state into the one model kept there instead of building one.
     """
     app = ClientApp(mods=[traffic_mod])
 
@@ -63,7 +66,7 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
         files = state_files(context, run_cfg, client_id, round_config(message.content).run_key)
         if files is not None:
             files.restore(context, before=server_round)
-        runtime = client_runtime(context, run_cfg, client_id, node_folder(context, run_cfg, client_id))
+        runtime = client_runtime(context, run_cfg, client_id, node_folder(context, run_cfg, client_id), kept)
 
         def initial() -> State:
             return initial_state(run_cfg, runtime.train_data)
@@ -88,7 +91,7 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
         files = state_files(context, run_cfg, client_id, round_config(message.content).run_key)
         if files is not None:  # evaluation follows training in the same round
             files.restore(context, before=server_round_of(message.content) + 1)
-        runtime = client_runtime(context, run_cfg, client_id, node_folder(context, run_cfg, client_id))
+        runtime = client_runtime(context, run_cfg, client_id, node_folder(context, run_cfg, client_id), kept)
         content, _ = open_download(message.content, context, lambda: initial_state(run_cfg, runtime.train_data), train=False)
         return Message(handler(runtime, content, context), reply_to=message)
 

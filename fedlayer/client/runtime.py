@@ -3,7 +3,8 @@
 A deployed ClientApp process may live for one message only (Flower starts a
 fresh ``flwr-clientapp`` per message), so everything here is cheap: the
 config is read without Hydra and cached per process, and the data split and
-model are cached per process by ``fedlayer.workload``.
+model are cached per process by ``fedlayer.workload``. A warm worker also
+keeps each run's model, on its device, between messages (``kept``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fedlayer.config import load_config, run_config_to_overrides
 from fedlayer.device import resolve_device
 from fedlayer.files import atomic_write, keep_newest
 from fedlayer.methods.client_half import ClientRuntime
+from fedlayer.models.kept import KeptModel
 from fedlayer.wire.records import CLIENT_ID, CONFIG, NO_PARTITION, PARTITION_ID
 
 
@@ -74,13 +76,16 @@ def _read_id(path: Path) -> int:
     return int(path.read_text()) if path.exists() else NO_PARTITION
 
 
-def client_runtime(context: Context, cfg: DictConfig, client_id: int, data_cache: Path | None = None) -> ClientRuntime:
+def client_runtime(
+    context: Context, cfg: DictConfig, client_id: int, data_cache: Path | None = None, kept: KeptModel | None = None
+) -> ClientRuntime:
     """The runtime of client ``client_id`` (see ``node_client_id``) for the run configured by ``cfg``.
 
     Node config keys: ``partition-id`` and ``num-partitions`` (set by the
     simulation engine; given with ``--node-config`` in deployment), optional
     ``data-path`` (the device's own data) and ``device``. With a
-    ``data_cache`` folder (``node_folder``), its data split is kept there.
+    ``data_cache`` folder (``node_folder``), its data split is kept there;
+    with ``kept`` (a warm worker's session), the model is kept there.
     """
     node = context.node_config
     if PARTITION_ID not in node and "data-path" not in node:
@@ -97,6 +102,7 @@ def client_runtime(context: Context, cfg: DictConfig, client_id: int, data_cache
         data_path=str(node["data-path"]) if "data-path" in node else None,
         device=device,
         data_cache=data_cache,
+        kept=kept,
     )
 
 

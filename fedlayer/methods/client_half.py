@@ -10,7 +10,7 @@ own (FedLP, LAQ, FLL) define theirs next to their strategy.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +31,7 @@ from fedlayer.layers import (
     torch_state_to_numpy,
 )
 from fedlayer.models import LayeredModel
+from fedlayer.models.kept import KeptModel, ModelT
 from fedlayer.wire.messages import decode
 from fedlayer.wire.records import (
     ARRAYS,
@@ -58,6 +59,8 @@ class ClientRuntime:
     device: torch.device
     #: a folder of this node where its data split is kept between processes
     data_cache: Path | None = None
+    #: the warm worker's model for this run, kept between messages (None: each call builds its own)
+    kept: KeptModel | None = None
 
     @cached_property
     def data(self) -> tuple[ArrayDataset, ArrayDataset]:
@@ -77,10 +80,41 @@ class ClientRuntime:
         return build_configured_model(self.cfg, self.train_data)
 
     def model_with(self, state: State) -> LayeredModel:
-        """A model loaded with a full numpy state."""
-        model = self.new_model()
-        model.load_state_dict(numpy_to_torch_state(state))
-        return model.to(self.device)
+        """A model loaded with a full numpy state, on the device: in a warm worker the run's
+        kept model, loaded in place (``fedlayer.models.kept``), else a new one."""
+        if self.kept is None:
+            model = self.new_model()
+            model.load_state_dict(numpy_to_torch_state(state))
+            return model.to(self.device)
+        model = self.kept.take(self.model_key(), self.new_model, self.device)
+        self.load(model, state)
+        return model
+
+    def model_key(self) -> tuple[Hashable, ...]:
+        """What the configured model's structure follows from (its initial values do not
+        matter to a model that is loaded in full before use)."""
+        data = self.train_data
+        return (str(self.cfg.model.name), tuple(data.input_shape), int(data.num_classes))
+
+    def built(self, key: Hashable, build: Callable[[], ModelT]) -> tuple[ModelT, Callable[[], State]]:
+        """``build()`` and a function giving the state it was built with; in a warm worker the
+        run's kept model under ``key`` (which with ``model_key`` names its structure), reset to
+        its modes and flags as built and on the device, with the state it was built with.
+
+        The state function of a new model reads the model: call it before changing it.
+        """
+        if self.kept is None:
+            model = build()
+            return model, lambda: torch_state_to_numpy(model.state_dict())
+        model = self.kept.take((self.model_key(), key), build, self.device, initial=True)
+        return model, self.kept.initial_state
+
+    def load(self, model: torch.nn.Module, state: State) -> None:
+        """Load a full numpy ``state`` into ``model`` (a kept model that fails to load is dropped)."""
+        if self.kept is None or model is not self.kept.model:
+            model.load_state_dict(numpy_to_torch_state(state))
+        else:
+            self.kept.load(model, numpy_to_torch_state(state))
 
     @cached_property
     def layers(self) -> ModelLayers:

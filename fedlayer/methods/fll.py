@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from logging import INFO
 from dataclasses import dataclass
 from typing import Any
@@ -459,17 +460,27 @@ def stage_config_of(content: RecordDict) -> StageConfig:
     return decode(StageConfig, content[CONFIG])
 
 
-def staged_model(runtime: ClientRuntime, config: StageConfig) -> StagedModel:
-    """A fresh staged model for this run (same initial values as the server's)."""
-    model = runtime.new_model()
-    spec = StageSpec(len(model.blocks), config.blocks_per_stage)
-    return StagedModel(
-        model, spec, config.head_pool, int(runtime.cfg.seed), checkpoint=config.checkpoint, head=config.stage_head
-    )
+def staged_model(runtime: ClientRuntime, config: StageConfig) -> tuple[StagedModel, Callable[[], State]]:
+    """A staged model for this run as built (same initial values as the server's), and a
+    function giving that initial state; in a warm worker the run's kept one
+    (``ClientRuntime.built``), keyed by everything its structure and initial values follow from."""
+
+    def build() -> StagedModel:
+        model = runtime.new_model()
+        spec = StageSpec(len(model.blocks), config.blocks_per_stage)
+        return StagedModel(
+            model, spec, config.head_pool, int(runtime.cfg.seed), checkpoint=config.checkpoint, head=config.stage_head
+        )
+
+    key = ("staged", config.blocks_per_stage, config.head_pool, config.stage_head, config.checkpoint, int(runtime.cfg.seed))
+    return runtime.built(key, build)
 
 
-def _node_state(net: StagedModel, content: RecordDict, context: Context, stage: int) -> State:
-    """What this node kept (frozen blocks received earlier), overwritten by what arrived.
+def _node_state(
+    net: StagedModel, initial: Callable[[], State], content: RecordDict, context: Context, stage: int
+) -> State:
+    """What this node kept (frozen blocks received earlier), overwritten by what arrived;
+    ``initial()`` (the model as built) stands in for what it did not keep.
 
     A node that kept nothing (it restarted without a state folder) must not
     train on freshly initialised frozen blocks: it refuses, the server sees the
@@ -478,7 +489,7 @@ def _node_state(net: StagedModel, content: RecordDict, context: Context, stage: 
     received = received_state(content)
     local = load_local_model(context)
     if local is None or local.keys() != net.state_dict().keys():
-        local = torch_state_to_numpy(net.state_dict())
+        local = initial()
         layers = ModelLayers.from_state(local)
         frozen = frozen_layer_names(net.spec, layers.names, stage)
         missing = [name for name in frozen if not set(layers[name].keys) <= received.keys()]
@@ -569,8 +580,8 @@ def fll_train(runtime: ClientRuntime, content: RecordDict, context: Context) -> 
     """
     stage_config = stage_config_of(content)
     stage, objective = stage_config.stage, stage_config.objective
-    net = staged_model(runtime, stage_config)
-    net.load_state_dict(numpy_to_torch_state(_node_state(net, content, context, stage)))
+    net, initial = staged_model(runtime, stage_config)
+    runtime.load(net, _node_state(net, initial, content, context, stage))
     train = runtime.train_data
     metrics: dict[str, float] = {}
     if stage_config.validation_fraction is not None and stage_config.probe_epochs is not None:
@@ -603,8 +614,8 @@ def fll_evaluate(runtime: ClientRuntime, content: RecordDict, context: Context) 
     """Evaluate the received staged model at its stage on the local test split."""
     stage_config = stage_config_of(content)
     stage = stage_config.stage
-    net = staged_model(runtime, stage_config)
-    net.load_state_dict(numpy_to_torch_state(_node_state(net, content, context, stage)))
+    net, initial = staged_model(runtime, stage_config)
+    runtime.load(net, _node_state(net, initial, content, context, stage))
     forward = lambda x: net.forward_stage(x, stage)  # noqa: E731
     return RecordDict({METRICS: MetricRecord(evaluate(net, runtime.test_data, runtime.device, forward=forward))})
 

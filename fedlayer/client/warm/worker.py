@@ -10,7 +10,12 @@ reply and the updated Context. It holds no round state of its own: what a
 node keeps between rounds travels in the Context (Flower keeps it per run) and
 the node's state files, exactly as on the cold path; what it keeps warm is
 imports, the process-wide caches (keyed by the config they were built from),
-one ClientApp per run (keyed by run id and config), and on CUDA the context.
+and one session per run (keyed by run id, run config and node config, at
+most ``MAX_SESSIONS``): its ClientApp and its model, on the run's device
+(on CUDA with the CUDA context), into whose tensors each message loads the
+state it received instead of building and moving a new model
+(``fedlayer.models.kept``: one model per session, rebuilt when the structure
+it is keyed by changes; optimizers are built per round as on the cold path).
 
 ``fedlayer-client`` starts it (``python -m fedlayer.client.warm.worker
 --state-dir DIR``) and restarts it when it ends.
@@ -31,6 +36,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context, Message
@@ -57,6 +63,7 @@ from fedlayer.client.warm.protocol import (
     send_json,
     socket_address,
 )
+from fedlayer.models.kept import KeptModel
 
 LOG = logging.getLogger("fedlayer.warm")
 #: Exit status when a forwarding process went away mid-request: the call is
@@ -66,8 +73,21 @@ CANCELLED = 75
 #: A request's deadline, as a share of ``federation.round_timeout``: the
 #: forwarding side gives up before the server's round does.
 DEADLINE_SHARE = 0.9
-#: Runs (run id + config) a worker keeps a ClientApp for.
+#: Runs (run id + config) a worker keeps a session (ClientApp and model) for.
 MAX_SESSIONS = 4
+
+
+@dataclass(frozen=True)
+class Session:
+    """What a worker keeps for one run: the ClientApp, and the model its messages load into."""
+
+    app: ClientApp
+    kept: KeptModel
+
+    @classmethod
+    def new(cls) -> Session:
+        kept = KeptModel()
+        return cls(make_client_app(kept=kept), kept)
 
 
 def session_key(context: Context) -> tuple[int, str]:
@@ -96,7 +116,7 @@ class Worker:
         self.path = private_folder(state_dir) / SOCKET
         self.uid = os.getuid()
         self.hello = hello()
-        self.sessions: OrderedDict[tuple[int, str], ClientApp] = OrderedDict()
+        self.sessions: OrderedDict[tuple[int, str], Session] = OrderedDict()
         self._calls = threading.Lock()
 
     def listen(self) -> socket.socket:
@@ -157,26 +177,29 @@ class Worker:
     def call(self, message: Message, context: Context, conn: socket.socket) -> Message | str:
         """Run the run's ClientApp on ``message``; the reply, or the exception as text."""
         key = session_key(context)
-        app = self.sessions.pop(key, None)
-        if app is None:
+        session = self.sessions.pop(key, None)
+        if session is None:
             LOG.info("run %d: new session (config %s)", key[0], key[1])
-            app = make_client_app()
-        self.sessions[key] = app
+            session = Session.new()
+        self.sessions[key] = session
         while len(self.sessions) > MAX_SESSIONS:
             self.sessions.popitem(last=False)
+        builds = session.kept.builds
         TaskIdentity.run_id, TaskIdentity.node_id = context.run_id, context.node_id
         started = time.perf_counter()
         stop = threading.Event()
         threading.Thread(target=_cancel_when_gone, args=(conn, stop), daemon=True).start()
         try:
-            reply = app(message, context)
+            reply = session.app(message, context)
         except Exception as err:  # the cold path's ClientApp process would raise it to Flower too
             LOG.exception("run %d: the ClientApp raised", context.run_id)
+            session.kept.forget()  # whatever the call left in the model, the next message builds a new one
             return f"{type(err).__name__}: {err}"
         finally:
             stop.set()
-        LOG.info("served %s run %d node %d in %.3f s", message.metadata.message_type, context.run_id,
-                 context.node_id, time.perf_counter() - started)
+        LOG.info("served %s run %d node %d in %.3f s (%s model)", message.metadata.message_type, context.run_id,
+                 context.node_id, time.perf_counter() - started,
+                 "no" if session.kept.model is None else "new" if session.kept.builds > builds else "kept")
         return reply
 
 
