@@ -269,7 +269,8 @@ def test_codec_max_learns_at_a_small_share_of_the_bytes_and_ledger_bytes_equal_t
     summary = FederatedRun(cfg).run(grid)
     assert (summary["bytes_down"], summary["bytes_up"]) == (grid.down, grid.up)
     assert summary["rejected_replies"] == 0
-    assert summary["traffic_ratio_vs_fedavg"] < 0.06  # 2 bits on the capped grid + zstd (6.25% without zstd)
+    # rank-16 factors of fc1 (256 x 512 on digits), the rest at 2 bits + zstd: 2.7%; without the factors 4.0%
+    assert summary["traffic_ratio_vs_fedavg"] < 0.035
     assert summary["final_accuracy"] > 0.25  # digits, 3 rounds of 5 steps: chance is 0.1
     assert 0 < summary["codec_seconds_per_round"] and 0 < summary["codec_seconds_share"] < 1
 
