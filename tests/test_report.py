@@ -81,3 +81,17 @@ def test_the_benchmarks_figure_comes_from_the_same_module(runs, tmp_path):
     results = [{"setting": "digits", "variant": path.name, "run_dir": str(path)} for path, _ in runs]
     plot_accuracy_vs_bytes(results, tmp_path / "accuracy_vs_bytes.png")
     assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 1000
+
+
+def test_the_harness_drops_a_finished_runs_resume_state_and_the_report_still_reads_it(tmp_path):
+    from pathlib import Path
+
+    from benchmarks.harness import RESUME_STATE, drop_resume_state
+
+    _, summary = run_in_process(compose_config([*COMMON, "codec=b4", f"output_dir={tmp_path}", "run_name=coded"]))
+    run_dir = Path(summary["run_dir"])
+    assert (run_dir / "checkpoints").is_dir()
+    drop_resume_state(run_dir)
+    assert not any((run_dir / name).exists() for name in RESUME_STATE)
+    assert json.loads((run_dir / "summary.json").read_text())["final_accuracy"] == summary["final_accuracy"]
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 0
