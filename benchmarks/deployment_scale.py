@@ -246,7 +246,7 @@ def count_answers(measured: Measurement, logs: Path, label: str) -> None:
     paths = segments.answered_paths(logs)
     measured.answered_warm, measured.answered_cold = paths.warm, paths.cold
     measured.ran_cold = segments.fell_back(measured.variant, paths)
-    measured.cold_reasons = "; ".join(f"{reason} x{count}" for reason, count in paths.reasons.items())
+    measured.cold_reasons = paths.reasons_text()
     if (warning := segments.fallback_warning(label, measured.variant, paths)) is not None:
         print(warning, flush=True)
 

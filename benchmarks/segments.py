@@ -60,9 +60,10 @@ ANSWERED = re.compile(
 )
 #: fedlayer's forwarding ClientApp's answer line (not the baseline app's), any message kind.
 FEDLAYER_ANSWERED = re.compile(r"fedlayer: \w+ message answered (warm|cold) in ")
-#: Its warning when the worker was there but could not answer (the reason without its details);
-#: "no worker listening" is a DEBUG line, so such messages show only in the cold count.
+#: Its warning when the worker was there but could not answer (the reason without its details),
+#: and its line when no worker was listening (the reason without the socket's path).
 FELL_BACK = re.compile(r"fedlayer: (the warm worker [^(;]*?)\s*(?:\(.*\))?; running cold")
+NO_WORKER = re.compile(r"fedlayer: (no warm worker) at .*; running cold")
 #: ``fedlayer-client``'s line when its warm worker exited (it restarts it; messages meanwhile run cold).
 WORKER_ENDED = re.compile(r"fedlayer-client: (the warm worker ended) \(status")
 
@@ -200,6 +201,10 @@ class Paths:
             reasons[reason] = reasons.get(reason, 0) + count
         return Paths(self.warm + other.warm, self.cold + other.cold, reasons)
 
+    def reasons_text(self) -> str:
+        """The reasons as one line ("reason xN; ..."; empty when none was logged)."""
+        return "; ".join(f"{reason} x{count}" for reason, count in self.reasons.items())
+
     def cell(self, variant: str) -> str:
         """``warm / cold`` for a table, marked when a warm variant ran cold (``fell_back``)."""
         text = f"{self.warm} / {self.cold}"
@@ -221,7 +226,7 @@ def answered_paths(logs: Path) -> Paths:
                 for reason in pending:
                     paths.reasons[reason] = paths.reasons.get(reason, 0) + 1
                 pending.clear()
-            elif (m := FELL_BACK.search(text) or WORKER_ENDED.search(text)) is not None:
+            elif (m := FELL_BACK.search(text) or NO_WORKER.search(text) or WORKER_ENDED.search(text)) is not None:
                 pending.append(m.group(1))
     return paths
 
@@ -235,7 +240,7 @@ def fallback_warning(label: str, variant: str, paths: Paths) -> str | None:
     """One line to print when ``fell_back``; None otherwise."""
     if not fell_back(variant, paths):
         return None
-    why = "; ".join(f"{reason} x{count}" for reason, count in paths.reasons.items()) or "no worker reachable (no warning logged)"
+    why = paths.reasons_text() or "no reason logged"
     return (f"WARNING: {label}: {paths.cold} of {paths.warm + paths.cold} messages ran cold in a warm variant "
             f"({why}); its timings mix warm and cold")
 
